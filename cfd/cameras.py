@@ -1,0 +1,270 @@
+"""Camera batches, convention conversions and orbit sampling.
+
+Conventions
+-----------
+* World: right-handed, **+z up** (as threestudio). A camera at elevation ``el`` and azimuth ``az``
+  (degrees) sits at ``d * (cos el cos az, cos el sin az, sin el)`` and looks at the origin, so
+  azimuth 0 looks at the object's front from the +x axis and azimuth 90 from the +y axis.
+* ``Cameras.viewmats`` are world-to-camera matrices in the **OpenCV** convention used by gsplat:
+  camera +x right, +y down, +z forward (depth).
+* ``Cameras.Ks`` are pinhole intrinsics in pixels with pixel centres at ``+0.5`` (gsplat): the
+  centre of pixel ``(i, j)`` is at ``(j + 0.5, i + 0.5)``.
+* The OpenGL / threestudio convention is a camera-to-world matrix ``c2w`` whose columns are
+  (right, up, backward): camera +y up, camera looks along -z. ``opengl_c2w_to_viewmats`` and
+  ``viewmats_to_opengl_c2w`` convert between the two.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+# diag(1, -1, -1, 1): flips camera y and z, mapping OpenGL camera axes to OpenCV camera axes.
+_GL_TO_CV = torch.tensor([1.0, -1.0, -1.0, 1.0])
+
+
+@dataclass
+class Cameras:
+    """A batch of B pinhole cameras sharing one image size.
+
+    Attributes:
+        viewmats: world-to-camera matrices, OpenCV convention. ``[B, 4, 4]``.
+        Ks: intrinsics in pixels, pixel centres at +0.5. ``[B, 3, 3]``.
+        width, height: image size in pixels (positive).
+        elevation, azimuth: degrees, ``[B]``, for view-dependent prompts; ``None`` when unknown.
+        distance: camera distance to the orbit centre, ``[B]``, or ``None``.
+    """
+
+    viewmats: Tensor
+    Ks: Tensor
+    width: int
+    height: int
+    elevation: Optional[Tensor] = None
+    azimuth: Optional[Tensor] = None
+    distance: Optional[Tensor] = field(default=None)
+
+    def __post_init__(self) -> None:
+        if self.viewmats.ndim != 3 or self.viewmats.shape[-2:] != (4, 4):
+            raise ValueError(f"viewmats must be [B,4,4], got {tuple(self.viewmats.shape)}")
+        B = self.viewmats.shape[0]
+        if self.Ks.shape != (B, 3, 3):
+            raise ValueError(f"Ks must be [B,3,3] with B={B}, got {tuple(self.Ks.shape)}")
+        if int(self.width) <= 0 or int(self.height) <= 0:
+            raise ValueError(
+                f"image size must be positive, got width={self.width} height={self.height}; "
+                "pass at least 1x1 pixels"
+            )
+        self.width, self.height = int(self.width), int(self.height)
+        for name in ("viewmats", "Ks"):
+            if not torch.isfinite(getattr(self, name)).all():
+                raise ValueError(f"Cameras.{name} contains NaN or Inf; check the poses you built")
+        for name in ("elevation", "azimuth", "distance"):
+            value = getattr(self, name)
+            if value is not None and value.shape != (B,):
+                raise ValueError(f"Cameras.{name} must be [B]={B}, got {tuple(value.shape)}")
+
+    def __len__(self) -> int:
+        return self.viewmats.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.viewmats.device
+
+    @property
+    def camtoworlds(self) -> Tensor:
+        """Camera-to-world matrices, OpenCV convention. ``[B, 4, 4]``."""
+        return torch.linalg.inv(self.viewmats)
+
+    @property
+    def centers(self) -> Tensor:
+        """Camera centres in world space. ``[B, 3]``."""
+        R = self.viewmats[:, :3, :3]
+        t = self.viewmats[:, :3, 3]
+        return -(R.transpose(1, 2) @ t[:, :, None])[:, :, 0]
+
+    def to(self, device: torch.device | str) -> "Cameras":
+        def move(x: Optional[Tensor]) -> Optional[Tensor]:
+            return None if x is None else x.to(device)
+
+        return Cameras(
+            self.viewmats.to(device), self.Ks.to(device), self.width, self.height,
+            move(self.elevation), move(self.azimuth), move(self.distance),
+        )
+
+    def __getitem__(self, index) -> "Cameras":
+        """Select cameras by index, slice or mask; keeps the batch dimension."""
+        if isinstance(index, int):
+            index = slice(index, index + 1 if index != -1 else None)
+
+        def pick(x: Optional[Tensor]) -> Optional[Tensor]:
+            return None if x is None else x[index]
+
+        return Cameras(
+            self.viewmats[index], self.Ks[index], self.width, self.height,
+            pick(self.elevation), pick(self.azimuth), pick(self.distance),
+        )
+
+    def ray_directions(self) -> Tensor:
+        """World-space ray directions through pixel centres, scaled so that their camera-space z is 1.
+
+        A point at expected depth ``d`` (camera z, as the renderer returns) along pixel ``p`` is
+        ``centers + d * ray_directions()[p]``. ``[B, H, W, 3]``.
+        """
+        B, H, W = len(self), self.height, self.width
+        dtype, device = self.viewmats.dtype, self.device
+        ys, xs = torch.meshgrid(
+            torch.arange(H, dtype=dtype, device=device) + 0.5,
+            torch.arange(W, dtype=dtype, device=device) + 0.5,
+            indexing="ij",
+        )
+        fx, fy = self.Ks[:, 0, 0], self.Ks[:, 1, 1]
+        cx, cy = self.Ks[:, 0, 2], self.Ks[:, 1, 2]
+        x = (xs[None] - cx[:, None, None]) / fx[:, None, None]
+        y = (ys[None] - cy[:, None, None]) / fy[:, None, None]
+        dirs_cam = torch.stack([x, y, torch.ones_like(x)], dim=-1)  # [B,H,W,3]
+        R = self.viewmats[:, :3, :3]
+        return torch.einsum("bji,bhwj->bhwi", R, dirs_cam)
+
+
+def intrinsics_from_fov(fov_y_deg: Tensor, width: int, height: int) -> Tensor:
+    """Pinhole intrinsics for a vertical field of view (degrees), square pixels. ``[B] -> [B,3,3]``."""
+    fov_y = torch.deg2rad(fov_y_deg)
+    focal = 0.5 * height / torch.tan(0.5 * fov_y)
+    Ks = torch.zeros(fov_y.shape + (3, 3), dtype=fov_y.dtype, device=fov_y.device)
+    Ks[..., 0, 0] = focal
+    Ks[..., 1, 1] = focal
+    Ks[..., 0, 2] = 0.5 * width
+    Ks[..., 1, 2] = 0.5 * height
+    Ks[..., 2, 2] = 1.0
+    return Ks
+
+
+def look_at(eye: Tensor, target: Tensor, up: Optional[Tensor] = None) -> Tensor:
+    """World-to-camera matrices (OpenCV) for cameras at ``eye`` looking at ``target``.
+
+    Args:
+        eye, target: ``[B, 3]``.
+        up: world up ``[3]`` or ``[B, 3]``; default +z. Where the view direction is parallel to
+            ``up`` (a camera straight above), world +y is used instead so the result stays finite.
+    Returns:
+        ``[B, 4, 4]``.
+    """
+    eye = torch.as_tensor(eye)
+    target = torch.as_tensor(target, dtype=eye.dtype, device=eye.device)
+    if up is None:
+        up = torch.tensor([0.0, 0.0, 1.0], dtype=eye.dtype, device=eye.device)
+    up = torch.as_tensor(up, dtype=eye.dtype, device=eye.device).expand_as(eye)
+    forward = target - eye
+    norm = forward.norm(dim=-1, keepdim=True)
+    if (norm < 1e-12).any():
+        raise ValueError("look_at: eye and target coincide; move the camera away from its target")
+    forward = forward / norm
+    right = torch.cross(forward, up, dim=-1)
+    degenerate = right.norm(dim=-1, keepdim=True) < 1e-6
+    alt_up = torch.tensor([0.0, 1.0, 0.0], dtype=eye.dtype, device=eye.device).expand_as(eye)
+    right = torch.where(degenerate, torch.cross(forward, alt_up, dim=-1), right)
+    right = right / right.norm(dim=-1, keepdim=True)
+    down = torch.cross(forward, right, dim=-1)  # OpenCV camera +y points down
+    R = torch.stack([right, down, forward], dim=-2)  # rows: camera axes in world coordinates
+    viewmats = torch.zeros(eye.shape[:-1] + (4, 4), dtype=eye.dtype, device=eye.device)
+    viewmats[..., :3, :3] = R
+    viewmats[..., :3, 3] = -(R @ eye[..., None])[..., 0]
+    viewmats[..., 3, 3] = 1.0
+    return viewmats
+
+
+def opengl_c2w_to_viewmats(c2w: Tensor) -> Tensor:
+    """OpenGL camera-to-world ``[B,4,4]`` (threestudio) -> OpenCV world-to-camera ``[B,4,4]``."""
+    flip = _GL_TO_CV.to(dtype=c2w.dtype, device=c2w.device)
+    return torch.linalg.inv(c2w * flip[None, None, :])
+
+
+def viewmats_to_opengl_c2w(viewmats: Tensor) -> Tensor:
+    """OpenCV world-to-camera ``[B,4,4]`` -> OpenGL camera-to-world ``[B,4,4]`` (threestudio)."""
+    flip = _GL_TO_CV.to(dtype=viewmats.dtype, device=viewmats.device)
+    return torch.linalg.inv(viewmats) * flip[None, None, :]
+
+
+def spherical_to_position(elevation_deg: Tensor, azimuth_deg: Tensor, distance: Tensor) -> Tensor:
+    """Camera positions on an orbit around the origin (z up). ``[B] x 3 -> [B, 3]``."""
+    el, az = torch.deg2rad(elevation_deg), torch.deg2rad(azimuth_deg)
+    return torch.stack(
+        [distance * torch.cos(el) * torch.cos(az), distance * torch.cos(el) * torch.sin(az),
+         distance * torch.sin(el)],
+        dim=-1,
+    )
+
+
+def orbit_cameras(
+    elevation_deg: Tensor,
+    azimuth_deg: Tensor,
+    distance: Tensor,
+    fov_y_deg: Tensor,
+    width: int,
+    height: int,
+) -> Cameras:
+    """Cameras looking at the origin from the given spherical positions (all ``[B]``)."""
+    eye = spherical_to_position(elevation_deg, azimuth_deg, distance)
+    viewmats = look_at(eye, torch.zeros_like(eye))
+    Ks = intrinsics_from_fov(fov_y_deg, width, height)
+    return Cameras(viewmats, Ks, width, height, elevation_deg, azimuth_deg, distance)
+
+
+def _check_range(name: str, lo_hi: Sequence[float]) -> Tuple[float, float]:
+    lo, hi = (float(v) for v in lo_hi)
+    if not (math.isfinite(lo) and math.isfinite(hi)) or lo > hi:
+        raise ValueError(f"{name} must be a finite [low, high] with low <= high, got {list(lo_hi)}")
+    return lo, hi
+
+
+def sample_orbit_cameras(
+    batch_size: int,
+    width: int,
+    height: int,
+    elevation_range: Sequence[float] = (-10.0, 45.0),
+    azimuth_range: Sequence[float] = (-180.0, 180.0),
+    distance_range: Sequence[float] = (3.0, 3.5),
+    fov_range: Sequence[float] = (40.0, 45.0),
+    generator: Optional[torch.Generator] = None,
+    device: torch.device | str = "cpu",
+) -> Cameras:
+    """B random cameras on an orbit, uniform in each range (degrees), reproducible with ``generator``.
+
+    Azimuths are wrapped to [-180, 180).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    ranges = {
+        "elevation_range": elevation_range, "azimuth_range": azimuth_range,
+        "distance_range": distance_range, "fov_range": fov_range,
+    }
+    lo_hi = [_check_range(k, v) for k, v in ranges.items()]
+    if lo_hi[2][0] <= 0:
+        raise ValueError(f"distance_range must be positive, got {list(distance_range)}")
+    u = torch.rand(4, batch_size, generator=generator, dtype=torch.float64)
+    el, az, dist, fov = (lo + (hi - lo) * u[i] for i, (lo, hi) in enumerate(lo_hi))
+    az = torch.remainder(az + 180.0, 360.0) - 180.0
+    return orbit_cameras(
+        el.float(), az.float(), dist.float(), fov.float(), width, height
+    ).to(device)
+
+
+def fixed_orbit_cameras(
+    n_views: int,
+    width: int,
+    height: int,
+    elevation_deg: float = 15.0,
+    distance: float = 3.2,
+    fov_y_deg: float = 40.0,
+    device: torch.device | str = "cpu",
+) -> Cameras:
+    """``n_views`` cameras evenly spaced in azimuth at one elevation: the orbit used for videos."""
+    az = torch.arange(n_views, dtype=torch.float32) * (360.0 / n_views) - 180.0
+    full = lambda v: torch.full((n_views,), float(v))  # noqa: E731
+    return orbit_cameras(
+        full(elevation_deg), az, full(distance), full(fov_y_deg), width, height
+    ).to(device)

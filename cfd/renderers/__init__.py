@@ -1,0 +1,74 @@
+"""Differentiable renderers: scene + cameras -> (rgb, alpha, depth). They know nothing of guidance.
+
+``render(scene, cameras)`` is the entry point; ``rasterization(...)`` is the functional splat
+rasteriser on plain tensors (the shape of gsplat's API), with a pure-PyTorch backend for CPU.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from ..cameras import Cameras
+from .rasterize import Backend, RenderOutput, rasterization, resolve_backend
+
+BackgroundLike = Union[None, float, Sequence[float], Tensor]
+
+
+def _background(background: BackgroundLike, batch: int, like: Tensor) -> Optional[Tensor]:
+    if background is None:
+        return None
+    bg = torch.as_tensor(background, dtype=like.dtype, device=like.device)
+    if bg.ndim == 0:
+        bg = bg.expand(3)
+    if bg.shape not in ((3,), (batch, 3)):
+        raise ValueError(f"background must be a scalar, [3] or [B,3] RGB, got {tuple(bg.shape)}")
+    return bg.expand(batch, 3)
+
+
+def render(
+    scene,
+    cameras: Cameras,
+    backend: Backend = "auto",
+    background: BackgroundLike = None,
+    **kwargs,
+) -> RenderOutput:
+    """Render a scene from a batch of cameras.
+
+    Args:
+        scene: a :class:`cfd.scene.Splats` (on the cameras' device).
+        cameras: B cameras, all ``W x H``.
+        backend: ``"auto"`` (gsplat on CUDA, torch otherwise), ``"torch"`` or ``"gsplat"``.
+        background: RGB behind the scene: a scalar, ``[3]`` or ``[B,3]``; default black.
+        kwargs: passed to :func:`rasterization` (near_plane, far_plane, eps2d, tile_size, ...).
+    Returns:
+        :class:`RenderOutput` with ``rgb [B,H,W,3]``, ``alpha [B,H,W,1]``, ``depth [B,H,W,1]``.
+    """
+    from ..scene import Splats
+
+    if not isinstance(scene, Splats):
+        raise TypeError(f"render() takes a Splats scene, got {type(scene).__name__}")
+    if scene.device != cameras.device:
+        raise ValueError(
+            f"scene is on {scene.device} but cameras are on {cameras.device}; move one with .to()"
+        )
+    bad = scene.check_finite()
+    if bad is not None:
+        raise ValueError(
+            f"splat parameter '{bad}' contains NaN or Inf; the optimisation diverged (lower the "
+            "learning rates) or the scene was loaded from a broken file"
+        )
+    viewmats = cameras.viewmats.to(scene.means.dtype)
+    return rasterization(
+        scene.means, scene.quats, scene.scales, scene.opacities, scene.sh_coeffs,
+        viewmats, cameras.Ks.to(viewmats.dtype), cameras.width, cameras.height,
+        sh_degree=scene.sh_degree,
+        backgrounds=_background(background, len(cameras), viewmats),
+        backend=backend,
+        **kwargs,
+    )
+
+
+__all__ = ["render", "rasterization", "RenderOutput", "resolve_backend"]

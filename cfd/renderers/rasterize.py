@@ -1,0 +1,172 @@
+"""Functional splat rasterisation with one contract and two backends.
+
+``rasterization(...)`` takes plain tensors (the activated values gsplat's ``rasterization`` takes)
+and returns a :class:`RenderOutput`. ``backend="torch"`` is our pure-PyTorch tile rasteriser
+(CPU or CUDA); ``backend="gsplat"`` calls gsplat's CUDA kernels; ``"auto"`` picks gsplat on CUDA
+tensors and torch otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Dict, Literal, Optional
+
+import torch
+from torch import Tensor
+
+from .composite import composite, tiles_to_images
+from .projection import project_gaussians, sh_to_rgb
+from .tiles import bin_gaussians
+
+log = logging.getLogger(__name__)
+
+Backend = Literal["auto", "torch", "gsplat"]
+_LOGGED_CHOICES: set = set()
+
+
+@dataclass
+class RenderOutput:
+    """What a renderer returns for B views.
+
+    Attributes:
+        rgb: composited colour over the background ``[B,H,W,3]``.
+        alpha: accumulated opacity ``[B,H,W,1]``.
+        depth: expected camera-z depth ``sum w_i z_i / alpha`` (0 where alpha is 0) ``[B,H,W,1]``.
+        means2d: projected centres ``[B,N,2]``; call ``retain_grad()`` before backward to read
+            the screen-space gradients densification needs (``None`` for scenes without splats).
+        radii: per-axis screen radii ``[B,N,2]`` int32, 0 where culled.
+        info: what gsplat's strategies read (``means2d``, ``radii``, ``width``, ``height``,
+            ``n_cameras``) plus backend statistics.
+    """
+
+    rgb: Tensor
+    alpha: Tensor
+    depth: Tensor
+    means2d: Optional[Tensor] = None
+    radii: Optional[Tensor] = None
+    info: Dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_backend(backend: Backend, device: torch.device) -> str:
+    """Map ``auto`` to a concrete backend; refuse gsplat where it cannot run."""
+    if backend not in ("auto", "torch", "gsplat"):
+        raise ValueError(f"unknown render backend {backend!r}; use 'auto', 'torch' or 'gsplat'")
+    if backend == "auto":
+        chosen = "gsplat" if device.type == "cuda" else "torch"
+        if (device.type, chosen) not in _LOGGED_CHOICES:
+            _LOGGED_CHOICES.add((device.type, chosen))
+            log.info("render backend auto -> %s (device %s)", chosen, device)
+        return chosen
+    if backend == "gsplat" and device.type != "cuda":
+        raise RuntimeError(
+            f"backend='gsplat' needs CUDA tensors, but the scene is on {device}: gsplat has no "
+            "CPU rasteriser. Use backend='torch' (or 'auto'), or move the scene to a CUDA device."
+        )
+    return backend
+
+
+def _check_inputs(means, quats, scales, opacities, colors, width, height) -> None:
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    N = means.shape[0]
+    expected = {"means": (N, 3), "quats": (N, 4), "scales": (N, 3), "opacities": (N,)}
+    for name, shape in expected.items():
+        value = {"means": means, "quats": quats, "scales": scales, "opacities": opacities}[name]
+        if tuple(value.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(value.shape)}")
+    if colors.shape[0] != N or colors.shape[-1] != 3 or colors.ndim not in (2, 3):
+        raise ValueError(f"colors must be [N,3] RGB or [N,K,3] SH, got {tuple(colors.shape)}")
+    for name, value in (("means", means), ("quats", quats), ("scales", scales),
+                        ("opacities", opacities), ("colors", colors)):
+        if not torch.isfinite(value).all():
+            raise ValueError(
+                f"{name} contains NaN or Inf; the scene diverged or was loaded from a broken "
+                "file (lower the learning rate or re-initialise the splats)"
+            )
+
+
+def rasterization(
+    means: Tensor,
+    quats: Tensor,
+    scales: Tensor,
+    opacities: Tensor,
+    colors: Tensor,
+    viewmats: Tensor,
+    Ks: Tensor,
+    width: int,
+    height: int,
+    sh_degree: Optional[int] = None,
+    backgrounds: Optional[Tensor] = None,
+    backend: Backend = "auto",
+    near_plane: float = 0.01,
+    far_plane: float = 1e10,
+    eps2d: float = 0.3,
+    tile_size: int = 8,
+    chunk_size: int = 32,
+) -> RenderOutput:
+    """Render N Gaussians into B pinhole cameras.
+
+    Args:
+        means ``[N,3]``; quats ``[N,4]`` wxyz (normalised inside); scales ``[N,3]`` > 0;
+        opacities ``[N]`` in (0,1); colors ``[N,3]`` RGB, or ``[N,K,3]`` SH coefficients with
+        ``sh_degree`` set (``K >= (sh_degree+1)^2``; colour ``= max(SH + 0.5, 0)``);
+        viewmats ``[B,4,4]`` world-to-camera (OpenCV); Ks ``[B,3,3]``;
+        backgrounds ``[B,3]`` or ``[3]`` RGB composited behind (default black).
+        tile_size, chunk_size: torch-backend tiling (results do not depend on them).
+    """
+    _check_inputs(means, quats, scales, opacities, colors, width, height)
+    B = viewmats.shape[0]
+    if backgrounds is not None:
+        backgrounds = torch.as_tensor(backgrounds, dtype=means.dtype, device=means.device)
+        backgrounds = backgrounds.expand(B, 3)
+    chosen = resolve_backend(backend, means.device)
+    if means.shape[0] == 0:
+        return _empty(B, width, height, means, backgrounds)
+    if chosen == "gsplat":
+        from .gsplat_backend import rasterize_gsplat
+
+        return rasterize_gsplat(
+            means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree,
+            backgrounds, near_plane, far_plane, eps2d,
+        )
+
+    proj = project_gaussians(
+        means, quats, scales, opacities, viewmats, Ks, width, height, near_plane, far_plane, eps2d
+    )
+    if colors.ndim == 3:
+        if sh_degree is None:
+            raise ValueError("colors are SH coefficients [N,K,3]: pass sh_degree")
+        centers = -(viewmats[:, :3, :3].transpose(1, 2) @ viewmats[:, :3, 3:])[..., 0]
+        rgb = sh_to_rgb(colors, means, centers, sh_degree)
+    else:
+        rgb = colors[None].expand(B, -1, -1)
+    features = torch.cat([rgb, proj.depths[..., None]], dim=-1).reshape(-1, 4)
+    opac = opacities[None].expand(B, -1).reshape(-1)
+    bins = bin_gaussians(proj.means2d, proj.radii, proj.depths, width, height, tile_size, chunk_size)
+    feat_tiles, t_tiles = composite(
+        proj.means2d.reshape(-1, 2), proj.conics.reshape(-1, 3), opac, features, bins
+    )
+    accum = tiles_to_images(feat_tiles, bins, width, height)  # [B,H,W,4]
+    transmittance = tiles_to_images(t_tiles, bins, width, height)[..., None]
+    alpha = 1.0 - transmittance
+    rgb_img = accum[..., :3]
+    if backgrounds is not None:
+        rgb_img = rgb_img + transmittance * backgrounds[:, None, None, :]
+    depth = accum[..., 3:] / alpha.clamp(min=1e-10)
+    info = {
+        "means2d": proj.means2d, "radii": proj.radii, "depths": proj.depths, "gaussian_ids": None,
+        "width": width, "height": height, "n_cameras": B,
+        "n_intersections": bins.n_intersections, "backend": "torch",
+    }
+    return RenderOutput(rgb_img, alpha, depth, proj.means2d, proj.radii, info)
+
+
+def _empty(B: int, width: int, height: int, like: Tensor, backgrounds: Optional[Tensor]):
+    """An empty scene renders the background with zero alpha and depth."""
+    zeros = like.new_zeros(B, height, width, 1)
+    rgb = like.new_zeros(B, height, width, 3)
+    if backgrounds is not None:
+        rgb = rgb + backgrounds[:, None, None, :]
+    info = {"width": width, "height": height, "n_cameras": B, "n_intersections": 0}
+    return RenderOutput(rgb, zeros, zeros.clone(), None, None, info)

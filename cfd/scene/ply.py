@@ -1,0 +1,93 @@
+"""``.ply`` files in the standard 3D Gaussian Splatting layout.
+
+One vertex element with float32 properties, in this order: ``x y z nx ny nz f_dc_0..2
+f_rest_0..(3*(K-1)-1) opacity scale_0..2 rot_0..3``. Values are pre-activation (log-scales,
+opacity logits, raw wxyz quaternions). ``f_rest`` is channel-major: all coefficients of red, then
+green, then blue. Splat viewers (SuperSplat, the Inria viewer, gsplat's exporter) read this layout.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .splats import Splats
+
+
+def ply_property_names(sh_degree: int) -> list[str]:
+    n_rest = 3 * ((sh_degree + 1) ** 2 - 1)
+    return (
+        ["x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2"]
+        + [f"f_rest_{i}" for i in range(n_rest)]
+        + ["opacity", "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3"]
+    )
+
+
+def save_ply(splats: Splats, path) -> None:
+    """Write ``splats`` atomically (a temporary file renamed into place)."""
+    from plyfile import PlyData, PlyElement
+
+    p = {k: v.detach().cpu().float() for k, v in splats.params.items()}
+    N = p["means"].shape[0]
+    f_rest = p["shN"].transpose(1, 2).reshape(N, -1)  # [N, 3*(K-1)], channel-major
+    columns = torch.cat(
+        [p["means"], torch.zeros(N, 3), p["sh0"].reshape(N, 3), f_rest,
+         p["opacities"][:, None], p["scales"], p["quats"]],
+        dim=1,
+    ).numpy()
+    names = ply_property_names(splats.sh_degree)
+    vertices = np.empty(N, dtype=[(name, "f4") for name in names])
+    for i, name in enumerate(names):
+        vertices[name] = columns[:, i]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            PlyData([PlyElement.describe(vertices, "vertex")]).write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_ply(path) -> Splats:
+    """Read a 3DGS-layout ``.ply``; the SH degree follows from the number of ``f_rest`` fields."""
+    from plyfile import PlyData
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no .ply file at {path}")
+    try:
+        data = PlyData.read(str(path))
+        vertex = data["vertex"]
+    except Exception as err:
+        raise ValueError(f"{path} is not a readable .ply with a 'vertex' element: {err}") from err
+    names = [prop.name for prop in vertex.properties]
+    n_rest = sum(name.startswith("f_rest_") for name in names)
+    degree = int(round(((n_rest // 3) + 1) ** 0.5)) - 1
+    if n_rest % 3 or (degree + 1) ** 2 - 1 != n_rest // 3 or not 0 <= degree <= 3:
+        raise ValueError(f"{path}: {n_rest} f_rest fields do not match an SH degree 0..3")
+    missing = [n for n in ply_property_names(degree) if n not in names and not n.startswith("n")]
+    if missing:
+        raise ValueError(f"{path} is not in the 3D Gaussian Splatting layout; missing {missing}")
+
+    def cols(keys):
+        return torch.from_numpy(np.stack([np.asarray(vertex[k], dtype=np.float32) for k in keys], 1))
+
+    N = len(vertex.data)
+    params = {
+        "means": cols(["x", "y", "z"]),
+        "sh0": cols([f"f_dc_{i}" for i in range(3)]).reshape(N, 1, 3),
+        "shN": cols([f"f_rest_{i}" for i in range(n_rest)]).reshape(N, 3, -1).transpose(1, 2)
+        if n_rest else torch.zeros(N, 0, 3),
+        "opacities": cols(["opacity"])[:, 0],
+        "scales": cols([f"scale_{i}" for i in range(3)]),
+        "quats": cols([f"rot_{i}" for i in range(4)]),
+    }
+    return Splats(params, sh_degree=degree)

@@ -1,0 +1,239 @@
+"""A 3D Gaussian splat scene: learnable parameters in gsplat's layout.
+
+Parameters (pre-activation, as 3D Gaussian Splatting stores them):
+
+==============  ============  =========================================
+key             shape         activation
+==============  ============  =========================================
+``means``       ``[N,3]``     none
+``scales``      ``[N,3]``     ``exp`` (log-scales)
+``quats``       ``[N,4]``     normalised (wxyz)
+``opacities``   ``[N]``       ``sigmoid`` (logits)
+``sh0``         ``[N,1,3]``   colour ``max(C0 * sh0 + 0.5 + ..., 0)``
+``shN``         ``[N,K-1,3]`` higher SH bands, ``K = (sh_degree+1)^2``
+==============  ============  =========================================
+
+The keys match gsplat's strategies, so ``DefaultStrategy`` can grow and prune them in place.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..renderers.projection import rgb_to_sh0, sh0_to_rgb
+
+PARAM_KEYS = ("means", "scales", "quats", "opacities", "sh0", "shN")
+
+
+class Splats(nn.Module):
+    """N Gaussians with SH colour of degree ``sh_degree`` (0 = view-independent RGB)."""
+
+    def __init__(self, params: Dict[str, Tensor], sh_degree: int = 0):
+        super().__init__()
+        if not 0 <= sh_degree <= 3:
+            raise ValueError(f"sh_degree must be in 0..3, got {sh_degree}")
+        missing = [k for k in PARAM_KEYS if k not in params]
+        if missing:
+            raise ValueError(f"Splats needs parameters {PARAM_KEYS}; missing {missing}")
+        N = params["means"].shape[0]
+        n_rest = (sh_degree + 1) ** 2 - 1
+        expected = {
+            "means": (N, 3), "scales": (N, 3), "quats": (N, 4), "opacities": (N,),
+            "sh0": (N, 1, 3), "shN": (N, n_rest, 3),
+        }
+        for key, shape in expected.items():
+            if tuple(params[key].shape) != shape:
+                raise ValueError(f"Splats.{key} must be {shape}, got {tuple(params[key].shape)}")
+        self.sh_degree = sh_degree
+        self.params = nn.ParameterDict(
+            {k: nn.Parameter(params[k].detach().clone().float()) for k in PARAM_KEYS}
+        )
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_activated(
+        cls,
+        means: Tensor,
+        scales: Tensor,
+        quats: Tensor,
+        opacities: Tensor,
+        colors: Tensor,
+        sh_degree: int = 0,
+    ) -> "Splats":
+        """Build from the activated values gsplat's ``rasterization`` takes.
+
+        Args:
+            means ``[N,3]``; scales ``[N,3]`` > 0; quats ``[N,4]`` wxyz; opacities ``[N]`` in
+            (0, 1); colors ``[N,3]`` RGB in [0, 1] (higher SH bands start at zero).
+        """
+        if (scales <= 0).any():
+            raise ValueError("scales must be > 0 (activated values); pass exp(log_scales)")
+        if ((opacities <= 0) | (opacities >= 1)).any():
+            raise ValueError("opacities must lie strictly in (0, 1) (activated values)")
+        N = means.shape[0]
+        params = {
+            "means": means,
+            "scales": torch.log(scales),
+            "quats": quats,
+            "opacities": torch.logit(opacities),
+            "sh0": rgb_to_sh0(colors).reshape(N, 1, 3),
+            "shN": means.new_zeros(N, (sh_degree + 1) ** 2 - 1, 3),
+        }
+        return cls(params, sh_degree)
+
+    @classmethod
+    def empty(cls, sh_degree: int = 0) -> "Splats":
+        return cls(
+            {
+                "means": torch.zeros(0, 3), "scales": torch.zeros(0, 3),
+                "quats": torch.zeros(0, 4), "opacities": torch.zeros(0),
+                "sh0": torch.zeros(0, 1, 3), "shN": torch.zeros(0, (sh_degree + 1) ** 2 - 1, 3),
+            },
+            sh_degree,
+        )
+
+    # -- activated views ----------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self.params["means"].shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.params["means"].device
+
+    @property
+    def means(self) -> Tensor:
+        return self.params["means"]
+
+    @property
+    def scales(self) -> Tensor:
+        return torch.exp(self.params["scales"])
+
+    @property
+    def quats(self) -> Tensor:
+        return torch.nn.functional.normalize(self.params["quats"], dim=-1)
+
+    @property
+    def opacities(self) -> Tensor:
+        return torch.sigmoid(self.params["opacities"])
+
+    @property
+    def sh_coeffs(self) -> Tensor:
+        """All SH coefficients ``[N, (sh_degree+1)^2, 3]``."""
+        return torch.cat([self.params["sh0"], self.params["shN"]], dim=1)
+
+    @property
+    def base_colors(self) -> Tensor:
+        """View-independent (DC) colour ``[N,3]``, clamped at 0 like the renderer."""
+        return sh0_to_rgb(self.params["sh0"][:, 0, :]).clamp(min=0.0)
+
+    # -- optimisation -------------------------------------------------------------------------
+    def make_optimizers(
+        self, lrs: Dict[str, float], eps: float = 1e-15
+    ) -> Dict[str, torch.optim.Optimizer]:
+        """One Adam per parameter (one group each), the layout gsplat's strategies need."""
+        unknown = set(lrs) - set(PARAM_KEYS)
+        if unknown:
+            raise ValueError(f"learning rates for unknown parameters {sorted(unknown)}; "
+                             f"valid keys are {PARAM_KEYS}")
+        return {
+            k: torch.optim.Adam([{"params": self.params[k], "lr": lrs.get(k, 0.0), "name": k}],
+                                eps=eps)
+            for k in PARAM_KEYS
+        }
+
+    def check_finite(self) -> Optional[str]:
+        """Name of the first parameter holding NaN/Inf, or None."""
+        for k in PARAM_KEYS:
+            if not torch.isfinite(self.params[k]).all():
+                return k
+        return None
+
+    def scene_radius(self) -> float:
+        """Radius of the splat centres around their median (for densification thresholds)."""
+        if len(self) == 0:
+            return 1.0
+        means = self.means.detach()
+        center = means.median(dim=0).values
+        return float((means - center).norm(dim=-1).quantile(0.9).clamp(min=1e-6))
+
+    # -- I/O ----------------------------------------------------------------------------------
+    def save_ply(self, path) -> None:
+        from .ply import save_ply
+
+        save_ply(self, path)
+
+    @classmethod
+    def load_ply(cls, path) -> "Splats":
+        from .ply import load_ply
+
+        return load_ply(path)
+
+
+def random_ball(
+    n: int,
+    radius: float = 0.5,
+    scale: Optional[float] = None,
+    opacity: float = 0.1,
+    sh_degree: int = 0,
+    generator: Optional[torch.Generator] = None,
+) -> Splats:
+    """``n`` splats uniform in a ball, random colours, isotropic scales.
+
+    ``scale`` defaults to the mean spacing of the points, ``radius * n^(-1/3)``.
+    """
+    if n < 0:
+        raise ValueError(f"number of splats must be >= 0, got {n}")
+    direction = torch.nn.functional.normalize(torch.randn(n, 3, generator=generator), dim=-1)
+    r = radius * torch.rand(n, 1, generator=generator) ** (1.0 / 3.0)
+    spacing = scale if scale is not None else radius * max(n, 1) ** (-1.0 / 3.0)
+    return Splats.from_activated(
+        means=direction * r,
+        scales=torch.full((n, 3), float(spacing)),
+        quats=torch.tensor([1.0, 0.0, 0.0, 0.0]).repeat(n, 1),
+        opacities=torch.full((n,), float(opacity)),
+        colors=torch.rand(n, 3, generator=generator),
+        sh_degree=sh_degree,
+    )
+
+
+def from_point_cloud(
+    points: Tensor,
+    colors: Optional[Tensor] = None,
+    opacity: float = 0.1,
+    sh_degree: int = 0,
+    k_neighbours: int = 3,
+) -> Splats:
+    """One isotropic splat per point, scaled by the mean distance to its nearest neighbours.
+
+    Args:
+        points ``[N,3]``; colors ``[N,3]`` in [0,1] (default grey).
+    """
+    if points.ndim != 2 or points.shape[-1] != 3:
+        raise ValueError(f"points must be [N,3], got {tuple(points.shape)}")
+    N = points.shape[0]
+    if N == 0:
+        return Splats.empty(sh_degree)
+    if colors is None:
+        colors = torch.full((N, 3), 0.5)
+    k = min(k_neighbours, N - 1)
+    if k > 0:
+        dists = torch.cat(
+            [torch.cdist(chunk, points).topk(k + 1, largest=False).values[:, 1:]
+             for chunk in points.split(4096)]
+        )
+        scale = dists.mean(dim=-1).clamp(min=1e-4)
+    else:
+        scale = torch.full((N,), 0.01)
+    return Splats.from_activated(
+        means=points.float(),
+        scales=scale[:, None].repeat(1, 3).float(),
+        quats=torch.tensor([1.0, 0.0, 0.0, 0.0]).repeat(N, 1),
+        opacities=torch.full((N,), float(opacity)),
+        colors=colors.float(),
+        sh_degree=sh_degree,
+    )
+
+

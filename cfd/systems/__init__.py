@@ -1,0 +1,1 @@
+"""Systems: the loops that tie config, scene, renderer and losses together, one module each."""

@@ -1,0 +1,1 @@
+"""Small shared helpers: media files, seeding, atomic writes, process tuning."""

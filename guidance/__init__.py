@@ -1,0 +1,1 @@
+"""2D diffusion and flow-model guidance behind one interface. Knows nothing of 3D."""

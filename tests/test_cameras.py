@@ -1,0 +1,93 @@
+import math
+
+import pytest
+import torch
+
+from cfd.cameras import (
+    Cameras, fixed_orbit_cameras, intrinsics_from_fov, look_at, opengl_c2w_to_viewmats,
+    orbit_cameras, sample_orbit_cameras, spherical_to_position, viewmats_to_opengl_c2w,
+)
+
+
+def test_look_at_is_opencv_world_to_camera():
+    eye = torch.tensor([[3.0, 0.0, 0.0]])
+    vm = look_at(eye, torch.zeros(1, 3))
+    R = vm[0, :3, :3]
+    assert torch.allclose(R @ R.T, torch.eye(3), atol=1e-6)
+    assert torch.det(R) == pytest.approx(1.0, abs=1e-6)
+    # The target lies straight ahead (+z) at distance 3; world up (+z) maps to camera -y (up).
+    target_cam = vm[0] @ torch.tensor([0.0, 0.0, 0.0, 1.0])
+    assert torch.allclose(target_cam[:3], torch.tensor([0.0, 0.0, 3.0]), atol=1e-6)
+    up_cam = R @ torch.tensor([0.0, 0.0, 1.0])
+    assert up_cam[1] < -0.99
+    cams = Cameras(vm, intrinsics_from_fov(torch.tensor([40.0]), 8, 8), 8, 8)
+    assert torch.allclose(cams.centers, eye, atol=1e-6)
+
+
+def test_look_at_straight_down_stays_finite():
+    vm = look_at(torch.tensor([[0.0, 0.0, 3.0]]), torch.zeros(1, 3))
+    assert torch.isfinite(vm).all()
+    assert torch.allclose(vm[0, :3, :3] @ torch.tensor([0.0, 0.0, -1.0]),
+                          torch.tensor([0.0, 0.0, 1.0]), atol=1e-6)
+
+
+def test_opengl_round_trip_and_axes():
+    cams = sample_orbit_cameras(6, 16, 16, generator=torch.Generator().manual_seed(0))
+    c2w_gl = viewmats_to_opengl_c2w(cams.viewmats)
+    assert torch.allclose(opengl_c2w_to_viewmats(c2w_gl), cams.viewmats, atol=1e-5)
+    # OpenGL cameras look along their -z column, which is OpenCV's +z (towards the origin).
+    to_origin = torch.nn.functional.normalize(-c2w_gl[:, :3, 3], dim=-1)
+    assert torch.allclose(-c2w_gl[:, :3, 2], to_origin, atol=1e-5)
+    # Same camera centre in both conventions.
+    assert torch.allclose(c2w_gl[:, :3, 3], cams.centers, atol=1e-5)
+
+
+def test_orbit_sampling_ranges_and_seed():
+    kw = dict(elevation_range=(5.0, 30.0), azimuth_range=(-45.0, 45.0),
+              distance_range=(2.0, 2.5), fov_range=(30.0, 50.0))
+    a = sample_orbit_cameras(512, 32, 24, generator=torch.Generator().manual_seed(3), **kw)
+    b = sample_orbit_cameras(512, 32, 24, generator=torch.Generator().manual_seed(3), **kw)
+    c = sample_orbit_cameras(512, 32, 24, generator=torch.Generator().manual_seed(4), **kw)
+    assert torch.equal(a.viewmats, b.viewmats) and not torch.equal(a.viewmats, c.viewmats)
+    assert a.elevation.min() >= 5.0 and a.elevation.max() <= 30.0
+    assert a.azimuth.min() >= -45.0 and a.azimuth.max() <= 45.0
+    assert a.distance.min() >= 2.0 and a.distance.max() <= 2.5
+    # The ranges are covered, not just respected.
+    assert a.elevation.max() - a.elevation.min() > 20.0
+    # Recorded angles describe the actual camera positions.
+    expected = spherical_to_position(a.elevation, a.azimuth, a.distance)
+    assert torch.allclose(a.centers, expected, atol=1e-4)
+    fov = 2 * torch.rad2deg(torch.atan(0.5 * 24 / a.Ks[:, 1, 1]))
+    assert fov.min() >= 30.0 - 1e-3 and fov.max() <= 50.0 + 1e-3
+
+
+def test_fixed_orbit_is_evenly_spaced():
+    cams = fixed_orbit_cameras(8, 16, 16, elevation_deg=20.0, distance=3.0)
+    assert torch.allclose(torch.diff(cams.azimuth), torch.full((7,), 45.0))
+    assert torch.allclose(cams.centers.norm(dim=-1), torch.full((8,), 3.0), atol=1e-5)
+    assert torch.allclose(cams.centers[:, 2], torch.full((8,), 3.0 * math.sin(math.radians(20))),
+                          atol=1e-5)
+
+
+def test_ray_directions_hit_projected_points():
+    cams = orbit_cameras(torch.tensor([10.0]), torch.tensor([30.0]), torch.tensor([3.0]),
+                         torch.tensor([40.0]), 20, 10)
+    dirs = cams.ray_directions()  # [1,H,W,3]
+    point = cams.centers[0] + 2.5 * dirs[0, 3, 7]
+    cam = cams.viewmats[0] @ torch.cat([point, torch.ones(1)])
+    uv = (cams.Ks[0] @ cam[:3]) / cam[2]
+    assert torch.allclose(uv[:2], torch.tensor([7.5, 3.5]), atol=1e-4)
+    assert cam[2] == pytest.approx(2.5, abs=1e-5)
+
+
+def test_camera_validation_errors():
+    vm = torch.eye(4)[None]
+    K = intrinsics_from_fov(torch.tensor([40.0]), 8, 8)
+    with pytest.raises(ValueError, match="image size"):
+        Cameras(vm, K, 0, 8)
+    with pytest.raises(ValueError, match="NaN"):
+        Cameras(vm * float("nan"), K, 8, 8)
+    with pytest.raises(ValueError, match=r"\[B,3,3\]"):
+        Cameras(vm, K[0], 8, 8)
+    with pytest.raises(ValueError, match="low <= high"):
+        sample_orbit_cameras(2, 8, 8, elevation_range=(30.0, 10.0))
