@@ -23,10 +23,10 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
+from .projection import ALPHA_THRESHOLD
 from .tiles import TileBins
 
 ALPHA_MAX = 0.999
-ALPHA_MIN = 1.0 / 255.0
 LOG_T_STOP = math.log(1e-4)
 # Below this a chunk's log-transmittance is clamped; every later Gaussian is past the stop anyway.
 LOG_T_FLOOR = -30.0
@@ -76,8 +76,8 @@ def _block_alphas(params: Tensor, origin: Tensor, monomials: Tensor):
     )  # [cb, 6, K]
     expo = torch.matmul(monomials, neg_sigma_coef).exp_()
     raw = expo * o[:, None, :]
-    differentiable = _step(raw, ALPHA_MIN).mul_(_step(-raw, -ALPHA_MAX))
-    alpha = torch.threshold(raw.clamp_(max=ALPHA_MAX), ALPHA_MIN, 0.0)
+    differentiable = _step(raw, ALPHA_THRESHOLD).mul_(_step(-raw, -ALPHA_MAX))
+    alpha = torch.threshold(raw.clamp_(max=ALPHA_MAX), ALPHA_THRESHOLD, 0.0)
     return expo, alpha, differentiable
 
 

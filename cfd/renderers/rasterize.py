@@ -70,15 +70,14 @@ def _check_inputs(means, quats, scales, opacities, colors, width, height) -> Non
     if width <= 0 or height <= 0:
         raise ValueError(f"image size must be positive, got {width}x{height}")
     N = means.shape[0]
+    named = {"means": means, "quats": quats, "scales": scales, "opacities": opacities}
     expected = {"means": (N, 3), "quats": (N, 4), "scales": (N, 3), "opacities": (N,)}
-    for name, shape in expected.items():
-        value = {"means": means, "quats": quats, "scales": scales, "opacities": opacities}[name]
-        if tuple(value.shape) != shape:
-            raise ValueError(f"{name} must have shape {shape}, got {tuple(value.shape)}")
+    for name, value in named.items():
+        if tuple(value.shape) != expected[name]:
+            raise ValueError(f"{name} must have shape {expected[name]}, got {tuple(value.shape)}")
     if colors.shape[0] != N or colors.shape[-1] != 3 or colors.ndim not in (2, 3):
         raise ValueError(f"colors must be [N,3] RGB or [N,K,3] SH, got {tuple(colors.shape)}")
-    for name, value in (("means", means), ("quats", quats), ("scales", scales),
-                        ("opacities", opacities), ("colors", colors)):
+    for name, value in {**named, "colors": colors}.items():
         if not torch.isfinite(value).all():
             raise ValueError(
                 f"{name} contains NaN or Inf; the scene diverged or was loaded from a broken "
