@@ -1,6 +1,9 @@
-"""Command line: ``python run.py --config configs/<name>.yaml key=value ...``.
+"""Command line.
 
-The YAML's ``job`` key picks what runs; dotted ``key=value`` overrides follow OmegaConf syntax.
+    python run.py --config configs/<name>.yaml key=value ...   run a job (the YAML's ``job`` key)
+    python run.py prompts                                      prompts the embedded prior knows
+
+Dotted ``key=value`` overrides follow OmegaConf syntax.
 """
 
 from __future__ import annotations
@@ -16,6 +19,12 @@ JOBS = {
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["prompts"]:
+        from cfd.shapes import prompts
+
+        print("\n".join(prompts()))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, type=Path, help="YAML file in configs/")

@@ -1,0 +1,102 @@
+"""Multi-view renders of the shape world: the data of the embedded prior.
+
+Built once per (world, settings) on first use with a progress bar, then cached under
+``<cache_dir>/shape_world/<fingerprint>/`` (an atomic rename of a finished folder), so a changed
+world or setting builds a new one. The folder holds ``images.safetensors`` (uint8 RGB on a white
+background, alpha, per-view labels and angles) and ``meta.json`` (prompts, object names, settings):
+the layout ``guidance.embedded.ClosedFormPrior.from_pretrained`` reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+from tqdm import tqdm
+
+from ..cameras import sample_orbit_cameras
+from ..renderers import render
+from .world import SHAPE_WORLD, object_splats, prompts, world_fingerprint
+
+
+@dataclass
+class ShapeDatasetConfig:
+    views_per_object: int = 300
+    resolution: int = 64
+    elevation_range: List[float] = field(default_factory=lambda: [-10.0, 45.0])
+    azimuth_range: List[float] = field(default_factory=lambda: [-180.0, 180.0])
+    distance_range: List[float] = field(default_factory=lambda: [2.4, 2.6])
+    fov_range: List[float] = field(default_factory=lambda: [40.0, 40.0])
+    background: float = 1.0
+    seed: int = 0
+    cache_dir: Optional[str] = None
+
+
+def default_cache_root() -> Path:
+    return Path(os.environ.get("CFD3D_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "cfd3d"))
+
+
+def dataset_dir(cfg: ShapeDatasetConfig) -> Path:
+    settings = {k: v for k, v in asdict(cfg).items() if k != "cache_dir"}
+    root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_root()
+    return root / "shape_world" / world_fingerprint(**{k: repr(v) for k, v in settings.items()})
+
+
+@torch.no_grad()
+def build_shape_dataset(cfg: ShapeDatasetConfig, batch: int = 25) -> Path:
+    """Render (or find in the cache) the dataset described by ``cfg``; returns its folder."""
+    from safetensors.torch import save_file
+
+    out_dir = dataset_dir(cfg)
+    if (out_dir / "meta.json").is_file():
+        return out_dir
+    names = prompts()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    keys = ("rgb", "alpha", "prompt_index", "object_index", "elevation", "azimuth", "distance",
+            "fov")
+    data = {k: [] for k in keys}
+    n = cfg.views_per_object
+    bar = tqdm(total=len(SHAPE_WORLD) * n, desc="rendering the shape world", unit="view")
+    for obj_index, obj in enumerate(SHAPE_WORLD):
+        splats = object_splats(obj)
+        cams = sample_orbit_cameras(n, cfg.resolution, cfg.resolution, cfg.elevation_range,
+                                    cfg.azimuth_range, cfg.distance_range, cfg.fov_range,
+                                    generator=gen)
+        for i in range(0, n, batch):
+            part = cams[i : i + batch]
+            out = render(splats, part, background=cfg.background)
+            data["rgb"].append((out.rgb.clamp(0, 1) * 255 + 0.5).to(torch.uint8))
+            data["alpha"].append((out.alpha.clamp(0, 1) * 255 + 0.5).to(torch.uint8))
+            bar.update(len(part))
+        data["prompt_index"].append(torch.full((n,), names.index(obj.prompt)))
+        data["object_index"].append(torch.full((n,), obj_index))
+        data["elevation"].append(cams.elevation)
+        data["azimuth"].append(cams.azimuth)
+        data["distance"].append(cams.distance)
+        fov = 2 * torch.rad2deg(torch.atan(0.5 * cfg.resolution / cams.Ks[:, 1, 1]))
+        data["fov"].append(fov)
+    bar.close()
+    tensors = {k: torch.cat(v).contiguous() for k, v in data.items()}
+    meta = {"prompts": names, "objects": [o.name for o in SHAPE_WORLD],
+            "object_prompts": [o.prompt for o in SHAPE_WORLD], "settings": asdict(cfg),
+            "fingerprint": out_dir.name}
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=out_dir.name + ".tmp"))
+    try:
+        save_file(tensors, str(tmp / "images.safetensors"))
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        try:
+            os.rename(tmp, out_dir)
+        except OSError:  # another process finished first: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

@@ -1,0 +1,151 @@
+"""The guidance interface: rendered images + prompt + timestep + noise -> distillation gradient.
+
+A guidance model works in a latent space (``latent_shape``), maps images into it (``encode``,
+differentiable), defines a noise schedule ``x_t = alpha(t) x + sigma(t) eps`` on continuous
+``t`` in [0, 1], and predicts the noise with classifier-free guidance (``predict_eps``).
+
+Conditions are dicts of tensors with a leading batch dimension (whatever the model's text encoder
+produces: CLIP hidden states, SD3's pooled embeddings, the embedded prior's prompt ids), so the
+prompt processor can cache, select per view and concatenate them without knowing the model.
+
+CFG convention: ``eps = eps_uncond + s (eps_cond - eps_uncond)``; ``s = 1`` is the conditional
+model, ``s = 0`` the unconditional one.
+
+Loss contract (as threestudio): ``guidance(rgb, views, prompt, t, noise)`` returns a dict whose
+``loss_*`` entries are surrogate losses: ``loss_sds = 0.5 * sum((z - sg(z - g))^2)`` with
+``g = w(t) (eps_cfg - noise)``, so its gradient with respect to the latents ``z`` is exactly
+``g`` and autograd carries it through ``encode`` into the scene. Other entries are for logging.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Dict, List, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from .parameterization import eps_from_prediction
+from .schedules import NoiseSchedule
+
+Condition = Dict[str, Tensor]
+WEIGHTINGS = ("sigma_over_alpha", "uniform", "sds")
+
+
+def select(cond: Condition, index: Tensor) -> Condition:
+    return {k: v[index] for k, v in cond.items()}
+
+
+def concat(conds: List[Condition]) -> Condition:
+    return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+
+
+class Guidance(ABC):
+    """Base class of every 2D prior. Subclasses set ``schedule``, ``prediction_type``, ``model_id``."""
+
+    schedule: NoiseSchedule
+    prediction_type: str
+    model_id: str
+    device: torch.device
+
+    def __init__(self, guidance_scale: float = 7.5, weighting: str = "sigma_over_alpha"):
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"unknown weighting {weighting!r}; expected one of {WEIGHTINGS}")
+        self.guidance_scale = float(guidance_scale)
+        self.weighting = weighting
+
+    # -- what subclasses provide -----------------------------------------------------------
+    @abstractmethod
+    def latent_shape(self, height: int, width: int) -> Tuple[int, int, int]:
+        """``(C, h, w)`` of the latent for ``height x width`` renders."""
+
+    @abstractmethod
+    def encode(self, rgb: Tensor) -> Tensor:
+        """``[B,H,W,3]`` in [0,1] -> latents ``[B,C,h,w]`` (differentiable)."""
+
+    @abstractmethod
+    def encode_text(self, texts: List[str]) -> Condition:
+        """Condition tensors for each text, leading dimension ``len(texts)``."""
+
+    @abstractmethod
+    def text_fingerprint(self) -> str:
+        """Identifies the text encoder (model id plus weights): the embedding-cache key."""
+
+    @abstractmethod
+    def model_output(self, x_t: Tensor, t: Tensor, cond: Condition) -> Tensor:
+        """Raw network prediction (of ``prediction_type``) for ``x_t [B,C,h,w]``, ``t [B]``."""
+
+    # -- shared machinery -------------------------------------------------------------------
+    def _coefficients(self, t: Tensor, like: Tensor) -> Tuple[Tensor, Tensor]:
+        shape = (-1,) + (1,) * (like.ndim - 1)
+        a = self.schedule.alpha(t).to(like.dtype).reshape(shape)
+        s = self.schedule.sigma(t).to(like.dtype).reshape(shape)
+        return a, s
+
+    def _batch_t(self, t: Union[float, Tensor], batch: int, device) -> Tensor:
+        t = torch.as_tensor(t, dtype=torch.float64, device=device)
+        if t.ndim == 0:
+            t = t.expand(batch)
+        if t.shape != (batch,) or not ((t >= 0) & (t <= 1)).all():
+            raise ValueError(f"t must be a scalar or [B]={batch} values in [0, 1], got {t}")
+        return t
+
+    def weight(self, t: Tensor) -> Tensor:
+        """``w(t)``: ``sigma/alpha`` (CFD's official choice), ``1``, or ``sigma^2`` (DreamFusion)."""
+        if self.weighting == "uniform":
+            return torch.ones_like(torch.as_tensor(t, dtype=torch.float64))
+        a, s = self.schedule.alpha(t), self.schedule.sigma(t)
+        return s / a if self.weighting == "sigma_over_alpha" else s * s
+
+    @torch.no_grad()
+    def predict_eps(self, x_t: Tensor, t: Union[float, Tensor], cond: Condition,
+                    uncond: Condition, guidance_scale: Optional[float] = None) -> Tensor:
+        """Classifier-free-guided noise estimate; cond and uncond are evaluated in one batch."""
+        scale = self.guidance_scale if guidance_scale is None else float(guidance_scale)
+        B = x_t.shape[0]
+        t = self._batch_t(t, B, x_t.device)
+        if scale == 1.0:
+            x_in, t_in, c_in = x_t, t, cond
+        elif scale == 0.0:
+            x_in, t_in, c_in = x_t, t, uncond
+        else:
+            x_in, t_in, c_in = torch.cat([x_t, x_t]), torch.cat([t, t]), concat([cond, uncond])
+        a, s = self._coefficients(t_in, x_in)
+        eps = eps_from_prediction(self.model_output(x_in, t_in, c_in), x_in, a, s,
+                                  self.prediction_type)
+        if scale in (0.0, 1.0):
+            return eps
+        eps_c, eps_u = eps.chunk(2)
+        return eps_u + scale * (eps_c - eps_u)
+
+    def __call__(self, rgb: Tensor, views, prompt, t: Union[float, Tensor], noise: Tensor,
+                 guidance_scale: Optional[float] = None) -> Dict[str, Tensor]:
+        """Distillation loss for rendered views.
+
+        Args:
+            rgb: renders ``[B,H,W,3]`` in [0,1], differentiable.
+            views: anything with ``elevation`` and ``azimuth`` ``[B]`` tensors (degrees).
+            prompt: a :class:`guidance.prompts.PromptProcessor` for this model.
+            t: scalar or ``[B]`` in [0,1]; noise: ``[B, *latent_shape]``.
+        """
+        latents = self.encode(rgb)
+        if noise.shape != latents.shape:
+            raise ValueError(f"noise must match the latents {tuple(latents.shape)}, "
+                             f"got {tuple(noise.shape)}")
+        B = latents.shape[0]
+        t = self._batch_t(t, B, latents.device)
+        cond, uncond = prompt(views.elevation, views.azimuth)
+        with torch.no_grad():
+            x_t = self.schedule.add_noise(latents.detach(), noise, t)
+            eps = self.predict_eps(x_t, t, cond, uncond, guidance_scale)
+            w = self.weight(t).to(latents.dtype).reshape((-1,) + (1,) * (latents.ndim - 1))
+            grad = torch.nan_to_num(w * (eps - noise))
+            target = latents.detach() - grad
+        loss = 0.5 * ((latents - target) ** 2).sum()
+        return {
+            "loss_sds": loss,
+            "grad_norm": grad.norm(),
+            "t": t.float().mean(),
+            "guidance_scale": torch.tensor(
+                self.guidance_scale if guidance_scale is None else guidance_scale),
+        }

@@ -1,0 +1,120 @@
+"""Prompt processing: view-dependent prompts, negative prompts and an on-disk embedding cache.
+
+Each camera gets a direction from its elevation and azimuth (degrees; azimuth 0 is the object's
+front): ``overhead`` when ``elevation > overhead_threshold``, else ``front`` when
+``|azimuth| < front_threshold``, ``back`` when ``|azimuth| > 180 - back_threshold``, ``side``
+otherwise. With ``view_dependent`` on, the direction's suffix is appended to the prompt
+("a mug" -> "a mug, side view"). Embeddings are computed once per text and cached on disk under
+``cache_dir`` keyed by the model's text fingerprint and the text, so a changed model or text
+re-encodes and an unchanged one loads from disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .base import Condition, Guidance, select
+
+DIRECTIONS = ("front", "side", "back", "overhead")
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("CFD3D_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "cfd3d")
+    return Path(root) / "text_embeddings"
+
+
+@dataclass
+class PromptConfig:
+    prompt: str = ""
+    negative_prompt: str = ""
+    view_dependent: bool = True
+    front_threshold: float = 45.0
+    back_threshold: float = 45.0
+    overhead_threshold: float = 60.0
+    front_suffix: str = ", front view"
+    side_suffix: str = ", side view"
+    back_suffix: str = ", back view"
+    overhead_suffix: str = ", overhead view"
+    cache_dir: Optional[str] = None
+    use_cache: bool = True
+
+
+def view_directions(elevation: Tensor, azimuth: Tensor, cfg: PromptConfig) -> Tensor:
+    """Direction index per camera (0 front, 1 side, 2 back, 3 overhead). ``[B] -> [B]`` long."""
+    az = torch.remainder(torch.as_tensor(azimuth, dtype=torch.float64) + 180.0, 360.0) - 180.0
+    el = torch.as_tensor(elevation, dtype=torch.float64)
+    direction = torch.ones_like(az, dtype=torch.long)
+    direction[az.abs() < cfg.front_threshold] = 0
+    direction[az.abs() > 180.0 - cfg.back_threshold] = 2
+    direction[el > cfg.overhead_threshold] = 3
+    return direction
+
+
+class PromptProcessor:
+    """Per-view condition and negative condition for one prompt and one guidance model."""
+
+    def __init__(self, cfg: PromptConfig, guidance: Guidance):
+        self.cfg = cfg
+        self.guidance = guidance
+        self.cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+        suffixes = (cfg.front_suffix, cfg.side_suffix, cfg.back_suffix, cfg.overhead_suffix)
+        self.texts = ([cfg.prompt + s for s in suffixes] if cfg.view_dependent
+                      else [cfg.prompt] * len(DIRECTIONS))
+        encoded = self.encode([*self.texts, cfg.negative_prompt])
+        self.cond = select(encoded, torch.arange(len(DIRECTIONS)))
+        self.uncond = select(encoded, torch.tensor([len(DIRECTIONS)]))
+
+    def _cache_path(self, text: str) -> Path:
+        key = hashlib.sha256(f"{self.guidance.text_fingerprint()}\n{text}".encode()).hexdigest()
+        return self.cache_dir / f"{key[:32]}.pt"
+
+    def encode(self, texts: List[str]) -> Condition:
+        """Condition for each text, from the cache where possible."""
+        found: Dict[int, Condition] = {}
+        missing = []
+        for i, text in enumerate(texts):
+            path = self._cache_path(text)
+            if self.cfg.use_cache and path.is_file():
+                try:
+                    found[i] = torch.load(path, map_location="cpu", weights_only=True)
+                    continue
+                except Exception:  # a truncated or foreign file: recompute it
+                    pass
+            missing.append(i)
+        if missing:
+            unique = sorted({texts[i] for i in missing})
+            fresh = self.guidance.encode_text(unique)
+            for j, text in enumerate(unique):
+                entry = {k: v[j : j + 1].detach().cpu() for k, v in fresh.items()}
+                if self.cfg.use_cache:
+                    _atomic_torch_save(entry, self._cache_path(text))
+                for i in missing:
+                    if texts[i] == text:
+                        found[i] = entry
+        device = self.guidance.device
+        return {k: torch.cat([found[i][k] for i in range(len(texts))]).to(device)
+                for k in found[0]}
+
+    def directions(self, elevation: Tensor, azimuth: Tensor) -> Tensor:
+        return view_directions(elevation, azimuth, self.cfg)
+
+    def __call__(self, elevation: Tensor, azimuth: Tensor) -> Tuple[Condition, Condition]:
+        """Condition and negative condition per view, each with leading dimension B."""
+        index = self.directions(elevation, azimuth).to(self.cond[next(iter(self.cond))].device)
+        B = index.shape[0]
+        return select(self.cond, index), select(self.uncond, torch.zeros(B, dtype=torch.long))
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)

@@ -1,0 +1,167 @@
+"""The shape world, its cached dataset and the closed-form embedded prior."""
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cfd.cameras import fixed_orbit_cameras
+from cfd.renderers import render
+from cfd.shapes import SHAPE_WORLD, ShapeDatasetConfig, build_shape_dataset, object_splats, prompts
+from guidance.embedded import ClosedFormPrior
+from guidance.prompts import PromptConfig, PromptProcessor
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    cfg = ShapeDatasetConfig(views_per_object=24, resolution=32,
+                             cache_dir=str(tmp_path_factory.mktemp("cache")))
+    return cfg, build_shape_dataset(cfg)
+
+
+@pytest.fixture(scope="module")
+def prior(dataset):
+    return ClosedFormPrior.from_pretrained(dataset[1])
+
+
+def test_shape_world_has_variants_and_renders_deterministically():
+    assert len(SHAPE_WORLD) >= 12 and len(prompts()) >= 6
+    variants = [sum(o.prompt == p for o in SHAPE_WORLD) for p in prompts()]
+    assert sum(v >= 2 for v in variants) >= 3 and max(v for v in variants) >= 3
+    cams = fixed_orbit_cameras(2, 24, 24, distance=2.5)
+    a = render(object_splats(SHAPE_WORLD[0]), cams, background=1.0)
+    b = render(object_splats(SHAPE_WORLD[0]), cams, background=1.0)
+    assert torch.equal(a.rgb, b.rgb) and a.alpha.max() > 0.99
+
+
+def test_objects_have_a_front_and_an_up():
+    from cfd.cameras import orbit_cameras
+
+    def cams(elevation, azimuth):
+        n = len(elevation)
+        return orbit_cameras(torch.tensor(elevation), torch.tensor(azimuth),
+                             torch.full((n,), 2.5), torch.full((n,), 40.0), 32, 32)
+
+    for obj in SHAPE_WORLD:
+        splats = object_splats(obj)
+        front, back = render(splats, cams([0.0, 0.0], [0.0, 180.0]), background=1.0).rgb
+        assert (front - back.flip(1)).abs().mean() > 0.005, obj.name  # not mirror-symmetric
+        above, below = render(splats, cams([40.0, -40.0], [0.0, 0.0]), background=1.0).rgb
+        assert (above - below.flip(0)).abs().mean() > 0.005, obj.name  # top differs from bottom
+
+
+def test_dataset_is_cached_and_keyed_by_settings(dataset, tmp_path):
+    cfg, folder = dataset
+    assert build_shape_dataset(cfg) == folder  # second call: the cache
+    assert not [p for p in folder.parent.iterdir() if ".tmp" in p.name]
+    other = ShapeDatasetConfig(**{**cfg.__dict__, "views_per_object": 2,
+                                  "cache_dir": cfg.cache_dir})
+    other_folder = build_shape_dataset(other)
+    assert other_folder != folder and (other_folder / "meta.json").is_file()
+
+
+def test_small_t_returns_the_nearest_image_and_large_t_the_mean(prior):
+    k = 30
+    image = prior.data[k].float().reshape(1, 3, 32, 32)
+    text = prior.prompts[int(prior.prompt_index[k])]
+    cond = prior.encode_text([text])
+    t = torch.tensor([0.01], dtype=torch.float64)
+    a, s = prior.schedule.alpha(t).item(), prior.schedule.sigma(t).item()
+    x_t = a * image + s * 0.1 * torch.randn(image.shape, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(prior.model_output(x_t, t, cond), image, atol=1e-6)
+    uncond = prior.encode_text([""])
+    assert torch.allclose(prior.model_output(x_t, t, uncond), image, atol=1e-6)
+    # At t = 1 every image weighs the same: the mean of the condition's images.
+    x1 = torch.randn_like(image)
+    mean_all = prior.data.mean(0).float().reshape(1, 3, 32, 32)
+    one = torch.ones(1, dtype=torch.float64)
+    assert torch.allclose(prior.model_output(x1, one, uncond), mean_all, atol=1e-6)
+    members = prior.prompt_index == prior.prompt_index[k]
+    mean_p = prior.data[members].mean(0).float().reshape(1, 3, 32, 32)
+    assert torch.allclose(prior.model_output(x1, one, cond), mean_p, atol=1e-6)
+    near_one = prior.model_output(x1, torch.tensor([0.995], dtype=torch.float64), cond)
+    assert (near_one - mean_p).abs().max() < 0.1
+
+
+def test_stable_near_t_zero(prior):
+    x = torch.randn(2, 3, 32, 32)
+    out = prior.model_output(x, torch.full((2,), 1e-4, dtype=torch.float64),
+                             prior.encode_text(["a mug", ""]))
+    assert torch.isfinite(out).all() and out.abs().max() <= 1.0 + 1e-6
+
+
+def test_cfg_scale_zero_is_unconditional_and_deterministic(prior):
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    cond = prior.encode_text(["a mug", "a rocket, side view", "a lamp, back view"])
+    uncond = prior.encode_text(["", "", ""])
+    t = torch.tensor([0.3, 0.5, 0.7], dtype=torch.float64)
+    eps0 = prior.predict_eps(x, t, cond, uncond, guidance_scale=0.0)
+    a, s = prior.schedule.alpha(t).float()[:, None, None, None], prior.schedule.sigma(t).float()[
+        :, None, None, None]
+    expected = (x - a * prior.model_output(x, t, uncond)) / s
+    assert torch.allclose(eps0, expected, atol=1e-5)
+    eps2 = prior.predict_eps(x, t, cond, uncond, guidance_scale=2.0)
+    assert torch.equal(eps2, prior.predict_eps(x, t, cond, uncond, guidance_scale=2.0))
+    eps1 = prior.predict_eps(x, t, cond, uncond, guidance_scale=1.0)
+    assert torch.allclose(eps2, eps0 + 2.0 * (eps1 - eps0), atol=1e-4)
+
+
+def test_view_suffix_restricts_to_views_in_that_direction(prior):
+    front = prior.encode_text(["a mug, front view"])
+    mask = prior.subset_mask(int(front["prompt"][0]), int(front["direction"][0]))
+    assert mask.sum() > 0
+    assert (prior.direction[mask] == 0).all()
+    assert (prior.prompt_index[mask] == prior.prompts.index("a mug")).all()
+
+
+def test_unknown_prompt_lists_the_known_ones(prior):
+    with pytest.raises(ValueError, match=r"unknown prompt 'a dragon'[\s\S]*a mug[\s\S]*a lamp"):
+        prior.encode_text(["a dragon"])
+
+
+class _Views:
+    def __init__(self, elevation, azimuth):
+        self.elevation, self.azimuth = elevation, azimuth
+
+
+def test_surrogate_gradient_is_weighted_eps_difference(prior, tmp_path):
+    proc = PromptProcessor(PromptConfig(prompt="a mug", cache_dir=str(tmp_path)), prior)
+    prior.guidance_scale = 1.5
+    g = torch.Generator().manual_seed(3)
+    rgb = torch.rand(2, 32, 32, 3, generator=g).requires_grad_()
+    noise = torch.randn(2, 3, 32, 32, generator=g)
+    views = _Views(torch.tensor([10.0, 20.0]), torch.tensor([0.0, 120.0]))
+    t = torch.tensor([0.4, 0.6], dtype=torch.float64)
+    out = prior(rgb, views, proc, t, noise)
+    out["loss_sds"].backward()
+    latents = prior.encode(rgb.detach())
+    cond, uncond = proc(views.elevation, views.azimuth)
+    x_t = prior.schedule.add_noise(latents, noise, t)
+    eps = prior.predict_eps(x_t, t, cond, uncond, 1.5)
+    w = (prior.schedule.sigma(t) / prior.schedule.alpha(t)).float()[:, None, None, None]
+    expected_latent_grad = w * (eps - noise)
+    # encode is rgb -> 2 rgb - 1 (channels first), so d/d rgb = 2 * d/d latents.
+    assert torch.allclose(rgb.grad, 2 * expected_latent_grad.permute(0, 2, 3, 1), atol=1e-6)
+    assert set(out) >= {"loss_sds", "grad_norm", "t", "guidance_scale"}
+
+
+def test_prompts_command_lists_the_prompts():
+    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), "prompts"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0
+    assert proc.stdout.split("\n")[:-1] == prompts()
+    assert math.isfinite(len(prompts()))
+
+
+def test_data_layout_matches_encode():
+    images = torch.rand(5, 8, 8, 3, generator=torch.Generator().manual_seed(0))
+    p = ClosedFormPrior(images, torch.zeros(5), torch.zeros(5), torch.zeros(5), ["a thing"])
+    assert torch.allclose(p.encode(images).reshape(5, -1).double(), p.data)
+    # Renders at another size are area-resized to the data's resolution.
+    assert p.encode(torch.rand(2, 16, 16, 3)).shape == (2, 3, 8, 8)
+    assert p.latent_shape(128, 128) == (3, 8, 8)
