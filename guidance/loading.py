@@ -1,0 +1,153 @@
+"""Offline resolution of diffusers model ids, and the dtype choice shared by the diffusers priors.
+
+A model id is either a local folder (a diffusers pipeline saved with ``save_pretrained`` or
+downloaded with ``huggingface-cli download <id> --local-dir <folder>``) or a Hugging Face hub id
+that is already in the local Hugging Face cache. Nothing here touches the network: when the
+weights are not on this machine, :class:`ModelWeightsNotFound` says where they were looked for
+and how to provide them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+PIPELINE_INDEX = "model_index.json"
+
+
+class ModelWeightsNotFound(FileNotFoundError):
+    """The weights of a diffusers model are not on this machine (and will not be downloaded)."""
+
+    def __init__(self, model_id: str, searched: str, reason: str = ""):
+        self.model_id = model_id
+        self.searched = searched
+        lines = [f"model weights for {model_id!r} are not available offline."]
+        if reason:
+            lines.append(f"  Reason: {reason}")
+        lines += [
+            f"  Looked for: a local folder {model_id!r} and the Hugging Face cache {searched}",
+            "  To provide them, either:",
+            "    1. on a machine with internet access (after `huggingface-cli login` for gated",
+            "       models such as SD3) run",
+            f"         huggingface-cli download {model_id} --local-dir <folder>",
+            "       copy <folder> here and pass  guidance.model_id=<folder>  on the command line; or",
+            "    2. put the model into the Hugging Face cache here (set HF_HOME, or HF_HUB_CACHE, to",
+            "       the cache that holds it).",
+        ]
+        super().__init__("\n".join(lines))
+
+
+def hf_cache_dir() -> str:
+    """The hub cache directory huggingface_hub reads, resolved from the environment now."""
+    explicit = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if explicit:
+        return os.path.expanduser(explicit)
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "huggingface")
+    return os.path.join(os.path.expanduser(home), "hub")
+
+
+def _looks_like_path(model_id: str) -> bool:
+    """True for strings that can only be file-system paths, never hub ids (``owner/name``)."""
+    if model_id.startswith(("/", ".", "~")) or "\\" in model_id:
+        return True
+    return model_id.count("/") > 1 or model_id.endswith("/")
+
+
+def resolve_model_path(model_id: Union[str, os.PathLike], cache_dir: Optional[str] = None) -> Path:
+    """Folder holding the diffusers pipeline ``model_id``, without any network access.
+
+    Args:
+        model_id: a local folder, or a hub id (``owner/name``) present in the Hugging Face cache.
+        cache_dir: hub cache to search (default: the one the environment selects).
+
+    Raises:
+        ModelWeightsNotFound: neither a pipeline folder nor a cached snapshot exists.
+    """
+    model_id = os.fspath(model_id)
+    cache_dir = os.path.expanduser(cache_dir) if cache_dir else hf_cache_dir()
+    local = Path(model_id).expanduser()
+    if local.is_dir():
+        if (local / PIPELINE_INDEX).is_file():
+            return local.resolve()
+        raise ModelWeightsNotFound(
+            model_id, cache_dir,
+            f"the folder {str(local)!r} exists but has no {PIPELINE_INDEX} (not a diffusers pipeline)")
+    if local.exists() or _looks_like_path(model_id):
+        raise ModelWeightsNotFound(model_id, cache_dir, f"no folder {str(local)!r}")
+
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        snapshot = snapshot_download(model_id, cache_dir=cache_dir, local_files_only=True)
+    except HFValidationError as err:
+        raise ModelWeightsNotFound(model_id, cache_dir,
+                                   f"not a folder here, nor a valid hub id ({err})") from None
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError) as err:
+        raise ModelWeightsNotFound(model_id, cache_dir,
+                                   f"no local folder and no cached snapshot ({type(err).__name__})"
+                                   ) from None
+    snapshot = Path(snapshot)
+    if not (snapshot / PIPELINE_INDEX).is_file():
+        raise ModelWeightsNotFound(
+            model_id, cache_dir,
+            f"the cached snapshot {str(snapshot)!r} has no {PIPELINE_INDEX} (incomplete download?)")
+    return snapshot
+
+
+def dtype_kwargs(dtype: Optional[torch.dtype]) -> dict:
+    """``{"dtype": ...}`` for diffusers versions that take it, ``{"torch_dtype": ...}`` before."""
+    if dtype is None:
+        return {}
+    try:
+        from diffusers.utils import deprecation_utils
+        new_style = hasattr(deprecation_utils, "_resolve_dtype")
+    except ImportError:
+        new_style = False
+    return {"dtype": dtype} if new_style else {"torch_dtype": dtype}
+
+
+def null_components(path: Path) -> dict:
+    """``{name: None}`` for components saved as ``[null, null]`` in ``model_index.json``.
+
+    diffusers drops such entries when loading and then refuses the pipeline if the component is
+    not one of its optional ones (SD3 saved without T5: ``text_encoder_3``, ``tokenizer_3``), so
+    they are passed back explicitly.
+    """
+    try:
+        index = json.loads((Path(path) / PIPELINE_INDEX).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {name: None for name, value in index.items()
+            if not name.startswith("_") and isinstance(value, list) and value
+            and all(v is None for v in value)}
+
+
+def load_pipeline(pipeline_cls, model_id: Union[str, os.PathLike],
+                  dtype: Optional[torch.dtype] = None, **kwargs):
+    """``pipeline_cls.from_pretrained`` on the resolved folder, offline, with one clear error.
+
+    A folder that resolves but lacks component weights (a partial download) also raises
+    :class:`ModelWeightsNotFound`, carrying diffusers' own message as the reason.
+    """
+    model_id = os.fspath(model_id)
+    path = resolve_model_path(model_id)
+    kwargs = {**null_components(path), **dtype_kwargs(dtype), **kwargs}
+    try:
+        return pipeline_cls.from_pretrained(str(path), local_files_only=True, **kwargs)
+    except ModelWeightsNotFound:
+        raise
+    except (OSError, EnvironmentError) as err:
+        raise ModelWeightsNotFound(model_id, hf_cache_dir(),
+                                   f"loading {str(path)!r} failed: {err}") from err
+
+
+def model_dtype(device: Union[str, torch.device], half_precision: bool = True) -> torch.dtype:
+    """float16 on CUDA when ``half_precision`` is set; float32 otherwise (always on CPU)."""
+    device = torch.device(device)
+    return torch.float16 if (half_precision and device.type == "cuda") else torch.float32

@@ -1,0 +1,400 @@
+"""Diffusers-backed guidance (Stable Diffusion, SD3-style flow matching) on tiny random models.
+
+The tiny pipelines are built and saved once per module, then loaded through the same
+``from_pretrained`` path users take for real weights. Nothing here touches the network.
+"""
+
+import json
+import logging
+import math
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from guidance.flow_matching import FlowMatchingConfig, FlowMatchingGuidance
+from guidance.loading import ModelWeightsNotFound, model_dtype, resolve_model_path
+from guidance.parameterization import eps_from_prediction, prediction_from_eps
+from guidance.prompts import PromptConfig, PromptProcessor
+from guidance.schedules import DiscreteVPSchedule, FlowMatchingSchedule
+from guidance.stable_diffusion import StableDiffusionConfig, StableDiffusionGuidance
+
+from .tiny_models import build_tiny_sd, build_tiny_sd3
+
+RES = 16  # renders are resized to 16 px; the tiny VAEs downsample by 2 -> 8x8 latents
+
+
+@pytest.fixture(scope="module", autouse=True)
+def offline():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("TRANSFORMERS_OFFLINE", "1")
+        yield
+
+
+@pytest.fixture(scope="module")
+def sd_path(tmp_path_factory):
+    return build_tiny_sd(tmp_path_factory.mktemp("tiny") / "sd-eps", "epsilon", seed=0)
+
+
+@pytest.fixture(scope="module")
+def sd_v_path(tmp_path_factory):
+    return build_tiny_sd(tmp_path_factory.mktemp("tiny") / "sd-v", "v_prediction", seed=1)
+
+
+@pytest.fixture(scope="module")
+def sd3_path(tmp_path_factory):
+    return build_tiny_sd3(tmp_path_factory.mktemp("tiny") / "sd3", seed=2)
+
+
+@pytest.fixture(scope="module")
+def sd(sd_path):
+    return StableDiffusionGuidance.from_pretrained(str(sd_path), device="cpu", resolution=RES,
+                                                   latent_sampling="mean")
+
+
+@pytest.fixture(scope="module")
+def sd_v(sd_v_path):
+    cfg = StableDiffusionConfig(model_id=str(sd_v_path), resolution=RES, latent_sampling="mean")
+    return StableDiffusionGuidance.from_config(cfg, "cpu")
+
+
+@pytest.fixture(scope="module")
+def sd3(sd3_path):
+    return FlowMatchingGuidance.from_pretrained(str(sd3_path), device="cpu", resolution=RES,
+                                                latent_sampling="mean")
+
+
+def _views(elevation, azimuth):
+    return SimpleNamespace(elevation=torch.tensor(elevation, dtype=torch.float32),
+                           azimuth=torch.tensor(azimuth, dtype=torch.float32))
+
+
+def _conds(guidance, prompt="a red mug"):
+    enc = guidance.encode_text([prompt, ""])
+    return {k: v[[0, 0]] for k, v in enc.items()}, {k: v[[1, 1]] for k, v in enc.items()}
+
+
+# -- schedules against the diffusers schedulers ----------------------------------------------------
+def test_discrete_vp_schedule_reproduces_ddpm_add_noise():
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                          beta_schedule="scaled_linear")
+    vp = DiscreteVPSchedule(sched.alphas_cumprod)
+    steps = torch.tensor([0, 1, 7, 250, 500, 777, 998, 999])
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(len(steps), 4, 5, 5, generator=g)
+    noise = torch.randn(len(steps), 4, 5, 5, generator=g)
+    t = steps.double() / 1000
+    assert torch.allclose(vp.model_time(t), steps.double(), atol=1e-9)
+    ours = vp.add_noise(x0, noise, t)
+    theirs = sched.add_noise(x0, noise, steps)
+    assert torch.allclose(ours, theirs, atol=1e-6, rtol=0)
+    ac = sched.alphas_cumprod.double()[steps]
+    assert torch.allclose(vp.alpha(t), ac.sqrt(), atol=1e-12)
+    assert torch.allclose(vp.sigma(t), (1 - ac).sqrt(), atol=1e-12)
+
+    # Between integer timesteps: monotone, inside the neighbours' values, variance preserving.
+    grid = torch.linspace(0, 0.999, 9991, dtype=torch.float64)
+    a, s = vp.alpha(grid), vp.sigma(grid)
+    assert (a[1:] < a[:-1]).all() and (s[1:] > s[:-1]).all()
+    assert torch.allclose(a * a + s * s, torch.ones_like(a), atol=1e-12)
+    mid = (steps[:-1].double() + 0.37) / 1000
+    lo, hi = vp.alpha(steps[:-1].double() / 1000), vp.alpha((steps[:-1].double() + 1) / 1000)
+    assert ((vp.alpha(mid) < lo) & (vp.alpha(mid) > hi)).all()
+
+
+def test_flow_matching_schedule_reproduces_scale_noise():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    shift = 3.0
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    fm = FlowMatchingSchedule(shift=shift)
+    # Training table: timestep k/1000 has the shifted noise level sched.sigmas.
+    k = torch.arange(1000, 0, -1, dtype=torch.float64)
+    assert torch.allclose(fm.sigma(k / 1000), sched.sigmas.double(), atol=1e-6)
+
+    sched.set_timesteps(12)
+    sigmas = sched.sigmas[:-1].double()  # the last entry is the appended terminal 0
+    t = sigmas / (shift - (shift - 1) * sigmas)  # the un-shifted time of each sigma
+    assert torch.allclose(fm.sigma(t), sigmas, atol=1e-9)
+    assert torch.allclose(fm.model_time(t), sched.timesteps.double(), atol=1e-3)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(1, 16, 4, 4, generator=g)
+    noise = torch.randn(1, 16, 4, 4, generator=g)
+    for i, timestep in enumerate(sched.timesteps):
+        theirs = sched.scale_noise(x0, timestep[None], noise)
+        ours = fm.add_noise(x0, noise, t[i])
+        assert torch.allclose(ours, theirs, atol=1e-6, rtol=0), i
+
+
+VP_KINDS = ("epsilon", "v_prediction", "sample")
+FLOW_KINDS = ("epsilon", "flow", "sample")
+
+
+@pytest.mark.parametrize("family,kind", [("vp", k) for k in VP_KINDS]
+                         + [("flow", k) for k in FLOW_KINDS])
+def test_prediction_conversions_round_trip(family, kind):
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randn(3, 4, 6, 6, generator=g, dtype=torch.float64)
+    eps = torch.randn(3, 4, 6, 6, generator=g, dtype=torch.float64)
+    tt = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64).reshape(-1, 1, 1, 1)
+    if family == "vp":
+        a, s = torch.cos(0.5 * math.pi * tt), torch.sin(0.5 * math.pi * tt)
+    else:
+        s = tt
+        a = 1 - s
+    x_t = a * x0 + s * eps
+    pred = prediction_from_eps(eps, x_t, a, s, kind)
+    assert torch.allclose(eps_from_prediction(pred, x_t, a, s, kind), eps, atol=1e-10)
+    expected = {"epsilon": eps, "sample": x0, "v_prediction": a * eps - s * x0,
+                "flow": eps - x0}[kind]
+    assert torch.allclose(pred, expected, atol=1e-10)
+
+
+# -- Stable Diffusion ------------------------------------------------------------------------------
+def test_sd_loads_frozen_with_model_schedule(sd, sd_path):
+    assert sd.prediction_type == "epsilon" and sd.model_id == str(sd_path)
+    assert sd.dtype == torch.float32 and sd.latent_shape(40, 30) == (4, RES // 2, RES // 2)
+    for module in (sd.unet, sd.vae, sd.text_encoder):
+        assert not module.training
+        assert not any(p.requires_grad for p in module.parameters())
+    assert torch.allclose(sd.schedule.alpha(torch.tensor(0.5)) ** 2,
+                          sd.scheduler.alphas_cumprod[500].double(), atol=1e-7)
+    cond = sd.encode_text(["a red mug", ""])
+    assert cond["encoder_hidden_states"].shape == (2, 77, 32)
+    # Integer times reach the UNet as the scheduler's integer timesteps.
+    x = torch.randn(1, 4, 8, 8)
+    c = {k: v[:1] for k, v in cond.items()}
+    direct = sd.unet(x, torch.tensor([250]), encoder_hidden_states=c["encoder_hidden_states"]).sample
+    assert torch.allclose(sd.model_output(x, torch.tensor([0.25]), c), direct, atol=1e-5)
+
+
+def test_sd_encode_resizes_and_is_differentiable(sd):
+    rgb = torch.rand(2, 24, 20, 3, requires_grad=True)
+    z = sd.encode(rgb)
+    assert z.shape == (2, 4, 8, 8) and z.dtype == torch.float32
+    x = torch.nn.functional.interpolate(rgb.detach().permute(0, 3, 1, 2) * 2 - 1, size=(RES, RES),
+                                        mode="bilinear", align_corners=False, antialias=True)
+    ref = sd.vae.encode(x).latent_dist.mode() * sd.vae.config.scaling_factor
+    assert torch.allclose(z, ref, atol=1e-5)
+    z.square().sum().backward()
+    assert rgb.grad is not None and torch.isfinite(rgb.grad).all() and rgb.grad.abs().sum() > 0
+    # Without a resolution the render size is kept.
+    keep = StableDiffusionGuidance(sd.unet, sd.vae, sd.tokenizer, sd.text_encoder, sd.scheduler,
+                                   StableDiffusionConfig(resolution=None))
+    assert keep.latent_shape(24, 20) == (4, 12, 10) and keep.encode(rgb).shape == (2, 4, 12, 10)
+
+
+def test_sd_cfg_combines_conditional_and_unconditional(sd):
+    cond, uncond = _conds(sd)
+    g = torch.Generator().manual_seed(3)
+    x_t = torch.randn(2, 4, 8, 8, generator=g)
+    t = torch.tensor([0.2, 0.8])
+    e_u = sd.predict_eps(x_t, t, cond, uncond, guidance_scale=0.0)
+    e_c = sd.predict_eps(x_t, t, cond, uncond, guidance_scale=1.0)
+    with torch.no_grad():
+        assert torch.allclose(e_u, sd.model_output(x_t, t, uncond))
+        assert torch.allclose(e_c, sd.model_output(x_t, t, cond))
+    assert (e_c - e_u).abs().max() > 1e-3  # the prompt matters to the tiny model
+    e_s = sd.predict_eps(x_t, t, cond, uncond, guidance_scale=7.5)
+    assert torch.allclose(e_s, e_u + 7.5 * (e_c - e_u), atol=1e-4)
+    # A scalar t means the same t for every sample.
+    assert torch.allclose(sd.predict_eps(x_t, 0.2, cond, uncond),
+                          sd.predict_eps(x_t, torch.tensor([0.2, 0.2]), cond, uncond))
+
+
+def test_sd_v_prediction_converts_to_eps(sd_v):
+    assert sd_v.prediction_type == "v_prediction"
+    cond, uncond = _conds(sd_v)
+    g = torch.Generator().manual_seed(4)
+    x_t = torch.randn(2, 4, 8, 8, generator=g)
+    t = torch.tensor([0.3, 0.6])
+    with torch.no_grad():
+        v = sd_v.unet(x_t, sd_v.schedule.model_time(t).float(),
+                      encoder_hidden_states=cond["encoder_hidden_states"]).sample
+    a = sd_v.schedule.alpha(t).float().reshape(-1, 1, 1, 1)
+    s = sd_v.schedule.sigma(t).float().reshape(-1, 1, 1, 1)
+    eps = sd_v.predict_eps(x_t, t, cond, uncond, guidance_scale=1.0)
+    assert torch.allclose(eps, s * x_t + a * v, atol=1e-5)
+
+
+def test_sds_gradient_on_latents_is_weighted_residual(sd, tmp_path, monkeypatch):
+    prompt = PromptProcessor(PromptConfig(prompt="a red mug", cache_dir=str(tmp_path)), sd)
+    captured = {}
+    encode = sd.encode
+
+    def hooked(rgb):
+        z = encode(rgb)
+        z.retain_grad()
+        captured["z"] = z
+        return z
+
+    monkeypatch.setattr(sd, "encode", hooked)
+    rgb = torch.rand(2, 20, 20, 3, generator=torch.Generator().manual_seed(5)).requires_grad_()
+    views = _views([10.0, 70.0], [0.0, 120.0])
+    t = torch.tensor([0.3, 0.7])
+    noise = torch.randn(2, *sd.latent_shape(20, 20), generator=torch.Generator().manual_seed(6))
+    out = sd(rgb, views, prompt, t, noise)
+    out["loss_sds"].backward()
+    z = captured["z"]
+    cond, uncond = prompt(views.elevation, views.azimuth)
+    x_t = sd.schedule.add_noise(z.detach(), noise, t)
+    eps_cfg = sd.predict_eps(x_t, t, cond, uncond)
+    w = sd.weight(t).float().reshape(-1, 1, 1, 1)
+    expected = w * (eps_cfg - noise)
+    assert torch.allclose(z.grad, expected, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(out["grad_norm"], expected.norm(), rtol=1e-5)
+    assert torch.isfinite(out["loss_sds"])
+    assert torch.isfinite(rgb.grad).all() and rgb.grad.abs().sum() > 0
+
+
+# -- prompts ---------------------------------------------------------------------------------------
+def test_prompt_processor_picks_view_suffix(sd, tmp_path):
+    cfg = PromptConfig(prompt="a red mug", negative_prompt="blurry", cache_dir=str(tmp_path))
+    proc = PromptProcessor(cfg, sd)
+    el = [0.0, 0.0, 0.0, 0.0, 80.0, 10.0, 10.0]
+    az = [0.0, 90.0, 180.0, -170.0, 0.0, 30.0, -60.0]
+    names = ["front", "side", "back", "back", "overhead", "front", "side"]
+    views = _views(el, az)
+    assert proc.directions(views.elevation, views.azimuth).tolist() == [
+        ("front", "side", "back", "overhead").index(n) for n in names]
+    cond, uncond = proc(views.elevation, views.azimuth)
+    texts = [f"a red mug, {n} view" for n in names]
+    ref = sd.encode_text(texts + ["blurry"])["encoder_hidden_states"]
+    assert torch.allclose(cond["encoder_hidden_states"], ref[:-1], atol=1e-6)
+    assert torch.allclose(uncond["encoder_hidden_states"], ref[-1:].expand(len(names), -1, -1),
+                          atol=1e-6)
+
+
+def _count_encode_text(guidance, monkeypatch):
+    calls = []
+    original = guidance.encode_text
+
+    def counting(texts):
+        calls.append(list(texts))
+        return original(texts)
+
+    monkeypatch.setattr(guidance, "encode_text", counting)
+    return calls
+
+
+def test_prompt_cache_hit_and_invalidation(sd, sd_path, tmp_path, monkeypatch):
+    cfg = PromptConfig(prompt="a blue teapot", cache_dir=str(tmp_path))
+    calls = _count_encode_text(sd, monkeypatch)
+    first = PromptProcessor(cfg, sd)
+    assert len(calls) == 1 and len(calls[0]) == 5
+    second = PromptProcessor(cfg, sd)
+    assert len(calls) == 1, "second processor should load every embedding from the cache"
+    assert torch.equal(first.cond["encoder_hidden_states"], second.cond["encoder_hidden_states"])
+
+    # Same folder, same weights -> same fingerprint; changed embedding weights -> re-encoded.
+    other = StableDiffusionGuidance.from_pretrained(str(sd_path), resolution=RES)
+    assert other.text_fingerprint() == sd.text_fingerprint()
+    with torch.no_grad():
+        other.text_encoder.get_input_embeddings().weight[0, 0] += 1.0
+    other._fingerprint = None
+    assert other.text_fingerprint() != sd.text_fingerprint()
+    other_calls = _count_encode_text(other, monkeypatch)
+    PromptProcessor(cfg, other)
+    assert len(other_calls) == 1 and len(other_calls[0]) == 5
+
+    # A different fingerprint on the same model also misses the cache.
+    monkeypatch.setattr(sd, "text_fingerprint", lambda: "something else")
+    PromptProcessor(cfg, sd)
+    assert len(calls) == 2
+
+
+def test_long_prompt_is_truncated_with_warning(sd, tmp_path, caplog):
+    long_prompt = " ".join(["teapot"] * 20)  # 7 tokens per word with the tiny byte vocabulary
+    with caplog.at_level(logging.WARNING, logger="guidance"):
+        PromptProcessor(PromptConfig(prompt=long_prompt, cache_dir=str(tmp_path)), sd)
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("guidance")]
+    assert any(long_prompt in m and "77" in m for m in messages), messages
+    # Everything past the limit is dropped: the encoding equals that of a longer prompt.
+    a = sd.encode_text([long_prompt])["encoder_hidden_states"]
+    b = sd.encode_text([long_prompt + " teapot"])["encoder_hidden_states"]
+    assert torch.equal(a, b)
+
+
+# -- SD3-style flow matching -----------------------------------------------------------------------
+def test_flow_matching_guidance_loss_and_gradients(sd3, tmp_path):
+    assert sd3.prediction_type == "flow" and sd3.latent_shape(RES, RES) == (16, 8, 8)
+    assert sd3.schedule.shift == 3.0
+    assert FlowMatchingConfig().resolution == 1024
+    cond, uncond = _conds(sd3)
+    assert cond["encoder_hidden_states"].shape == (2, 77 + 77, 64)
+    assert cond["pooled_projections"].shape == (2, 64)
+
+    rgb = torch.rand(2, RES, RES, 3, generator=torch.Generator().manual_seed(7)).requires_grad_()
+    z = sd3.encode(rgb)
+    x = rgb.detach().permute(0, 3, 1, 2) * 2 - 1
+    ref = (sd3.vae.encode(x).latent_dist.mode() - 0.0609) * 1.5305
+    assert torch.allclose(z, ref, atol=1e-5)
+
+    x_t = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(8))
+    t = torch.tensor([0.25, 0.75])
+    with torch.no_grad():
+        u = sd3.model_output(x_t, t, cond)
+    a = sd3.schedule.alpha(t).float().reshape(-1, 1, 1, 1)
+    assert torch.allclose(sd3.predict_eps(x_t, t, cond, uncond, 1.0), x_t + a * u, atol=1e-5)
+
+    prompt = PromptProcessor(PromptConfig(prompt="a red mug", cache_dir=str(tmp_path)), sd3)
+    noise = torch.randn(2, *sd3.latent_shape(RES, RES), generator=torch.Generator().manual_seed(9))
+    out = sd3(rgb, _views([0.0, 30.0], [0.0, 90.0]), prompt, t, noise)
+    out["loss_sds"].backward()
+    assert torch.isfinite(out["loss_sds"]) and out["grad_norm"] > 0
+    assert torch.isfinite(rgb.grad).all() and rgb.grad.abs().sum() > 0
+
+
+# -- loading ---------------------------------------------------------------------------------------
+def test_missing_weights_raise_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
+    cases = [(StableDiffusionGuidance, "/nonexistent/folder"),
+             (StableDiffusionGuidance, "cfd3d-tests/no-such-model"),
+             (FlowMatchingGuidance, "cfd3d-tests/no-such-sd3")]
+    for cls, model_id in cases:
+        with pytest.raises(ModelWeightsNotFound) as info:
+            cls.from_pretrained(model_id)
+        msg = str(info.value)
+        assert isinstance(info.value, FileNotFoundError)
+        assert model_id in msg and "guidance.model_id=" in msg
+        assert f"huggingface-cli download {model_id}" in msg
+        assert str(tmp_path / "hf" / "hub") in msg and "HF_HOME" in msg
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelWeightsNotFound, match="model_index.json"):
+        StableDiffusionGuidance.from_pretrained(str(tmp_path / "empty"))
+
+
+def test_partial_folder_raises_clear_error(sd_path, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(sd_path, broken)
+    for f in (broken / "unet").glob("diffusion_pytorch_model*"):
+        f.unlink()
+    with pytest.raises(ModelWeightsNotFound) as info:
+        StableDiffusionGuidance.from_pretrained(str(broken))
+    assert str(broken) in str(info.value) and "guidance.model_id=" in str(info.value)
+
+
+def test_hub_id_resolves_from_the_hf_cache(sd_path, tmp_path, monkeypatch):
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--cfd3d-tests--tiny-sd"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(sd_path, repo / "snapshots" / commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert resolve_model_path("cfd3d-tests/tiny-sd") == (repo / "snapshots" / commit).resolve()
+    g = StableDiffusionGuidance.from_pretrained("cfd3d-tests/tiny-sd", resolution=RES)
+    assert g.model_id == "cfd3d-tests/tiny-sd" and g.latent_shape(RES, RES) == (4, 8, 8)
+    assert json.loads((repo / "snapshots" / commit / "model_index.json").read_text())[
+        "_class_name"] == "StableDiffusionPipeline"
+
+
+def test_model_dtype_choice():
+    assert model_dtype("cpu", True) == torch.float32
+    assert model_dtype("cuda", True) == torch.float16
+    assert model_dtype("cuda:0", False) == torch.float32
