@@ -1,6 +1,7 @@
 """Command line.
 
     python run.py --config configs/<name>.yaml key=value ...   run a job (the YAML's ``job`` key)
+    python run.py --resume <run folder>                        continue a killed run exactly
     python run.py prompts                                      prompts the embedded prior knows
 
 Dotted ``key=value`` overrides follow OmegaConf syntax.
@@ -14,8 +15,10 @@ import sys
 from pathlib import Path
 
 JOBS = {
+    "distill": ("cfd.systems.distill", "DistillConfig"),
     "fit-splats": ("cfd.systems.fit_splats", "FitSplatsConfig"),
 }
+RESUMABLE = {"distill"}
 
 
 def main(argv=None) -> int:
@@ -27,7 +30,9 @@ def main(argv=None) -> int:
         return 0
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, type=Path, help="YAML file in configs/")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", type=Path, help="YAML file in configs/")
+    source.add_argument("--resume", type=Path, help="run folder to continue from its checkpoint")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -40,19 +45,30 @@ def main(argv=None) -> int:
     from cfd.utils.runtime import tune_malloc
 
     tune_malloc()
+    config_path = args.config if args.resume is None else args.resume / "config.yaml"
     try:
-        if not args.config.is_file():
-            raise ConfigError(f"config file {args.config} does not exist (see configs/)")
-        job = OmegaConf.load(args.config).get("job", "fit-splats")
+        if not config_path.is_file():
+            where = "see configs/" if args.resume is None else "is this a run folder?"
+            raise ConfigError(f"config file {config_path} does not exist ({where})")
+        job = OmegaConf.load(config_path).get("job", "distill")
         if job not in JOBS:
-            raise ConfigError(f"unknown job '{job}' in {args.config}; known jobs: {sorted(JOBS)}")
+            raise ConfigError(f"unknown job '{job}' in {config_path}; known jobs: {sorted(JOBS)}")
+        if args.resume is not None and job not in RESUMABLE:
+            raise ConfigError(f"job '{job}' cannot be resumed; resumable jobs: {sorted(RESUMABLE)}")
         module_name, schema_name = JOBS[job]
         module = importlib.import_module(module_name)
-        cfg = load_config(getattr(module, schema_name), args.config, args.overrides)
+        cfg = load_config(getattr(module, schema_name), config_path, args.overrides)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    module.run(cfg)
+    try:
+        if args.resume is not None:
+            module.run(cfg, resume_dir=args.resume)
+        else:
+            module.run(cfg)
+    except (ValueError, FileNotFoundError) as err:  # bad input: say what and how to fix it
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

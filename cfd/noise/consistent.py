@@ -29,8 +29,8 @@ from torch import Tensor
 
 from .sphere_map import MAP_LAYOUTS, sphere_to_square
 
-# Triangles whose texel bounding box fits in _BLOCK x _BLOCK are enumerated as dense blocks.
-_BLOCK = 4
+# Triangles whose texel bounding boxes fit these squares are enumerated as dense blocks.
+_BLOCK_SIZES = (2, 4, 8)
 
 
 @dataclass
@@ -210,16 +210,18 @@ class ConsistentNoise:
         T, device = vertices.shape[0], vertices.device
         radius = vertices.mean(1).norm(dim=-1)
         shell = (radius / cfg.bound * cfg.n_shells).long().clamp(0, cfg.n_shells - 1)
-        floats, ints = [], []
-        tri = torch.arange(T, device=device)
-        for m in range(cfg.n_maps):
-            perm, sign = MAP_LAYOUTS[m]
-            p = vertices[..., list(perm)]
-            uv = (sphere_to_square(p) + 1) * (0.5 * R)  # [T,3,2] in texel units
-            floats.append(torch.cat([uv.reshape(T, 6), sign * p.norm(dim=-1)], -1))
-            key_base = ((cells // cells_per_view * cfg.n_maps + m) * cfg.n_shells + shell) * R * R
-            ints.append(torch.stack([tri, torch.full_like(tri, m), key_base], -1))
-        rows, meta = torch.cat(floats), torch.cat(ints)  # one row per (map, triangle)
+        # One row per (map, triangle): texel coordinates of the corners and their depths.
+        perms = torch.tensor([MAP_LAYOUTS[m][0] for m in range(cfg.n_maps)], device=device)
+        signs = torch.tensor([MAP_LAYOUTS[m][1] for m in range(cfg.n_maps)], device=device)
+        p = vertices[:, :, perms].permute(2, 0, 1, 3)  # [M,T,3,3]
+        uv = (sphere_to_square(p) + 1) * (0.5 * R)
+        z = signs[:, None, None] * vertices.norm(dim=-1)[None]
+        rows = torch.cat([uv.reshape(-1, 6), z.reshape(-1, 3)], -1)
+        tri = torch.arange(T, device=device).repeat(cfg.n_maps)
+        map_index = torch.arange(cfg.n_maps, device=device).repeat_interleave(T)
+        view_shell = (cells // cells_per_view * cfg.n_maps * cfg.n_shells + shell).repeat(cfg.n_maps)
+        key_base = (view_shell + map_index * cfg.n_shells) * (R * R)
+        meta = torch.stack([tri, map_index, key_base], -1)
         uv = rows[:, :6].reshape(-1, 3, 2)
         lo = torch.ceil(uv.min(1).values - 0.5).long().clamp(0, R - 1)
         hi = torch.floor(uv.max(1).values - 0.5).long().clamp(0, R - 1)
@@ -228,32 +230,32 @@ class ConsistentNoise:
         span = span * (extent <= cfg.max_triangle_extent * R)[:, None]
         counts = span[:, 0] * span[:, 1]
 
-        # One candidate per texel centre in each row's bounding box: small boxes as a dense
-        # block per row (row values broadcast, no per-candidate gathers), large ones as a
-        # ragged list.
-        small = (span <= _BLOCK).all(-1) & (counts > 0)
-        sel = torch.nonzero(small)[:, 0]
-        offsets = torch.arange(_BLOCK * _BLOCK, device=device)
-        ox, oy = offsets % _BLOCK, offsets // _BLOCK
-        block_px, block_py = lo[sel, 0:1] + ox, lo[sel, 1:2] + oy
-        block_in = (ox < span[sel, 0:1]) & (oy < span[sel, 1:2])
-        block_inside, block_depth = _cover(rows[sel].T[:, :, None], block_px, block_py)
-        big = torch.nonzero(~small & (counts > 0))[:, 0]
+        # One candidate per texel centre in each row's bounding box. Small boxes go as dense
+        # blocks (row values broadcast, no per-candidate gathers), grouped by size so little of
+        # each block is wasted; the few large boxes as a ragged list.
+        hits = []
+        assigned = counts == 0
+        for size in _BLOCK_SIZES:
+            fits = ~assigned & (span <= size).all(-1)
+            assigned |= fits
+            sel = torch.nonzero(fits)[:, 0]
+            offsets = torch.arange(size * size, device=device)
+            ox, oy = offsets % size, offsets // size
+            px, py = lo[sel, 0:1] + ox, lo[sel, 1:2] + oy
+            inside, depth = _cover(rows[sel].T[:, :, None], px, py)
+            hit = torch.nonzero((inside & (ox < span[sel, 0:1]) & (oy < span[sel, 1:2])).reshape(-1))[:, 0]
+            hits.append((sel[hit // (size * size)], (py * R + px).reshape(-1)[hit],
+                         depth.reshape(-1)[hit]))
+        big = torch.nonzero(~assigned)[:, 0]
         big_owner = torch.repeat_interleave(big, counts[big])
         local = torch.arange(big_owner.shape[0], device=device) - torch.repeat_interleave(
             torch.cumsum(counts[big], 0) - counts[big], counts[big])
         sx = span[big_owner, 0]
-        big_px = lo[big_owner, 0] + local % sx
-        big_py = lo[big_owner, 1] + local // sx
-        big_inside, big_depth = _cover(rows[big_owner].T, big_px, big_py)
-
-        # Keep the covered texels only, then look up their rows.
-        block_hit = torch.nonzero((block_inside & block_in).reshape(-1))[:, 0]
-        big_hit = torch.nonzero(big_inside)[:, 0]
-        owner = torch.cat([sel[block_hit // (_BLOCK * _BLOCK)], big_owner[big_hit]])
-        texel = torch.cat([(block_py * R + block_px).reshape(-1)[block_hit],
-                           (big_py * R + big_px)[big_hit]])
-        depth = torch.cat([block_depth.reshape(-1)[block_hit], big_depth[big_hit]])
+        px, py = lo[big_owner, 0] + local % sx, lo[big_owner, 1] + local // sx
+        inside, depth = _cover(rows[big_owner].T, px, py)
+        hit = torch.nonzero(inside)[:, 0]
+        hits.append((big_owner[hit], (py * R + px)[hit], depth[hit]))
+        owner, texel, depth = (torch.cat(parts) for parts in zip(*hits))
         m = meta[owner]
 
         # Depth test per (view, map, shell): each texel goes to the nearest candidate, ties to

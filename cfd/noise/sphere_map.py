@@ -16,12 +16,12 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-# (permutation, sign) of each map: three axis orders, each with the nearest (+1) and the
-# farthest (-1) surface winning the depth test.
+# (permutation, sign) of each map: three axis orders (so each map's seams are covered by the
+# others), first with the nearest (+1), then with the farthest (-1) surface winning the depth
+# test. Configs using fewer maps take a prefix.
 MAP_LAYOUTS: Tuple[Tuple[Tuple[int, int, int], float], ...] = (
-    ((0, 1, 2), 1.0), ((0, 1, 2), -1.0),
-    ((2, 0, 1), 1.0), ((2, 0, 1), -1.0),
-    ((1, 2, 0), 1.0), ((1, 2, 0), -1.0),
+    ((0, 1, 2), 1.0), ((2, 0, 1), 1.0), ((1, 2, 0), 1.0),
+    ((0, 1, 2), -1.0), ((2, 0, 1), -1.0), ((1, 2, 0), -1.0),
 )
 
 

@@ -33,7 +33,9 @@ class ShapeDatasetConfig:
     azimuth_range: List[float] = field(default_factory=lambda: [-180.0, 180.0])
     distance_range: List[float] = field(default_factory=lambda: [2.4, 2.6])
     fov_range: List[float] = field(default_factory=lambda: [40.0, 40.0])
-    background: float = 1.0
+    # Grey, not white: white parts (a snowman) on a white background would leave their opacity
+    # undetermined by the images.
+    background: float = 0.5
     seed: int = 0
     cache_dir: Optional[str] = None
 

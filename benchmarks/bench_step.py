@@ -1,0 +1,94 @@
+"""Step-time breakdown of a distillation step: render, noise, encode, guidance, backward, optimiser.
+
+Builds the run from a config (default: the embedded CFD config), warms up, then times each phase
+of ``--steps`` steps separately and prints medians and shares of the step, plus the noise share.
+
+    python benchmarks/bench_step.py
+    python benchmarks/bench_step.py --config configs/sds-splats-embedded.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cfd.cameras import sample_orbit_cameras  # noqa: E402
+from cfd.config import load_config  # noqa: E402
+from cfd.renderers import render  # noqa: E402
+from cfd.systems.distill import DistillConfig, Distillation  # noqa: E402
+from cfd.utils.runtime import tune_malloc  # noqa: E402
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", default=str(ROOT / "configs" / "cfd-splats-embedded.yaml"))
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    tune_malloc()
+    cfg = load_config(DistillConfig, Path(args.config), args.overrides)
+    system = Distillation(cfg, Path(tempfile.mkdtemp()))
+    c, dev, g = system.cfg, system.device, system.guidance
+    phases = {k: [] for k in ("render", "noise", "encode", "guidance", "backward", "optimizer")}
+    for i in range(args.steps + 3):
+        tick = {}
+
+        def mark(name, t0):
+            _sync(dev)
+            tick[name] = time.perf_counter() - t0
+            return time.perf_counter()
+
+        t0 = time.perf_counter()
+        cams = sample_orbit_cameras(c.batch_size, c.resolution, c.resolution,
+                                    c.camera.elevation_range, c.camera.azimuth_range,
+                                    c.camera.distance_range, c.camera.fov_range,
+                                    generator=system.generator, device=dev)
+        out = render(system.splats, cams, c.backend, c.background)
+        t0 = mark("render", t0)
+        points = cams.centers[:, None, None, :] + out.depth.detach() * cams.ray_directions()
+        noise = system.noise(points, out.alpha.detach(), system.latent_shape)
+        t0 = mark("noise", t0)
+        latents = g.encode(out.rgb)
+        t0 = mark("encode", t0)
+        cond, uncond = system.prompt(cams.elevation, cams.azimuth)
+        with torch.no_grad():
+            x_t = g.schedule.add_noise(latents.detach(), noise, 0.5)
+            eps = g.predict_eps(x_t, 0.5, cond, uncond)
+            target = latents.detach() - (eps - noise)
+        t0 = mark("guidance", t0)
+        (0.5 * ((latents - target) ** 2).sum()).backward()
+        t0 = mark("backward", t0)
+        for opt in system.optimizers.values():
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        mark("optimizer", t0)
+        if i >= 3:
+            for k, v in tick.items():
+                phases[k].append(v)
+    medians = {k: statistics.median(v) for k, v in phases.items()}
+    total = sum(medians.values())
+    print(f"device={dev} guidance={c.guidance.kind} batch={c.batch_size} res={c.resolution} "
+          f"splats={len(system.splats)} noise={c.noise.mode} steps={args.steps}")
+    print("| phase | median s | share |")
+    print("|---|---|---|")
+    for k, v in medians.items():
+        print(f"| {k} | {v:.4f} | {100 * v / total:.1f}% |")
+    print(f"| step | {total:.4f} | 100% |")
+
+
+if __name__ == "__main__":
+    main()

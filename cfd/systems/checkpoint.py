@@ -1,0 +1,35 @@
+"""Atomic checkpoints: everything a run needs to continue bit for bit.
+
+A checkpoint is one ``torch.save`` file written to a temporary name and renamed into place, so a
+run killed at any moment leaves either the previous checkpoint or the new one, never half a file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+
+LATEST = "last.pt"
+
+
+def save_checkpoint(ckpt_dir: Path, state: Dict[str, Any]) -> Path:
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    path = ckpt_dir / LATEST
+    tmp = ckpt_dir / f".{LATEST}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(ckpt_dir: Path) -> Optional[Dict[str, Any]]:
+    path = Path(ckpt_dir) / LATEST
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=False)

@@ -1,0 +1,43 @@
+"""Timestep schedules for distillation: the annealed schedule of CFD and uniform sampling (SDS).
+
+``anneal``: t is piecewise linear in training progress through ``knots`` of (progress, t) pairs;
+CFD's official stage-1 schedule is ``t = 0.98 - 0.96 p``: knots ``[[0, 0.98], [1, 0.02]]``.
+``uniform``: t ~ U[t_min, t_max] each step, from the run's generator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List
+
+import torch
+
+
+@dataclass
+class TimestepConfig:
+    kind: str = "anneal"
+    knots: List[List[float]] = field(default_factory=lambda: [[0.0, 0.98], [1.0, 0.02]])
+    t_min: float = 0.02
+    t_max: float = 0.98
+
+
+class TimestepSchedule:
+    def __init__(self, cfg: TimestepConfig, total_steps: int):
+        if cfg.kind not in ("anneal", "uniform"):
+            raise ValueError(f"unknown timestep schedule {cfg.kind!r}; use 'anneal' or 'uniform'")
+        knots = sorted((float(p), float(t)) for p, t in cfg.knots)
+        if cfg.kind == "anneal" and (len(knots) < 2 or knots[0][0] > 0 or knots[-1][0] < 1):
+            raise ValueError("anneal knots must cover progress 0..1, e.g. [[0, 0.98], [1, 0.02]]")
+        if not all(0.0 <= t <= 1.0 for _, t in knots) or not 0 <= cfg.t_min <= cfg.t_max <= 1:
+            raise ValueError("timesteps must lie in [0, 1] with t_min <= t_max")
+        self.cfg, self.knots, self.total = cfg, knots, max(total_steps, 1)
+
+    def __call__(self, step: int, generator: torch.Generator) -> float:
+        if self.cfg.kind == "uniform":
+            u = torch.rand((), generator=generator, dtype=torch.float64).item()
+            return self.cfg.t_min + (self.cfg.t_max - self.cfg.t_min) * u
+        progress = min(max(step / max(self.total - 1, 1), 0.0), 1.0)
+        for (p0, t0), (p1, t1) in zip(self.knots, self.knots[1:]):
+            if progress <= p1:
+                return t0 + (t1 - t0) * (progress - p0) / max(p1 - p0, 1e-12)
+        return self.knots[-1][1]

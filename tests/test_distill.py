@@ -1,0 +1,163 @@
+"""The distillation job: schedules, a short end-to-end run, seeding, resume after a kill, NaNs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cfd.config import load_config
+from cfd.scene import Splats
+from cfd.systems import distill
+from cfd.systems.distill import DistillConfig
+from cfd.systems.timesteps import TimestepConfig, TimestepSchedule
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "cfd-splats-embedded.yaml"
+
+
+def small_overrides(tmp_path, cache_dir, **extra):
+    items = {
+        "output_dir": str(tmp_path), "steps": 6, "batch_size": 2, "resolution": 32,
+        "init.n_splats": 300, "guidance.dataset.views_per_object": 8,
+        "guidance.dataset.resolution": 32, "guidance.dataset.cache_dir": str(cache_dir),
+        "checkpoint_every": 2, "log_every": 3, "video_frames": 4, "video_size": 32,
+        "eval_views": 4, "densify.refine_start_iter": 2, "densify.refine_every": 2,
+        "densify.refine_stop_iter": 5,
+    }
+    items.update(extra)
+    return [f"{k}={v}" for k, v in items.items()]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def test_timestep_schedules():
+    anneal = TimestepSchedule(TimestepConfig(), total_steps=101)
+    g = torch.Generator().manual_seed(0)
+    assert anneal(0, g) == pytest.approx(0.98) and anneal(100, g) == pytest.approx(0.02)
+    assert anneal(50, g) == pytest.approx(0.5)
+    knots = TimestepSchedule(TimestepConfig(knots=[[0, 0.98], [0.1, 0.692], [1, 0.212]]), 1001)
+    assert knots(100, g) == pytest.approx(0.692) and knots(550, g) == pytest.approx(0.452)
+    uniform = TimestepSchedule(TimestepConfig(kind="uniform", t_min=0.2, t_max=0.4), 10)
+    draws = [uniform(i, torch.Generator().manual_seed(i)) for i in range(200)]
+    assert 0.2 <= min(draws) and max(draws) <= 0.4 and max(draws) - min(draws) > 0.15
+    with pytest.raises(ValueError, match="cover progress"):
+        TimestepSchedule(TimestepConfig(knots=[[0.2, 0.9], [1, 0.1]]), 10)
+
+
+def test_short_run_writes_everything(tmp_path, cache_dir):
+    cfg = load_config(DistillConfig, CONFIG, small_overrides(tmp_path, cache_dir))
+    result = distill.run(cfg)
+    (run_dir,) = list((tmp_path / "cfd-splats-embedded").iterdir())
+    assert run_dir.name.startswith("a_mug@")
+    for name in ("config.yaml", "splats.ply", "metrics.json", "metrics.jsonl", "ckpt/last.pt",
+                 "progress_00003.png", "progress_00006.png"):
+        assert (run_dir / name).is_file(), name
+    assert (run_dir / "orbit.mp4").is_file() or (run_dir / "orbit.gif").is_file()
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(6))
+    assert lines[0]["t"] == pytest.approx(0.98) and lines[-1]["t"] == pytest.approx(0.02)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert {"psnr", "mask_iou", "wall_s", "steps"} <= set(metrics) and metrics["steps"] == 6
+    assert metrics["psnr"] == result["psnr"] and 0.0 <= metrics["mask_iou"] <= 1.0
+
+
+def test_same_seed_same_result(tmp_path, cache_dir):
+    results = []
+    for name in ("a", "b"):
+        cfg = load_config(DistillConfig, CONFIG, small_overrides(tmp_path / name, cache_dir,
+                                                                 steps=4, seed=3))
+        distill.run(cfg)
+        (run_dir,) = list((tmp_path / name / "cfd-splats-embedded").iterdir())
+        results.append(Splats.load_ply(run_dir / "splats.ply"))
+    for k in results[0].params:
+        assert torch.equal(results[0].params[k], results[1].params[k]), k
+
+
+def _cli(args, cwd):
+    return subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_killed_run_resumes_bitwise(tmp_path, cache_dir):
+    steps = 30
+    common = ["--config", str(CONFIG)]
+    over = small_overrides(tmp_path / "x", cache_dir, steps=steps, checkpoint_every=3,
+                           log_every=100)
+    ref = _cli(common + small_overrides(tmp_path / "ref", cache_dir, steps=steps,
+                                        checkpoint_every=3, log_every=100), tmp_path)
+    assert ref.wait(timeout=600) == 0, ref.stderr.read()[-2000:]
+
+    victim = _cli(common + over, tmp_path)
+    ckpt = None
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        found = list((tmp_path / "x").glob("*/*/ckpt/last.pt"))
+        if found:
+            state = torch.load(found[0], weights_only=False)
+            if state["step"] >= 9:
+                ckpt = found[0]
+                break
+        time.sleep(0.05)
+    assert ckpt is not None, "no checkpoint appeared"
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    run_dir = ckpt.parent.parent
+    assert not (run_dir / "splats.ply").exists()  # it really died mid-way
+    resumed = _cli(["--resume", str(run_dir)], tmp_path)
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()[-2000:]
+
+    (ref_dir,) = list((tmp_path / "ref" / "cfd-splats-embedded").iterdir())
+    a, b = Splats.load_ply(ref_dir / "splats.ply"), Splats.load_ply(run_dir / "splats.ply")
+    for k in a.params:
+        assert torch.equal(a.params[k], b.params[k]), k
+    steps_logged = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps_logged == list(range(steps))
+
+
+def test_nan_gradients_skip_then_stop_with_checkpoint_intact(tmp_path, cache_dir, monkeypatch):
+    real_build = distill.build_guidance
+
+    def poisoned(cfg, device):
+        g = real_build(cfg, device)
+        call = g.__call__
+
+        class Poisoned(type(g)):
+            def __call__(self, rgb, views, prompt, t, noise, guidance_scale=None):
+                out = call(rgb, views, prompt, t, noise, guidance_scale)
+                if distill_step["n"] >= 3:
+                    out["loss_sds"] = out["loss_sds"] * float("nan")
+                distill_step["n"] += 1
+                return out
+
+        g.__class__ = Poisoned
+        return g
+
+    distill_step = {"n": 0}
+    monkeypatch.setattr(distill, "build_guidance", poisoned)
+    cfg = load_config(DistillConfig, CONFIG, small_overrides(tmp_path, cache_dir, steps=20,
+                                                             max_bad_steps=3))
+    with pytest.raises(RuntimeError, match="NaN/Inf gradients.*last good checkpoint"):
+        distill.run(cfg)
+    (run_dir,) = list((tmp_path / "cfd-splats-embedded").iterdir())
+    state = torch.load(run_dir / "ckpt" / "last.pt", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in state["splats"].values())
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in lines] == [False] * 3 + [True] * 3
+
+
+def test_unknown_prompt_is_a_clear_error(tmp_path, cache_dir):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), "--config", str(CONFIG),
+         *small_overrides(tmp_path, cache_dir, **{"prompt_processor.prompt": "a dragon"})],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "unknown prompt 'a dragon'" in proc.stderr and "a snowman" in proc.stderr
