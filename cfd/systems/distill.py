@@ -18,6 +18,8 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
+from guidance.prompts import PromptConfig, PromptProcessor
+
 from ..cameras import fixed_orbit_cameras, sample_orbit_cameras
 from ..config import save_config, to_object
 from ..noise import NoiseConfig, make_noise
@@ -47,16 +49,6 @@ class GuidanceConfig:
     resolution: Optional[int] = None
     latent_sampling: str = "sample"
     dataset: ShapeDatasetConfig = field(default_factory=ShapeDatasetConfig)
-
-
-@dataclass
-class PromptOptions:
-    prompt: str = "a mug"
-    negative_prompt: str = ""
-    view_dependent: bool = True
-    front_threshold: float = 45.0
-    back_threshold: float = 45.0
-    overhead_threshold: float = 60.0
 
 
 @dataclass
@@ -90,7 +82,7 @@ class DistillConfig:
     # Must match the embedded prior's dataset background (grey: see ShapeDatasetConfig).
     background: float = 0.5
     sh_degree: int = 0
-    prompt_processor: PromptOptions = field(default_factory=PromptOptions)
+    prompt_processor: PromptConfig = field(default_factory=lambda: PromptConfig(prompt="a mug"))
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     timesteps: TimestepConfig = field(default_factory=TimestepConfig)
@@ -147,10 +139,7 @@ class Distillation:
         seed_everything(c.seed)
         self.generator = torch.Generator().manual_seed(c.seed)
         self.guidance = build_guidance(c.guidance, self.device)
-        from guidance.prompts import PromptConfig, PromptProcessor
-
-        prompt_cfg = PromptConfig(**dataclasses.asdict(c.prompt_processor))
-        self.prompt = PromptProcessor(prompt_cfg, self.guidance)
+        self.prompt = PromptProcessor(c.prompt_processor, self.guidance)
         self.latent_shape = self.guidance.latent_shape(c.resolution, c.resolution)
         self.noise = make_noise(c.noise, self.latent_shape[0], self.device, seed=c.seed + 1)
         self.schedule = TimestepSchedule(c.timesteps, c.steps)
