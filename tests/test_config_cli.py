@@ -60,3 +60,16 @@ def test_cli_rejects_bad_keys_with_a_clear_message(tmp_path):
     assert "unknown config key 'stpes'" in proc.stderr and "steps" in proc.stderr
     proc = _run("--config", str(tmp_path / "nope.yaml"), cwd=tmp_path)
     assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    import importlib
+
+    from omegaconf import OmegaConf
+
+    import run
+
+    module_name, schema = run.JOBS[OmegaConf.load(path).get("job", "distill")]
+    cfg = load_config(getattr(importlib.import_module(module_name), schema), path)
+    assert cfg.name == path.stem
