@@ -75,11 +75,6 @@ class Cameras:
         return self.viewmats.device
 
     @property
-    def camtoworlds(self) -> Tensor:
-        """Camera-to-world matrices, OpenCV convention. ``[B, 4, 4]``."""
-        return torch.linalg.inv(self.viewmats)
-
-    @property
     def centers(self) -> Tensor:
         """Camera centres in world space. ``[B, 3]``."""
         R = self.viewmats[:, :3, :3]
@@ -114,7 +109,7 @@ class Cameras:
         A point at expected depth ``d`` (camera z, as the renderer returns) along pixel ``p`` is
         ``centers + d * ray_directions()[p]``. ``[B, H, W, 3]``.
         """
-        B, H, W = len(self), self.height, self.width
+        H, W = self.height, self.width
         dtype, device = self.viewmats.dtype, self.device
         ys, xs = torch.meshgrid(
             torch.arange(H, dtype=dtype, device=device) + 0.5,

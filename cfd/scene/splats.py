@@ -151,14 +151,6 @@ class Splats(nn.Module):
                 return k
         return None
 
-    def scene_radius(self) -> float:
-        """Radius of the splat centres around their median (for densification thresholds)."""
-        if len(self) == 0:
-            return 1.0
-        means = self.means.detach()
-        center = means.median(dim=0).values
-        return float((means - center).norm(dim=-1).quantile(0.9).clamp(min=1e-6))
-
     # -- I/O ----------------------------------------------------------------------------------
     def save_ply(self, path) -> None:
         from .ply import save_ply
@@ -235,5 +227,3 @@ def from_point_cloud(
         colors=colors.float(),
         sh_degree=sh_degree,
     )
-
-
