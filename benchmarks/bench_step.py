@@ -21,7 +21,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cfd.cameras import sample_orbit_cameras  # noqa: E402
 from cfd.config import load_config  # noqa: E402
 from cfd.renderers import render  # noqa: E402
 from cfd.systems.distill import DistillConfig, Distillation  # noqa: E402
@@ -53,10 +52,7 @@ def main() -> None:
             return time.perf_counter()
 
         t0 = time.perf_counter()
-        cams = sample_orbit_cameras(c.batch_size, c.resolution, c.resolution,
-                                    c.camera.elevation_range, c.camera.azimuth_range,
-                                    c.camera.distance_range, c.camera.fov_range,
-                                    generator=system.generator, device=dev)
+        cams = c.camera.sample(c.batch_size, c.resolution, system.generator, dev)
         out = render(system.splats, cams, c.backend, c.background)
         t0 = mark("render", t0)
         points = cams.centers[:, None, None, :] + out.depth.detach() * cams.ray_directions()

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from guidance.prompts import PromptConfig, PromptProcessor
 
-from ..cameras import fixed_orbit_cameras, sample_orbit_cameras
+from ..cameras import fixed_orbit_cameras
 from ..config import save_config, to_object
 from ..noise import NoiseConfig, make_noise
 from ..renderers import render
@@ -30,7 +30,7 @@ from ..utils.media import save_grid
 from ..utils.runtime import make_run_dir, seed_everything, write_json
 from ..visualize import write_orbit_video
 from .checkpoint import load_checkpoint, save_checkpoint
-from .fit_splats import LearningRates, OrbitConfig
+from .common import LearningRates, OrbitConfig
 from .timesteps import TimestepConfig, TimestepSchedule
 
 log = logging.getLogger(__name__)
@@ -192,11 +192,7 @@ class Distillation:
     # -- one step -------------------------------------------------------------------------------
     def train_step(self) -> dict:
         c = self.cfg
-        cams = sample_orbit_cameras(
-            c.batch_size, c.resolution, c.resolution, c.camera.elevation_range,
-            c.camera.azimuth_range, c.camera.distance_range, c.camera.fov_range,
-            generator=self.generator, device=self.device,
-        )
+        cams = c.camera.sample(c.batch_size, c.resolution, self.generator, self.device)
         out = render(self.splats, cams, c.backend, c.background)
         self.densifier.before_backward(self.splats, self.optimizers, self.step, out.info)
         t = self.schedule(self.step, self.generator)
