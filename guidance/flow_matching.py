@@ -19,18 +19,22 @@ from torch import Tensor
 from .base import Condition
 from .loading import load_pipeline, model_dtype
 from .schedules import FlowMatchingSchedule
-from .stable_diffusion import LatentDiffusersGuidance, _config_from_kwargs, freeze, warn_truncated
+from .stable_diffusion import (
+    LatentDiffusersGuidance,
+    StableDiffusionConfig,
+    _config_from_kwargs,
+    freeze,
+    warn_truncated,
+)
 
 
 @dataclass
-class FlowMatchingConfig:
+class FlowMatchingConfig(StableDiffusionConfig):
+    """The Stable Diffusion options with SD3 defaults, plus the T5 branch."""
+
     model_id: str = "stabilityai/stable-diffusion-3-medium-diffusers"
     guidance_scale: float = 7.0
-    weighting: str = "sigma_over_alpha"
-    half_precision: bool = True
-    # Renders are resized to this square size before the VAE; None or 0 keeps their size.
     resolution: Optional[int] = 1024
-    latent_sampling: str = "sample"
     # Token length of the T5 branch (zeros when the pipeline has no T5 encoder).
     max_sequence_length: int = 77
     # False skips loading the (large) T5 encoder; SD3 then sees zeros in its place.

@@ -19,6 +19,13 @@ import torch
 PIPELINE_INDEX = "model_index.json"
 
 
+def cache_root() -> Path:
+    """Where cfd3d keeps what it computes once (text embeddings, the embedded prior's data):
+    ``$CFD3D_CACHE``, else ``$XDG_CACHE_HOME/cfd3d``, else ``~/.cache/cfd3d``."""
+    return Path(os.environ.get("CFD3D_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "cfd3d"))
+
+
 class ModelWeightsNotFound(FileNotFoundError):
     """The weights of a diffusers model are not on this machine (and will not be downloaded)."""
 

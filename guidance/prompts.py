@@ -21,14 +21,13 @@ import torch
 from torch import Tensor
 
 from .base import Condition, Guidance, select
+from .loading import cache_root
 
 DIRECTIONS = ("front", "side", "back", "overhead")
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("CFD3D_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "cfd3d")
-    return Path(root) / "text_embeddings"
+    return cache_root() / "text_embeddings"
 
 
 @dataclass

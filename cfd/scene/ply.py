@@ -8,13 +8,12 @@ green, then blue. Splat viewers (SuperSplat, the Inria viewer, gsplat's exporter
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..utils.runtime import atomic_write
 from .splats import Splats
 
 
@@ -43,17 +42,7 @@ def save_ply(splats: Splats, path) -> None:
     vertices = np.empty(N, dtype=[(name, "f4") for name in names])
     for i, name in enumerate(names):
         vertices[name] = columns[:, i]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            PlyData([PlyElement.describe(vertices, "vertex")]).write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, PlyData([PlyElement.describe(vertices, "vertex")]).write)
 
 
 def load_ply(path) -> Splats:

@@ -20,6 +20,8 @@ from typing import List, Optional
 import torch
 from tqdm import tqdm
 
+from guidance.loading import cache_root
+
 from ..cameras import sample_orbit_cameras
 from ..renderers import render
 from .world import SHAPE_WORLD, object_splats, prompts, world_fingerprint
@@ -40,14 +42,9 @@ class ShapeDatasetConfig:
     cache_dir: Optional[str] = None
 
 
-def default_cache_root() -> Path:
-    return Path(os.environ.get("CFD3D_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "cfd3d"))
-
-
 def dataset_dir(cfg: ShapeDatasetConfig) -> Path:
     settings = {k: v for k, v in asdict(cfg).items() if k != "cache_dir"}
-    root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_root()
+    root = Path(cfg.cache_dir) if cfg.cache_dir else cache_root()
     return root / "shape_world" / world_fingerprint(**{k: repr(v) for k, v in settings.items()})
 
 

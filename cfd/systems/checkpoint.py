@@ -6,26 +6,18 @@ run killed at any moment leaves either the previous checkpoint or the new one, n
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
 
+from ..utils.runtime import atomic_write
+
 LATEST = "last.pt"
 
 
 def save_checkpoint(ckpt_dir: Path, state: Dict[str, Any]) -> Path:
-    ckpt_dir = Path(ckpt_dir)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    path = ckpt_dir / LATEST
-    tmp = ckpt_dir / f".{LATEST}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    return atomic_write(Path(ckpt_dir) / LATEST, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(ckpt_dir: Path) -> Optional[Dict[str, Any]]:
