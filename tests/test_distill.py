@@ -53,6 +53,25 @@ def test_timestep_schedules():
         TimestepSchedule(TimestepConfig(knots=[[0.2, 0.9], [1, 0.1]]), 10)
 
 
+def test_sparsity_loss_fades_a_background_coloured_floater(tmp_path, cache_dir):
+    """A grey splat on the grey background is invisible to the guidance; only the sparsity term
+    lowers its opacity."""
+    def floater_opacity(lambda_sparsity):
+        cfg = load_config(DistillConfig, CONFIG, small_overrides(
+            tmp_path, cache_dir, steps=10, **{"loss.lambda_sparsity": lambda_sparsity}))
+        system = distill.Distillation(cfg, tmp_path)
+        with torch.no_grad():  # splat 0: grey, far out on the +z axis, seen by every camera
+            system.splats.params["means"][0] = torch.tensor([0.0, 0.0, 0.9])
+            system.splats.params["sh0"][0] = 0.0
+            system.splats.params["opacities"][0] = 0.0
+        for _ in range(10):
+            system.train_step()
+        return torch.sigmoid(system.splats.params["opacities"][0]).item()
+
+    kept, faded = floater_opacity(0.0), floater_opacity(100.0)
+    assert faded < kept - 0.1
+
+
 def test_short_run_writes_everything(tmp_path, cache_dir):
     cfg = load_config(DistillConfig, CONFIG, small_overrides(tmp_path, cache_dir))
     result = distill.run(cfg)
@@ -126,8 +145,8 @@ def test_killed_run_resumes_bitwise(tmp_path, cache_dir):
 def test_nan_gradients_skip_then_stop_with_checkpoint_intact(tmp_path, cache_dir, monkeypatch):
     real_build = distill.build_guidance
 
-    def poisoned(cfg, device):
-        g = real_build(cfg, device)
+    def poisoned(cfg, device, view_config=None):
+        g = real_build(cfg, device, view_config)
         call = g.__call__
 
         class Poisoned(type(g)):

@@ -119,6 +119,21 @@ def test_view_suffix_restricts_to_views_in_that_direction(prior):
     assert (prior.prompt_index[mask] == prior.prompts.index("a mug")).all()
 
 
+def test_run_view_thresholds_label_the_prior_images(dataset):
+    """The prior must split its images where the run's prompt processor splits its cameras."""
+    from cfd.systems.distill import GuidanceConfig, build_guidance
+
+    cfg = GuidanceConfig(dataset=dataset[0])
+    default = build_guidance(cfg, "cpu")
+    low = build_guidance(cfg, "cpu", PromptConfig(overhead_threshold=30.0))
+    assert not (default.direction == 3).any()  # the shape world's cameras stop at 45 degrees
+    overhead = low.direction == 3
+    assert overhead.any() and not overhead.all()
+    mug = low.encode_text(["a mug, overhead view"])
+    mask = low.subset_mask(int(mug["prompt"][0]), int(mug["direction"][0]))
+    assert mask.any() and (low.direction[mask] == 3).all()
+
+
 def test_unknown_prompt_lists_the_known_ones(prior):
     with pytest.raises(ValueError, match=r"unknown prompt 'a dragon'[\s\S]*a mug[\s\S]*a lamp"):
         prior.encode_text(["a dragon"])

@@ -65,7 +65,16 @@ class InitConfig:
 
 @dataclass
 class LossWeights:
+    """Weight of each ``loss_<name>`` term; a term with weight 0 is not computed.
+
+    ``sds``: the guidance's distillation loss. ``sparsity``: mean ``sqrt(alpha^2 + 0.01)`` of the
+    renders (the sparsity term of the official CFD code). It removes splats no view needs: a
+    splat coloured like the background gets no gradient from the guidance and would otherwise
+    stay as a floater.
+    """
+
     lambda_sds: float = 1.0
+    lambda_sparsity: float = 0.0
 
 
 @dataclass
@@ -101,8 +110,10 @@ class DistillConfig:
     video_size: int = 128
 
 
-def build_guidance(cfg: GuidanceConfig, device: torch.device):
-    """The 2D prior a run distils from."""
+def build_guidance(cfg: GuidanceConfig, device: torch.device,
+                   view_config: Optional[PromptConfig] = None):
+    """The 2D prior a run distils from. ``view_config``: the run's prompt settings, whose view
+    thresholds the embedded prior uses to label its images, so both agree on what "side" means."""
     if cfg.kind == "embedded":
         from guidance.embedded import ClosedFormPrior
 
@@ -111,7 +122,8 @@ def build_guidance(cfg: GuidanceConfig, device: torch.device):
         folder = build_shape_dataset(cfg.dataset)
         return ClosedFormPrior.from_pretrained(folder, device=device,
                                                guidance_scale=cfg.guidance_scale,
-                                               weighting=cfg.weighting)
+                                               weighting=cfg.weighting,
+                                               view_config=view_config)
     options = {"guidance_scale": cfg.guidance_scale, "weighting": cfg.weighting,
                "half_precision": cfg.half_precision, "latent_sampling": cfg.latent_sampling}
     options.update({k: v for k, v in (("model_id", cfg.model_id), ("resolution", cfg.resolution))
@@ -138,7 +150,7 @@ class Distillation:
         self.device = torch.device(c.device)
         seed_everything(c.seed)
         self.generator = torch.Generator().manual_seed(c.seed)
-        self.guidance = build_guidance(c.guidance, self.device)
+        self.guidance = build_guidance(c.guidance, self.device, c.prompt_processor)
         self.prompt = PromptProcessor(c.prompt_processor, self.guidance)
         self.latent_shape = self.guidance.latent_shape(c.resolution, c.resolution)
         self.noise = make_noise(c.noise, self.latent_shape[0], self.device, seed=c.seed + 1)
@@ -199,6 +211,8 @@ class Distillation:
         points = cams.centers[:, None, None, :] + out.depth.detach() * cams.ray_directions()
         noise = self.noise(points, out.alpha.detach(), self.latent_shape)
         losses = self.guidance(out.rgb, cams, self.prompt, t, noise)
+        if c.loss.lambda_sparsity > 0:
+            losses["loss_sparsity"] = torch.sqrt(out.alpha ** 2 + 0.01).mean()
         loss = 0.0
         for key, value in losses.items():
             if key.startswith("loss_"):
