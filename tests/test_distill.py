@@ -78,7 +78,7 @@ def test_short_run_writes_everything(tmp_path, cache_dir):
     (run_dir,) = list((tmp_path / "cfd-splats-embedded").iterdir())
     assert run_dir.name.startswith("a_mug@")
     for name in ("config.yaml", "splats.ply", "metrics.json", "metrics.jsonl", "ckpt/last.pt",
-                 "progress_00003.png", "progress_00006.png"):
+                 "progress_00003.png", "progress_00006.png", "vs_truth.png"):
         assert (run_dir / name).is_file(), name
     assert (run_dir / "orbit.mp4").is_file() or (run_dir / "orbit.gif").is_file()
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -304,7 +304,8 @@ def run(cfg, resume_dir: Optional[Path] = None) -> dict:
 
         result.update(evaluate_against_shape_world(system.splats, c.prompt_processor.prompt,
                                                     resolution=c.resolution,
-                                                    background=c.background))
+                                                    background=c.background,
+                                                    comparison_path=run_dir / "vs_truth.png"))
         print(f"held-out PSNR {result['psnr']:.2f} dB, mask IoU {result['mask_iou']:.3f} "
               f"(best: {result['variant']} rotated {result['rotation_deg']:.0f} deg)")
     write_json(run_dir / "metrics.json", result)

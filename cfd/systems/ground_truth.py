@@ -8,12 +8,15 @@ run may settle on any rotation); the best PSNR is reported with its mask IoU.
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import Optional
 
 import torch
 
 from ..cameras import fixed_orbit_cameras, orbit_cameras
 from ..renderers import render
 from ..shapes import object_splats, objects_for
+from ..utils.media import save_grid
 
 
 def psnr(pred: torch.Tensor, target: torch.Tensor) -> float:
@@ -30,8 +33,13 @@ def mask_iou(alpha_pred: torch.Tensor, alpha_target: torch.Tensor, threshold: fl
 @torch.no_grad()
 def evaluate_against_shape_world(splats, prompt: str, n_views: int = 8, resolution: int = 64,
                                  elevation: float = 20.0, distance: float = 2.5, fov: float = 40.0,
-                                 background: float = 1.0, rotation_step: float = 10.0) -> dict:
-    """PSNR and mask IoU of held-out views, best over the prompt's variants and rotations."""
+                                 background: float = 1.0, rotation_step: float = 10.0,
+                                 comparison_path: Optional[Path] = None) -> dict:
+    """PSNR and mask IoU of held-out views, best over the prompt's variants and rotations.
+
+    ``comparison_path``: where to write an image grid of the result's views above the best
+    match's (rgb, then alpha), to see what the numbers measure.
+    """
     cams = fixed_orbit_cameras(n_views, resolution, resolution, elevation, distance, fov,
                                device=splats.device)
     ours = render(splats, cams, background=background)
@@ -46,4 +54,7 @@ def evaluate_against_shape_world(splats, prompt: str, n_views: int = 8, resoluti
             if value > best["psnr"]:
                 best = {"psnr": value, "mask_iou": mask_iou(ours.alpha, gt.alpha),
                         "variant": obj.name, "rotation_deg": float(delta)}
+                best_truth = gt
+    if comparison_path is not None:
+        save_grid([ours.rgb, best_truth.rgb, ours.alpha, best_truth.alpha], comparison_path)
     return best
