@@ -60,7 +60,7 @@ def test_sparsity_loss_fades_a_background_coloured_floater(tmp_path, cache_dir):
         cfg = load_config(DistillConfig, CONFIG, small_overrides(
             tmp_path, cache_dir, steps=10, **{"loss.lambda_sparsity": lambda_sparsity}))
         system = distill.Distillation(cfg, tmp_path)
-        with torch.no_grad():  # splat 0: grey, far out on the +z axis, seen by every camera
+        with torch.no_grad():  # splat 0: grey, just above the object, inside the training views
             system.splats.params["means"][0] = torch.tensor([0.0, 0.0, 0.9])
             system.splats.params["sh0"][0] = 0.0
             system.splats.params["opacities"][0] = 0.0
@@ -145,7 +145,7 @@ def test_killed_run_resumes_bitwise(tmp_path, cache_dir):
 def test_nan_gradients_skip_then_stop_with_checkpoint_intact(tmp_path, cache_dir, monkeypatch):
     real_build = distill.build_guidance
 
-    def poisoned(cfg, device, view_config=None):
+    def poisoned(cfg, device, view_config):
         g = real_build(cfg, device, view_config)
         call = g.__call__
 

@@ -124,7 +124,7 @@ def test_run_view_thresholds_label_the_prior_images(dataset):
     from cfd.systems.distill import GuidanceConfig, build_guidance
 
     cfg = GuidanceConfig(dataset=dataset[0])
-    default = build_guidance(cfg, "cpu")
+    default = build_guidance(cfg, "cpu", PromptConfig())
     low = build_guidance(cfg, "cpu", PromptConfig(overhead_threshold=30.0))
     assert not (default.direction == 3).any()  # the shape world's cameras stop at 45 degrees
     overhead = low.direction == 3

@@ -110,8 +110,7 @@ class DistillConfig:
     video_size: int = 128
 
 
-def build_guidance(cfg: GuidanceConfig, device: torch.device,
-                   view_config: Optional[PromptConfig] = None):
+def build_guidance(cfg: GuidanceConfig, device: torch.device, view_config: PromptConfig):
     """The 2D prior a run distils from. ``view_config``: the run's prompt settings, whose view
     thresholds the embedded prior uses to label its images, so both agree on what "side" means."""
     if cfg.kind == "embedded":
