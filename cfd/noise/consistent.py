@@ -29,8 +29,10 @@ from torch import Tensor
 
 from .sphere_map import MAP_LAYOUTS, sphere_to_square
 
-# Triangles whose texel bounding boxes fit these squares are enumerated as dense blocks.
-_BLOCK_SIZES = (2, 4, 8)
+# Box shapes (columns, rows) in which triangles whose texel bounding boxes fit are enumerated as
+# dense blocks, first fit wins; larger boxes go to a ragged list. Most footprint triangles cover
+# one or two texels, so the narrow shapes keep the evaluated candidates close to the covered ones.
+_BLOCK_SHAPES = ((1, 1), (2, 1), (1, 2), (2, 2), (4, 2), (2, 4), (4, 4))
 
 
 @dataclass
@@ -50,19 +52,33 @@ class NoiseConfig:
     gamma: float = 0.0
 
 
-def _cover(row: Tensor, px: Tensor, py: Tensor):
-    """Whether texel centres lie in a triangle, and the interpolated depth there (inf outside).
+def _barycentric_planes(u: Tensor, v: Tensor, lo: Tensor) -> Tuple[Tensor, Tensor]:
+    """The first two barycentric coordinates of each triangle as planes over texel offsets.
 
-    ``row`` holds (u0, v0, u1, v1, u2, v2, z0, z1, z2) along dim 0, broadcastable to ``px``.
+    Args:
+        u, v: corner coordinates ``[3, K]``; lo: the texel the offsets count from ``[2, K]``.
+    Returns:
+        ``planes [6, K]``: (w0, dw0/dx, dw0/dy, w1, dw1/dx, dw1/dy), so at texel ``lo + (ox, oy)``
+        (its centre) ``w = w_lo + ox * dw/dx + oy * dw/dy``; and the doubled signed area ``[K]``.
     """
-    ax, ay, bx, by, cx, cy, z0, z1, z2 = row
-    qx, qy = px.to(ax.dtype) + 0.5, py.to(ax.dtype) + 0.5
-    area = (bx - ax) * (cy - ay) - (by - ay) * (cx - ax)
-    w0 = ((cx - bx) * (qy - by) - (cy - by) * (qx - bx)) / area
-    w1 = ((ax - cx) * (qy - cy) - (ay - cy) * (qx - cx)) / area
-    w2 = 1 - w0 - w1
-    inside = (w0 >= 0) & (w1 >= 0) & (w2 >= 0) & (area.abs() > 1e-12)
-    return inside, torch.where(inside, w0 * z0 + w1 * z1 + w2 * z2, torch.inf)
+    area = (u[1] - u[0]) * (v[2] - v[0]) - (v[1] - v[0]) * (u[2] - u[0])
+    qx, qy = lo[0] + 0.5, lo[1] + 0.5
+    planes = []
+    for a, b in ((1, 2), (2, 0)):  # w0 is the edge function of edge 1-2, w1 of edge 2-0
+        gx, gy = -(v[b] - v[a]) / area, (u[b] - u[a]) / area
+        planes += [gx * (qx - u[a]) + gy * (qy - v[a]), gx, gy]
+    return torch.stack(planes), area
+
+
+def _cover(planes: Tensor, ox: Tensor, oy: Tensor):
+    """Whether texel centres at offsets ``(ox, oy)`` lie in a triangle, and their barycentrics.
+
+    ``planes`` is from ``_barycentric_planes`` with its rows broadcastable to ``ox``; keep the
+    triangles on the last (contiguous) dim: short broadcast inner dims are slow on CPU.
+    """
+    w0 = planes[0] + ox * planes[1] + oy * planes[2]
+    w1 = planes[3] + ox * planes[4] + oy * planes[5]
+    return (w0 >= 0) & (w1 >= 0) & (w0 + w1 <= 1), w0, w1
 
 
 class IIDNoise:
@@ -102,6 +118,9 @@ class ConsistentNoise:
         self.textures = torch.randn((cfg.n_maps, cfg.n_shells, R * R, channels),
                                     generator=self.generator, device=self.device)
         self.background: Optional[Tensor] = None  # [C,h,w], made on first use
+        layouts = MAP_LAYOUTS[:cfg.n_maps]
+        self._layouts = (torch.tensor([perm for perm, _ in layouts], device=self.device),
+                         torch.tensor([sign for _, sign in layouts], device=self.device))
 
     # -- state ----------------------------------------------------------------------------------
     def refresh(self, gamma: float) -> None:
@@ -153,13 +172,12 @@ class ConsistentNoise:
             raise ValueError(f"render {H}x{W} must be an integer multiple of the latent grid {h}x{w}")
         opacity = opacity.reshape(B, H, W).float()
         corners, corner_opacity = self._corners(points.float(), opacity, H // h)  # [B,h+1,w+1,.]
-        tri_vertices, tri_cells = self._triangles(corners, corner_opacity)
+        triangles, tri_cells = self._triangles(corner_opacity)
         sums = torch.zeros(B * h * w, C, device=self.device)
         counts = torch.zeros(B * h * w, device=self.device)
         if tri_cells.numel():
-            texels, cells, maps, shells = self._rasterise(tri_vertices, tri_cells, B, h * w)
-            values = self.textures[maps, shells, texels]
-            sums.index_add_(0, cells, values)
+            texels, cells = self._rasterise(corners.reshape(-1, 3), triangles, tri_cells, B, h * w)
+            sums.index_add_(0, cells, self.textures.view(-1, C).index_select(0, texels))
             counts.index_add_(0, cells, torch.ones_like(cells, dtype=counts.dtype))
         noise = sums / counts.clamp(min=1).sqrt()[:, None]
         noise = noise.reshape(B, h, w, C).permute(0, 3, 1, 2)
@@ -183,91 +201,113 @@ class ConsistentNoise:
         xs = torch.arange(0, W + 1, stride, device=points.device).clamp(max=W - 1)
         return points[:, ys][:, :, xs], opacity[:, ys][:, :, xs]
 
-    def _triangles(self, corners: Tensor, corner_opacity: Tensor):
+    def _triangles(self, corner_opacity: Tensor):
         """Two triangles per cell over the corner grid; those with all corners opaque.
 
-        Returns vertices ``[T,3,3]`` and the flat cell index ``b*h*w + i*w + j`` of each.
+        Returns the corners of each triangle ``[T,3]`` as indices into the flattened corner grid
+        ``[B*(h+1)*(w+1)]``, and the flat cell index ``b*h*w + i*w + j`` of each.
         """
         B, h1, w1 = corner_opacity.shape
         h, w = h1 - 1, w1 - 1
-        c00, c01 = corners[:, :-1, :-1], corners[:, :-1, 1:]
-        c10, c11 = corners[:, 1:, :-1], corners[:, 1:, 1:]
-        o00, o01 = corner_opacity[:, :-1, :-1], corner_opacity[:, :-1, 1:]
-        o10, o11 = corner_opacity[:, 1:, :-1], corner_opacity[:, 1:, 1:]
-        thr = self.cfg.opacity_threshold
-        verts = torch.stack([torch.stack([c00, c01, c10], -2), torch.stack([c01, c10, c11], -2)], 3)
-        opaque = torch.stack([(o00 > thr) & (o01 > thr) & (o10 > thr),
-                              (o01 > thr) & (o10 > thr) & (o11 > thr)], -1)  # [B,h,w,2]
-        cell = torch.arange(B * h * w, device=corners.device).reshape(B, h, w, 1).expand(B, h, w, 2)
-        return verts[opaque], cell[opaque]
+        ok = corner_opacity > self.cfg.opacity_threshold
+        o00, o01, o10, o11 = ok[:, :-1, :-1], ok[:, :-1, 1:], ok[:, 1:, :-1], ok[:, 1:, 1:]
+        opaque = torch.stack([o00 & o01 & o10, o01 & o10 & o11], -1)  # [B,h,w,2]
+        flat = torch.nonzero(opaque.view(-1))[:, 0]
+        cell, second = flat // 2, flat % 2
+        top_left = cell // (h * w) * (h1 * w1) + cell % (h * w) // w * w1 + cell % w
+        # (00, 01, 10) and (01, 10, 11) as offsets from the cell's top-left corner.
+        offsets = torch.tensor([[0, 1, w1], [1, w1, w1 + 1]], device=ok.device)
+        return top_left[:, None] + offsets.index_select(0, second), cell
 
-    def _rasterise(self, vertices: Tensor, cells: Tensor, n_views: int, cells_per_view: int):
+    def _rasterise(self, points: Tensor, triangles: Tensor, cells: Tensor, n_views: int,
+                   cells_per_view: int):
         """Texels owned by each triangle in every (view, map, shell) pass, after the depth test.
 
-        Returns flat texel index, cell, map and shell per owned texel.
+        Args:
+            points: footprint corners ``[N,3]``; triangles: their corner indices ``[T,3]``;
+            cells: the flat cell of each triangle ``[T]``.
+        Returns:
+            per owned texel, its index into the flattened textures ``[M*S*R*R]`` and its cell.
         """
+        # index_select rather than advanced indexing throughout: several times faster on CPU.
         cfg, R = self.cfg, self.cfg.texture_resolution
-        T, device = vertices.shape[0], vertices.device
-        radius = vertices.mean(1).norm(dim=-1)
-        shell = (radius / cfg.bound * cfg.n_shells).long().clamp(0, cfg.n_shells - 1)
-        # One row per (map, triangle): texel coordinates of the corners and their depths.
-        perms = torch.tensor([MAP_LAYOUTS[m][0] for m in range(cfg.n_maps)], device=device)
-        signs = torch.tensor([MAP_LAYOUTS[m][1] for m in range(cfg.n_maps)], device=device)
-        p = vertices[:, :, perms].permute(2, 0, 1, 3)  # [M,T,3,3]
-        uv = (sphere_to_square(p) + 1) * (0.5 * R)
-        z = signs[:, None, None] * vertices.norm(dim=-1)[None]
-        rows = torch.cat([uv.reshape(-1, 6), z.reshape(-1, 3)], -1)
-        tri = torch.arange(T, device=device).repeat(cfg.n_maps)
-        map_index = torch.arange(cfg.n_maps, device=device).repeat_interleave(T)
-        view_shell = (cells // cells_per_view * cfg.n_maps * cfg.n_shells + shell).repeat(cfg.n_maps)
-        key_base = (view_shell + map_index * cfg.n_shells) * (R * R)
-        meta = torch.stack([tri, map_index, key_base], -1)
-        uv = rows[:, :6].reshape(-1, 3, 2)
-        lo = torch.ceil(uv.min(1).values - 0.5).long().clamp(0, R - 1)
-        hi = torch.floor(uv.max(1).values - 0.5).long().clamp(0, R - 1)
-        span = (hi - lo + 1).clamp(min=0)
-        extent = (uv.max(1).values - uv.min(1).values).max(-1).values
-        span = span * (extent <= cfg.max_triangle_extent * R)[:, None]
-        counts = span[:, 0] * span[:, 1]
+        T, M, device = triangles.shape[0], cfg.n_maps, points.device
+        corner_index = triangles.T.reshape(-1)  # [3*T]; triangles stay on the last dim throughout
+        # Only the corners of opaque triangles (often under half of them) are mapped below.
+        used = torch.zeros(points.shape[0], dtype=torch.bool, device=device)
+        used.index_fill_(0, corner_index, True)
+        points = points.index_select(0, torch.nonzero(used)[:, 0])
+        corner_index = (torch.cumsum(used, 0) - 1).index_select(0, corner_index)
+        N = points.shape[0]
+        centroid = points.index_select(0, corner_index).view(3, T, 3).sum(0) / 3
+        shell = (centroid.norm(dim=-1) / cfg.bound * cfg.n_shells).long().clamp(0, cfg.n_shells - 1)
+        # Corners are shared by up to six triangles: map each corner once, then gather.
+        perms, signs = self._layouts
+        corner_uv = (sphere_to_square(points[:, perms]) + 1) * (0.5 * R)  # [N,M,2]
+        corner_z = signs * points.norm(dim=-1, keepdim=True)  # [N,M]
+        corner_uvz = torch.cat([corner_uv.permute(2, 0, 1), corner_z[None]]).reshape(3, N * M)
+        # One row per (map, triangle), row = map * T + triangle: [3 (u,v,z), 3 corners, M*T].
+        gather = (corner_index.view(3, 1, T) * M + torch.arange(M, device=device).view(1, M, 1))
+        uvz = corner_uvz.index_select(1, gather.reshape(-1)).view(3, 3, M * T)
+        uv_min = torch.minimum(torch.minimum(uvz[:2, 0], uvz[:2, 1]), uvz[:2, 2])  # [2,M*T]
+        uv_max = torch.maximum(torch.maximum(uvz[:2, 0], uvz[:2, 1]), uvz[:2, 2])
+        lo = torch.ceil(uv_min - 0.5).long().clamp(0, R - 1)
+        span = (torch.floor(uv_max - 0.5).long().clamp(0, R - 1) - lo + 1).clamp(min=0)
+        counts = span[0] * span[1]
+        extent = torch.maximum(uv_max[0] - uv_min[0], uv_max[1] - uv_min[1])
+        # Rows that cover no texel centre, and slivers, are dropped before any per-texel work.
+        row = torch.nonzero((counts > 0) & (extent <= cfg.max_triangle_extent * R))[:, 0]
+        uvz = uvz.view(9, M * T).index_select(1, row).view(3, 3, -1)
+        lo, span, counts = lo.index_select(1, row), span.index_select(1, row), counts.index_select(0, row)
+        planes, area = _barycentric_planes(uvz[0], uvz[1], lo)
+        valid = area.abs() > 1e-12
 
         # One candidate per texel centre in each row's bounding box. Small boxes go as dense
-        # blocks (row values broadcast, no per-candidate gathers), grouped by size so little of
-        # each block is wasted; the few large boxes as a ragged list.
+        # blocks [cols*rows, n] (row values broadcast, no per-candidate gathers); the few large
+        # boxes as a ragged list. Each hit keeps its row, texel offset and barycentrics.
         hits = []
-        assigned = counts == 0
-        for size in _BLOCK_SIZES:
-            fits = ~assigned & (span <= size).all(-1)
+        assigned = ~valid
+        for cols, rows in _BLOCK_SHAPES:
+            fits = ~assigned & (span[0] <= cols) & (span[1] <= rows)
             assigned |= fits
             sel = torch.nonzero(fits)[:, 0]
-            offsets = torch.arange(size * size, device=device)
-            ox, oy = offsets % size, offsets // size
-            px, py = lo[sel, 0:1] + ox, lo[sel, 1:2] + oy
-            inside, depth = _cover(rows[sel].T[:, :, None], px, py)
-            hit = torch.nonzero((inside & (ox < span[sel, 0:1]) & (oy < span[sel, 1:2])).reshape(-1))[:, 0]
-            hits.append((sel[hit // (size * size)], (py * R + px).reshape(-1)[hit],
-                         depth.reshape(-1)[hit]))
+            offsets = torch.arange(cols * rows, device=device)[:, None]
+            ox, oy = offsets % cols, offsets // cols  # [cols*rows, 1]
+            inside, w0, w1 = _cover(planes.index_select(1, sel)[:, None], ox, oy)
+            inside &= (ox < span[0].index_select(0, sel)) & (oy < span[1].index_select(0, sel))
+            hit = torch.nonzero(inside.view(-1))[:, 0]
+            block = hit // sel.numel()
+            hits.append((sel.index_select(0, hit % sel.numel()), ox.view(-1).index_select(0, block),
+                         oy.view(-1).index_select(0, block), w0.view(-1).index_select(0, hit),
+                         w1.view(-1).index_select(0, hit)))
         big = torch.nonzero(~assigned)[:, 0]
-        big_owner = torch.repeat_interleave(big, counts[big])
-        local = torch.arange(big_owner.shape[0], device=device) - torch.repeat_interleave(
-            torch.cumsum(counts[big], 0) - counts[big], counts[big])
-        sx = span[big_owner, 0]
-        px, py = lo[big_owner, 0] + local % sx, lo[big_owner, 1] + local // sx
-        inside, depth = _cover(rows[big_owner].T, px, py)
+        big_counts = counts.index_select(0, big)
+        owner = torch.repeat_interleave(big, big_counts)
+        local = torch.arange(owner.shape[0], device=device) - torch.repeat_interleave(
+            torch.cumsum(big_counts, 0) - big_counts, big_counts)
+        cols = span[0].index_select(0, owner)
+        ox, oy = local % cols, local // cols
+        inside, w0, w1 = _cover(planes.index_select(1, owner), ox, oy)
         hit = torch.nonzero(inside)[:, 0]
-        hits.append((big_owner[hit], (py * R + px)[hit], depth[hit]))
-        owner, texel, depth = (torch.cat(parts) for parts in zip(*hits))
-        m = meta[owner]
+        hits.append(tuple(x.index_select(0, hit) for x in (owner, ox, oy, w0, w1)))
+        owner, ox, oy, w0, w1 = (torch.cat(parts) for parts in zip(*hits))
+        owner_lo, (z0, z1, z2) = lo.index_select(1, owner), uvz[2].index_select(1, owner)
+        texel = (owner_lo[1] + oy) * R + owner_lo[0] + ox
+        depth = z2 + w0 * (z0 - z2) + w1 * (z1 - z2)
+        owner_row = row.index_select(0, owner)
+        owner_tri, owner_map = owner_row % T, owner_row // T
+        owner_cell = cells.index_select(0, owner_tri)
+        # Texture index, then one depth-test key per (view, map, shell, texel).
+        texture = (owner_map * cfg.n_shells + shell.index_select(0, owner_tri)) * (R * R) + texel
+        key = owner_cell // cells_per_view * (M * cfg.n_shells * R * R) + texture
 
-        # Depth test per (view, map, shell): each texel goes to the nearest candidate, ties to
-        # the lowest triangle index, so no texel feeds two cells of one view.
-        key = m[:, 2] + texel
-        n_keys = n_views * cfg.n_maps * cfg.n_shells * R * R
+        # Each key goes to the nearest candidate, ties to the lowest triangle index, so no texel
+        # feeds two cells of one view.
+        n_keys = n_views * M * cfg.n_shells * R * R
         zbuf = torch.full((n_keys,), torch.inf, device=device)
         zbuf.scatter_reduce_(0, key, depth, reduce="amin")
-        win = depth == zbuf[key]
+        win = depth == zbuf.index_select(0, key)
         first = torch.full((n_keys,), T, device=device, dtype=torch.long)
-        first.scatter_reduce_(0, key, torch.where(win, m[:, 0], T), reduce="amin")
-        win &= m[:, 0] == first[key]
-        idx = torch.nonzero(win)[:, 0]
-        t = m[idx, 0]
-        return texel[idx], cells[t], m[idx, 1], shell[t]
+        first.scatter_reduce_(0, key, torch.where(win, owner_tri, T), reduce="amin")
+        idx = torch.nonzero(win & (owner_tri == first.index_select(0, key)))[:, 0]
+        return texture.index_select(0, idx), owner_cell.index_select(0, idx)
