@@ -226,10 +226,13 @@ def sample_orbit_cameras(
     fov_range: Sequence[float] = (40.0, 45.0),
     generator: Optional[torch.Generator] = None,
     device: torch.device | str = "cpu",
+    batch_uniform_azimuth: bool = False,
 ) -> Cameras:
     """B random cameras on an orbit, uniform in each range (degrees), reproducible with ``generator``.
 
-    Azimuths are wrapped to [-180, 180).
+    With ``batch_uniform_azimuth`` the azimuth range is cut into B equal strata and camera i is
+    drawn from stratum i, so every batch sees the object from all round. Azimuths are wrapped to
+    [-180, 180).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -241,6 +244,8 @@ def sample_orbit_cameras(
     if lo_hi[2][0] <= 0:
         raise ValueError(f"distance_range must be positive, got {list(distance_range)}")
     u = torch.rand(4, batch_size, generator=generator, dtype=torch.float64)
+    if batch_uniform_azimuth:
+        u[1] = (torch.arange(batch_size, dtype=torch.float64) + u[1]) / batch_size
     el, az, dist, fov = (lo + (hi - lo) * u[i] for i, (lo, hi) in enumerate(lo_hi))
     az = torch.remainder(az + 180.0, 360.0) - 180.0
     return orbit_cameras(

@@ -61,6 +61,22 @@ def test_orbit_sampling_ranges_and_seed():
     assert fov.min() >= 30.0 - 1e-3 and fov.max() <= 50.0 + 1e-3
 
 
+def test_batch_uniform_azimuth_puts_one_camera_in_each_slice():
+    seen = torch.zeros(4, 2)
+    for seed in range(200):
+        plain, cams = (sample_orbit_cameras(4, 8, 8, generator=torch.Generator().manual_seed(seed),
+                                            batch_uniform_azimuth=uniform) for uniform in (False, True))
+        stratum = torch.floor((cams.azimuth + 180.0) / 90.0)
+        assert torch.equal(stratum, torch.arange(4.0))
+        # Only the azimuths change: the other draws are the same as without the option.
+        assert torch.equal(cams.elevation, plain.elevation) and torch.equal(cams.distance, plain.distance)
+        # Each camera still covers its whole slice over seeds.
+        offset = (cams.azimuth + 180.0) - 90.0 * stratum
+        seen[:, 0] = torch.maximum(seen[:, 0], offset)
+        seen[:, 1] = torch.maximum(seen[:, 1], 90.0 - offset)
+    assert (seen > 80.0).all()
+
+
 def test_fixed_orbit_is_evenly_spaced():
     cams = fixed_orbit_cameras(8, 16, 16, elevation_deg=20.0, distance=3.0)
     assert torch.allclose(torch.diff(cams.azimuth), torch.full((7,), 45.0))

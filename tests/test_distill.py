@@ -14,6 +14,7 @@ import torch
 from cfd.config import load_config
 from cfd.scene import Splats
 from cfd.systems import distill
+from cfd.systems.common import loss_weight
 from cfd.systems.distill import DistillConfig
 from cfd.systems.timesteps import TimestepConfig, TimestepSchedule
 
@@ -70,6 +71,16 @@ def test_sparsity_loss_fades_a_background_coloured_floater(tmp_path, cache_dir):
 
     kept, faded = floater_opacity(0.0), floater_opacity(100.0)
     assert faded < kept - 0.1
+
+
+def test_loss_weight_ramps_and_rejects_bad_values(tmp_path, cache_dir):
+    assert loss_weight(3, 10) == 3.0
+    ramp = [100, 1.0, 5.0, 200]  # threestudio's [start_step, start_value, end_value, end_step]
+    assert [loss_weight(ramp, s) for s in (0, 100, 150, 200, 999)] == [1.0, 1.0, 3.0, 5.0, 5.0]
+    cfg = load_config(DistillConfig, CONFIG, small_overrides(
+        tmp_path, cache_dir, **{"loss.lambda_sparsity": [200, 1.0, 5.0, 100]}))
+    with pytest.raises(ValueError, match="loss.lambda_sparsity.*start_step < end_step"):
+        distill.Distillation(cfg, tmp_path)
 
 
 def test_short_run_writes_everything(tmp_path, cache_dir):

@@ -1,13 +1,28 @@
-"""Config pieces every optimisation system shares: learning rates and training-camera ranges."""
+"""Config pieces every optimisation system shares: learning rates, training-camera ranges and
+scheduled loss weights."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import torch
 
 from ..cameras import Cameras, sample_orbit_cameras
+
+
+def loss_weight(value: Any, step: int) -> float:
+    """A ``lambda_*`` weight at ``step``: a number, or threestudio's ramp
+    ``[start_step, start_value, end_value, end_step]`` (start_value up to start_step, linear to
+    end_value at end_step, end_value after)."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    if not (isinstance(value, (list, tuple)) and len(value) == 4
+            and all(isinstance(v, (int, float)) for v in value) and value[0] < value[3]):
+        raise ValueError(f"a loss weight is a number or [start_step, start_value, end_value, "
+                         f"end_step] with start_step < end_step, got {value!r}")
+    start, v0, v1, end = value
+    return float(v0 + (v1 - v0) * min(max((step - start) / (end - start), 0.0), 1.0))
 
 
 @dataclass
@@ -28,10 +43,14 @@ class OrbitConfig:
     azimuth_range: List[float] = field(default_factory=lambda: [-180.0, 180.0])
     distance_range: List[float] = field(default_factory=lambda: [3.0, 3.4])
     fov_range: List[float] = field(default_factory=lambda: [38.0, 42.0])
+    # One camera per equal slice of the azimuth range in every batch (threestudio's option of the
+    # same name): each step then pulls on all sides of the object at once.
+    batch_uniform_azimuth: bool = False
 
     def sample(self, batch: int, resolution: int, generator: Optional[torch.Generator],
                device) -> Cameras:
         """``batch`` square ``resolution`` cameras drawn from these ranges."""
         return sample_orbit_cameras(batch, resolution, resolution, self.elevation_range,
                                     self.azimuth_range, self.distance_range, self.fov_range,
-                                    generator=generator, device=device)
+                                    generator=generator, device=device,
+                                    batch_uniform_azimuth=self.batch_uniform_azimuth)

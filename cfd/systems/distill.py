@@ -13,7 +13,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from tqdm import tqdm
@@ -30,7 +30,7 @@ from ..utils.media import save_grid
 from ..utils.runtime import make_run_dir, seed_everything, write_json
 from ..visualize import write_orbit_video
 from .checkpoint import load_checkpoint, save_checkpoint
-from .common import LearningRates, OrbitConfig
+from .common import LearningRates, OrbitConfig, loss_weight
 from .timesteps import TimestepConfig, TimestepSchedule
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,8 @@ class InitConfig:
 
 @dataclass
 class LossWeights:
-    """Weight of each ``loss_<name>`` term; a term with weight 0 is not computed.
+    """Weight of each ``loss_<name>`` term: a number, or a ramp ``[start_step, start_value,
+    end_value, end_step]`` (see ``loss_weight``); a term whose weight is 0 is not computed.
 
     ``sds``: the guidance's distillation loss. ``sparsity``: mean ``sqrt(alpha^2 + 0.01)`` of the
     renders (the sparsity term of the official CFD code). It removes splats no view needs: a
@@ -73,8 +74,8 @@ class LossWeights:
     stay as a floater.
     """
 
-    lambda_sds: float = 1.0
-    lambda_sparsity: float = 0.0
+    lambda_sds: Any = 1.0
+    lambda_sparsity: Any = 0.0
 
 
 @dataclass
@@ -145,6 +146,11 @@ class Distillation:
     def __init__(self, cfg, run_dir: Path):
         self.cfg: DistillConfig = to_object(cfg)
         c = self.cfg
+        for f in dataclasses.fields(c.loss):
+            try:
+                loss_weight(getattr(c.loss, f.name), 0)
+            except ValueError as err:
+                raise ValueError(f"loss.{f.name}: {err}") from None
         self.run_dir = run_dir
         self.device = torch.device(c.device)
         seed_everything(c.seed)
@@ -210,7 +216,7 @@ class Distillation:
         points = cams.centers[:, None, None, :] + out.depth.detach() * cams.ray_directions()
         noise = self.noise(points, out.alpha.detach(), self.latent_shape)
         losses = self.guidance(out.rgb, cams, self.prompt, t, noise)
-        if c.loss.lambda_sparsity > 0:
+        if loss_weight(c.loss.lambda_sparsity, self.step) > 0:
             losses["loss_sparsity"] = torch.sqrt(out.alpha ** 2 + 0.01).mean()
         loss = 0.0
         for key, value in losses.items():
@@ -219,7 +225,7 @@ class Distillation:
                 if weight is None:
                     raise ValueError(f"guidance returned {key} but the config has no "
                                      f"loss.lambda_{key[5:]}")
-                loss = loss + weight * value
+                loss = loss + loss_weight(weight, self.step) * value
         loss.backward()
         finite = all(torch.isfinite(p.grad).all() for p in self.splats.params.values()
                      if p.grad is not None)
