@@ -53,7 +53,9 @@ def main() -> None:
 
         t0 = time.perf_counter()
         cams = c.camera.sample(c.batch_size, c.resolution, system.generator, dev)
-        out = render(system.splats, cams, c.backend, c.background)
+        background = system.sample_backgrounds(c.batch_size)
+        out = render(system.splats, cams, c.backend,
+                     c.background if background is None else background)
         t0 = mark("render", t0)
         points = cams.centers[:, None, None, :] + out.depth.detach() * cams.ray_directions()
         noise = system.noise(points, out.alpha.detach(), system.latent_shape)
@@ -61,6 +63,8 @@ def main() -> None:
         latents = g.encode(out.rgb)
         t0 = mark("encode", t0)
         cond, uncond = system.prompt(cams.elevation, cams.azimuth)
+        if background is not None:
+            cond, uncond = ({**x, "background": background} for x in (cond, uncond))
         with torch.no_grad():
             x_t = g.schedule.add_noise(latents.detach(), noise, 0.5)
             eps = g.predict_eps(x_t, 0.5, cond, uncond)

@@ -119,7 +119,8 @@ class Guidance(ABC):
         return eps_u + scale * (eps_c - eps_u)
 
     def __call__(self, rgb: Tensor, views, prompt, t: Union[float, Tensor], noise: Tensor,
-                 guidance_scale: Optional[float] = None) -> Dict[str, Tensor]:
+                 guidance_scale: Optional[float] = None,
+                 background: Optional[Tensor] = None) -> Dict[str, Tensor]:
         """Distillation loss for rendered views.
 
         Args:
@@ -127,6 +128,9 @@ class Guidance(ABC):
             views: anything with ``elevation`` and ``azimuth`` ``[B]`` tensors (degrees).
             prompt: a :class:`guidance.prompts.PromptProcessor` for this model.
             t: scalar or ``[B]`` in [0,1]; noise: ``[B, *latent_shape]``.
+            background: ``[B,3]`` colour each render was composited on, handed to the model as
+                ``cond["background"]``: the embedded prior re-composites its images on it;
+                image models, which see the background in the pixels, ignore it.
         """
         latents = self.encode(rgb)
         if noise.shape != latents.shape:
@@ -135,6 +139,8 @@ class Guidance(ABC):
         B = latents.shape[0]
         t = self._batch_t(t, B, latents.device)
         cond, uncond = prompt(views.elevation, views.azimuth)
+        if background is not None:
+            cond, uncond = ({**c, "background": background} for c in (cond, uncond))
         with torch.no_grad():
             x_t = self.schedule.add_noise(latents.detach(), noise, t)
             eps = self.predict_eps(x_t, t, cond, uncond, guidance_scale)

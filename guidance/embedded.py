@@ -9,6 +9,11 @@ images whose camera falls in that direction; the empty prompt is unconditional (
 It memorises: at small t the softmax is one-hot, so it rebuilds only its own objects. It is the
 engine's test bed, not a text-to-3D prior for new prompts.
 
+Backgrounds: with the images' alpha, a condition may carry ``background [B,3]``, the colour each
+render was composited on; every image is then re-composited on that colour,
+``X_i(b) = X_i + (1 - A_i) (b - b_data)``. The distances and the weighted sum are expanded in
+``b`` so no re-composited copy of the data is ever formed.
+
 Numerics: logits are formed in float64 (their spread grows like 1/s^2, so float32 distances are
 not enough near t = 0) and reduced with a streaming log-sum-exp over chunks of images, so the
 temporaries stay bounded by ``chunk_size`` images whatever N is (the data itself is held once,
@@ -40,6 +45,8 @@ class ClosedFormPrior(Guidance):
         prompt_index: ``[N]`` index into ``prompts`` for each image.
         elevation, azimuth: ``[N]`` degrees, the camera of each image (for view conditioning).
         prompts: the prompt texts.
+        alpha: ``[N,H,W,1]`` in [0,1], optional: needed for conditions with a ``background``.
+        data_background: the grey level the images were composited on.
     """
 
     prediction_type = "sample"
@@ -47,7 +54,8 @@ class ClosedFormPrior(Guidance):
     def __init__(self, images: Tensor, prompt_index: Tensor, elevation: Tensor, azimuth: Tensor,
                  prompts: Sequence[str], guidance_scale: float = 1.0,
                  weighting: str = "sigma_over_alpha", device="cpu", chunk_size: int = 1024,
-                 model_id: str = "embedded", view_config: Optional[PromptConfig] = None):
+                 model_id: str = "embedded", view_config: Optional[PromptConfig] = None,
+                 alpha: Optional[Tensor] = None, data_background: float = 0.5):
         super().__init__(guidance_scale, weighting)
         self.device = torch.device(device)
         self.schedule = CosineSchedule()
@@ -61,6 +69,13 @@ class ClosedFormPrior(Guidance):
         chw = images.permute(0, 3, 1, 2).reshape(images.shape[0], -1)
         self.data = (chw.double() * 2 - 1).to(self.device)
         self.sq_norms = (self.data ** 2).sum(-1)
+        self.data_background = data_background
+        self.transparency: Optional[Tensor] = None  # [N, H*W], 1 - alpha
+        if alpha is not None:
+            self.transparency = (1 - alpha.reshape(images.shape[0], -1).double()).to(self.device)
+            channels = self.data.view(images.shape[0], 3, -1)
+            self.data_dot_transparency = (channels * self.transparency[:, None]).sum(-1)  # [N,3]
+            self.transparency_sq = (self.transparency ** 2).sum(-1)
         self.prompt_index = prompt_index.long().to(self.device)
         self.direction = view_directions(elevation, azimuth, view_config or PromptConfig()).to(
             self.device)
@@ -83,7 +98,8 @@ class ClosedFormPrior(Guidance):
         t = load_file(str(folder / "images.safetensors"))
         return cls(t["rgb"].float() / 255.0, t["prompt_index"], t["elevation"], t["azimuth"],
                    meta["prompts"], device=device, model_id=f"embedded:{meta['fingerprint']}",
-                   **kwargs)
+                   alpha=t["alpha"].float() / 255.0,
+                   data_background=float(meta["settings"]["background"]), **kwargs)
 
     # -- Guidance interface -------------------------------------------------------------------
     def latent_shape(self, height: int, width: int) -> Tuple[int, int, int]:
@@ -130,7 +146,8 @@ class ClosedFormPrior(Guidance):
 
     @torch.no_grad()
     def model_output(self, x_t: Tensor, t: Tensor, cond: Condition) -> Tensor:
-        """``x0_hat`` per item, each over its condition's images. ``[B,3,R,R]``."""
+        """``x0_hat`` per item, each over its condition's images (re-composited on the item's
+        ``cond["background"]`` when given). ``[B,3,R,R]``."""
         B = x_t.shape[0]
         flat = x_t.reshape(B, -1).double()
         a = self.schedule.alpha(t).to(flat)[:, None]
@@ -138,19 +155,44 @@ class ClosedFormPrior(Guidance):
         keys = torch.stack([cond["prompt"], cond["direction"]], -1)
         unique, inverse = torch.unique(keys, dim=0, return_inverse=True)
         masks = torch.stack([self.subset_mask(int(p), int(d)) for p, d in unique])[inverse]
+        shift = self._background_shift(cond, B, flat)  # [B,3] or None
+        if shift is not None:
+            # x . X_i(b) gains sum_c shift_c (x_c . T_i); |X_i(b)|^2 gains
+            # 2 shift . (X_i . T_i) + |shift|^2 |T_i|^2 (T_i = 1 - alpha_i, per channel).
+            shifted_x = (flat.view(B, 3, -1) * shift[:, :, None]).sum(1)  # [B, H*W]
+            shift_sq = (shift ** 2).sum(-1, keepdim=True)
         # Streaming softmax over chunks of images; a finite floor keeps empty chunks NaN-free.
         running_max = torch.full((B, 1), -1e300, dtype=flat.dtype, device=flat.device)
         total = torch.zeros_like(running_max)
         acc = torch.zeros_like(flat)
         for start in range(0, self.data.shape[0], self.chunk_size):
-            X = self.data[start : start + self.chunk_size]
+            chunk = slice(start, start + self.chunk_size)
+            X = self.data[chunk]
             # -|x - aX|^2 / 2s^2 up to a per-row constant: (a x.X - a^2 |X|^2 / 2) / s^2
-            logits = (a * (flat @ X.T) - 0.5 * a * a * self.sq_norms[start : start + X.shape[0]]) / s2
-            logits.masked_fill_(~masks[:, start : start + X.shape[0]], -torch.inf)
+            dot, sq = flat @ X.T, self.sq_norms[chunk]
+            if shift is not None:
+                T = self.transparency[chunk]
+                dot = dot + shifted_x @ T.T
+                sq = sq + 2 * shift @ self.data_dot_transparency[chunk].T + shift_sq * self.transparency_sq[chunk]
+            logits = (a * dot - 0.5 * a * a * sq) / s2
+            logits.masked_fill_(~masks[:, chunk], -torch.inf)
             new_max = torch.maximum(running_max, logits.max(-1, keepdim=True).values)
             rescale = torch.exp(running_max - new_max)
             weights = torch.exp(logits - new_max)
             total = total * rescale + weights.sum(-1, keepdim=True)
-            acc = acc * rescale + weights @ X
+            update = weights @ X
+            if shift is not None:
+                update += ((weights @ T)[:, None, :] * shift[:, :, None]).reshape(B, -1)
+            acc = acc * rescale + update
             running_max = new_max
         return (acc / total).to(x_t.dtype).reshape(x_t.shape)
+
+    def _background_shift(self, cond: Condition, batch: int, like: Tensor) -> Optional[Tensor]:
+        """``b - b_data`` in the [-1, 1] data scale per item ``[B,3]``, or None without backgrounds."""
+        if "background" not in cond:
+            return None
+        if self.transparency is None:
+            raise ValueError("renders on other backgrounds need the dataset's alpha: build the "
+                             "prior with alpha= (from_pretrained loads it from the dataset)")
+        background = cond["background"].to(like).reshape(batch, 3)
+        return 2 * (background - self.data_background)

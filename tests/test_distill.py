@@ -54,23 +54,30 @@ def test_timestep_schedules():
         TimestepSchedule(TimestepConfig(knots=[[0.2, 0.9], [1, 0.1]]), 10)
 
 
-def test_sparsity_loss_fades_a_background_coloured_floater(tmp_path, cache_dir):
-    """A grey splat on the grey background is invisible to the guidance; only the sparsity term
-    lowers its opacity."""
-    def floater_opacity(lambda_sparsity):
-        cfg = load_config(DistillConfig, CONFIG, small_overrides(
-            tmp_path, cache_dir, steps=10, **{"loss.lambda_sparsity": lambda_sparsity}))
-        system = distill.Distillation(cfg, tmp_path)
-        with torch.no_grad():  # splat 0: grey, just above the object, inside the training views
-            system.splats.params["means"][0] = torch.tensor([0.0, 0.0, 0.9])
-            system.splats.params["sh0"][0] = 0.0
-            system.splats.params["opacities"][0] = 0.0
-        for _ in range(10):
-            system.train_step()
-        return torch.sigmoid(system.splats.params["opacities"][0]).item()
+def _floater_opacity(tmp_path, cache_dir, **overrides):
+    """Opacity of a grey splat (the background's colour) above the object after 10 steps."""
+    cfg = load_config(DistillConfig, CONFIG, small_overrides(tmp_path, cache_dir, steps=10,
+                                                              **overrides))
+    system = distill.Distillation(cfg, tmp_path)
+    with torch.no_grad():  # splat 0: grey, just above the object, inside the training views
+        system.splats.params["means"][0] = torch.tensor([0.0, 0.0, 0.9])
+        system.splats.params["sh0"][0] = 0.0
+        system.splats.params["opacities"][0] = 0.0
+    for _ in range(10):
+        system.train_step()
+    return torch.sigmoid(system.splats.params["opacities"][0]).item()
 
-    kept, faded = floater_opacity(0.0), floater_opacity(100.0)
-    assert faded < kept - 0.1
+
+def test_background_coloured_floater_fades_by_sparsity_or_random_backgrounds(tmp_path, cache_dir):
+    """A grey splat on the grey background is invisible to the guidance: without help it stays.
+    The sparsity term fades it, and so do random backgrounds, on which the prior sees it."""
+    kept = _floater_opacity(tmp_path, cache_dir, random_background=0.0, **{"loss.lambda_sparsity": 0.0})
+    assert _floater_opacity(tmp_path, cache_dir, random_background=0.0,
+                            **{"loss.lambda_sparsity": 100.0}) < kept - 0.1
+    assert _floater_opacity(tmp_path, cache_dir, random_background=1.0,
+                            **{"loss.lambda_sparsity": 0.0}) < kept - 0.1
+    with pytest.raises(ValueError, match="random_background"):
+        _floater_opacity(tmp_path, cache_dir, random_background=1.5)
 
 
 def test_loss_weight_ramps_and_rejects_bad_values(tmp_path, cache_dir):
@@ -161,8 +168,8 @@ def test_nan_gradients_skip_then_stop_with_checkpoint_intact(tmp_path, cache_dir
         call = g.__call__
 
         class Poisoned(type(g)):
-            def __call__(self, rgb, views, prompt, t, noise, guidance_scale=None):
-                out = call(rgb, views, prompt, t, noise, guidance_scale)
+            def __call__(self, rgb, views, prompt, t, noise, **kwargs):
+                out = call(rgb, views, prompt, t, noise, **kwargs)
                 if distill_step["n"] >= 3:
                     out["loss_sds"] = out["loss_sds"] * float("nan")
                 distill_step["n"] += 1

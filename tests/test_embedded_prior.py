@@ -180,3 +180,29 @@ def test_data_layout_matches_encode():
     # Renders at another size are area-resized to the data's resolution.
     assert p.encode(torch.rand(2, 16, 16, 3)).shape == (2, 3, 8, 8)
     assert p.latent_shape(128, 128) == (3, 8, 8)
+
+
+def test_background_recomposites_the_images_exactly():
+    """A condition's background gives the same denoiser as a prior whose images were composited
+    on that colour in the first place; without alpha it is a clear error."""
+    g = torch.Generator().manual_seed(0)
+    n, r = 12, 8
+    colour, alpha = torch.rand(n, r, r, 3, generator=g), torch.rand(n, r, r, 1, generator=g)
+    labels = dict(prompt_index=torch.arange(n) % 2, elevation=torch.zeros(n),
+                  azimuth=torch.linspace(-180, 150, n), prompts=["a", "b"])
+    on = lambda bg: colour * alpha + bg * (1 - alpha)  # noqa: E731
+    prior = ClosedFormPrior(on(torch.tensor(0.5)), alpha=alpha, data_background=0.5, chunk_size=5,
+                            **labels)
+    background = torch.tensor([[0.9, 0.1, 0.3], [0.5, 0.5, 0.5], [0.0, 1.0, 0.2]])
+    x_t = torch.randn(3, 3, r, r, generator=g)
+    t = torch.tensor([0.3, 0.6, 0.9])
+    cond = prior.encode_text(["a", "b", ""])
+    got = prior.model_output(x_t, t, {**cond, "background": background})
+    for i, bg in enumerate(background):
+        reference = ClosedFormPrior(on(bg), **labels)
+        want = reference.model_output(x_t[i:i + 1], t[i:i + 1], {k: v[i:i + 1] for k, v in cond.items()})
+        assert torch.allclose(got[i:i + 1], want, atol=1e-5)
+    assert not torch.allclose(got[0], prior.model_output(x_t, t, cond)[0], atol=1e-3)
+    with pytest.raises(ValueError, match="alpha"):
+        ClosedFormPrior(on(torch.tensor(0.5)), **labels).model_output(
+            x_t, t, {**cond, "background": background})

@@ -2,9 +2,9 @@
 
 Built once per (world, settings) on first use with a progress bar, then cached under
 ``<cache_dir>/shape_world/<fingerprint>/`` (an atomic rename of a finished folder), so a changed
-world or setting builds a new one. The folder holds ``images.safetensors`` (uint8 RGB on a white
-background, alpha, per-view labels and angles) and ``meta.json`` (prompts, object names, settings):
-the layout ``guidance.embedded.ClosedFormPrior.from_pretrained`` reads.
+world or setting builds a new one. The folder holds ``images.safetensors`` (uint8 RGB on the
+settings' background, grey by default; alpha; per-view labels and angles) and ``meta.json``
+(prompts, object names, settings): the layout ``ClosedFormPrior.from_pretrained`` reads.
 """
 
 from __future__ import annotations

@@ -91,6 +91,10 @@ class DistillConfig:
     resolution: int = 64
     # Must match the embedded prior's dataset background (grey: see ShapeDatasetConfig).
     background: float = 0.5
+    # Chance per view and step of a uniformly random background colour instead (threestudio's
+    # random_aug_prob). Splats coloured like the fixed background are invisible to an image
+    # prior; on a random one they are not. The guidance is told each view's colour.
+    random_background: float = 0.0
     sh_degree: int = 0
     prompt_processor: PromptConfig = field(default_factory=lambda: PromptConfig(prompt="a mug"))
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
@@ -146,6 +150,8 @@ class Distillation:
     def __init__(self, cfg, run_dir: Path):
         self.cfg: DistillConfig = to_object(cfg)
         c = self.cfg
+        if not 0.0 <= c.random_background <= 1.0:
+            raise ValueError(f"random_background is a probability in [0, 1], got {c.random_background}")
         for f in dataclasses.fields(c.loss):
             try:
                 loss_weight(getattr(c.loss, f.name), 0)
@@ -207,15 +213,25 @@ class Distillation:
         self.step, self.bad_steps = state["step"], state["bad_steps"]
 
     # -- one step -------------------------------------------------------------------------------
+    def sample_backgrounds(self, batch: int) -> Optional[torch.Tensor]:
+        """Per-view background colours ``[B,3]`` when ``random_background`` is on, else None."""
+        p = self.cfg.random_background
+        if p <= 0:
+            return None
+        draws = torch.rand(batch, 4, generator=self.generator)
+        fixed = torch.full((batch, 3), float(self.cfg.background))
+        return torch.where(draws[:, :1] < p, draws[:, 1:], fixed).to(self.device)
+
     def train_step(self) -> dict:
         c = self.cfg
         cams = c.camera.sample(c.batch_size, c.resolution, self.generator, self.device)
-        out = render(self.splats, cams, c.backend, c.background)
+        background = self.sample_backgrounds(c.batch_size)
+        out = render(self.splats, cams, c.backend, c.background if background is None else background)
         self.densifier.before_backward(self.splats, self.optimizers, self.step, out.info)
         t = self.schedule(self.step, self.generator)
         points = cams.centers[:, None, None, :] + out.depth.detach() * cams.ray_directions()
         noise = self.noise(points, out.alpha.detach(), self.latent_shape)
-        losses = self.guidance(out.rgb, cams, self.prompt, t, noise)
+        losses = self.guidance(out.rgb, cams, self.prompt, t, noise, background=background)
         if loss_weight(c.loss.lambda_sparsity, self.step) > 0:
             losses["loss_sparsity"] = torch.sqrt(out.alpha ** 2 + 0.01).mean()
         loss = 0.0
