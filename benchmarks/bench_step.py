@@ -22,7 +22,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cfd.config import load_config  # noqa: E402
-from cfd.renderers import render  # noqa: E402
 from cfd.systems.distill import DistillConfig, Distillation  # noqa: E402
 from cfd.utils.runtime import tune_malloc  # noqa: E402
 
@@ -53,18 +52,14 @@ def main() -> None:
 
         t0 = time.perf_counter()
         cams = c.camera.sample(c.batch_size, c.resolution, system.generator, dev)
-        background = system.sample_backgrounds(c.batch_size)
-        out = render(system.splats, cams, c.backend,
-                     c.background if background is None else background)
+        out, background = system.render_views(cams)
         t0 = mark("render", t0)
         points = cams.centers[:, None, None, :] + out.depth.detach() * cams.ray_directions()
         noise = system.noise(points, out.alpha.detach(), system.latent_shape)
         t0 = mark("noise", t0)
         latents = g.encode(out.rgb)
         t0 = mark("encode", t0)
-        cond, uncond = system.prompt(cams.elevation, cams.azimuth)
-        if background is not None:
-            cond, uncond = ({**x, "background": background} for x in (cond, uncond))
+        cond, uncond = g.conditions(system.prompt, cams, background)
         with torch.no_grad():
             x_t = g.schedule.add_noise(latents.detach(), noise, 0.5)
             eps = g.predict_eps(x_t, 0.5, cond, uncond)

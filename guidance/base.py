@@ -118,6 +118,14 @@ class Guidance(ABC):
         eps_c, eps_u = eps.chunk(2)
         return eps_u + scale * (eps_c - eps_u)
 
+    def conditions(self, prompt, views, background: Optional[Tensor] = None
+                   ) -> Tuple[Condition, Condition]:
+        """Conditional and unconditional inputs for views (see ``__call__`` for the arguments)."""
+        cond, uncond = prompt(views.elevation, views.azimuth)
+        if background is not None:
+            cond, uncond = ({**c, "background": background} for c in (cond, uncond))
+        return cond, uncond
+
     def __call__(self, rgb: Tensor, views, prompt, t: Union[float, Tensor], noise: Tensor,
                  guidance_scale: Optional[float] = None,
                  background: Optional[Tensor] = None) -> Dict[str, Tensor]:
@@ -138,9 +146,7 @@ class Guidance(ABC):
                              f"got {tuple(noise.shape)}")
         B = latents.shape[0]
         t = self._batch_t(t, B, latents.device)
-        cond, uncond = prompt(views.elevation, views.azimuth)
-        if background is not None:
-            cond, uncond = ({**c, "background": background} for c in (cond, uncond))
+        cond, uncond = self.conditions(prompt, views, background)
         with torch.no_grad():
             x_t = self.schedule.add_noise(latents.detach(), noise, t)
             eps = self.predict_eps(x_t, t, cond, uncond, guidance_scale)

@@ -173,7 +173,8 @@ class ClosedFormPrior(Guidance):
             if shift is not None:
                 T = self.transparency[chunk]
                 dot = dot + shifted_x @ T.T
-                sq = sq + 2 * shift @ self.data_dot_transparency[chunk].T + shift_sq * self.transparency_sq[chunk]
+                sq = (sq + 2 * shift @ self.data_dot_transparency[chunk].T
+                      + shift_sq * self.transparency_sq[chunk])
             logits = (a * dot - 0.5 * a * a * sq) / s2
             logits.masked_fill_(~masks[:, chunk], -torch.inf)
             new_max = torch.maximum(running_max, logits.max(-1, keepdim=True).values)
@@ -188,11 +189,14 @@ class ClosedFormPrior(Guidance):
         return (acc / total).to(x_t.dtype).reshape(x_t.shape)
 
     def _background_shift(self, cond: Condition, batch: int, like: Tensor) -> Optional[Tensor]:
-        """``b - b_data`` in the [-1, 1] data scale per item ``[B,3]``, or None without backgrounds."""
+        """``b - b_data`` in the [-1, 1] data scale per item ``[B,3]``; None when no item's
+        background differs from the data's (the plain, cheaper path)."""
         if "background" not in cond:
+            return None
+        shift = 2 * (cond["background"].to(like).reshape(batch, 3) - self.data_background)
+        if not shift.any():
             return None
         if self.transparency is None:
             raise ValueError("renders on other backgrounds need the dataset's alpha: build the "
                              "prior with alpha= (from_pretrained loads it from the dataset)")
-        background = cond["background"].to(like).reshape(batch, 3)
-        return 2 * (background - self.data_background)
+        return shift

@@ -213,20 +213,25 @@ class Distillation:
         self.step, self.bad_steps = state["step"], state["bad_steps"]
 
     # -- one step -------------------------------------------------------------------------------
-    def sample_backgrounds(self, batch: int) -> Optional[torch.Tensor]:
-        """Per-view background colours ``[B,3]`` when ``random_background`` is on, else None."""
-        p = self.cfg.random_background
-        if p <= 0:
-            return None
-        draws = torch.rand(batch, 4, generator=self.generator)
-        fixed = torch.full((batch, 3), float(self.cfg.background))
-        return torch.where(draws[:, :1] < p, draws[:, 1:], fixed).to(self.device)
+    def render_views(self, cams):
+        """Render a camera batch on the run's backgrounds.
+
+        Returns the render and the per-view colours ``[B,3]`` the guidance must be told of (None
+        when every view has the fixed ``background``)."""
+        c = self.cfg
+        background = None
+        if c.random_background > 0:
+            draws = torch.rand(len(cams), 4, generator=self.generator)
+            fixed = torch.full((len(cams), 3), float(c.background))
+            background = torch.where(draws[:, :1] < c.random_background, draws[:, 1:], fixed)
+            background = background.to(self.device)
+        out = render(self.splats, cams, c.backend, c.background if background is None else background)
+        return out, background
 
     def train_step(self) -> dict:
         c = self.cfg
         cams = c.camera.sample(c.batch_size, c.resolution, self.generator, self.device)
-        background = self.sample_backgrounds(c.batch_size)
-        out = render(self.splats, cams, c.backend, c.background if background is None else background)
+        out, background = self.render_views(cams)
         self.densifier.before_backward(self.splats, self.optimizers, self.step, out.info)
         t = self.schedule(self.step, self.generator)
         points = cams.centers[:, None, None, :] + out.depth.detach() * cams.ray_directions()
