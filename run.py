@@ -1,6 +1,8 @@
 """Command line.
 
     python run.py --config configs/<name>.yaml key=value ...   run a job (the YAML's ``job`` key)
+    python run.py generate --config configs/trellis-image.yaml image=x.png   the same, naming
+                                                               the job the YAML must hold
     python run.py --resume <run folder>                        continue a killed run exactly
     python run.py prompts                                      prompts the embedded prior knows
 
@@ -17,6 +19,7 @@ from pathlib import Path
 JOBS = {
     "distill": ("cfd.systems.distill", "DistillConfig"),
     "fit-splats": ("cfd.systems.fit_splats", "FitSplatsConfig"),
+    "generate": ("relaxflow.generate", "GenerateConfig"),
 }
 RESUMABLE = {"distill"}
 
@@ -28,6 +31,7 @@ def main(argv=None) -> int:
 
         print("\n".join(prompts()))
         return 0
+    named_job = argv.pop(0) if argv[:1] and argv[0] in JOBS else None
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
@@ -53,6 +57,8 @@ def main(argv=None) -> int:
         job = OmegaConf.load(config_path).get("job", "distill")
         if job not in JOBS:
             raise ConfigError(f"unknown job '{job}' in {config_path}; known jobs: {sorted(JOBS)}")
+        if named_job is not None and job != named_job:
+            raise ConfigError(f"{config_path} is a '{job}' config, not '{named_job}'")
         if args.resume is not None and job not in RESUMABLE:
             raise ConfigError(f"job '{job}' cannot be resumed; resumable jobs: {sorted(RESUMABLE)}")
         module_name, schema_name = JOBS[job]

@@ -27,9 +27,11 @@ def cache_root() -> Path:
 
 
 class ModelWeightsNotFound(FileNotFoundError):
-    """The weights of a diffusers model are not on this machine (and will not be downloaded)."""
+    """The weights of a model are not on this machine (and will not be downloaded). ``option``:
+    the setting that points at them."""
 
-    def __init__(self, model_id: str, searched: str, reason: str = ""):
+    def __init__(self, model_id: str, searched: str, reason: str = "",
+                 option: str = "guidance.model_id"):
         self.model_id = model_id
         self.searched = searched
         lines = [f"model weights for {model_id!r} are not available offline."]
@@ -41,7 +43,7 @@ class ModelWeightsNotFound(FileNotFoundError):
             "    1. on a machine with internet access (after `huggingface-cli login` for gated",
             "       models such as SD3) run",
             f"         huggingface-cli download {model_id} --local-dir <folder>",
-            "       copy <folder> here and pass  guidance.model_id=<folder>  on the command line; or",
+            f"       copy <folder> here and pass  {option}=<folder>  on the command line; or",
             "    2. put the model into the Hugging Face cache here (set HF_HOME, or HF_HUB_CACHE, to",
             "       the cache that holds it).",
         ]
@@ -65,12 +67,16 @@ def _looks_like_path(model_id: str) -> bool:
     return model_id.count("/") > 1 or model_id.endswith("/")
 
 
-def resolve_model_path(model_id: Union[str, os.PathLike], cache_dir: Optional[str] = None) -> Path:
-    """Folder holding the diffusers pipeline ``model_id``, without any network access.
+def resolve_model_path(model_id: Union[str, os.PathLike], cache_dir: Optional[str] = None,
+                       index_file: str = PIPELINE_INDEX, option: str = "guidance.model_id") -> Path:
+    """Folder holding the pipeline ``model_id``, without any network access.
 
     Args:
         model_id: a local folder, or a hub id (``owner/name``) present in the Hugging Face cache.
         cache_dir: hub cache to search (default: the one the environment selects).
+        index_file: the file that marks a complete pipeline folder (diffusers'
+            ``model_index.json``; TRELLIS's ``pipeline.json``).
+        option: the setting named in the error, that points at local weights.
 
     Raises:
         ModelWeightsNotFound: neither a pipeline folder nor a cached snapshot exists.
@@ -79,13 +85,13 @@ def resolve_model_path(model_id: Union[str, os.PathLike], cache_dir: Optional[st
     cache_dir = os.path.expanduser(cache_dir) if cache_dir else hf_cache_dir()
     local = Path(model_id).expanduser()
     if local.is_dir():
-        if (local / PIPELINE_INDEX).is_file():
+        if (local / index_file).is_file():
             return local.resolve()
         raise ModelWeightsNotFound(
             model_id, cache_dir,
-            f"the folder {str(local)!r} exists but has no {PIPELINE_INDEX} (not a diffusers pipeline)")
+            f"the folder {str(local)!r} exists but has no {index_file}", option)
     if local.exists() or _looks_like_path(model_id):
-        raise ModelWeightsNotFound(model_id, cache_dir, f"no folder {str(local)!r}")
+        raise ModelWeightsNotFound(model_id, cache_dir, f"no folder {str(local)!r}", option)
 
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
@@ -94,16 +100,16 @@ def resolve_model_path(model_id: Union[str, os.PathLike], cache_dir: Optional[st
         snapshot = snapshot_download(model_id, cache_dir=cache_dir, local_files_only=True)
     except HFValidationError as err:
         raise ModelWeightsNotFound(model_id, cache_dir,
-                                   f"not a folder here, nor a valid hub id ({err})") from None
+                                   f"not a folder here, nor a valid hub id ({err})", option) from None
     except (LocalEntryNotFoundError, FileNotFoundError, OSError) as err:
-        raise ModelWeightsNotFound(model_id, cache_dir,
-                                   f"no local folder and no cached snapshot ({type(err).__name__})"
-                                   ) from None
+        reason = f"no local folder and no cached snapshot ({type(err).__name__})"
+        raise ModelWeightsNotFound(model_id, cache_dir, reason, option) from None
     snapshot = Path(snapshot)
-    if not (snapshot / PIPELINE_INDEX).is_file():
+    if not (snapshot / index_file).is_file():
         raise ModelWeightsNotFound(
             model_id, cache_dir,
-            f"the cached snapshot {str(snapshot)!r} has no {PIPELINE_INDEX} (incomplete download?)")
+            f"the cached snapshot {str(snapshot)!r} has no {index_file} (incomplete download?)",
+            option)
     return snapshot
 
 

@@ -14,7 +14,7 @@ import torch
 from cfd.config import load_config
 from cfd.scene import Splats
 from cfd.systems import distill
-from cfd.systems.common import loss_weight
+from cfd.systems.common import scheduled
 from cfd.systems.distill import DistillConfig
 from cfd.systems.timesteps import TimestepConfig, TimestepSchedule
 
@@ -80,13 +80,17 @@ def test_background_coloured_floater_fades_by_sparsity_or_random_backgrounds(tmp
         _floater_opacity(tmp_path, cache_dir, random_background=1.5)
 
 
-def test_loss_weight_ramps_and_rejects_bad_values(tmp_path, cache_dir):
-    assert loss_weight(3, 10) == 3.0
+def test_scheduled_values_ramp_and_reject_bad_values(tmp_path, cache_dir):
+    assert scheduled(3, 10) == 3.0
     ramp = [100, 1.0, 5.0, 200]  # threestudio's [start_step, start_value, end_value, end_step]
-    assert [loss_weight(ramp, s) for s in (0, 100, 150, 200, 999)] == [1.0, 1.0, 3.0, 5.0, 5.0]
+    assert [scheduled(ramp, s) for s in (0, 100, 150, 200, 999)] == [1.0, 1.0, 3.0, 5.0, 5.0]
     cfg = load_config(DistillConfig, CONFIG, small_overrides(
         tmp_path, cache_dir, **{"loss.lambda_sparsity": [200, 1.0, 5.0, 100]}))
     with pytest.raises(ValueError, match="loss.lambda_sparsity.*start_step < end_step"):
+        distill.Distillation(cfg, tmp_path)
+    cfg = load_config(DistillConfig, CONFIG, small_overrides(
+        tmp_path, cache_dir, **{"noise.gamma": [10, 0.01]}))
+    with pytest.raises(ValueError, match="noise.gamma.*end_step"):
         distill.Distillation(cfg, tmp_path)
 
 

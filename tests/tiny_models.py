@@ -136,3 +136,26 @@ def build_tiny_sd3(folder: Union[str, Path], seed: int = 0, shift: float = 3.0) 
         text_encoder_3=None, tokenizer_3=None)
     pipe.save_pretrained(str(folder))
     return folder
+
+
+def build_tiny_dinov2(folder: Union[str, Path], seed: int = 0) -> Path:
+    """DINOv2 with registers (4 of them, patch 14, 518 px like the released model), 32 wide."""
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    torch.manual_seed(seed)
+    config = Dinov2WithRegistersConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                       intermediate_size=64, patch_size=14, image_size=518,
+                                       num_register_tokens=4)
+    Dinov2WithRegistersModel(config).save_pretrained(str(folder))
+    return Path(folder)
+
+
+def build_tiny_clip_text(folder: Union[str, Path], seed: int = 0) -> Path:
+    """A CLIP text encoder and its tokenizer, saved together like a hub text-model folder."""
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    tokenizer = make_tokenizer(folder)
+    tokenizer.save_pretrained(str(folder))
+    CLIPTextModel(_clip_config(tokenizer)).save_pretrained(str(folder))
+    return Path(folder)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +37,10 @@ _BLOCK_SHAPES = ((1, 1), (2, 1), (1, 2), (2, 2), (4, 2), (2, 4), (4, 4))
 
 @dataclass
 class NoiseConfig:
-    """``mode``: "consistent" (CFD) or "iid" (fresh noise every call: the SDS baseline)."""
+    """``mode``: "consistent" (CFD) or "iid" (fresh noise every call: the SDS baseline).
+    ``gamma``: the per-step refresh (``refresh``); a number or a ramp ``[start_step, start_value,
+    end_value, end_step]`` that the distillation loop evaluates each step (the official stage 1
+    holds 0.01, then ramps to 1e-4)."""
 
     mode: str = "consistent"
     texture_resolution: int = 256
@@ -49,7 +52,7 @@ class NoiseConfig:
     # Triangles longer than this fraction of the texture side (slivers across a map seam) are
     # left out of that map rather than allowed to claim a long strip of texels.
     max_triangle_extent: float = 0.125
-    gamma: float = 0.0
+    gamma: Any = 0.0
 
 
 def _barycentric_planes(u: Tensor, v: Tensor, lo: Tensor) -> Tuple[Tensor, Tensor]:

@@ -11,15 +11,15 @@ import torch
 from ..cameras import Cameras, sample_orbit_cameras
 
 
-def loss_weight(value: Any, step: int) -> float:
-    """A ``lambda_*`` weight at ``step``: a number, or threestudio's ramp
-    ``[start_step, start_value, end_value, end_step]`` (start_value up to start_step, linear to
-    end_value at end_step, end_value after)."""
+def scheduled(value: Any, step: int) -> float:
+    """A scheduled setting (a ``lambda_*`` weight, the noise's ``gamma``) at ``step``: a number,
+    or threestudio's ramp ``[start_step, start_value, end_value, end_step]`` (start_value up to
+    start_step, linear to end_value at end_step, end_value after)."""
     if isinstance(value, (int, float)):
         return float(value)
     if not (isinstance(value, (list, tuple)) and len(value) == 4
             and all(isinstance(v, (int, float)) for v in value) and value[0] < value[3]):
-        raise ValueError(f"a loss weight is a number or [start_step, start_value, end_value, "
+        raise ValueError(f"a scheduled value is a number or [start_step, start_value, end_value, "
                          f"end_step] with start_step < end_step, got {value!r}")
     start, v0, v1, end = value
     return float(v0 + (v1 - v0) * min(max((step - start) / (end - start), 0.0), 1.0))

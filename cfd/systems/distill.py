@@ -30,7 +30,7 @@ from ..utils.media import save_grid
 from ..utils.runtime import make_run_dir, seed_everything, write_json
 from ..visualize import write_orbit_video
 from .checkpoint import load_checkpoint, save_checkpoint
-from .common import LearningRates, OrbitConfig, loss_weight
+from .common import LearningRates, OrbitConfig, scheduled
 from .timesteps import TimestepConfig, TimestepSchedule
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ class InitConfig:
 @dataclass
 class LossWeights:
     """Weight of each ``loss_<name>`` term: a number, or a ramp ``[start_step, start_value,
-    end_value, end_step]`` (see ``loss_weight``); a term whose weight is 0 is not computed.
+    end_value, end_step]`` (see ``common.scheduled``); a term whose weight is 0 is not computed.
 
     ``sds``: the guidance's distillation loss. ``sparsity``: mean ``sqrt(alpha^2 + 0.01)`` of the
     renders (the sparsity term of the official CFD code). It removes splats no view needs: a
@@ -152,11 +152,12 @@ class Distillation:
         c = self.cfg
         if not 0.0 <= c.random_background <= 1.0:
             raise ValueError(f"random_background is a probability in [0, 1], got {c.random_background}")
-        for f in dataclasses.fields(c.loss):
+        schedules = {f"loss.{f.name}": getattr(c.loss, f.name) for f in dataclasses.fields(c.loss)}
+        for key, value in {**schedules, "noise.gamma": c.noise.gamma}.items():
             try:
-                loss_weight(getattr(c.loss, f.name), 0)
+                scheduled(value, 0)
             except ValueError as err:
-                raise ValueError(f"loss.{f.name}: {err}") from None
+                raise ValueError(f"{key}: {err}") from None
         self.run_dir = run_dir
         self.device = torch.device(c.device)
         seed_everything(c.seed)
@@ -237,7 +238,7 @@ class Distillation:
         points = cams.centers[:, None, None, :] + out.depth.detach() * cams.ray_directions()
         noise = self.noise(points, out.alpha.detach(), self.latent_shape)
         losses = self.guidance(out.rgb, cams, self.prompt, t, noise, background=background)
-        if loss_weight(c.loss.lambda_sparsity, self.step) > 0:
+        if scheduled(c.loss.lambda_sparsity, self.step) > 0:
             losses["loss_sparsity"] = torch.sqrt(out.alpha ** 2 + 0.01).mean()
         loss = 0.0
         for key, value in losses.items():
@@ -246,7 +247,7 @@ class Distillation:
                 if weight is None:
                     raise ValueError(f"guidance returned {key} but the config has no "
                                      f"loss.lambda_{key[5:]}")
-                loss = loss + loss_weight(weight, self.step) * value
+                loss = loss + scheduled(weight, self.step) * value
         loss.backward()
         finite = all(torch.isfinite(p.grad).all() for p in self.splats.params.values()
                      if p.grad is not None)
@@ -259,7 +260,7 @@ class Distillation:
             self.bad_steps += 1
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
-        self.noise.refresh(c.noise.gamma)
+        self.noise.refresh(scheduled(c.noise.gamma, self.step))
         record = {"step": self.step, "t": t, "loss": float(loss.detach()),
                   "grad_norm": float(losses["grad_norm"]), "n_splats": len(self.splats),
                   "skipped": not finite}

@@ -1,0 +1,134 @@
+"""Condition tokens for the generator: images through DINOv2 with registers, text through CLIP.
+
+Image path (TRELLIS's): the object's alpha (the image's own, or a user mask) gives a box
+(alpha > 0.8), a square 1.2 times its longer side around its centre is cut out (transparent
+outside the image), resized to 518 px and premultiplied onto black; ImageNet normalisation;
+all DINOv2 tokens (class, registers, 37 x 37 patches) from the last layer *before* the model's
+final norm, then a layer norm without affine. The negative condition is all zeros.
+
+Text path: CLIP's 77-token last hidden state; the negative is the empty prompt's.
+Both models load offline with ``transformers`` from a local folder or the Hugging Face cache;
+their ids are settings.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from guidance.loading import resolve_model_path
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_SIZE = 518
+
+
+def load_rgba(path: Union[str, os.PathLike], mask: Optional[Union[str, os.PathLike]] = None
+              ) -> np.ndarray:
+    """``[H, W, 4]`` uint8 from an image file, alpha from ``mask`` (white = object) when given."""
+    from PIL import Image, UnidentifiedImageError
+
+    def read(p, mode):
+        try:
+            with Image.open(p) as img:
+                return np.asarray(img.convert(mode))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"image {p} does not exist") from None
+        except UnidentifiedImageError:
+            raise ValueError(f"{p} is not an image file PIL can read") from None
+
+    rgba = read(path, "RGBA").copy()
+    if mask is not None:
+        alpha = read(mask, "L")
+        if alpha.shape != rgba.shape[:2]:
+            raise ValueError(f"mask {mask} is {alpha.shape[1]}x{alpha.shape[0]}, the image "
+                             f"{rgba.shape[1]}x{rgba.shape[0]}: they must match")
+        rgba[..., 3] = alpha
+    return rgba
+
+
+def preprocess_image(rgba: np.ndarray, size: int = IMAGE_SIZE) -> Tensor:
+    """``[H, W, 4]`` uint8 RGBA -> ``[3, size, size]`` float in [0, 1], object centred with a
+    20% margin, premultiplied by alpha (black background)."""
+    from PIL import Image
+
+    if rgba.ndim != 3 or rgba.shape[2] != 4:
+        raise ValueError(f"expected an RGBA image [H, W, 4], got shape {rgba.shape}")
+    alpha = rgba[..., 3]
+    if alpha.min() == 255:
+        raise ValueError("the image has no transparency to tell the object from its "
+                         "background: give an RGBA image or a mask (mask=path.png, white = object)")
+    ys, xs = np.nonzero(alpha > 0.8 * 255)
+    if len(xs) == 0:
+        raise ValueError("no object found: no pixel has alpha above 0.8 (is the mask empty?)")
+    cx, cy = (xs.min() + xs.max()) / 2, (ys.min() + ys.max()) / 2
+    half = 1.2 * max(xs.max() - xs.min(), ys.max() - ys.min()) / 2
+    box = tuple(int(round(v)) for v in (cx - half, cy - half, cx + half, cy + half))
+    crop = Image.fromarray(rgba, "RGBA").crop(box).resize((size, size), Image.LANCZOS)
+    pixels = torch.from_numpy(np.asarray(crop).astype(np.float32) / 255.0)
+    return (pixels[..., :3] * pixels[..., 3:]).permute(2, 0, 1)
+
+
+class ImageConditioner:
+    """DINOv2 with registers (``facebook/dinov2-with-registers-large`` by default)."""
+
+    def __init__(self, model, device: Union[str, torch.device] = "cpu"):
+        self.model = model.to(device).eval()
+        self.device = torch.device(device)
+
+    @classmethod
+    def from_pretrained(cls, model_id: str = "facebook/dinov2-with-registers-large",
+                        device: Union[str, torch.device] = "cpu",
+                        option: str = "image_cond_model") -> "ImageConditioner":
+        from transformers import Dinov2WithRegistersModel
+
+        folder = resolve_model_path(model_id, index_file="config.json", option=option)
+        return cls(Dinov2WithRegistersModel.from_pretrained(folder, local_files_only=True), device)
+
+    @torch.no_grad()
+    def __call__(self, images: Tensor) -> Tensor:
+        """``[B, 3, S, S]`` premultiplied images in [0, 1] -> tokens ``[B, 1 + R + P, C]``."""
+        x = images.to(self.device, torch.float32)
+        mean = x.new_tensor(IMAGENET_MEAN)[:, None, None]
+        std = x.new_tensor(IMAGENET_STD)[:, None, None]
+        out = self.model(pixel_values=(x - mean) / std, output_hidden_states=True)
+        tokens = out.hidden_states[-1]  # the last layer, before the model's final layernorm
+        return F.layer_norm(tokens, tokens.shape[-1:])
+
+    @staticmethod
+    def negative(tokens: Tensor) -> Tensor:
+        return torch.zeros_like(tokens)
+
+
+class TextConditioner:
+    """CLIP text encoder (``openai/clip-vit-large-patch14`` by default)."""
+
+    def __init__(self, model, tokenizer, device: Union[str, torch.device] = "cpu"):
+        self.model = model.to(device).eval()
+        self.tokenizer = tokenizer
+        self.device = torch.device(device)
+
+    @classmethod
+    def from_pretrained(cls, model_id: str = "openai/clip-vit-large-patch14",
+                        device: Union[str, torch.device] = "cpu",
+                        option: str = "text_cond_model") -> "TextConditioner":
+        from transformers import AutoTokenizer, CLIPTextModel
+
+        folder = resolve_model_path(model_id, index_file="config.json", option=option)
+        return cls(CLIPTextModel.from_pretrained(folder, local_files_only=True),
+                   AutoTokenizer.from_pretrained(folder, local_files_only=True), device)
+
+    @torch.no_grad()
+    def __call__(self, texts: Sequence[str]) -> Tensor:
+        """Prompts -> ``[B, 77, C]`` last hidden states."""
+        ids = self.tokenizer(list(texts), max_length=77, padding="max_length", truncation=True,
+                             return_tensors="pt").input_ids.to(self.device)
+        return self.model(input_ids=ids).last_hidden_state
+
+    def negative(self, tokens: Tensor) -> Tensor:
+        return self([""]).expand_as(tokens)

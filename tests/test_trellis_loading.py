@@ -1,0 +1,213 @@
+"""TRELLIS pipeline folders: tiny models saved in the released layout, loaded strictly, offline,
+and run through stage 1 on CPU."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from guidance.loading import ModelWeightsNotFound
+from relaxflow.loading import load_model, read_pipeline, save_model
+from relaxflow.models import build
+from relaxflow.stages import decode_splats, sample_latent, sample_structure
+
+FLOW = dict(resolution=4, in_channels=2, model_channels=32, cond_channels=32, out_channels=2,
+            num_blocks=2, num_heads=2, patch_size=1, qk_rms_norm=True, use_fp16=True)
+DECODER = dict(out_channels=1, latent_channels=2, num_res_blocks=1, channels=[16, 8],
+               num_res_blocks_middle=1, use_fp16=True)
+SLAT_FLOW = dict(resolution=8, in_channels=4, model_channels=32, cond_channels=32,
+                 out_channels=4, num_blocks=2, num_heads=2, patch_size=2, num_io_res_blocks=2,
+                 io_block_channels=[8], qk_rms_norm=True, use_fp16=True)
+GS_DECODER = dict(resolution=8, model_channels=24, latent_channels=4, num_blocks=2, num_heads=2,
+                  window_size=4, use_fp16=True, representation_config={
+                      "lr": {"_xyz": 1.0, "_features_dc": 1.0, "_opacity": 1.0,
+                             "_scaling": 1.0, "_rotation": 0.1},
+                      "perturb_offset": True, "voxel_size": 1.5, "num_gaussians": 4,
+                      "3d_filter_kernel_size": 9e-4, "scaling_bias": 4e-3, "opacity_bias": 0.1,
+                      "scaling_activation": "softplus"})
+SAMPLER = {"name": "FlowEulerGuidanceIntervalSampler", "args": {"sigma_min": 1e-5},
+           "params": {"steps": 3, "cfg_strength": 5.0, "cfg_interval": [0.5, 1.0],
+                      "rescale_t": 3.0}}
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trellis-tiny")
+    torch.manual_seed(0)
+    save_model(build("SparseStructureFlowModel", FLOW), "SparseStructureFlowModel", FLOW, root,
+               "ckpts/ss_flow_tiny")
+    save_model(build("SparseStructureDecoder", DECODER), "SparseStructureDecoder", DECODER, root,
+               "ckpts/ss_dec_tiny")
+    save_model(build("SLatFlowModel", SLAT_FLOW), "ElasticSLatFlowModel", SLAT_FLOW, root,
+               "ckpts/slat_flow_tiny")
+    save_model(build("SLatGaussianDecoder", GS_DECODER), "SLatGaussianDecoder", GS_DECODER, root,
+               "ckpts/slat_dec_gs_tiny")
+    (root / "pipeline.json").write_text(json.dumps({
+        "name": "TrellisImageTo3DPipeline",
+        "args": {"models": {"sparse_structure_flow_model": "ckpts/ss_flow_tiny",
+                            "sparse_structure_decoder": "ckpts/ss_dec_tiny",
+                            "slat_flow_model": "ckpts/slat_flow_tiny",
+                            "slat_decoder_gs": "ckpts/slat_dec_gs_tiny"},
+                 "slat_normalization": {"mean": [0.5, 0.0, -0.5, 1.0],
+                                        "std": [2.0, 1.0, 1.0, 0.5]},
+                 "sparse_structure_sampler": SAMPLER, "slat_sampler": SAMPLER,
+                 "image_cond_model": "dinov2_vitl14_reg"}}))
+    return root
+
+
+def test_pipeline_json_gives_models_and_samplers(pipeline_dir):
+    spec = read_pipeline(pipeline_dir)
+    assert spec.name == "TrellisImageTo3DPipeline" and spec.cond_model == "dinov2_vitl14_reg"
+    sampler = spec.samplers["sparse_structure_sampler"]
+    assert (sampler.steps, sampler.cfg_strength, sampler.cfg_interval, sampler.rescale_t) == (
+        3, 5.0, (0.5, 1.0), 3.0)
+
+
+def test_loaded_model_equals_the_saved_one(pipeline_dir):
+    torch.manual_seed(0)
+    saved = build("SparseStructureFlowModel", FLOW)  # same seed, same weights as the fixture
+    loaded = load_model(pipeline_dir, "ckpts/ss_flow_tiny")
+    assert all(p.device.type == "cpu" and p.dtype == torch.float32 for p in loaded.parameters())
+    assert all(torch.equal(v, saved.state_dict()[k]) for k, v in loaded.state_dict().items())
+    x, t, cond = torch.randn(1, 2, 4, 4, 4), torch.tensor([500.0]), torch.randn(1, 3, 32)
+    assert torch.allclose(loaded(x, t, cond), saved(x, t, cond), atol=1e-6)
+
+
+def test_key_mismatch_is_reported_by_name(pipeline_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(pipeline_dir, broken)
+    weights = broken / "ckpts" / "ss_flow_tiny.safetensors"
+    state = load_file(str(weights))
+    state["blocks.0.extra.weight"] = state.pop("blocks.1.mlp.mlp.0.weight")
+    save_file(state, str(weights))
+    with pytest.raises(ValueError, match=r"missing keys 1: blocks\.1\.mlp\.mlp\.0\.weight; "
+                                         r"unexpected keys 1: blocks\.0\.extra\.weight"):
+        load_model(broken, "ckpts/ss_flow_tiny")
+
+
+def test_absent_weights_say_how_to_provide_them(pipeline_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    with pytest.raises(ModelWeightsNotFound, match="huggingface-cli download"):
+        read_pipeline("microsoft/TRELLIS-image-large")
+    partial = tmp_path / "partial"
+    shutil.copytree(pipeline_dir, partial)
+    (partial / "ckpts" / "ss_dec_tiny.safetensors").unlink()
+    with pytest.raises(ModelWeightsNotFound, match="ss_dec_tiny.safetensors are missing"):
+        load_model(partial, "ckpts/ss_dec_tiny")
+
+
+def test_stage1_samples_a_seeded_structure(pipeline_dir):
+    spec = read_pipeline(pipeline_dir)
+    flow = load_model(spec.root, spec.models["sparse_structure_flow_model"])
+    decoder = load_model(spec.root, spec.models["sparse_structure_decoder"])
+    cond = torch.randn(2, 5, 32)
+    runs = [sample_structure(flow, decoder, spec.samplers["sparse_structure_sampler"], cond,
+                             torch.zeros_like(cond), torch.Generator().manual_seed(7))
+            for _ in range(2)]
+    (latent, coords), (latent2, coords2) = runs
+    assert latent.shape == (2, 2, 4, 4, 4) and torch.equal(latent, latent2)
+    assert coords.dtype == torch.int32 and coords.shape[1] == 4 and torch.equal(coords, coords2)
+    assert coords[:, 1:].min() >= 0 and coords[:, 1:].max() < 8
+
+
+@pytest.mark.gpu
+def test_cuda_loading_runs_the_torso_in_float16(pipeline_dir):
+    cpu = load_model(pipeline_dir, "ckpts/ss_flow_tiny")
+    cuda = load_model(pipeline_dir, "ckpts/ss_flow_tiny", device="cuda")
+    assert cuda.blocks[0].mlp.mlp[0].weight.dtype == torch.float16
+    assert cuda.blocks[0].norm2.weight.dtype == torch.float32
+    x, t, cond = torch.randn(1, 2, 4, 4, 4), torch.tensor([500.0]), torch.randn(1, 3, 32)
+    expected = cpu(x, t, cond)
+    got = cuda(x.cuda(), t.cuda(), cond.cuda()).cpu()
+    assert (got - expected).abs().max() < 1e-2 * expected.abs().max()
+
+
+def test_two_stages_turn_conditions_into_splats(pipeline_dir):
+    """The whole generator on tiny random models: structure, latent, splats, seeded."""
+    spec = read_pipeline(pipeline_dir)
+    models = {key: load_model(spec.root, ref) for key, ref in spec.models.items()}
+    cond = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(3))
+
+    def generate(seed):
+        g = torch.Generator().manual_seed(seed)
+        _, coords = sample_structure(models["sparse_structure_flow_model"],
+                                     models["sparse_structure_decoder"],
+                                     spec.samplers["sparse_structure_sampler"], cond,
+                                     torch.zeros_like(cond), g)
+        latent = sample_latent(models["slat_flow_model"], spec.samplers["slat_sampler"], coords,
+                               cond, torch.zeros_like(cond), spec.slat_normalization, g)
+        return coords, decode_splats(models["slat_decoder_gs"], latent)
+
+    coords, splats = generate(0)
+    assert len(splats) == 2
+    for b, item in enumerate(splats):
+        assert len(item) == 4 * int((coords[:, 0] == b).sum())
+        assert item.params["means"].abs().max() <= 0.5 + 0.75 / 8
+    again = generate(0)[1]
+    assert all(torch.equal(a.params["means"], b.params["means"]) for a, b in zip(splats, again))
+
+
+def test_empty_structure_is_a_clear_error(pipeline_dir):
+    spec = read_pipeline(pipeline_dir)
+    flow = load_model(spec.root, spec.models["slat_flow_model"])
+    coords = torch.tensor([[0, 1, 1, 1]], dtype=torch.int32)  # item 1 has no voxel
+    cond = torch.randn(2, 5, 32)
+    with pytest.raises(ValueError, match=r"without occupied voxels \(voxels per item: \[1, 0\]"):
+        sample_latent(flow, spec.samplers["slat_sampler"], coords, cond, torch.zeros_like(cond))
+
+
+@pytest.mark.parametrize("variant", ["image", "text"])
+def test_generate_job_writes_splats_video_and_occupancy(pipeline_dir, tmp_path, variant):
+    import numpy as np
+    from PIL import Image
+
+    import run
+    from tests.tiny_models import build_tiny_clip_text, build_tiny_dinov2
+
+    if variant == "image":
+        rgba = np.zeros((64, 64, 4), dtype=np.uint8)
+        rgba[16:48, 20:44] = (200, 50, 50, 255)
+        Image.fromarray(rgba).save(tmp_path / "object.png")
+        inputs = [f"image={tmp_path / 'object.png'}",
+                  f"image_cond_model={build_tiny_dinov2(tmp_path / 'dinov2')}"]
+    else:
+        inputs = ["prompt=a red chair",
+                  f"text_cond_model={build_tiny_clip_text(tmp_path / 'clip')}"]
+    code = run.main(["generate", "--config", f"configs/trellis-{variant}.yaml",
+                     f"model={pipeline_dir}", f"output_dir={tmp_path / 'out'}", "video_frames=2",
+                     "video_size=32", "sparse_structure_sampler.steps=2", "slat_sampler.steps=2",
+                     *inputs])
+    assert code == 0
+    (run_dir,) = (tmp_path / "out" / f"trellis-{variant}").iterdir()
+    for name in ("config.yaml", "splats.ply", "occupancy.npz", "occupancy.png", "metrics.json"):
+        assert (run_dir / name).is_file(), name
+    assert any(run_dir.glob("orbit.*"))
+    occupancy = np.load(run_dir / "occupancy.npz")
+    assert occupancy["resolution"] == 8 and occupancy["coords"].shape[1] == 3
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["splats"] == 4 * metrics["voxels"] > 0
+
+
+def test_generate_rejects_bad_inputs_with_clear_errors(pipeline_dir, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    import run
+
+    args = ["generate", "--config", "configs/trellis-image.yaml", f"model={pipeline_dir}",
+            f"output_dir={tmp_path}", f"image_cond_model={tmp_path / 'no-model'}"]
+    assert run.main([*args, f"image={tmp_path / 'nothing.png'}"]) == 2
+    assert "nothing.png does not exist" in capsys.readouterr().err
+    Image.fromarray(np.zeros((8, 8, 4), dtype=np.uint8) + 255).save(tmp_path / "object.png")
+    assert run.main([*args, "image=" + str(tmp_path / "object.png")]) == 2
+    assert "no transparency" in capsys.readouterr().err
+    rgba = np.zeros((8, 8, 4), dtype=np.uint8)
+    rgba[2:6, 2:6] = 255
+    Image.fromarray(rgba).save(tmp_path / "object.png")
+    assert run.main([*args, "image=" + str(tmp_path / "object.png")]) == 2
+    assert "image_cond_model=<folder>" in capsys.readouterr().err
+    assert run.main(["generate", "--config", "configs/cfd-splats-embedded.yaml"]) == 2
+    assert "is a 'distill' config, not 'generate'" in capsys.readouterr().err
