@@ -20,6 +20,7 @@ JOBS = {
     "distill": ("cfd.systems.distill", "DistillConfig"),
     "fit-splats": ("cfd.systems.fit_splats", "FitSplatsConfig"),
     "generate": ("relaxflow.generate", "GenerateConfig"),
+    "relaxflow": ("relaxflow.complete", "RelaxFlowConfig"),
 }
 RESUMABLE = {"distill"}
 

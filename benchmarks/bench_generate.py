@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from relaxflow.models import build  # noqa: E402
 from relaxflow.sampler import FlowEulerSampler  # noqa: E402
-from relaxflow.stages import decode_splats, sample_latent, sample_structure  # noqa: E402
+from relaxflow.stages import decode_splats, guided, sample_latent, sample_structure  # noqa: E402
 
 REP = {"lr": {"_xyz": 1.0, "_features_dc": 1.0, "_opacity": 1.0, "_scaling": 1.0,
               "_rotation": 0.1}, "perturb_offset": True, "voxel_size": 1.5, "num_gaussians": 32,
@@ -115,13 +115,13 @@ def main() -> None:
     def structure():
         flow = random_model("SparseStructureFlowModel", sizes["ss_flow"], device, dtype)
         decoder = random_model("SparseStructureDecoder", sizes["ss_dec"], device, dtype)
-        return timed("structure (flow + decoder)",
-                     lambda: sample_structure(flow, decoder, sampler, cond, neg, g)[1])
+        return timed("structure (flow + decoder)", lambda: sample_structure(
+            flow, decoder, guided(sampler, cond, neg), 1, g, device)[1])
 
     def latent(shell):
         flow = random_model("SLatFlowModel", sizes["slat_flow"], device, dtype)
         return timed(f"latent ({len(shell)} voxels)",
-                     lambda: sample_latent(flow, sampler, shell, cond, neg, None, g))
+                     lambda: sample_latent(flow, guided(sampler, cond, neg), shell, 1, None, g))
 
     def gaussians(slat):
         decoder = random_model("SLatGaussianDecoder", sizes["gs_dec"], device, dtype)

@@ -54,7 +54,8 @@ class GenerateConfig:
     video_size: int = 256
 
 
-def _device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
+    """``auto``: CUDA when present, else the CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -89,10 +90,10 @@ def run(cfg) -> Dict[str, Any]:
     from cfd.visualize import write_orbit_video
 
     from .loading import load_model, read_pipeline
-    from .stages import decode_splats, sample_latent, sample_structure
+    from .stages import decode_splats, group_by_item, guided, sample_latent, sample_structure
 
     c: GenerateConfig = to_object(cfg)
-    device = _device(c.device)
+    device = resolve_device(c.device)
     spec = read_pipeline(c.model)
     for key in ("sparse_structure_flow_model", "sparse_structure_decoder", "slat_flow_model",
                 "slat_decoder_gs"):
@@ -117,17 +118,18 @@ def run(cfg) -> Dict[str, Any]:
     def structure():
         flow = load_model(spec.root, spec.models["sparse_structure_flow_model"], device)
         decoder = load_model(spec.root, spec.models["sparse_structure_decoder"], device)
-        coords = sample_structure(flow, decoder, _sampler(spec, "sparse_structure_sampler",
-                                                          c.sparse_structure_sampler),
-                                  cond, neg_cond, generator, progress=True)[1]
-        return coords, flow.resolution * decoder.upsample_factor
+        sampler = _sampler(spec, "sparse_structure_sampler", c.sparse_structure_sampler)
+        coords = sample_structure(flow, decoder, guided(sampler, cond, neg_cond, progress=True),
+                                  1, generator, device)[1]
+        return group_by_item(coords, 1), flow.resolution * decoder.upsample_factor
 
     coords, grid_resolution = stage("structure", structure)
 
     def latent():
         flow = load_model(spec.root, spec.models["slat_flow_model"], device)
-        return sample_latent(flow, _sampler(spec, "slat_sampler", c.slat_sampler), coords, cond,
-                             neg_cond, spec.slat_normalization, generator, progress=True)
+        sampler = _sampler(spec, "slat_sampler", c.slat_sampler)
+        return sample_latent(flow, guided(sampler, cond, neg_cond, progress=True), coords, 1,
+                             spec.slat_normalization, generator)
 
     slat = stage("latent", latent)
     (splats,) = stage("decode", lambda: decode_splats(
@@ -136,7 +138,7 @@ def run(cfg) -> Dict[str, Any]:
     splats.save_ply(run_dir / "splats.ply")
     voxels = coords[:, 1:].cpu().numpy().astype(np.int16)
     np.savez_compressed(run_dir / "occupancy.npz", coords=voxels, resolution=grid_resolution)
-    _save_occupancy_views(voxels, run_dir / "occupancy.png", grid_resolution)
+    save_voxel_views(voxels, run_dir / "occupancy.png", grid_resolution)
     write_orbit_video(splats, run_dir / "orbit.mp4", n_frames=c.video_frames, size=c.video_size,
                       distance=2.0, background=1.0)
     metrics = {**timings, "voxels": len(voxels), "splats": len(splats), "device": str(device)}
@@ -146,12 +148,14 @@ def run(cfg) -> Dict[str, Any]:
     return metrics
 
 
-def _save_occupancy_views(voxels: np.ndarray, path: Path, resolution: int) -> None:
-    """Three axis-aligned silhouettes of the voxels, side by side."""
+def save_voxel_views(voxels: np.ndarray, path: Path, resolution: int,
+                     values: Optional[np.ndarray] = None) -> None:
+    """Three axis-aligned projections of voxels ``[N, 3]`` side by side: occupancy, or the
+    maximum of per-voxel ``values`` in [0, 1] along each axis."""
     from cfd.utils.media import save_image
 
-    grid = np.zeros((resolution,) * 3, dtype=bool)
-    grid[tuple(voxels.T)] = True
-    views = [grid.any(axis=a).astype(np.float32) for a in (0, 1, 2)]
+    grid = np.zeros((resolution,) * 3, dtype=np.float32)
+    grid[tuple(voxels.T)] = 1.0 if values is None else values
+    views = [grid.max(axis=a) for a in (0, 1, 2)]
     image = torch.from_numpy(np.concatenate(views, axis=1))[..., None].expand(-1, -1, 3)
     save_image(image, path)

@@ -8,7 +8,7 @@ on every device.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -19,61 +19,71 @@ from .models.sparse import SparseTensor
 from .sampler import FlowEulerSampler
 
 
-@torch.no_grad()
-def sample_structure(flow_model: nn.Module, decoder: nn.Module, sampler: FlowEulerSampler,
-                     cond: Tensor, neg_cond: Tensor, generator: Optional[torch.Generator] = None,
-                     progress: bool = False) -> Tuple[Tensor, Tensor]:
-    """Occupied voxels for a batch of conditions.
+# (model, initial noise) -> sample: a configured sampler with its conditions bound, e.g.
+# ``guided(FlowEulerSampler(...), cond, neg_cond)`` or a RelaxFlow sampler with both branches.
+Integrator = Callable[[Callable, Tensor], Tensor]
 
-    Args:
-        cond, neg_cond: condition tokens ``[B, S, cond_channels]`` (TRELLIS: DINOv2 tokens and
-            zeros, or CLIP tokens and the empty prompt's).
+
+def guided(sampler: FlowEulerSampler, cond: Tensor, neg_cond: Tensor,
+           progress: bool = False) -> Integrator:
+    """Plain TRELLIS sampling of conditions ``[B, S, C]`` against their negatives."""
+    return lambda model, noise: sampler.sample(model, noise, cond, neg_cond, progress=progress)
+
+
+@torch.no_grad()
+def sample_structure(flow_model: nn.Module, decoder: nn.Module, integrate: Integrator,
+                     batch_size: int, generator: Optional[torch.Generator] = None,
+                     device: Union[str, torch.device] = "cpu") -> Tuple[Tensor, Tensor]:
+    """Occupied voxels for ``batch_size`` items.
+
     Returns:
         ``latent [B, C, R, R, R]`` and ``coords [N, 4]`` int32 rows ``(batch, x, y, z)`` of the
         decoded grid's voxels with logit > 0.
     """
-    shape = (cond.shape[0], flow_model.in_channels) + (flow_model.resolution,) * 3
-    noise = torch.randn(shape, generator=generator).to(cond.device)
-    latent = sampler.sample(flow_model, noise, cond, neg_cond, progress=progress)
+    shape = (batch_size, flow_model.in_channels) + (flow_model.resolution,) * 3
+    latent = integrate(flow_model, torch.randn(shape, generator=generator).to(device))
     coords = torch.argwhere(decoder(latent) > 0)[:, [0, 2, 3, 4]].int()
     return latent, coords
 
 
-def _sparse_velocity(model: nn.Module, coords: Tensor, batch_size: int):
+def sparse_velocity(model: nn.Module, coords: Tensor, batch_size: int) -> Callable:
     """The stage-2 model as a :data:`~relaxflow.sampler.VelocityModel` over voxel features;
-    doubled guidance batches repeat the voxels as items ``B..2B-1``."""
+    guidance and branch batches repeat the voxels as items ``B..2B-1``, ``2B..3B-1``, ...;
+    keyword arguments (``cond_mask``, ``relaxation``) go to the model."""
 
-    def velocity(feats: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+    def velocity(feats: Tensor, t: Tensor, cond: Tensor, **kwargs) -> Tensor:
         copies = feats.shape[0] // len(coords)
         tiled = coords.repeat(copies, 1)
         tiled[:, 0] += torch.arange(copies, device=coords.device,
                                     dtype=coords.dtype).repeat_interleave(len(coords)) * batch_size
-        return model(SparseTensor(feats, tiled), t, cond).feats
+        return model(SparseTensor(feats, tiled), t, cond, **kwargs).feats
 
     return velocity
 
 
-@torch.no_grad()
-def sample_latent(flow_model: nn.Module, sampler: FlowEulerSampler, coords: Tensor,
-                  cond: Tensor, neg_cond: Tensor,
-                  normalization: Optional[Dict[str, Sequence[float]]] = None,
-                  generator: Optional[torch.Generator] = None,
-                  progress: bool = False) -> SparseTensor:
-    """The structured latent on ``coords [N, 4]`` (stage 1's output, grouped by item), undone
-    from the training normalisation ``{"mean": [C], "std": [C]}`` when given."""
-    counts = torch.bincount(coords[:, 0].long(), minlength=cond.shape[0])
-    if len(counts) != cond.shape[0] or (counts == 0).any():
+def group_by_item(coords: Tensor, batch_size: int) -> Tensor:
+    """``coords [N, 4]`` sorted by item; every item must have a voxel."""
+    counts = torch.bincount(coords[:, 0].long(), minlength=batch_size)
+    if len(counts) != batch_size or (counts == 0).any():
         raise ValueError(f"stage 1 left items without occupied voxels (voxels per item: "
-                         f"{counts.tolist()}, conditions: {cond.shape[0]}); try another seed or "
+                         f"{counts.tolist()}, conditions: {batch_size}); try another seed or "
                          "check the conditioning image")
-    coords = coords[torch.argsort(coords[:, 0].long(), stable=True)]
-    noise = torch.randn(len(coords), flow_model.in_channels, generator=generator).to(cond.device)
-    velocity = _sparse_velocity(flow_model, coords.to(cond.device), cond.shape[0])
-    feats = sampler.sample(velocity, noise, cond, neg_cond, progress=progress)
+    return coords[torch.argsort(coords[:, 0].long(), stable=True)]
+
+
+@torch.no_grad()
+def sample_latent(flow_model: nn.Module, integrate: Integrator, coords: Tensor, batch_size: int,
+                  normalization: Optional[Dict[str, Sequence[float]]] = None,
+                  generator: Optional[torch.Generator] = None) -> SparseTensor:
+    """The structured latent on ``coords [N, 4]`` (from stage 1, grouped by item with
+    :func:`group_by_item`), undone from the training normalisation ``{"mean": [C], "std": [C]}``
+    when given."""
+    noise = torch.randn(len(coords), flow_model.in_channels, generator=generator)
+    feats = integrate(sparse_velocity(flow_model, coords, batch_size), noise.to(coords.device))
     if normalization is not None:
         feats = (feats * feats.new_tensor(normalization["std"])
                  + feats.new_tensor(normalization["mean"]))
-    return SparseTensor(feats, coords.to(cond.device))
+    return SparseTensor(feats, coords)
 
 
 @torch.no_grad()

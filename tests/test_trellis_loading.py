@@ -10,7 +10,8 @@ import torch
 from guidance.loading import ModelWeightsNotFound
 from relaxflow.loading import load_model, read_pipeline, save_model
 from relaxflow.models import build
-from relaxflow.stages import decode_splats, sample_latent, sample_structure
+from relaxflow.stages import (decode_splats, group_by_item, guided, sample_latent,
+                              sample_structure)
 
 FLOW = dict(resolution=4, in_channels=2, model_channels=32, cond_channels=32, out_channels=2,
             num_blocks=2, num_heads=2, patch_size=1, qk_rms_norm=True, use_fp16=True)
@@ -104,8 +105,8 @@ def test_stage1_samples_a_seeded_structure(pipeline_dir):
     flow = load_model(spec.root, spec.models["sparse_structure_flow_model"])
     decoder = load_model(spec.root, spec.models["sparse_structure_decoder"])
     cond = torch.randn(2, 5, 32)
-    runs = [sample_structure(flow, decoder, spec.samplers["sparse_structure_sampler"], cond,
-                             torch.zeros_like(cond), torch.Generator().manual_seed(7))
+    sampler = guided(spec.samplers["sparse_structure_sampler"], cond, torch.zeros_like(cond))
+    runs = [sample_structure(flow, decoder, sampler, 2, torch.Generator().manual_seed(7))
             for _ in range(2)]
     (latent, coords), (latent2, coords2) = runs
     assert latent.shape == (2, 2, 4, 4, 4) and torch.equal(latent, latent2)
@@ -133,12 +134,14 @@ def test_two_stages_turn_conditions_into_splats(pipeline_dir):
 
     def generate(seed):
         g = torch.Generator().manual_seed(seed)
+        neg = torch.zeros_like(cond)
         _, coords = sample_structure(models["sparse_structure_flow_model"],
                                      models["sparse_structure_decoder"],
-                                     spec.samplers["sparse_structure_sampler"], cond,
-                                     torch.zeros_like(cond), g)
-        latent = sample_latent(models["slat_flow_model"], spec.samplers["slat_sampler"], coords,
-                               cond, torch.zeros_like(cond), spec.slat_normalization, g)
+                                     guided(spec.samplers["sparse_structure_sampler"], cond, neg),
+                                     2, g)
+        latent = sample_latent(models["slat_flow_model"],
+                               guided(spec.samplers["slat_sampler"], cond, neg),
+                               group_by_item(coords, 2), 2, spec.slat_normalization, g)
         return coords, decode_splats(models["slat_decoder_gs"], latent)
 
     coords, splats = generate(0)
@@ -150,13 +153,10 @@ def test_two_stages_turn_conditions_into_splats(pipeline_dir):
     assert all(torch.equal(a.params["means"], b.params["means"]) for a, b in zip(splats, again))
 
 
-def test_empty_structure_is_a_clear_error(pipeline_dir):
-    spec = read_pipeline(pipeline_dir)
-    flow = load_model(spec.root, spec.models["slat_flow_model"])
+def test_empty_structure_is_a_clear_error():
     coords = torch.tensor([[0, 1, 1, 1]], dtype=torch.int32)  # item 1 has no voxel
-    cond = torch.randn(2, 5, 32)
     with pytest.raises(ValueError, match=r"without occupied voxels \(voxels per item: \[1, 0\]"):
-        sample_latent(flow, spec.samplers["slat_sampler"], coords, cond, torch.zeros_like(cond))
+        group_by_item(coords, 2)
 
 
 @pytest.mark.parametrize("variant", ["image", "text"])
@@ -211,3 +211,57 @@ def test_generate_rejects_bad_inputs_with_clear_errors(pipeline_dir, tmp_path, c
     assert "image_cond_model=<folder>" in capsys.readouterr().err
     assert run.main(["generate", "--config", "configs/cfd-splats-embedded.yaml"]) == 2
     assert "is a 'distill' config, not 'generate'" in capsys.readouterr().err
+
+
+def _rgba_file(path, box, colour):
+    import numpy as np
+    from PIL import Image
+
+    rgba = np.zeros((64, 64, 4), dtype=np.uint8)
+    x0, y0, x1, y1 = box
+    rgba[y0:y1, x0:x1] = (*colour, 255)
+    Image.fromarray(rgba).save(path)
+    return path
+
+
+def test_relaxflow_job_writes_the_completion_and_both_single_branches(pipeline_dir, tmp_path):
+    import run
+    from tests.tiny_models import build_tiny_dinov2
+
+    image = _rgba_file(tmp_path / "obs.png", (16, 16, 40, 48), (200, 50, 50))
+    priors = [_rgba_file(tmp_path / f"prior{i}.png", (10 + i, 12, 50, 52), (50, 50, 200))
+              for i in range(2)]
+    code = run.main(["relaxflow", "--config", "configs/relaxflow-trellis.yaml",
+                     f"model={pipeline_dir}", f"image={image}", "prompt=a chair",
+                     f"priors=[{priors[0]},{priors[1]}]", f"output_dir={tmp_path / 'out'}",
+                     f"image_cond_model={build_tiny_dinov2(tmp_path / 'dinov2')}",
+                     "stage1.sampler.steps=3", "stage2.sampler.steps=3", "video_frames=2",
+                     "video_size=32", "camera.resolution=64"])
+    assert code == 0
+    (run_dir,) = (tmp_path / "out" / "relaxflow-trellis").iterdir()
+    for name in ("splats.ply", "observation_only.ply", "prior_only.ply", "visibility.png",
+                 "occupancy.npz", "metrics.json", "config.yaml"):
+        assert (run_dir / name).is_file(), name
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["priors"] == 2 and 0.0 <= metrics["visible_fraction"] <= 1.0
+
+
+def test_relaxflow_job_rejects_bad_inputs(pipeline_dir, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    import run
+
+    image = _rgba_file(tmp_path / "obs.png", (16, 16, 40, 48), (200, 50, 50))
+    args = ["relaxflow", "--config", "configs/relaxflow-trellis.yaml", f"model={pipeline_dir}",
+            f"output_dir={tmp_path / 'out'}", "prompt=a chair"]
+    assert run.main([*args, f"image={image}"]) == 2
+    assert "no prior images: give priors=" in capsys.readouterr().err
+    Image.fromarray(np.zeros((32, 32), dtype=np.uint8)).save(tmp_path / "mask.png")
+    assert run.main([*args, f"image={image}", f"mask={tmp_path / 'mask.png'}",
+                     f"priors=[{image}]"]) == 2
+    assert "must match" in capsys.readouterr().err
+    Image.fromarray(np.zeros((64, 64), dtype=np.uint8)).save(tmp_path / "mask.png")
+    assert run.main([*args, f"image={image}", f"mask={tmp_path / 'mask.png'}",
+                     f"priors=[{image}]"]) == 2
+    assert "no object found" in capsys.readouterr().err

@@ -94,9 +94,12 @@ class MultiHeadRMSNorm(nn.Module):
         return (F.normalize(x.float(), dim=-1) * self.gamma * self.scale).to(x.dtype)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """``[B, L, H, D]`` queries, ``[B, S, H, D]`` keys and values -> ``[B, L, H, D]``."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor] = None) -> Tensor:
+    """``[B, L, H, D]`` queries, ``[B, S, H, D]`` keys and values -> ``[B, L, H, D]``;
+    ``key_mask [B, S]`` (True = attend) leaves out padding keys."""
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=mask)
     return out.transpose(1, 2)
 
 
@@ -137,9 +140,16 @@ class MultiHeadAttention(nn.Module):
             q, k = self.q_rms_norm(q), self.k_rms_norm(k)
         return q, k, v
 
-    def forward(self, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, context: Optional[Tensor] = None,
+                context_mask: Optional[Tensor] = None, relaxation=None) -> Tensor:
+        """``context_mask [B, S]``: which context tokens are real (batches of conditions of
+        different lengths are padded); ``relaxation``: a
+        :class:`relaxflow.relaxation.AttentionRelaxation` blurring the queries and keys of some
+        items (cross-attention only)."""
         q, k, v = self.project(x, context)
-        return self.to_out(attention(q, k, v).reshape(x.shape))
+        if relaxation is not None:
+            q, k = relaxation.apply(q, k)
+        return self.to_out(attention(q, k, v, context_mask).reshape(x.shape))
 
 
 class FeedForwardNet(nn.Module):
@@ -160,7 +170,8 @@ class ModulatedTransformerCrossBlock(nn.Module):
     LayerNorm (not modulated, not gated); modulated, gated MLP.
 
     ``x [B, L, C]``, ``mod [B, C]`` (the timestep embedding, or ``[B, 6C]`` when the model
-    shares one modulation), ``context [B, S, ctx_channels]`` -> ``[B, L, C]``.
+    shares one modulation), ``context [B, S, ctx_channels]`` -> ``[B, L, C]``; ``context_mask``
+    and ``relaxation`` go to the cross-attention.
     """
 
     def __init__(self, channels: int, ctx_channels: int, num_heads: int, mlp_ratio: float = 4.0,
@@ -179,12 +190,13 @@ class ModulatedTransformerCrossBlock(nn.Module):
         if not share_mod:
             self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(channels, 6 * channels))
 
-    def forward(self, x: Tensor, mod: Tensor, context: Tensor) -> Tensor:
+    def forward(self, x: Tensor, mod: Tensor, context: Tensor,
+                context_mask: Optional[Tensor] = None, relaxation=None) -> Tensor:
         if not self.share_mod:
             mod = self.adaLN_modulation(mod)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod[:, None].chunk(6, -1)
         x = x + gate_msa * self.self_attn(self.norm1(x) * (1 + scale_msa) + shift_msa)
-        x = x + self.cross_attn(self.norm2(x), context)
+        x = x + self.cross_attn(self.norm2(x), context, context_mask, relaxation)
         return x + gate_mlp * self.mlp(self.norm3(x) * (1 + scale_mlp) + shift_mlp)
 
 

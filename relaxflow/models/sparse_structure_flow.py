@@ -65,9 +65,11 @@ class SparseStructureFlowModel(FlowTransformer):
         self.torso_dtype = dtype
         convert_to_half(self.blocks, dtype)
 
-    def forward(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, cond: Tensor, cond_mask: Optional[Tensor] = None,
+                relaxation=None) -> Tensor:
         """``x [B, C_in, R, R, R]``, ``t [B]`` (in [0, 1000]), ``cond [B, S, cond_channels]`` ->
-        velocity ``[B, C_out, R, R, R]``."""
+        velocity ``[B, C_out, R, R, R]``. ``cond_mask [B, S]`` marks real condition tokens
+        (padding is False); ``relaxation`` relaxes some items' cross-attention (RelaxFlow)."""
         expected = (self.in_channels,) + (self.resolution,) * 3
         if tuple(x.shape[1:]) != expected:
             raise ValueError(f"expected x of shape [B, {', '.join(map(str, expected))}], "
@@ -76,6 +78,6 @@ class SparseStructureFlowModel(FlowTransformer):
         mod = self.modulation(t)
         h, mod, cond = (v.to(self.torso_dtype) for v in (h, mod, cond))
         for block in self.blocks:
-            h = block(h, mod, cond)
+            h = block(h, mod, cond, cond_mask, relaxation)
         h = self.out_layer(F.layer_norm(h.to(x.dtype), h.shape[-1:]))
         return unpatchify(h, self.patch_size, self.resolution)

@@ -8,6 +8,7 @@ Released args (image L): model 1024, cond 1024, 24 blocks, 16 heads, patch 2, io
 
 from __future__ import annotations
 
+import dataclasses
 from typing import List, Optional
 
 import torch
@@ -95,29 +96,33 @@ class SLatFlowModel(FlowTransformer):
         for part in (self.input_blocks, self.blocks, self.out_blocks):
             convert_to_half(part, dtype)
 
-    def _transformer(self, h: SparseTensor, mod: Tensor, cond: Tensor) -> SparseTensor:
+    def _transformer(self, h: SparseTensor, mod: Tensor, cond: Tensor,
+                     cond_mask: Optional[Tensor], relaxation) -> SparseTensor:
         """Every block attends over all voxels of each item: items of equal size go as one
-        batch (the two halves of a guidance batch share their voxels), others one by one."""
+        batch (the branches of a guidance batch share their voxels), others one by one."""
         rows = h.items()
-        feats = h.feats
+        out = torch.empty_like(h.feats)
         if len({len(r) for r in rows}) == 1:
-            tokens = feats[torch.stack(rows)]  # [B, N, C]
+            groups = [(torch.stack(rows), slice(None))]
+        else:
+            groups = [(r[None], slice(b, b + 1)) for b, r in enumerate(rows)]
+        for index, items in groups:
+            tokens = h.feats[index]  # [b, N, C]
+            item_mask = None if cond_mask is None else cond_mask[items]
+            item_relaxation = relaxation
+            if relaxation is not None and relaxation.items is not None:
+                item_relaxation = dataclasses.replace(relaxation, items=relaxation.items[items])
             for block in self.blocks:
-                tokens = block(tokens, mod, cond)
-            out = torch.empty_like(feats)
-            out[torch.stack(rows)] = tokens
-            return h.replace(out)
-        out = torch.empty_like(feats)
-        for b, r in enumerate(rows):
-            tokens = feats[r][None]
-            for block in self.blocks:
-                tokens = block(tokens, mod[b:b + 1], cond[b:b + 1])
-            out[r] = tokens[0]
+                tokens = block(tokens, mod[items], cond[items], item_mask, item_relaxation)
+            out[index] = tokens
         return h.replace(out)
 
-    def forward(self, x: SparseTensor, t: Tensor, cond: Tensor) -> SparseTensor:
+    def forward(self, x: SparseTensor, t: Tensor, cond: Tensor,
+                cond_mask: Optional[Tensor] = None, relaxation=None) -> SparseTensor:
         """``x`` with ``feats [N, C_in]``, ``t [B]`` (in [0, 1000]), ``cond [B, S, cond_channels]``
-        -> velocity ``feats [N, C_out]`` at the same coords."""
+        -> velocity ``feats [N, C_out]`` at the same coords. ``cond_mask`` and ``relaxation`` as
+        in :class:`~relaxflow.models.SparseStructureFlowModel` (queries here are voxels in no
+        fixed grid: relax them with the flat topology or ``sigma_query=0``)."""
         dtype = self.torso_dtype
         h = self.input_layer(x)
         h = h.replace(h.feats.to(dtype))
@@ -127,7 +132,7 @@ class SLatFlowModel(FlowTransformer):
             h = block(h, mod)
             skips.append(h.feats)
         pos = absolute_position_embedding(h.coords[:, 1:], self.model_channels)
-        h = self._transformer(h.replace(h.feats + pos.to(dtype)), mod, cond)
+        h = self._transformer(h.replace(h.feats + pos.to(dtype)), mod, cond, cond_mask, relaxation)
         for block, skip in zip(self.out_blocks, reversed(skips)):
             if self.use_skip_connection:
                 h = h.replace(torch.cat([h.feats, skip], dim=1))

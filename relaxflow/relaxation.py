@@ -1,0 +1,148 @@
+"""Attention-logit relaxation: a separable Gaussian blur of cross-attention logits.
+
+RelaxFlow relaxes the prior branch by blurring its cross-attention logits ``L = q k^T / sqrt(d)``
+(``[Lq, Lk]`` per head) along the query axis and the key axis. The blur is linear, so with
+``Gq`` and ``Gk`` the two blur operators ``Gq L Gk^T = (Gq q)(Gk k)^T / sqrt(d)``: blurring the
+queries along their tokens and the keys along theirs, then attending as usual, is the same
+thing. That runs inside ``scaled_dot_product_attention`` and never forms the ``Lq x Lk`` matrix.
+
+Kernel: ``g[i] ~ exp(-(i - K//2)^2 / (2 sigma^2))`` normalised to sum 1 with ``K = 2 round(3
+sigma) + 1`` (Python's round: half to even, so sigma 2.5 gives K = 17). Zero padding, no
+renormalisation at the borders (edge logits are pulled toward 0), as the released code does.
+
+Topologies:
+
+* ``"grid"`` (the paper's description): queries blurred over their 3D token grid (16^3 for the
+  stage-1 latent, x-major), keys over each image's 2D patch grid (37 x 37), every prior image on
+  its own, its class and register tokens untouched.
+* ``"flat"`` (the released code): both axes blurred along the raw 1D token index, across grid rows
+  and image boundaries alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def kernel_size(sigma: float) -> int:
+    return 2 * round(3 * sigma) + 1
+
+
+def gaussian_kernel(sigma: float, dtype=torch.float32, device=None) -> Tensor:
+    """Normalised 1D Gaussian ``[K]`` with ``K = kernel_size(sigma)``."""
+    size = kernel_size(sigma)
+    x = torch.arange(size, dtype=torch.float64) - size // 2
+    g = torch.exp(-x ** 2 / (2 * sigma ** 2))
+    return (g / g.sum()).to(dtype=dtype, device=device)
+
+
+def blur_axis(x: Tensor, sigma: float, dim: int) -> Tensor:
+    """Blur ``x`` along ``dim`` with zero padding (same length)."""
+    if sigma <= 0:
+        return x
+    kernel = gaussian_kernel(sigma, torch.float32, x.device)
+    moved = x.movedim(dim, -1)
+    flat = moved.reshape(-1, 1, moved.shape[-1]).float()
+    out = F.conv1d(flat, kernel[None, None], padding=len(kernel) // 2)
+    return out.reshape(moved.shape).to(x.dtype).movedim(-1, dim)
+
+
+def blur_grid(tokens: Tensor, sigma: float, grid: Sequence[int], dim: int) -> Tensor:
+    """Blur tokens laid out along ``dim`` as a C-order grid (``prod(grid)`` tokens) on every
+    grid axis in turn."""
+    if sigma <= 0:
+        return tokens
+    moved = tokens.movedim(dim, 0)
+    shaped = moved.reshape(*grid, *moved.shape[1:])
+    for axis in range(len(grid)):
+        shaped = blur_axis(shaped, sigma, axis)
+    return shaped.reshape(moved.shape).movedim(0, dim)
+
+
+@dataclass
+class KeyLayout:
+    """How the key tokens are laid out: ``n_images`` blocks of ``prefix`` untouched tokens (class
+    and registers) followed by a ``grid`` of patch tokens (DINOv2 ViT-L/14-reg at 518 px: 5 and
+    37 x 37)."""
+
+    n_images: int = 1
+    prefix: int = 5
+    grid: Tuple[int, ...] = (37, 37)
+
+    def length(self) -> int:
+        patches = 1
+        for g in self.grid:
+            patches *= g
+        return self.n_images * (self.prefix + patches)
+
+
+@dataclass
+class AttentionRelaxation:
+    """The prior branch's relaxation: which batch items it applies to and how.
+
+    Args:
+        sigma_query, sigma_key: blur widths in tokens (0: no blur on that axis).
+        topology: ``"grid"`` or ``"flat"`` (module docstring).
+        query_grid: the queries' token grid (``None`` for the flat topology).
+        keys: the key layout (grid topology).
+        items: boolean ``[B]``: the batch items (the prior branch's) that are relaxed.
+    """
+
+    sigma_query: float = 2.5
+    sigma_key: float = 2.5
+    topology: str = "grid"
+    query_grid: Optional[Tuple[int, ...]] = (16, 16, 16)
+    keys: KeyLayout = field(default_factory=KeyLayout)
+    items: Optional[Tensor] = None
+
+    def __post_init__(self):
+        if self.topology not in ("grid", "flat"):
+            raise ValueError(f"topology is 'grid' or 'flat', got {self.topology!r}")
+
+    def blur_queries(self, q: Tensor) -> Tensor:
+        """``[B, Lq, H, D]`` -> blurred along the query tokens."""
+        if self.topology == "flat" or self.query_grid is None:
+            return blur_axis(q, self.sigma_query, 1)
+        return blur_grid(q, self.sigma_query, self.query_grid, 1)
+
+    def blur_keys(self, k: Tensor) -> Tensor:
+        """``[B, Lk, H, D]`` -> blurred along the key tokens."""
+        if self.topology == "flat":
+            return blur_axis(k, self.sigma_key, 1)
+        layout = self.keys
+        if k.shape[1] != layout.length():
+            raise ValueError(f"{k.shape[1]} key tokens do not fit {layout.n_images} image(s) of "
+                             f"{layout.prefix} + {'x'.join(map(str, layout.grid))} tokens")
+        per_image = k.reshape(k.shape[0], layout.n_images, -1, *k.shape[2:])
+        prefix, patches = per_image[:, :, :layout.prefix], per_image[:, :, layout.prefix:]
+        patches = blur_grid(patches, self.sigma_key, layout.grid, 2)
+        return torch.cat([prefix, patches], 2).reshape(k.shape)
+
+    def apply(self, q: Tensor, k: Tensor) -> Tuple[Tensor, Tensor]:
+        """Relax the ``items`` of a batch of queries ``[B, Lq, H, D]`` and keys ``[B, Lk, H, D]``."""
+        if self.items is None:
+            return self.blur_queries(q), self.blur_keys(k)
+        q, k = q.clone(), k.clone()
+        q[self.items] = self.blur_queries(q[self.items])
+        k[self.items] = self.blur_keys(k[self.items])
+        return q, k
+
+    def blurred_logits(self, q: Tensor, k: Tensor) -> Tensor:
+        """Reference: the explicit blurred logits ``[B, H, Lq, Lk]`` (forms the whole matrix)."""
+        logits = torch.einsum("bqhd,bkhd->bhqk", q, k) / q.shape[-1] ** 0.5
+        if self.topology == "flat" or self.query_grid is None:
+            logits = blur_axis(logits, self.sigma_query, 2)
+        else:
+            logits = blur_grid(logits, self.sigma_query, self.query_grid, 2)
+        if self.topology == "flat":
+            return blur_axis(logits, self.sigma_key, 3)
+        layout = self.keys
+        per_image = logits.reshape(*logits.shape[:3], layout.n_images, -1)
+        prefix, patches = per_image[..., :layout.prefix], per_image[..., layout.prefix:]
+        patches = blur_grid(patches, self.sigma_key, layout.grid, 4)
+        return torch.cat([prefix, patches], -1).reshape(logits.shape)

@@ -1,0 +1,170 @@
+"""RelaxFlow: the relaxation through queries and keys against explicit blurred logits, the
+alpha schedule, prior pooling, and the dual-branch sampler against single-branch runs."""
+
+import pytest
+import torch
+
+from relaxflow.dual_branch import RelaxFlowSampler, alpha_schedule, pool_priors
+from relaxflow.models import build
+from relaxflow.models.layers import attention
+from relaxflow.relaxation import AttentionRelaxation, KeyLayout, gaussian_kernel, kernel_size
+from relaxflow.sampler import FlowEulerSampler
+
+TINY_FLOW = dict(resolution=4, in_channels=2, model_channels=32, cond_channels=16,
+                 out_channels=2, num_blocks=2, num_heads=2, patch_size=1, qk_rms_norm=True)
+TINY_KEYS = KeyLayout(n_images=2, prefix=2, grid=(3, 3))  # 2 x (2 + 9) = 22 tokens
+
+
+def test_kernel_follows_the_released_size_rule():
+    assert [kernel_size(s) for s in (1.0, 1.5, 2.5)] == [7, 9, 17]  # round half to even
+    g = gaussian_kernel(1.5)
+    assert g.sum().item() == pytest.approx(1.0) and torch.equal(g, g.flip(0))
+
+
+@pytest.mark.parametrize("topology", ["grid", "flat"])
+@pytest.mark.parametrize("sigmas", [(0.7, 1.3), (1.5, 0.0), (2.5, 2.5)])
+def test_blurred_queries_and_keys_equal_the_blurred_logits(topology, sigmas):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 64, 3, 8, generator=g)  # queries on a 4^3 grid
+    k = torch.randn(2, TINY_KEYS.length(), 3, 8, generator=g)
+    v = torch.randn_like(k)
+    relax = AttentionRelaxation(*sigmas, topology=topology, query_grid=(4, 4, 4), keys=TINY_KEYS)
+    bq, bk = relax.apply(q, k)
+    logits = relax.blurred_logits(q, k)
+    assert (torch.einsum("bqhd,bkhd->bhqk", bq, bk) / 8 ** 0.5 - logits).abs().max() <= 1e-5
+    reference = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(logits, -1), v)
+    assert (attention(bq, bk, v) - reference).abs().max() <= 1e-5
+
+
+def test_grid_keys_leave_class_and_register_tokens_and_other_images_alone():
+    k = torch.zeros(1, TINY_KEYS.length(), 1, 1)
+    k[0, 2 + 4] = 1.0  # centre patch of image 0
+    out = AttentionRelaxation(0.0, 1.0, keys=TINY_KEYS).blur_keys(k)[0, :, 0, 0]
+    assert torch.equal(out[:2], torch.zeros(2)) and torch.equal(out[11:], torch.zeros(11))
+    assert out[2:11].sum().item() == pytest.approx(gaussian_kernel(1.0)[2:5].sum().item() ** 2)
+    k = torch.zeros(1, TINY_KEYS.length(), 1, 1)
+    k[0, 2] = 1.0  # first patch of image 0, next to the prefix tokens
+    flat = AttentionRelaxation(0.0, 1.0, topology="flat").blur_keys(k)[0, :, 0, 0]
+    assert (flat[:2] > 0).all()  # the released flat blur crosses into the prefix tokens
+
+
+def test_alpha_schedule_values():
+    expected12 = [1.0, 11 / 12, 10 / 12, 9 / 12, 8 / 12] + [0.0] * 7
+    assert alpha_schedule(12) == pytest.approx(expected12)
+    a25 = alpha_schedule(25)
+    assert a25[:11] == pytest.approx([1 - k / 25 for k in range(11)]) and set(a25[11:]) == {0.0}
+    with pytest.raises(ValueError, match="unknown alpha schedule"):
+        alpha_schedule(12, "steep")
+
+
+def test_prior_pooling_modes():
+    tokens = torch.randn(3, 5, 4)
+    assert pool_priors(tokens).shape == (1, 15, 4)
+    assert torch.allclose(pool_priors(tokens, "mean"), tokens.mean(0, keepdim=True))
+    same = tokens[:1].expand(3, -1, -1)
+    assert torch.allclose(pool_priors(same, "consensus"), tokens[:1], atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def flow():
+    torch.manual_seed(0)
+    return build("SparseStructureFlowModel", TINY_FLOW)
+
+
+def conditions(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    obs = torch.randn(1, 7, 16, generator=g)
+    prior = torch.randn(1, TINY_KEYS.length(), 16, generator=g)
+    return (obs, torch.zeros_like(obs)), (prior, torch.zeros_like(prior))
+
+
+def relaxflow(steps=6, **kwargs):
+    base = FlowEulerSampler(steps=steps, cfg_strength=3.0, cfg_interval=(0.5, 1.0), rescale_t=3.0)
+    relaxation = AttentionRelaxation(2.5, 1.5, query_grid=(4, 4, 4), keys=TINY_KEYS)
+    return RelaxFlowSampler(base=base, relaxation=relaxation, **kwargs)
+
+
+def test_shared_unconditional(flow):
+    """All-zero negatives give the same velocity whatever their length and blur."""
+    x, t = torch.randn(1, 2, 4, 4, 4), torch.tensor([800.0])
+    short = flow(x, t, torch.zeros(1, 7, 16))
+    relax = AttentionRelaxation(2.5, 1.5, query_grid=(4, 4, 4), keys=TINY_KEYS)
+    long = flow(x, t, torch.zeros(1, TINY_KEYS.length(), 16), relaxation=relax)
+    assert (short - long).abs().max() <= 1e-5
+
+
+def test_zero_alpha_is_plain_sampling_bitwise(flow):
+    obs, prior = conditions()
+    noise = torch.randn(1, 2, 4, 4, 4, generator=torch.Generator().manual_seed(2))
+    sampler = relaxflow(alpha0=0.0)
+    plain = sampler.base.sample(flow, noise, *obs)
+    assert torch.equal(sampler.sample(flow, noise, obs, prior), plain)
+
+
+def test_full_visibility_gives_the_observation_branch(flow):
+    obs, prior = conditions()
+    noise = torch.randn(1, 2, 4, 4, 4, generator=torch.Generator().manual_seed(2))
+    sampler = relaxflow()
+    plain = sampler.base.sample(flow, noise, *obs)
+    seen = sampler.sample(flow, noise, obs, prior, visibility=torch.ones(1, 1, 4, 4, 4))
+    assert (seen - plain).abs().max() <= 1e-5
+    unseen = sampler.sample(flow, noise, obs, prior)
+    assert (unseen - plain).abs().max() > 1e-2  # the prior branch changes what is not seen
+
+
+def test_batched_branches_equal_separate_forwards(flow):
+    obs, prior = conditions()
+    sampler = relaxflow()
+    x = torch.randn(1, 2, 4, 4, 4)
+    m = torch.rand(1, 1, 4, 4, 4)
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape[0])
+        return flow(*args, **kwargs)
+
+    fused = sampler.fused_velocity(counted, x, 0.8, 0.7, obs, prior, m)
+    assert calls == [3]  # observation, prior and one shared unconditional item
+    v_obs = sampler.base.guided_velocity(flow, x, 0.8, *obs)
+    relax = sampler.relaxation
+    t = torch.tensor([800.0])
+    v_prior = (4 * flow(x, t, prior[0], relaxation=relax)
+               - 3 * flow(x, t, prior[1], relaxation=relax))
+    expected = v_obs + (1 - m) * 0.7 * (v_prior - v_obs)
+    assert (fused - expected).abs().max() <= 1e-5
+    # a non-zero prior negative (text models) gets its own, relaxed item: four in the batch
+    calls.clear()
+    text_prior = (prior[0], prior[0] * 0.5)
+    fused = sampler.fused_velocity(counted, x, 0.8, 0.7, obs, text_prior, m)
+    assert calls == [4]
+    v_prior = (4 * flow(x, t, prior[0], relaxation=relax)
+               - 3 * flow(x, t, prior[0] * 0.5, relaxation=relax))
+    assert (fused - (v_obs + (1 - m) * 0.7 * (v_prior - v_obs))).abs().max() <= 1e-5
+
+
+def test_visibility_hides_voxels_behind_an_occluder():
+    from cfd.cameras import orbit_cameras
+    from relaxflow.visibility import voxel_visibility
+
+    # a wall at x = 40 (facing the camera on +x) hides a block behind it at x = 20; a second
+    # block beside the wall is in plain view
+    wall = torch.stack(torch.meshgrid(torch.tensor([40]), torch.arange(16, 48),
+                                      torch.arange(16, 48), indexing="ij"), -1).reshape(-1, 3)
+    hidden = torch.stack(torch.meshgrid(torch.arange(18, 22), torch.arange(28, 36),
+                                        torch.arange(28, 36), indexing="ij"), -1).reshape(-1, 3)
+    beside = torch.stack(torch.meshgrid(torch.arange(40, 44), torch.arange(52, 58),
+                                        torch.arange(28, 36), indexing="ij"), -1).reshape(-1, 3)
+    coords = torch.cat([wall, hidden, beside])
+    one = lambda v: torch.tensor([float(v)])  # noqa: E731
+    camera = orbit_cameras(one(0), one(0), one(2.0), one(40), 128, 128)
+    vis = voxel_visibility(coords, 64, camera)
+    n_wall, n_hidden = len(wall), len(hidden)
+    assert vis[:n_wall].mean() > 0.95
+    assert vis[n_wall:n_wall + n_hidden].max() < 0.05
+    front_face = beside[:, 0] == 43  # the beside block's face towards the camera
+    assert vis[n_wall + n_hidden:][front_face].mean() > 0.95
+    assert vis[n_wall + n_hidden:][beside[:, 0] == 40].max() < 0.05  # its own back
+    mask = torch.zeros(128, 128)
+    assert voxel_visibility(coords, 64, camera, mask).max() == 0
+    with pytest.raises(ValueError, match="image mask is"):
+        voxel_visibility(coords, 64, camera, torch.zeros(64, 64))
