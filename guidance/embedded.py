@@ -188,6 +188,18 @@ class ClosedFormPrior(Guidance):
             running_max = new_max
         return (acc / total).to(x_t.dtype).reshape(x_t.shape)
 
+    @torch.no_grad()
+    def nearest_alpha(self, x: Tensor) -> Tensor:
+        """Alpha ``[B,1,R,R]`` of the dataset image nearest to each image ``x [B,3,R,R]`` in
+        [-1, 1]: what a sample at ``t = 0`` (one of the dataset's images) was composited with."""
+        if self.transparency is None:
+            raise ValueError("the prior was built without its images' alpha (from_pretrained "
+                             "loads it from the dataset)")
+        flat = x.reshape(x.shape[0], -1).to(self.data)
+        nearest = (self.sq_norms[None] - 2 * flat @ self.data.T).argmin(-1)
+        alpha = 1 - self.transparency[nearest]
+        return alpha.reshape(x.shape[0], 1, *x.shape[2:]).to(x.dtype)
+
     def _background_shift(self, cond: Condition, batch: int, like: Tensor) -> Optional[Tensor]:
         """``b - b_data`` in the [-1, 1] data scale per item ``[B,3]``; None when no item's
         background differs from the data's (the plain, cheaper path)."""

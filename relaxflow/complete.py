@@ -47,10 +47,11 @@ class BranchSettings:
 @dataclass
 class ObservationCamera:
     """Where the observation was taken from, in the generator's box (TRELLIS predicts no pose):
-    by default straight at the object's front."""
+    by default TRELLIS's front view (its renders' yaw 0, looking from +y: our azimuth 90)."""
 
+    enabled: bool = True  # false: visibility 0 everywhere, the prior may change every voxel
     elevation: float = 0.0
-    azimuth: float = 0.0
+    azimuth: float = 90.0
     distance: float = 2.0
     fov: float = 40.0
     resolution: int = 518
@@ -65,6 +66,9 @@ class RelaxFlowConfig:
     mask: Optional[str] = None  # the observation's visible object pixels (white)
     prompt: Optional[str] = None  # what the hidden part should be
     priors: List[str] = field(default_factory=list)  # images that show the prompt (RGBA)
+    # With no priors: this many views of the prompt drawn from the embedded prior (it knows
+    # only its own prompts; see `python run.py prompts`).
+    generated_priors: int = 3
     prior_pooling: str = "concat"
     image_cond_model: str = "facebook/dinov2-with-registers-large"
     camera: ObservationCamera = field(default_factory=ObservationCamera)
@@ -94,17 +98,21 @@ def _relax_sampler(base, settings: BranchSettings, n_priors: int, query_grid, po
 
 
 def _inputs(c: RelaxFlowConfig):
-    """Preprocessed observation and prior images, checked before any model loads."""
+    """Preprocessed observation and prior images (and the RGBA priors when drawn here),
+    checked before any model loads."""
     from .conditioning import load_rgba, preprocess_image
+    from .priors import prior_images
 
     if c.image is None:
         raise ValueError("give the occluded observation: image=path.png [mask=path.png]")
-    observation = load_rgba(c.image, c.mask)
-    if not c.priors:
-        raise ValueError("no prior images: give priors=[a.png,b.png] showing the prompt "
-                         f"{c.prompt!r} (RGBA, the object on a transparent background)")
-    priors = torch.stack([preprocess_image(load_rgba(p)) for p in c.priors])
-    return preprocess_image(observation), priors
+    observation = preprocess_image(load_rgba(c.image, c.mask))
+    drawn = None
+    if c.priors:
+        rgba = [load_rgba(p) for p in c.priors]
+    else:
+        drawn = prior_images(c.prompt, c.generated_priors, c.seed)
+        rgba = list(drawn)
+    return observation, torch.stack([preprocess_image(r) for r in rgba]), drawn
 
 
 def run(cfg) -> Dict[str, Any]:
@@ -119,10 +127,15 @@ def run(cfg) -> Dict[str, Any]:
 
     c: RelaxFlowConfig = to_object(cfg)
     device = resolve_device(c.device)
-    observation, prior_images = _inputs(c)
+    observation, prior_images, drawn = _inputs(c)
     spec = read_pipeline(c.model)
     run_dir = make_run_dir(c.output_dir, c.name, Path(c.image).stem)
     save_config(cfg, run_dir / "config.yaml")
+    if drawn is not None:
+        from cfd.utils.media import save_image
+
+        for i, rgba in enumerate(drawn):
+            save_image(torch.from_numpy(rgba[..., :3] / 255.0), run_dir / f"prior_{i}.png")
 
     conditioner = ImageConditioner.from_pretrained(c.image_cond_model, device)
     obs_cond = conditioner(observation[None])
@@ -150,11 +163,13 @@ def run(cfg) -> Dict[str, Any]:
             lambda model, noise: stage1.base.sample(
                 lambda x, t, cond: model(x, t, cond, relaxation=relaxed_prior), noise, *prior)),
     }
+    # one random stream per run, through both stages, from the same seed: the same noise for
+    # every run
+    generators = {name: torch.Generator().manual_seed(c.seed) for name in runs}
     structures = {}
     for name, integrate in runs.items():
         start = time.perf_counter()
-        generator = torch.Generator().manual_seed(c.seed)  # the same noise for every run
-        coords = sample_structure(flow, decoder, integrate, 1, generator, device)[1]
+        coords = sample_structure(flow, decoder, integrate, 1, generators[name], device)[1]
         structures[name] = group_by_item(coords, 1)
         timings[f"structure_{name}_s"] = time.perf_counter() - start
     resolution = flow.resolution * decoder.upsample_factor
@@ -163,18 +178,18 @@ def run(cfg) -> Dict[str, Any]:
     flow = load_model(spec.root, spec.models["slat_flow_model"], device)
     stage2 = _relax_sampler(spec.samplers["slat_sampler"], c.stage2, n_priors, None,
                             c.prior_pooling)
-    visibility = voxel_visibility(structures["relaxflow"][:, 1:], resolution, camera.to(device))
+    visibility = (voxel_visibility(structures["relaxflow"][:, 1:], resolution, camera.to(device))
+                  if cam.enabled else torch.zeros(len(structures["relaxflow"]), device=device))
     latents = {}
     for name, coords in structures.items():
         start = time.perf_counter()
-        generator = torch.Generator().manual_seed(c.seed + 1)
         if name == "relaxflow":
             m = visibility[:, None]
             integrate = (lambda model, noise: stage2.sample(model, noise, obs, prior, m))
         else:
             integrate = guided(stage2.base, *(obs if name == "observation_only" else prior))
         latents[name] = sample_latent(flow, integrate, coords, 1, spec.slat_normalization,
-                                      generator)
+                                      generators[name])
         timings[f"latent_{name}_s"] = time.perf_counter() - start
     del flow
 

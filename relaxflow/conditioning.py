@@ -67,11 +67,13 @@ def preprocess_image(rgba: np.ndarray, size: int = IMAGE_SIZE) -> Tensor:
     if len(xs) == 0:
         raise ValueError("no object found: no pixel has alpha above 0.8 (is the mask empty?)")
     cx, cy = (xs.min() + xs.max()) / 2, (ys.min() + ys.max()) / 2
-    half = 1.2 * max(xs.max() - xs.min(), ys.max() - ys.min()) / 2
+    half = int(1.2 * max(xs.max() - xs.min(), ys.max() - ys.min())) // 2  # TRELLIS's rounding
     box = tuple(int(round(v)) for v in (cx - half, cy - half, cx + half, cy + half))
     crop = Image.fromarray(rgba, "RGBA").crop(box).resize((size, size), Image.LANCZOS)
-    pixels = torch.from_numpy(np.asarray(crop).astype(np.float32) / 255.0)
-    return (pixels[..., :3] * pixels[..., 3:]).permute(2, 0, 1)
+    pixels = np.asarray(crop).astype(np.float32) / 255.0
+    # premultiplied, then back to 8 bits by truncation: the images the released models saw
+    premultiplied = (pixels[..., :3] * pixels[..., 3:] * 255).astype(np.uint8)
+    return torch.from_numpy(premultiplied.astype(np.float32) / 255.0).permute(2, 0, 1)
 
 
 class ImageConditioner:

@@ -1,6 +1,7 @@
 """RelaxFlow: the relaxation through queries and keys against explicit blurred logits, the
 alpha schedule, prior pooling, and the dual-branch sampler against single-branch runs."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -168,3 +169,20 @@ def test_visibility_hides_voxels_behind_an_occluder():
     assert voxel_visibility(coords, 64, camera, mask).max() == 0
     with pytest.raises(ValueError, match="image mask is"):
         voxel_visibility(coords, 64, camera, torch.zeros(64, 64))
+
+
+def test_embedded_prior_draws_views_of_a_prompt_with_their_alpha(tmp_path):
+    from cfd.shapes.dataset import ShapeDatasetConfig
+    from relaxflow.conditioning import preprocess_image
+    from relaxflow.priors import embedded_prior_images
+
+    dataset = ShapeDatasetConfig(views_per_object=12, resolution=32, cache_dir=str(tmp_path))
+    rgba = embedded_prior_images("a lamp", 3, seed=0, steps=20, dataset=dataset)
+    assert rgba.shape == (3, 32, 32, 4) and rgba.dtype == np.uint8
+    alpha = rgba[..., 3] / 255.0
+    assert (alpha > 0.5).mean(axis=(1, 2)).min() > 0.05  # an object in every view
+    assert alpha[:, 0, 0].max() == 0  # corners are background
+    # the alpha fits the colours: background pixels are the dataset's grey
+    background = rgba[..., :3][alpha == 0] / 255.0
+    assert abs(background.mean() - 0.5) < 0.05
+    assert preprocess_image(rgba[0]).shape == (3, 518, 518)

@@ -255,8 +255,10 @@ def test_relaxflow_job_rejects_bad_inputs(pipeline_dir, tmp_path, capsys):
     image = _rgba_file(tmp_path / "obs.png", (16, 16, 40, 48), (200, 50, 50))
     args = ["relaxflow", "--config", "configs/relaxflow-trellis.yaml", f"model={pipeline_dir}",
             f"output_dir={tmp_path / 'out'}", "prompt=a chair"]
-    assert run.main([*args, f"image={image}"]) == 2
+    assert run.main([*args[:-1], f"image={image}"]) == 2  # no priors and no prompt
     assert "no prior images: give priors=" in capsys.readouterr().err
+    assert run.main([*args[:-1], f"image={image}", "prompt=a unicorn"]) == 2
+    assert "the embedded prior cannot draw 'a unicorn'" in capsys.readouterr().err
     Image.fromarray(np.zeros((32, 32), dtype=np.uint8)).save(tmp_path / "mask.png")
     assert run.main([*args, f"image={image}", f"mask={tmp_path / 'mask.png'}",
                      f"priors=[{image}]"]) == 2

@@ -53,16 +53,20 @@ def test_submanifold_conv_equals_dense_conv_at_the_occupied_sites():
     assert torch.allclose(out, expected, atol=1e-5)
 
 
-def test_downsample_averages_children_and_upsample_copies_back():
+def test_downsample_matches_the_released_mean_and_upsample_copies_back():
     coords = torch.tensor([[0, 0, 0, 0], [0, 1, 1, 0], [0, 2, 0, 0], [1, 0, 0, 1]],
                           dtype=torch.int32)
     feats = torch.tensor([[1.0], [3.0], [5.0], [7.0]])
     coarse = sparse_downsample(SparseTensor(feats, coords))
     as_dict = {tuple(c.tolist()): f.item() for c, f in zip(coarse.coords, coarse.feats)}
-    assert as_dict == {(0, 0, 0, 0): 2.0, (0, 1, 0, 0): 5.0, (1, 0, 0, 0): 7.0}
+    # sum / (children + 1), as torch.scatter_reduce(zeros, ..., "mean") gives in TRELLIS
+    assert as_dict == pytest.approx({(0, 0, 0, 0): 4 / 3, (0, 1, 0, 0): 2.5, (1, 0, 0, 0): 3.5})
+    released = torch.zeros(3, 1).scatter_reduce(
+        0, torch.tensor([[0], [0], [1], [2]]), feats, reduce="mean")
+    assert torch.allclose(coarse.feats, released)
     fine = sparse_upsample(coarse)
     assert torch.equal(fine.coords, coords)
-    assert fine.feats.squeeze(1).tolist() == [2.0, 2.0, 5.0, 7.0]
+    assert fine.feats.squeeze(1).tolist() == pytest.approx([4 / 3, 4 / 3, 2.5, 3.5])
 
 
 def test_stage2_attention_keeps_items_apart():

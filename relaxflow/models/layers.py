@@ -33,6 +33,13 @@ class LayerNorm32(nn.LayerNorm):
         return super().forward(x.float()).type(x.dtype)
 
 
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in float32, returned in the input's dtype."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.float()).type(x.dtype)
+
+
 class ChannelLayerNorm32(LayerNorm32):
     """LayerNorm over the channel axis of ``[B, C, *spatial]``."""
 

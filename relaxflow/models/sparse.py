@@ -92,24 +92,27 @@ class SparseConv3d(nn.Module):
     def forward(self, x: SparseTensor) -> SparseTensor:
         neighbours = neighbour_index(x.coords)
         weight = self.conv.weight.reshape(self.conv.weight.shape[0], 27, -1)  # [out, 27, in]
-        out = self.conv.bias.to(x.feats.dtype).expand(len(x.feats), -1).clone()
+        # products in the features' dtype, the sum over the 27 offsets in float32 (as spconv)
+        out = self.conv.bias.float().expand(len(x.feats), -1).clone()
         for k in range(27):
             rows = torch.nonzero(neighbours[k] >= 0).squeeze(1)
             if len(rows):
                 gathered = x.feats.index_select(0, neighbours[k].index_select(0, rows))
-                out.index_add_(0, rows, gathered @ weight[:, k].T.to(x.feats.dtype))
-        return x.replace(out)
+                out.index_add_(0, rows, (gathered @ weight[:, k].T.to(x.feats.dtype)).float())
+        return x.replace(out.to(x.feats.dtype))
 
 
 def sparse_downsample(x: SparseTensor, factor: int = 2) -> SparseTensor:
-    """Coordinates ``// factor``; each coarse site takes the mean of its children's features."""
+    """Coordinates ``// factor``; each coarse site takes its children's features summed and
+    divided by their number plus one. The ``+ 1`` is what the released models compute (and were
+    trained with): TRELLIS's scatter-mean starts from a zero that counts as a value."""
     coarse = x.coords.clone()
     coarse[:, 1:] = torch.div(coarse[:, 1:], factor, rounding_mode="floor")
     unique, parent = torch.unique(coarse, dim=0, return_inverse=True)
     total = torch.zeros(len(unique), x.feats.shape[1], dtype=x.feats.dtype, device=x.feats.device)
     total.index_add_(0, parent, x.feats)
     count = torch.bincount(parent, minlength=len(unique)).to(x.feats.dtype)[:, None]
-    return SparseTensor(total / count, unique.to(x.coords.dtype),
+    return SparseTensor(total / (count + 1), unique.to(x.coords.dtype),
                         x.parents + [(x.coords, parent)])
 
 

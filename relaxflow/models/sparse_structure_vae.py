@@ -3,7 +3,9 @@
 ``SparseStructureDecoder`` turns the sampled latent ``[B, 8, 16, 16, 16]`` into occupancy logits
 ``[B, 1, 64, 64, 64]`` (occupied where > 0); ``SparseStructureEncoder`` maps occupancy back to
 the latent's mean (only training needs it). Released args: channels [512, 128, 32] (decoder) /
-[32, 128, 512] (encoder), two residual blocks per level and in the middle, layer norms.
+[32, 128, 512] (encoder), two residual blocks per level and in the middle, layer norms. As in
+the released code, ``norm_type`` chooses only the output layer's norm; residual blocks always use
+layer norms.
 """
 
 from __future__ import annotations
@@ -15,14 +17,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .layers import ChannelLayerNorm32, convert_to_half
+from .layers import ChannelLayerNorm32, GroupNorm32, convert_to_half
 
 
 def _norm(norm_type: str, channels: int) -> nn.Module:
     if norm_type == "layer":
         return ChannelLayerNorm32(channels)
     if norm_type == "group":
-        return nn.GroupNorm(32, channels)
+        return GroupNorm32(32, channels)
     raise ValueError(f"norm_type is 'layer' or 'group', got {norm_type!r}")
 
 
@@ -99,11 +101,11 @@ class SparseStructureDecoder(_ConvTorso):
         self.latent_channels = latent_channels
         self.upsample_factor = 2 ** (len(channels) - 1)
         self.input_layer = nn.Conv3d(latent_channels, channels[0], 3, padding=1)
-        self.middle_block = nn.Sequential(*[ResBlock3d(channels[0], norm_type=norm_type)
+        self.middle_block = nn.Sequential(*[ResBlock3d(channels[0])
                                             for _ in range(num_res_blocks_middle)])
         blocks: List[nn.Module] = []
         for i, ch in enumerate(channels):
-            blocks += [ResBlock3d(ch, norm_type=norm_type) for _ in range(num_res_blocks)]
+            blocks += [ResBlock3d(ch) for _ in range(num_res_blocks)]
             if i + 1 < len(channels):
                 blocks.append(UpsampleBlock3d(ch, channels[i + 1]))
         self.blocks = nn.ModuleList(blocks)
@@ -128,11 +130,11 @@ class SparseStructureEncoder(_ConvTorso):
         self.input_layer = nn.Conv3d(in_channels, channels[0], 3, padding=1)
         blocks: List[nn.Module] = []
         for i, ch in enumerate(channels):
-            blocks += [ResBlock3d(ch, norm_type=norm_type) for _ in range(num_res_blocks)]
+            blocks += [ResBlock3d(ch) for _ in range(num_res_blocks)]
             if i + 1 < len(channels):
                 blocks.append(DownsampleBlock3d(ch, channels[i + 1]))
         self.blocks = nn.ModuleList(blocks)
-        self.middle_block = nn.Sequential(*[ResBlock3d(channels[-1], norm_type=norm_type)
+        self.middle_block = nn.Sequential(*[ResBlock3d(channels[-1])
                                             for _ in range(num_res_blocks_middle)])
         self.out_layer = nn.Sequential(_norm(norm_type, channels[-1]), nn.SiLU(),
                                        nn.Conv3d(channels[-1], 2 * latent_channels, 3, padding=1))

@@ -1,0 +1,35 @@
+"""Sampling images from a guidance model: the deterministic DDIM / probability-flow ODE.
+
+``x_{t'} = a' x0_hat + s' eps_hat`` with ``x0_hat = (x_t - s eps_hat) / a`` on a uniform grid
+from ``t_max`` to 0, classifier-free guided. It returns the model's latents (pixel-space
+models: images in [-1, 1]); latent models decode them with their own VAE.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .base import Condition, Guidance
+
+
+@torch.no_grad()
+def sample_latents(guidance: Guidance, cond: Condition, uncond: Condition,
+                   shape: Tuple[int, ...], steps: int = 50, guidance_scale: Optional[float] = None,
+                   generator: Optional[torch.Generator] = None, t_max: float = 0.999,
+                   progress: bool = False) -> Tensor:
+    """``shape = (B, C, h, w)`` latents for the ``B`` conditions, from seeded noise."""
+    x = torch.randn(shape, generator=generator).to(guidance.device)
+    times = torch.linspace(t_max, 0.0, steps + 1, dtype=torch.float64)
+    for i in tqdm(range(steps), desc="sampling", disable=not progress):
+        t, t_next = times[i], times[i + 1]
+        eps = guidance.predict_eps(x, t, cond, uncond, guidance_scale)
+        a, s = (float(f(t)) for f in (guidance.schedule.alpha, guidance.schedule.sigma))
+        a_next, s_next = (float(f(t_next)) for f in (guidance.schedule.alpha,
+                                                      guidance.schedule.sigma))
+        x0 = (x - s * eps) / a
+        x = a_next * x0 + s_next * eps
+    return x
