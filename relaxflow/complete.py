@@ -26,7 +26,7 @@ import torch
 from cfd.config import save_config, to_object
 from cfd.utils.runtime import make_run_dir, write_json
 
-from .generate import StageOverrides, resolve_device, save_voxel_views
+from .generate import StageOverrides, resolve_device, resolve_precision, save_voxel_views
 
 
 @dataclass
@@ -77,6 +77,7 @@ class RelaxFlowConfig:
                                                                           sigma_key=0.0))
     seed: int = 42
     device: str = "auto"
+    precision: str = "auto"  # as in the generate job
     output_dir: str = "outputs"
     video_frames: int = 60
     video_size: int = 256
@@ -126,7 +127,7 @@ def run(cfg) -> Dict[str, Any]:
     from .visibility import voxel_visibility
 
     c: RelaxFlowConfig = to_object(cfg)
-    device = resolve_device(c.device)
+    device, half = resolve_device(c.device), resolve_precision(c.precision)
     observation, prior_images, drawn = _inputs(c)
     spec = read_pipeline(c.model)
     run_dir = make_run_dir(c.output_dir, c.name, Path(c.image).stem)
@@ -150,8 +151,8 @@ def run(cfg) -> Dict[str, Any]:
                            cam.resolution, cam.resolution)
 
     timings: Dict[str, float] = {}
-    flow = load_model(spec.root, spec.models["sparse_structure_flow_model"], device)
-    decoder = load_model(spec.root, spec.models["sparse_structure_decoder"], device)
+    flow = load_model(spec.root, spec.models["sparse_structure_flow_model"], device, half)
+    decoder = load_model(spec.root, spec.models["sparse_structure_decoder"], device, half)
     grid = (flow.resolution // flow.patch_size,) * 3
     stage1 = _relax_sampler(spec.samplers["sparse_structure_sampler"], c.stage1, n_priors, grid,
                             c.prior_pooling)
@@ -175,7 +176,7 @@ def run(cfg) -> Dict[str, Any]:
     resolution = flow.resolution * decoder.upsample_factor
     del flow, decoder
 
-    flow = load_model(spec.root, spec.models["slat_flow_model"], device)
+    flow = load_model(spec.root, spec.models["slat_flow_model"], device, half)
     stage2 = _relax_sampler(spec.samplers["slat_sampler"], c.stage2, n_priors, None,
                             c.prior_pooling)
     visibility = (voxel_visibility(structures["relaxflow"][:, 1:], resolution, camera.to(device))
@@ -193,7 +194,7 @@ def run(cfg) -> Dict[str, Any]:
         timings[f"latent_{name}_s"] = time.perf_counter() - start
     del flow
 
-    decoder = load_model(spec.root, spec.models["slat_decoder_gs"], device)
+    decoder = load_model(spec.root, spec.models["slat_decoder_gs"], device, half)
     outputs = {"relaxflow": "splats", "observation_only": "observation_only",
                "prior_only": "prior_only"}
     for name, latent in latents.items():

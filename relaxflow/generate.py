@@ -47,11 +47,24 @@ class GenerateConfig:
     text_cond_model: Optional[str] = None  # null: the pipeline's own (openai/clip-vit-large-patch14)
     seed: int = 42
     device: str = "auto"  # cuda when present, else cpu
+    # Torso precision of the models whose checkpoints are fp16: auto (float16 on CUDA, float32 on
+    # CPU), float16, bfloat16 or float32.
+    precision: str = "auto"
     output_dir: str = "outputs"
     sparse_structure_sampler: StageOverrides = field(default_factory=StageOverrides)
     slat_sampler: StageOverrides = field(default_factory=StageOverrides)
     video_frames: int = 60
     video_size: int = 256
+
+
+PRECISIONS = {"auto": None, "float16": torch.float16, "bfloat16": torch.bfloat16,
+              "float32": torch.float32}
+
+
+def resolve_precision(name: str) -> Optional[torch.dtype]:
+    if name not in PRECISIONS:
+        raise ValueError(f"precision is one of {', '.join(PRECISIONS)}, got {name!r}")
+    return PRECISIONS[name]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -93,7 +106,7 @@ def run(cfg) -> Dict[str, Any]:
     from .stages import decode_splats, group_by_item, guided, sample_latent, sample_structure
 
     c: GenerateConfig = to_object(cfg)
-    device = resolve_device(c.device)
+    device, half = resolve_device(c.device), resolve_precision(c.precision)
     spec = read_pipeline(c.model)
     for key in ("sparse_structure_flow_model", "sparse_structure_decoder", "slat_flow_model",
                 "slat_decoder_gs"):
@@ -116,8 +129,8 @@ def run(cfg) -> Dict[str, Any]:
     cond, neg_cond = stage("condition", lambda: _conditions(c, spec, device))
 
     def structure():
-        flow = load_model(spec.root, spec.models["sparse_structure_flow_model"], device)
-        decoder = load_model(spec.root, spec.models["sparse_structure_decoder"], device)
+        flow = load_model(spec.root, spec.models["sparse_structure_flow_model"], device, half)
+        decoder = load_model(spec.root, spec.models["sparse_structure_decoder"], device, half)
         sampler = _sampler(spec, "sparse_structure_sampler", c.sparse_structure_sampler)
         coords = sample_structure(flow, decoder, guided(sampler, cond, neg_cond, progress=True),
                                   1, generator, device)[1]
@@ -126,14 +139,14 @@ def run(cfg) -> Dict[str, Any]:
     coords, grid_resolution = stage("structure", structure)
 
     def latent():
-        flow = load_model(spec.root, spec.models["slat_flow_model"], device)
+        flow = load_model(spec.root, spec.models["slat_flow_model"], device, half)
         sampler = _sampler(spec, "slat_sampler", c.slat_sampler)
         return sample_latent(flow, guided(sampler, cond, neg_cond, progress=True), coords, 1,
                              spec.slat_normalization, generator)
 
     slat = stage("latent", latent)
     (splats,) = stage("decode", lambda: decode_splats(
-        load_model(spec.root, spec.models["slat_decoder_gs"], device), slat))
+        load_model(spec.root, spec.models["slat_decoder_gs"], device, half), slat))
 
     splats.save_ply(run_dir / "splats.ply")
     voxels = coords[:, 1:].cpu().numpy().astype(np.int16)

@@ -159,8 +159,9 @@ def test_empty_structure_is_a_clear_error():
         group_by_item(coords, 2)
 
 
-@pytest.mark.parametrize("variant", ["image", "text"])
-def test_generate_job_writes_splats_video_and_occupancy(pipeline_dir, tmp_path, variant):
+@pytest.mark.parametrize("variant, precision", [("image", "auto"), ("text", "bfloat16")])
+def test_generate_job_writes_splats_video_and_occupancy(pipeline_dir, tmp_path, variant,
+                                                        precision):
     import numpy as np
     from PIL import Image
 
@@ -179,7 +180,7 @@ def test_generate_job_writes_splats_video_and_occupancy(pipeline_dir, tmp_path, 
     code = run.main(["generate", "--config", f"configs/trellis-{variant}.yaml",
                      f"model={pipeline_dir}", f"output_dir={tmp_path / 'out'}", "video_frames=2",
                      "video_size=32", "sparse_structure_sampler.steps=2", "slat_sampler.steps=2",
-                     *inputs])
+                     f"precision={precision}", *inputs])
     assert code == 0
     (run_dir,) = (tmp_path / "out" / f"trellis-{variant}").iterdir()
     for name in ("config.yaml", "splats.ply", "occupancy.npz", "occupancy.png", "metrics.json"):
