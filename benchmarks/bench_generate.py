@@ -55,11 +55,13 @@ TINY = {
 
 
 def shell_coords(n_voxels: int, resolution: int = 64) -> torch.Tensor:
-    """Voxels of a sphere shell one voxel thick with about ``n_voxels`` sites, ``[N, 4]``."""
-    radius = (n_voxels / (4 * torch.pi)) ** 0.5
+    """Voxels of a sphere shell with about ``n_voxels`` sites (thicker than one voxel when a
+    thin shell that large does not fit the grid), ``[N, 4]``."""
+    radius = min((n_voxels / (4 * torch.pi)) ** 0.5, 0.4 * resolution)
+    thickness = max(1.0, n_voxels / (4 * torch.pi * radius ** 2))
     grid = torch.stack(torch.meshgrid(*[torch.arange(resolution)] * 3, indexing="ij"), -1)
     distance = (grid.float() - (resolution - 1) / 2).norm(dim=-1)
-    xyz = torch.argwhere((distance - radius).abs() < 0.5)
+    xyz = torch.argwhere((distance - radius).abs() < thickness / 2)
     return torch.cat([torch.zeros(len(xyz), 1, dtype=torch.long), xyz], 1).int()
 
 

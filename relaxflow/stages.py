@@ -51,12 +51,17 @@ def sparse_velocity(model: nn.Module, coords: Tensor, batch_size: int) -> Callab
     guidance and branch batches repeat the voxels as items ``B..2B-1``, ``2B..3B-1``, ...;
     keyword arguments (``cond_mask``, ``relaxation``) go to the model."""
 
+    tiles = {}  # copies -> (coords, cache): the same every step, so neighbour tables are reused
+
     def velocity(feats: Tensor, t: Tensor, cond: Tensor, **kwargs) -> Tensor:
         copies = feats.shape[0] // len(coords)
-        tiled = coords.repeat(copies, 1)
-        tiled[:, 0] += torch.arange(copies, device=coords.device,
-                                    dtype=coords.dtype).repeat_interleave(len(coords)) * batch_size
-        return model(SparseTensor(feats, tiled), t, cond, **kwargs).feats
+        if copies not in tiles:
+            tiled = coords.repeat(copies, 1)
+            tiled[:, 0] += torch.arange(copies, device=coords.device, dtype=coords.dtype
+                                        ).repeat_interleave(len(coords)) * batch_size
+            tiles[copies] = (tiled, {})
+        tiled, cache = tiles[copies]
+        return model(SparseTensor(feats, tiled, cache=cache), t, cond, **kwargs).feats
 
     return velocity
 

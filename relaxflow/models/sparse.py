@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field, replace
-from typing import List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch
 import torch.nn as nn
@@ -24,11 +24,14 @@ OFFSETS = torch.tensor(list(itertools.product((-1, 0, 1), repeat=3)), dtype=torc
 @dataclass
 class SparseTensor:
     """``feats [N, C]`` at ``coords [N, 4]`` (batch, x, y, z). ``parents`` remembers the finer
-    grids that downsampling left, so upsampling can go back to them."""
+    grids that downsampling left, so upsampling can go back to them. ``cache`` holds what
+    depends on the coordinates only (neighbour tables, the downsampled grid); ``replace`` shares
+    it, and a caller that reuses coordinates (a sampler, step after step) may pass it on."""
 
     feats: Tensor
     coords: Tensor
-    parents: List[Tuple[Tensor, Tensor]] = field(default_factory=list)  # (fine coords, parent)
+    parents: List[Tuple[Tensor, Tensor, Dict[str, Any]]] = field(default_factory=list)
+    cache: Dict[str, Any] = field(default_factory=dict)
 
     def replace(self, feats: Tensor) -> "SparseTensor":
         return replace(self, feats=feats)
@@ -90,7 +93,9 @@ class SparseConv3d(nn.Module):
         self.conv = _KernelWeights(in_channels, out_channels)
 
     def forward(self, x: SparseTensor) -> SparseTensor:
-        neighbours = neighbour_index(x.coords)
+        if "neighbours" not in x.cache:
+            x.cache["neighbours"] = neighbour_index(x.coords)
+        neighbours = x.cache["neighbours"]
         weight = self.conv.weight.reshape(self.conv.weight.shape[0], 27, -1)  # [out, 27, in]
         # products in the features' dtype, the sum over the 27 offsets in float32 (as spconv)
         out = self.conv.bias.float().expand(len(x.feats), -1).clone()
@@ -106,19 +111,23 @@ def sparse_downsample(x: SparseTensor, factor: int = 2) -> SparseTensor:
     """Coordinates ``// factor``; each coarse site takes its children's features summed and
     divided by their number plus one. The ``+ 1`` is what the released models compute (and were
     trained with): TRELLIS's scatter-mean starts from a zero that counts as a value."""
-    coarse = x.coords.clone()
-    coarse[:, 1:] = torch.div(coarse[:, 1:], factor, rounding_mode="floor")
-    unique, parent = torch.unique(coarse, dim=0, return_inverse=True)
+    key = f"down{factor}"
+    if key not in x.cache:
+        coarse = x.coords.clone()
+        coarse[:, 1:] = torch.div(coarse[:, 1:], factor, rounding_mode="floor")
+        unique, parent = torch.unique(coarse, dim=0, return_inverse=True)
+        x.cache[key] = (unique.to(x.coords.dtype), parent, {})
+    unique, parent, coarse_cache = x.cache[key]
     total = torch.zeros(len(unique), x.feats.shape[1], dtype=x.feats.dtype, device=x.feats.device)
     total.index_add_(0, parent, x.feats)
     count = torch.bincount(parent, minlength=len(unique)).to(x.feats.dtype)[:, None]
-    return SparseTensor(total / (count + 1), unique.to(x.coords.dtype),
-                        x.parents + [(x.coords, parent)])
+    return SparseTensor(total / (count + 1), unique, x.parents + [(x.coords, parent, x.cache)],
+                        coarse_cache)
 
 
 def sparse_upsample(x: SparseTensor) -> SparseTensor:
     """Back to the grid the last downsampling left: each fine site copies its parent."""
     if not x.parents:
         raise ValueError("sparse_upsample needs a tensor that was downsampled before")
-    fine_coords, parent = x.parents[-1]
-    return SparseTensor(x.feats.index_select(0, parent), fine_coords, x.parents[:-1])
+    fine_coords, parent, fine_cache = x.parents[-1]
+    return SparseTensor(x.feats.index_select(0, parent), fine_coords, x.parents[:-1], fine_cache)
