@@ -186,3 +186,15 @@ def test_embedded_prior_draws_views_of_a_prompt_with_their_alpha(tmp_path):
     background = rgba[..., :3][alpha == 0] / 255.0
     assert abs(background.mean() - 0.5) < 0.05
     assert preprocess_image(rgba[0]).shape == (3, 518, 518)
+
+
+def test_padded_conditions_attend_to_their_own_keys_only():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 5, 2, 4, generator=g)
+    k, v = torch.randn(2, 6, 2, 4, generator=g), torch.randn(2, 6, 2, 4, generator=g)
+    mask = torch.tensor([[True] * 6, [True] * 3 + [False] * 3])
+    out = attention(q, k, v, mask)
+    assert torch.allclose(out[1:], attention(q[1:], k[1:, :3], v[1:, :3]), atol=1e-6)
+    assert torch.allclose(out[:1], attention(q[:1], k[:1], v[:1]), atol=1e-6)
+    with pytest.raises(ValueError, match="prefix"):
+        attention(q, k, v, torch.tensor([[True] * 6, [False] * 3 + [True] * 3]))

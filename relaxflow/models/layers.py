@@ -102,12 +102,25 @@ class MultiHeadRMSNorm(nn.Module):
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor] = None) -> Tensor:
-    """``[B, L, H, D]`` queries, ``[B, S, H, D]`` keys and values -> ``[B, L, H, D]``;
-    ``key_mask [B, S]`` (True = attend) leaves out padding keys."""
-    mask = None if key_mask is None else key_mask[:, None, None, :]
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         attn_mask=mask)
-    return out.transpose(1, 2)
+    """``[B, L, H, D]`` queries, ``[B, S, H, D]`` keys and values -> ``[B, L, H, D]``.
+
+    ``key_mask [B, S]`` (True = a real key, padding at the end) comes with batches of conditions
+    of different lengths: items of each length attend to their own keys only, with no padding
+    computed."""
+    def sdpa(q, k, v):
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                              v.transpose(1, 2)).transpose(1, 2)
+
+    if key_mask is None:
+        return sdpa(q, k, v)
+    lengths = key_mask.sum(1)
+    if not torch.equal(key_mask, torch.arange(k.shape[1], device=k.device) < lengths[:, None]):
+        raise ValueError("key_mask must mark each item's real keys as a prefix (padding at the end)")
+    out = q.new_empty(q.shape[:3] + v.shape[3:])
+    for length in lengths.unique().tolist():
+        items = torch.nonzero(lengths == length).squeeze(1)
+        out[items] = sdpa(q[items], k[items, :length], v[items, :length])
+    return out
 
 
 class MultiHeadAttention(nn.Module):
