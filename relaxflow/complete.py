@@ -78,6 +78,7 @@ class RelaxFlowConfig:
     seed: int = 42
     device: str = "auto"
     precision: str = "auto"  # as in the generate job
+    offload: str = "reload"  # as in the generate job
     output_dir: str = "outputs"
     video_frames: int = 60
     video_size: int = 256
@@ -116,20 +117,55 @@ def _inputs(c: RelaxFlowConfig):
     return observation, torch.stack([preprocess_image(r) for r in rgba]), drawn
 
 
-def run(cfg) -> Dict[str, Any]:
+def _observation_camera(cam: ObservationCamera):
     from cfd.cameras import orbit_cameras
-    from cfd.visualize import write_orbit_video
 
+    one = lambda v: torch.tensor([float(v)])  # noqa: E731
+    return orbit_cameras(one(cam.elevation), one(cam.azimuth), one(cam.distance), one(cam.fov),
+                         cam.resolution, cam.resolution)
+
+
+def _tokens(c: RelaxFlowConfig, observation, prior_images, device):
+    """(condition, negative) of the observation and of the pooled priors."""
     from .conditioning import ImageConditioner
     from .dual_branch import pool_priors
-    from .loading import load_model, read_pipeline
-    from .stages import decode_splats, group_by_item, guided, sample_latent, sample_structure
+
+    conditioner = ImageConditioner.from_pretrained(c.image_cond_model, device)
+    obs_cond = conditioner(observation[None])
+    prior_cond = pool_priors(conditioner(prior_images), c.prior_pooling)
+    return (obs_cond, torch.zeros_like(obs_cond)), (prior_cond, torch.zeros_like(prior_cond))
+
+
+def _three_runs(sampler, obs, prior, visibility=None, progress=False):
+    """RelaxFlow and the two single branches, as integrators for one stage."""
+    from .stages import guided
+
+    relaxation = sampler.relaxation
+
+    def prior_only(model, noise):
+        if relaxation is None:
+            return sampler.base.sample(model, noise, *prior)
+        return sampler.base.sample(lambda x, t, cond: model(x, t, cond, relaxation=relaxation),
+                                   noise, *prior)
+
+    return {"relaxflow": lambda model, noise: sampler.sample(model, noise, obs, prior, visibility,
+                                                             progress),
+            "observation_only": guided(sampler.base, *obs), "prior_only": prior_only}
+
+
+def run(cfg) -> Dict[str, Any]:
+    from cfd.visualize import write_orbit_video
+
+    from .pipeline import TrellisPipeline
+    from .stages import decode_splats, group_by_item, sample_latent, sample_structure
     from .visibility import voxel_visibility
 
     c: RelaxFlowConfig = to_object(cfg)
-    device, half = resolve_device(c.device), resolve_precision(c.precision)
+    device = resolve_device(c.device)
     observation, prior_images, drawn = _inputs(c)
-    spec = read_pipeline(c.model)
+    pipe = TrellisPipeline.from_pretrained(c.model, device=device,
+                                           half_dtype=resolve_precision(c.precision),
+                                           offload=c.offload)
     run_dir = make_run_dir(c.output_dir, c.name, Path(c.image).stem)
     save_config(cfg, run_dir / "config.yaml")
     if drawn is not None:
@@ -137,73 +173,50 @@ def run(cfg) -> Dict[str, Any]:
 
         for i, rgba in enumerate(drawn):
             save_image(torch.from_numpy(rgba[..., :3] / 255.0), run_dir / f"prior_{i}.png")
-
-    conditioner = ImageConditioner.from_pretrained(c.image_cond_model, device)
-    obs_cond = conditioner(observation[None])
-    prior_cond = pool_priors(conditioner(prior_images), c.prior_pooling)
-    del conditioner
-    obs = (obs_cond, torch.zeros_like(obs_cond))
-    prior = (prior_cond, torch.zeros_like(prior_cond))
+    obs, prior = _tokens(c, observation, prior_images, device)
     n_priors = len(prior_images)
-    one = lambda v: torch.tensor([float(v)])  # noqa: E731
-    cam = c.camera
-    camera = orbit_cameras(one(cam.elevation), one(cam.azimuth), one(cam.distance), one(cam.fov),
-                           cam.resolution, cam.resolution)
-
+    # one random stream per run through both stages, all from the same seed
+    generators = {name: torch.Generator().manual_seed(c.seed)
+                  for name in ("relaxflow", "observation_only", "prior_only")}
     timings: Dict[str, float] = {}
-    flow = load_model(spec.root, spec.models["sparse_structure_flow_model"], device, half)
-    decoder = load_model(spec.root, spec.models["sparse_structure_decoder"], device, half)
-    grid = (flow.resolution // flow.patch_size,) * 3
-    stage1 = _relax_sampler(spec.samplers["sparse_structure_sampler"], c.stage1, n_priors, grid,
-                            c.prior_pooling)
-    relaxed_prior = stage1.relaxation
-    runs = {
-        "relaxflow": lambda model, noise: stage1.sample(model, noise, obs, prior, progress=True),
-        "observation_only": guided(stage1.base, *obs),
-        "prior_only": guided(stage1.base, *prior) if relaxed_prior is None else (
-            lambda model, noise: stage1.base.sample(
-                lambda x, t, cond: model(x, t, cond, relaxation=relaxed_prior), noise, *prior)),
-    }
-    # one random stream per run, through both stages, from the same seed: the same noise for
-    # every run
-    generators = {name: torch.Generator().manual_seed(c.seed) for name in runs}
+
     structures = {}
-    for name, integrate in runs.items():
-        start = time.perf_counter()
-        coords = sample_structure(flow, decoder, integrate, 1, generators[name], device)[1]
-        structures[name] = group_by_item(coords, 1)
-        timings[f"structure_{name}_s"] = time.perf_counter() - start
-    resolution = flow.resolution * decoder.upsample_factor
-    del flow, decoder
+    with pipe.stage("structure") as m:
+        flow, decoder = m["sparse_structure_flow_model"], m["sparse_structure_decoder"]
+        grid = (flow.resolution // flow.patch_size,) * 3
+        stage1 = _relax_sampler(pipe.sampler("structure"), c.stage1, n_priors, grid,
+                                c.prior_pooling)
+        for name, integrate in _three_runs(stage1, obs, prior, progress=True).items():
+            start = time.perf_counter()
+            coords = sample_structure(flow, decoder, integrate, 1, generators[name], device)[1]
+            structures[name] = group_by_item(coords, 1)
+            timings[f"structure_{name}_s"] = time.perf_counter() - start
+        resolution = flow.resolution * decoder.upsample_factor
 
-    flow = load_model(spec.root, spec.models["slat_flow_model"], device, half)
-    stage2 = _relax_sampler(spec.samplers["slat_sampler"], c.stage2, n_priors, None,
-                            c.prior_pooling)
-    visibility = (voxel_visibility(structures["relaxflow"][:, 1:], resolution, camera.to(device))
-                  if cam.enabled else torch.zeros(len(structures["relaxflow"]), device=device))
+    completed = structures["relaxflow"]
+    visibility = (voxel_visibility(completed[:, 1:], resolution,
+                                   _observation_camera(c.camera).to(device))
+                  if c.camera.enabled else torch.zeros(len(completed), device=device))
     latents = {}
-    for name, coords in structures.items():
-        start = time.perf_counter()
-        if name == "relaxflow":
-            m = visibility[:, None]
-            integrate = (lambda model, noise: stage2.sample(model, noise, obs, prior, m))
-        else:
-            integrate = guided(stage2.base, *(obs if name == "observation_only" else prior))
-        latents[name] = sample_latent(flow, integrate, coords, 1, spec.slat_normalization,
-                                      generators[name])
-        timings[f"latent_{name}_s"] = time.perf_counter() - start
-    del flow
+    with pipe.stage("latent") as m:
+        stage2 = _relax_sampler(pipe.sampler("latent"), c.stage2, n_priors, None,
+                                c.prior_pooling)
+        for name, integrate in _three_runs(stage2, obs, prior, visibility[:, None]).items():
+            start = time.perf_counter()
+            latents[name] = sample_latent(m["slat_flow_model"], integrate, structures[name], 1,
+                                          pipe.spec.slat_normalization, generators[name])
+            timings[f"latent_{name}_s"] = time.perf_counter() - start
 
-    decoder = load_model(spec.root, spec.models["slat_decoder_gs"], device, half)
-    outputs = {"relaxflow": "splats", "observation_only": "observation_only",
-               "prior_only": "prior_only"}
-    for name, latent in latents.items():
-        (splats,) = decode_splats(decoder, latent)
-        stem = outputs[name]
-        splats.save_ply(run_dir / f"{stem}.ply")
-        write_orbit_video(splats, run_dir / ("orbit.mp4" if name == "relaxflow" else f"{stem}.mp4"),
-                          n_frames=c.video_frames, size=c.video_size, distance=2.0)
-    voxels = structures["relaxflow"][:, 1:].cpu().numpy().astype(np.int16)
+    files = {"relaxflow": ("splats.ply", "orbit.mp4"),
+             "observation_only": ("observation_only.ply", "observation_only.mp4"),
+             "prior_only": ("prior_only.ply", "prior_only.mp4")}
+    with pipe.stage("decode") as m:
+        for name, latent in latents.items():
+            (splats,) = decode_splats(m["slat_decoder_gs"], latent)
+            splats.save_ply(run_dir / files[name][0])
+            write_orbit_video(splats, run_dir / files[name][1], n_frames=c.video_frames,
+                              size=c.video_size, distance=2.0)
+    voxels = completed[:, 1:].cpu().numpy().astype(np.int16)
     np.savez_compressed(run_dir / "occupancy.npz", coords=voxels, resolution=resolution,
                         visibility=visibility.cpu().numpy())
     save_voxel_views(voxels, run_dir / "visibility.png", resolution,

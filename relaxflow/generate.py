@@ -5,8 +5,8 @@
 
 Writes ``splats.ply``, ``orbit.mp4``, ``occupancy.npz`` (the stage-1 voxels, ``coords [N, 3]``
 at ``resolution``) with a PNG of them, and ``metrics.json`` (stage timings, counts). Stage models
-are loaded when their stage starts and released after it, so only one stage's weights are in
-memory at a time.
+are loaded when their stage starts and released after it (``offload=reload``), so only one
+stage's weights are in memory at a time.
 """
 
 from __future__ import annotations
@@ -50,6 +50,10 @@ class GenerateConfig:
     # Torso precision of the models whose checkpoints are fp16: auto (float16 on CUDA, float32 on
     # CPU), float16, bfloat16 or float32.
     precision: str = "auto"
+    # Between stages: reload (read each stage's models from disk, then free them: least memory),
+    # cpu (keep them in CPU memory, on the device only for their stage) or none (keep them all
+    # on the device). See relaxflow.pipeline.
+    offload: str = "reload"
     output_dir: str = "outputs"
     sparse_structure_sampler: StageOverrides = field(default_factory=StageOverrides)
     slat_sampler: StageOverrides = field(default_factory=StageOverrides)
@@ -74,12 +78,11 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _sampler(spec, key: str, overrides: StageOverrides):
+def _sampler(sampler, overrides: StageOverrides):
+    """``pipeline.json``'s sampler with the config's non-null overrides."""
     from dataclasses import replace
 
-    sampler = spec.samplers[key]
-    changes = {k: v for k, v in vars(overrides).items() if v is not None}
-    return replace(sampler, **changes)
+    return replace(sampler, **{k: v for k, v in vars(overrides).items() if v is not None})
 
 
 def _conditions(c: GenerateConfig, spec, device):
@@ -102,16 +105,14 @@ def _conditions(c: GenerateConfig, spec, device):
 def run(cfg) -> Dict[str, Any]:
     from cfd.visualize import write_orbit_video
 
-    from .loading import load_model, read_pipeline
+    from .pipeline import TrellisPipeline
     from .stages import decode_splats, group_by_item, guided, sample_latent, sample_structure
 
     c: GenerateConfig = to_object(cfg)
-    device, half = resolve_device(c.device), resolve_precision(c.precision)
-    spec = read_pipeline(c.model)
-    for key in ("sparse_structure_flow_model", "sparse_structure_decoder", "slat_flow_model",
-                "slat_decoder_gs"):
-        if key not in spec.models:
-            raise ValueError(f"{spec.root}/pipeline.json names no '{key}' model")
+    device = resolve_device(c.device)
+    pipe = TrellisPipeline.from_pretrained(c.model, device=device,
+                                           half_dtype=resolve_precision(c.precision),
+                                           offload=c.offload)
     run_dir = make_run_dir(c.output_dir, c.name, Path(c.image).stem if c.image else c.prompt)
     save_config(cfg, run_dir / "config.yaml")
     generator = torch.Generator().manual_seed(c.seed)
@@ -126,27 +127,30 @@ def run(cfg) -> Dict[str, Any]:
         log.info("%s: %.1f s", name, timings[f"{name}_s"])
         return result
 
-    cond, neg_cond = stage("condition", lambda: _conditions(c, spec, device))
+    cond, neg_cond = stage("condition", lambda: _conditions(c, pipe.spec, device))
 
     def structure():
-        flow = load_model(spec.root, spec.models["sparse_structure_flow_model"], device, half)
-        decoder = load_model(spec.root, spec.models["sparse_structure_decoder"], device, half)
-        sampler = _sampler(spec, "sparse_structure_sampler", c.sparse_structure_sampler)
-        coords = sample_structure(flow, decoder, guided(sampler, cond, neg_cond, progress=True),
-                                  1, generator, device)[1]
-        return group_by_item(coords, 1), flow.resolution * decoder.upsample_factor
+        with pipe.stage("structure") as m:
+            flow, decoder = m["sparse_structure_flow_model"], m["sparse_structure_decoder"]
+            sampler = _sampler(pipe.sampler("structure"), c.sparse_structure_sampler)
+            coords = sample_structure(flow, decoder, guided(sampler, cond, neg_cond, True), 1,
+                                      generator, device)[1]
+            return group_by_item(coords, 1), flow.resolution * decoder.upsample_factor
 
     coords, grid_resolution = stage("structure", structure)
 
     def latent():
-        flow = load_model(spec.root, spec.models["slat_flow_model"], device, half)
-        sampler = _sampler(spec, "slat_sampler", c.slat_sampler)
-        return sample_latent(flow, guided(sampler, cond, neg_cond, progress=True), coords, 1,
-                             spec.slat_normalization, generator)
+        with pipe.stage("latent") as m:
+            sampler = _sampler(pipe.sampler("latent"), c.slat_sampler)
+            return sample_latent(m["slat_flow_model"], guided(sampler, cond, neg_cond, True),
+                                 coords, 1, pipe.spec.slat_normalization, generator)
+
+    def decode():
+        with pipe.stage("decode") as m:
+            return decode_splats(m["slat_decoder_gs"], slat)
 
     slat = stage("latent", latent)
-    (splats,) = stage("decode", lambda: decode_splats(
-        load_model(spec.root, spec.models["slat_decoder_gs"], device, half), slat))
+    (splats,) = stage("decode", decode)
 
     splats.save_ply(run_dir / "splats.ply")
     voxels = coords[:, 1:].cpu().numpy().astype(np.int16)

@@ -268,3 +268,30 @@ def test_relaxflow_job_rejects_bad_inputs(pipeline_dir, tmp_path, capsys):
     assert run.main([*args, f"image={image}", f"mask={tmp_path / 'mask.png'}",
                      f"priors=[{image}]"]) == 2
     assert "no object found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("offload, held", [("reload", 0), ("cpu", 2), ("none", 2)])
+def test_pipeline_holds_models_between_stages_as_asked(pipeline_dir, offload, held):
+    from relaxflow.pipeline import TrellisPipeline
+
+    pipe = TrellisPipeline.from_pretrained(pipeline_dir, offload=offload)
+    with pipe.stage("structure") as models:
+        first = models["sparse_structure_flow_model"]
+        assert set(models) == {"sparse_structure_flow_model", "sparse_structure_decoder"}
+    assert len(pipe._held) == held
+    with pipe.stage("structure") as models:
+        assert (models["sparse_structure_flow_model"] is first) == (offload != "reload")
+    with pytest.raises(ValueError, match="offload is one of"):
+        TrellisPipeline.from_pretrained(pipeline_dir, offload="disk")
+
+
+def test_pipeline_without_a_stage_model_is_a_clear_error(pipeline_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(pipeline_dir, broken)
+    spec = json.loads((broken / "pipeline.json").read_text())
+    del spec["args"]["models"]["slat_decoder_gs"]
+    (broken / "pipeline.json").write_text(json.dumps(spec))
+    from relaxflow.pipeline import TrellisPipeline
+
+    with pytest.raises(ValueError, match="names no 'slat_decoder_gs' model"):
+        TrellisPipeline.from_pretrained(broken)

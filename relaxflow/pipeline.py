@@ -1,0 +1,83 @@
+"""A TRELLIS pipeline folder's models, held one stage at a time.
+
+    pipe = TrellisPipeline.from_pretrained("microsoft/TRELLIS-image-large", device="cuda")
+    with pipe.stage("structure") as models:
+        flow, decoder = models["sparse_structure_flow_model"], models["sparse_structure_decoder"]
+
+``offload`` chooses what happens between stages:
+
+* ``"reload"`` (default): a stage's models are read from disk when it starts and released when it
+  ends: the least memory (one stage's weights), for single runs;
+* ``"cpu"``: every model stays in CPU memory and moves to the device for its stage: for repeated
+  runs on small GPUs (8-12 GB);
+* ``"none"``: every model stays on the device after first use: the fastest repeated runs.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Dict, Iterator, Optional, Union
+
+import torch
+from torch import nn
+
+from .loading import PipelineSpec, load_model, read_pipeline
+
+STAGES = {
+    "structure": ("sparse_structure_flow_model", "sparse_structure_decoder"),
+    "latent": ("slat_flow_model",),
+    "decode": ("slat_decoder_gs",),
+}
+OFFLOAD = ("reload", "cpu", "none")
+
+
+class TrellisPipeline:
+    def __init__(self, spec: PipelineSpec, device: Union[str, torch.device] = "cpu",
+                 half_dtype: Optional[torch.dtype] = None, offload: str = "reload"):
+        if offload not in OFFLOAD:
+            raise ValueError(f"offload is one of {', '.join(OFFLOAD)}, got {offload!r}")
+        for stage, keys in STAGES.items():
+            for key in keys:
+                if key not in spec.models:
+                    raise ValueError(f"{spec.root}/pipeline.json names no '{key}' model "
+                                     f"(needed by the {stage} stage)")
+        self.spec, self.device = spec, torch.device(device)
+        self.half_dtype, self.offload = half_dtype, offload
+        self._held: Dict[str, nn.Module] = {}
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo: Union[str, os.PathLike], **kwargs) -> "TrellisPipeline":
+        return cls(read_pipeline(path_or_repo), **kwargs)
+
+    def sampler(self, stage: str):
+        """``pipeline.json``'s sampler settings of ``"structure"`` or ``"latent"``."""
+        return self.spec.samplers[{"structure": "sparse_structure_sampler",
+                                   "latent": "slat_sampler"}[stage]]
+
+    def _model(self, key: str) -> nn.Module:
+        if key in self._held:
+            return self._held[key].to(self.device)
+        home = torch.device("cpu") if self.offload == "cpu" else self.device
+        model = load_model(self.spec.root, self.spec.models[key], home,
+                           self.half_dtype or (torch.float16 if self.device.type == "cuda"
+                                               else None))
+        if self.offload != "reload":
+            self._held[key] = model
+        return model.to(self.device)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[Dict[str, nn.Module]]:
+        """The models of stage ``name`` on the device, for the ``with`` block."""
+        if name not in STAGES:
+            raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+        models = {key: self._model(key) for key in STAGES[name]}
+        try:
+            yield models
+        finally:
+            if self.offload == "cpu":
+                for model in models.values():
+                    model.to("cpu")
+            models.clear()
+            if self.device.type == "cuda" and self.offload != "none":
+                torch.cuda.empty_cache()
