@@ -21,6 +21,7 @@ Topologies:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Tuple
 
@@ -75,10 +76,7 @@ class KeyLayout:
     grid: Tuple[int, ...] = (37, 37)
 
     def length(self) -> int:
-        patches = 1
-        for g in self.grid:
-            patches *= g
-        return self.n_images * (self.prefix + patches)
+        return self.n_images * (self.prefix + math.prod(self.grid))
 
 
 @dataclass
