@@ -12,9 +12,7 @@ decoder turns it into splats.
 from __future__ import annotations
 
 import argparse
-import resource
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -22,6 +20,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.timing import peak_memory_mb, reset_peak_memory, time_call  # noqa: E402
 from relaxflow.models import build  # noqa: E402
 from relaxflow.sampler import FlowEulerSampler  # noqa: E402
 from relaxflow.stages import decode_splats, guided, sample_latent, sample_structure  # noqa: E402
@@ -79,12 +78,6 @@ def random_model(name, args, device, dtype):
     return model.eval()
 
 
-def peak_memory_gb(device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2 ** 30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB -> GiB
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--released", action="store_true", help="TRELLIS-image-large sizes")
@@ -103,15 +96,11 @@ def main() -> None:
     rows = []
 
     def timed(stage, fn):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        out = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        rows.append((stage, time.perf_counter() - start, peak_memory_gb(device)))
-        return out
+        out = []
+        reset_peak_memory(device)
+        seconds = time_call(lambda: out.append(fn()), 1, device, warmup=0)
+        rows.append((stage, seconds, peak_memory_mb(device) / 1024))
+        return out[0]
 
     # One stage's models at a time, as the generate job holds them; building is not timed.
     def structure():
@@ -134,7 +123,7 @@ def main() -> None:
     print(f"{'released' if args.released else 'tiny'} models, {device}, {args.dtype}, "
           f"{args.steps} + {args.steps} steps, cfg on [0.5, 1]; stage 1 decoded "
           f"{len(coords)} voxels (random weights); {len(splats)} splats")
-    memory = "peak allocated GiB" if device.type == "cuda" else "process peak RSS GiB"
+    memory = "peak allocated GiB" if device.type == "cuda" else "peak RSS GiB (per stage)"
     print(f"| stage | s | {memory} |\n|---|---|---|")
     for stage, seconds, peak in rows:
         print(f"| {stage} | {seconds:.2f} | {peak:.2f} |")

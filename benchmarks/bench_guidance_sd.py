@@ -20,9 +20,7 @@ Each line is the median over ``--repeats`` timed runs after ``--warmup`` runs.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -30,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.timing import time_call  # noqa: E402
 from guidance.stable_diffusion import StableDiffusionConfig, StableDiffusionGuidance  # noqa: E402
 
 # Architecture of stable-diffusion-2-1-base (unet/config.json and vae/config.json values).
@@ -86,23 +85,6 @@ def build_guidance(device, dtype, smoke: bool, resolution: int) -> StableDiffusi
                                 half_precision=dtype == torch.float16)
     return StableDiffusionGuidance(unet, vae, None, None, scheduler, cfg, device=device,
                                    dtype=dtype)
-
-
-def timed(fn, device, warmup: int, repeats: int) -> float:
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main(argv=None) -> int:
@@ -165,7 +147,7 @@ def main(argv=None) -> int:
         torch.cuda.reset_peak_memory_stats(device)
     for label, fn in (("encode", encode), ("unet forward (CFG)", unet), ("call", call),
                       ("call+backward", call_backward)):
-        seconds = timed(fn, device, args.warmup, args.repeats)
+        seconds = time_call(fn, args.repeats, device, warmup=args.warmup)
         print(f"  {label:<20s} {seconds:8.4f} s  (median of {args.repeats})")
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2**30

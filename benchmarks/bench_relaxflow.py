@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -23,23 +22,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_generate import RELEASED, TINY, random_model  # noqa: E402
+from benchmarks.timing import time_call  # noqa: E402
 from relaxflow.dual_branch import RelaxFlowSampler, pool_priors  # noqa: E402
 from relaxflow.models.layers import attention  # noqa: E402
 from relaxflow.relaxation import AttentionRelaxation, KeyLayout  # noqa: E402
 from relaxflow.sampler import FlowEulerSampler  # noqa: E402
-
-
-def best_of(fn, repeats: int, device) -> float:
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def attention_costs(n_priors: int, device, dtype, repeats: int) -> None:
@@ -59,7 +46,8 @@ def attention_costs(n_priors: int, device, dtype, repeats: int) -> None:
         return torch.einsum("bhqk,bkhd->bqhd", torch.softmax(logits, -1), v.float())
 
     diff = (ours().float() - explicit()).abs().max().item()
-    t_ours, t_explicit = best_of(ours, repeats, device), best_of(explicit, repeats, device)
+    t_ours, t_explicit = (time_call(f, repeats, device, warmup=0, reduce=min)
+                             for f in (ours, explicit))
     logit_gib = 4 * heads * 4096 * relax.keys.length() / 2 ** 30
     print(f"\nrelaxed cross-attention, 4096 queries x {relax.keys.length()} keys ({n_priors} priors),"
           f" {heads} heads, {device}, {dtype}; max |difference| {diff:.2e}")
@@ -79,9 +67,11 @@ def sampling_costs(sizes, n_priors: int, steps: int, device, dtype, repeats: int
     base = FlowEulerSampler(steps=steps, cfg_strength=7.5, cfg_interval=(0.5, 1.0), rescale_t=3.0)
     sampler = RelaxFlowSampler(base=base, relaxation=AttentionRelaxation(
         2.5, 2.5, query_grid=(16, 16, 16), keys=KeyLayout(n_images=n_priors)))
-    plain = best_of(lambda: base.sample(flow, noise, obs, torch.zeros_like(obs)), repeats, device)
-    relaxed = best_of(lambda: sampler.sample(flow, noise, (obs, torch.zeros_like(obs)),
-                                             (priors, torch.zeros_like(priors))), repeats, device)
+    plain = time_call(lambda: base.sample(flow, noise, obs, torch.zeros_like(obs)), repeats,
+                      device, warmup=0, reduce=min)
+    relaxed = time_call(lambda: sampler.sample(flow, noise, (obs, torch.zeros_like(obs)),
+                                               (priors, torch.zeros_like(priors))),
+                        repeats, device, warmup=0, reduce=min)
     print(f"\nstage-1 sampling, {steps} steps, guidance on t in [0.5, 1], alpha > 0 on "
           f"{sum(a > 0 for a in sampler.alphas())} steps, {n_priors} priors, {device}, {dtype}")
     print("| run | s (best of %d) |\n|---|---|" % repeats)

@@ -11,9 +11,7 @@ memory growth during the timed calls. On CUDA it also times gsplat and prints to
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -23,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cfd.cameras import sample_orbit_cameras  # noqa: E402
 from cfd.renderers import rasterization  # noqa: E402
 from cfd.utils.runtime import tune_malloc  # noqa: E402
+from benchmarks.timing import peak_memory_mb, reset_peak_memory, rss_mb, time_call  # noqa: E402
 
 CONFIGS = [(5_000, 64), (20_000, 128), (100_000, 256)]
 # Pure-PyTorch peers timed on this 2-core machine kind (shared/reference/cpu-performance.md):
@@ -43,41 +42,6 @@ def random_scene(n: int, device, seed: int = 0, log_scale: float = -4.0):
     return [t.to(device).requires_grad_() for t in tensors]
 
 
-def _peak_rss_reset() -> None:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
-def _peak_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024.0
-    return float("nan")
-
-
-def _rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024.0
-    return float("nan")
-
-
-def time_call(fn, repeats: int, device) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def bench(n: int, size: int, backend: str, device, repeats: int, log_scale: float):
     means, quats, log_scales, logit_opac, colors = random_scene(n, device, log_scale=log_scale)
     cams = sample_orbit_cameras(1, size, size, generator=torch.Generator().manual_seed(1),
@@ -95,10 +59,11 @@ def bench(n: int, size: int, backend: str, device, repeats: int, log_scale: floa
         (out.rgb.sum() + out.alpha.sum() + out.depth.mean()).backward()
 
     t_fwd = time_call(lambda: forward(), repeats, device)
-    base = _rss_mb()
-    _peak_rss_reset()
+    host = torch.device("cpu")  # host memory on every device: the column is RSS growth
+    base = rss_mb()
+    reset_peak_memory(host)
     t_both = time_call(forward_backward, repeats, device)
-    peak = _peak_rss_mb() - base
+    peak = peak_memory_mb(host) - base
     return t_fwd, t_both, info["isect"], peak
 
 
