@@ -198,3 +198,16 @@ def test_padded_conditions_attend_to_their_own_keys_only():
     assert torch.allclose(out[:1], attention(q[:1], k[:1], v[:1]), atol=1e-6)
     with pytest.raises(ValueError, match="prefix"):
         attention(q, k, v, torch.tensor([[True] * 6, [False] * 3 + [True] * 3]))
+
+
+@pytest.mark.gpu
+def test_relaxflow_step_on_cuda_matches_cpu(flow):
+    obs, prior = conditions()
+    sampler = relaxflow()
+    x, m = torch.randn(1, 2, 4, 4, 4), torch.rand(1, 1, 4, 4, 4)
+    expected = sampler.fused_velocity(flow, x, 0.8, 0.7, obs, prior, m)
+    cuda_flow = build("SparseStructureFlowModel", TINY_FLOW, device="cuda")
+    cuda_flow.load_state_dict(flow.state_dict())
+    to = lambda pair: tuple(p.cuda() for p in pair)  # noqa: E731
+    got = sampler.fused_velocity(cuda_flow, x.cuda(), 0.8, 0.7, to(obs), to(prior), m.cuda())
+    assert (got.cpu() - expected).abs().max() < 1e-4 * expected.abs().max().clamp(min=1)

@@ -171,3 +171,28 @@ def test_tiny_gaussian_decoder_output_renders():
     assert splats.params["means"].abs().max() <= 0.5 + 0.75 / 16
     out = render(splats, fixed_orbit_cameras(1, 32, 32, 20.0, 2.0, 40.0), backend="torch")
     assert out.alpha.max() > 0.5
+
+
+@pytest.mark.gpu
+def test_stage2_and_decoder_on_cuda_in_half_precision_agree_with_cpu():
+    torch.manual_seed(0)
+    flow = build("SLatFlowModel", {**TINY_SLAT, "use_fp16": True})
+    decoder = build("SLatGaussianDecoder", {**GS_DECODER_B, "resolution": 16,
+                                            "model_channels": 24, "num_blocks": 2,
+                                            "num_heads": 2, "window_size": 4})
+    coords = random_sites(2, 8, 0.2, torch.Generator().manual_seed(1))
+    feats, t, cond = torch.randn(len(coords), 4), torch.tensor([700.0, 300.0]), torch.randn(2, 3, 16)
+    expected = flow(SparseTensor(feats, coords), t, cond).feats
+    flow_cuda = build("SLatFlowModel", {**TINY_SLAT, "use_fp16": True}, device="cuda")
+    flow_cuda.load_state_dict(flow.state_dict())
+    assert flow_cuda.blocks[0].mlp.mlp[0].weight.dtype == torch.float16
+    got = flow_cuda(SparseTensor(feats.cuda(), coords.cuda()), t.cuda(), cond.cuda()).feats
+    assert (got.float().cpu() - expected).abs().max() < 2e-2 * expected.abs().max()
+    fine = coords.clone()
+    fine[:, 1:] *= 2  # on the decoder's 16^3 grid
+    latent = SparseTensor(torch.randn(len(coords), 8), fine)
+    with torch.no_grad():
+        ref = decoder(latent)
+        decoder.cuda().set_torso_dtype(torch.float16)
+        half = decoder(SparseTensor(latent.feats.cuda(), latent.coords.cuda()))
+    assert (half.float().cpu() - ref).abs().max() < 2e-2 * ref.abs().max()
