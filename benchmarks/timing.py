@@ -60,3 +60,18 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
     return _status_mb("VmHWM")
+
+
+def peak_growth_mb(fn: Callable[[], object], device: torch.device) -> float:
+    """How much memory one call of ``fn`` adds at its peak over what was in use before it
+    (CUDA: allocated; CPU: resident)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device) / 2 ** 20
+    else:
+        base = rss_mb()
+    reset_peak_memory(device)
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return peak_memory_mb(device) - base
