@@ -49,8 +49,8 @@ def attention_costs(n_priors: int, device, dtype, repeats: int) -> None:
     t_ours, t_explicit = (time_call(f, repeats, device, warmup=0, reduce=min)
                           for f in (ours, explicit))
     m_ours, m_explicit = (peak_growth_mb(f, device) for f in (ours, explicit))
-    print(f"\nrelaxed cross-attention, 4096 queries x {relax.keys.length()} keys ({n_priors} priors),"
-          f" {heads} heads, {device}, {dtype}; max |difference| {diff:.2e}")
+    print(f"\nrelaxed cross-attention, 4096 queries x {relax.keys.length()} keys "
+          f"({n_priors} priors), {heads} heads, {device}, {dtype}; max |difference| {diff:.2e}")
     print("| method | s (best of %d) | peak memory growth MiB |\n|---|---|---|" % repeats)
     print(f"| explicit blurred logits (fp32) | {t_explicit:.3f} | {m_explicit:.0f} |")
     print(f"| blurred queries and keys + SDPA | {t_ours:.3f} | {m_ours:.0f} |")

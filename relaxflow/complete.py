@@ -16,7 +16,7 @@ the pooled prior tokens with the relaxation) for comparison. Writes ``splats.ply
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -26,7 +26,8 @@ import torch
 from cfd.config import save_config, to_object
 from cfd.utils.runtime import make_run_dir, write_json
 
-from .generate import StageOverrides, resolve_device, resolve_precision, save_voxel_views
+from .generate import (StageOverrides, resolve_device, resolve_precision, save_voxel_views,
+                       with_overrides)
 
 
 @dataclass
@@ -88,15 +89,15 @@ def _relax_sampler(base, settings: BranchSettings, n_priors: int, query_grid, po
     from .dual_branch import RelaxFlowSampler
     from .relaxation import AttentionRelaxation, KeyLayout
 
-    overrides = {k: v for k, v in vars(settings.sampler).items() if v is not None}
     relaxation = None
     if settings.sigma_query > 0 or settings.sigma_key > 0:
         keys = KeyLayout(n_images=n_priors if pooling == "concat" else 1)
         relaxation = AttentionRelaxation(settings.sigma_query, settings.sigma_key,
                                          settings.topology, query_grid, keys)
-    return RelaxFlowSampler(base=replace(base, **overrides), schedule=settings.schedule,
-                            alpha0=settings.alpha0, cutoff=settings.cutoff,
-                            prior_weight=settings.prior_weight, relaxation=relaxation)
+    return RelaxFlowSampler(base=with_overrides(base, settings.sampler),
+                            schedule=settings.schedule, alpha0=settings.alpha0,
+                            cutoff=settings.cutoff, prior_weight=settings.prior_weight,
+                            relaxation=relaxation)
 
 
 def _inputs(c: RelaxFlowConfig):

@@ -44,7 +44,8 @@ class GenerateConfig:
     mask: Optional[str] = None  # white = object
     prompt: Optional[str] = None  # text pipelines
     image_cond_model: str = "facebook/dinov2-with-registers-large"
-    text_cond_model: Optional[str] = None  # null: the pipeline's own (openai/clip-vit-large-patch14)
+    # null: the pipeline's own text encoder (openai/clip-vit-large-patch14)
+    text_cond_model: Optional[str] = None
     seed: int = 42
     device: str = "auto"  # cuda when present, else cpu
     # Torso precision of the models whose checkpoints are fp16: auto (float16 on CUDA, float32 on
@@ -78,7 +79,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _sampler(sampler, overrides: StageOverrides):
+def with_overrides(sampler, overrides: StageOverrides):
     """``pipeline.json``'s sampler with the config's non-null overrides."""
     from dataclasses import replace
 
@@ -132,7 +133,7 @@ def run(cfg) -> Dict[str, Any]:
     def structure():
         with pipe.stage("structure") as m:
             flow, decoder = m["sparse_structure_flow_model"], m["sparse_structure_decoder"]
-            sampler = _sampler(pipe.sampler("structure"), c.sparse_structure_sampler)
+            sampler = with_overrides(pipe.sampler("structure"), c.sparse_structure_sampler)
             coords = sample_structure(flow, decoder, guided(sampler, cond, neg_cond, True), 1,
                                       generator, device)[1]
             return group_by_item(coords, 1), flow.resolution * decoder.upsample_factor
@@ -141,7 +142,7 @@ def run(cfg) -> Dict[str, Any]:
 
     def latent():
         with pipe.stage("latent") as m:
-            sampler = _sampler(pipe.sampler("latent"), c.slat_sampler)
+            sampler = with_overrides(pipe.sampler("latent"), c.slat_sampler)
             return sample_latent(m["slat_flow_model"], guided(sampler, cond, neg_cond, True),
                                  coords, 1, pipe.spec.slat_normalization, generator)
 

@@ -1,9 +1,10 @@
 """TRELLIS pipeline folders: ``pipeline.json`` plus ``ckpts/<model>.json`` + ``.safetensors``.
 
 A folder is a local path or a Hugging Face repo id already in the local cache (nothing is ever
-downloaded; :class:`guidance.loading.ModelWeightsNotFound` says how to provide the weights). Each model is built on the meta device from its json's ``name`` and ``args`` and
-its weights are assigned straight from the safetensors file, cast to the model's dtypes, so a
-model never exists twice in memory. Keys must match exactly; a mismatch lists what is missing
+downloaded; :class:`guidance.loading.ModelWeightsNotFound` says how to provide the weights).
+Each model is built on the meta device from its json's ``name`` and ``args`` and its weights
+are assigned straight from the safetensors file, cast to the model's dtypes, so a model never
+exists twice in memory. Keys must match exactly; a mismatch lists what is missing
 and what is unexpected.
 """
 

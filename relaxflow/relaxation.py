@@ -102,27 +102,29 @@ class AttentionRelaxation:
         if self.topology not in ("grid", "flat"):
             raise ValueError(f"topology is 'grid' or 'flat', got {self.topology!r}")
 
-    def blur_queries(self, q: Tensor) -> Tensor:
-        """``[B, Lq, H, D]`` -> blurred along the query tokens."""
+    def blur_queries(self, x: Tensor, dim: int = 1) -> Tensor:
+        """Blur along the query tokens at ``dim`` (queries ``[B, Lq, H, D]``, or logits)."""
         if self.topology == "flat" or self.query_grid is None:
-            return blur_axis(q, self.sigma_query, 1)
-        return blur_grid(q, self.sigma_query, self.query_grid, 1)
+            return blur_axis(x, self.sigma_query, dim)
+        return blur_grid(x, self.sigma_query, self.query_grid, dim)
 
-    def blur_keys(self, k: Tensor) -> Tensor:
-        """``[B, Lk, H, D]`` -> blurred along the key tokens."""
+    def blur_keys(self, x: Tensor, dim: int = 1) -> Tensor:
+        """Blur along the key tokens at ``dim`` (keys ``[B, Lk, H, D]``, or logits)."""
         if self.topology == "flat":
-            return blur_axis(k, self.sigma_key, 1)
+            return blur_axis(x, self.sigma_key, dim)
         layout = self.keys
-        if k.shape[1] != layout.length():
-            raise ValueError(f"{k.shape[1]} key tokens do not fit {layout.n_images} image(s) of "
-                             f"{layout.prefix} + {'x'.join(map(str, layout.grid))} tokens")
-        per_image = k.reshape(k.shape[0], layout.n_images, -1, *k.shape[2:])
-        prefix, patches = per_image[:, :, :layout.prefix], per_image[:, :, layout.prefix:]
-        patches = blur_grid(patches, self.sigma_key, layout.grid, 2)
-        return torch.cat([prefix, patches], 2).reshape(k.shape)
+        if x.shape[dim] != layout.length():
+            raise ValueError(f"{x.shape[dim]} key tokens do not fit {layout.n_images} image(s) "
+                             f"of {layout.prefix} + {'x'.join(map(str, layout.grid))} tokens")
+        moved = x.movedim(dim, 0)
+        per_image = moved.reshape(layout.n_images, -1, *moved.shape[1:])
+        patches = blur_grid(per_image[:, layout.prefix:], self.sigma_key, layout.grid, 1)
+        blurred = torch.cat([per_image[:, :layout.prefix], patches], 1)
+        return blurred.reshape(moved.shape).movedim(0, dim)
 
     def apply(self, q: Tensor, k: Tensor) -> Tuple[Tensor, Tensor]:
-        """Relax the ``items`` of a batch of queries ``[B, Lq, H, D]`` and keys ``[B, Lk, H, D]``."""
+        """Relax the ``items`` of a batch of queries ``[B, Lq, H, D]`` and keys
+        ``[B, Lk, H, D]``."""
         if self.items is None:
             return self.blur_queries(q), self.blur_keys(k)
         q, k = q.clone(), k.clone()
@@ -133,14 +135,4 @@ class AttentionRelaxation:
     def blurred_logits(self, q: Tensor, k: Tensor) -> Tensor:
         """Reference: the explicit blurred logits ``[B, H, Lq, Lk]`` (forms the whole matrix)."""
         logits = torch.einsum("bqhd,bkhd->bhqk", q, k) / q.shape[-1] ** 0.5
-        if self.topology == "flat" or self.query_grid is None:
-            logits = blur_axis(logits, self.sigma_query, 2)
-        else:
-            logits = blur_grid(logits, self.sigma_query, self.query_grid, 2)
-        if self.topology == "flat":
-            return blur_axis(logits, self.sigma_key, 3)
-        layout = self.keys
-        per_image = logits.reshape(*logits.shape[:3], layout.n_images, -1)
-        prefix, patches = per_image[..., :layout.prefix], per_image[..., layout.prefix:]
-        patches = blur_grid(patches, self.sigma_key, layout.grid, 4)
-        return torch.cat([prefix, patches], -1).reshape(logits.shape)
+        return self.blur_keys(self.blur_queries(logits, 2), 3)

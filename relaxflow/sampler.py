@@ -46,9 +46,6 @@ class FlowEulerSampler:
     def x0_from_velocity(self, x_t: Tensor, t: float, v: Tensor) -> Tensor:
         return (1 - self.sigma_min) * x_t - (self.sigma_min + (1 - self.sigma_min) * t) * v
 
-    def eps_from_velocity(self, x_t: Tensor, t: float, v: Tensor) -> Tensor:
-        return (1 - t) * v + x_t
-
     def guided_velocity(self, model: VelocityModel, x_t: Tensor, t: float, cond: Tensor,
                         neg_cond: Tensor) -> Tensor:
         """One guided velocity; both branches in one batched forward when guidance is on."""

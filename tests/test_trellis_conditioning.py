@@ -58,8 +58,8 @@ def test_a_mask_gives_an_rgb_image_its_object(tmp_path):
     rgba = square_object()
     Image.fromarray(rgba[..., :3]).save(tmp_path / "photo.png")
     Image.fromarray(rgba[..., 3]).save(tmp_path / "mask.png")
-    assert torch.allclose(preprocess_image(load_rgba(tmp_path / "photo.png", tmp_path / "mask.png")),
-                          preprocess_image(rgba))
+    masked = load_rgba(tmp_path / "photo.png", tmp_path / "mask.png")
+    assert torch.allclose(preprocess_image(masked), preprocess_image(rgba))
 
 
 def test_dinov2_tokens_are_every_token_before_the_final_norm_then_normalised(tmp_path):

@@ -181,7 +181,8 @@ def test_stage2_and_decoder_on_cuda_in_half_precision_agree_with_cpu():
                                             "model_channels": 24, "num_blocks": 2,
                                             "num_heads": 2, "window_size": 4})
     coords = random_sites(2, 8, 0.2, torch.Generator().manual_seed(1))
-    feats, t, cond = torch.randn(len(coords), 4), torch.tensor([700.0, 300.0]), torch.randn(2, 3, 16)
+    feats, cond = torch.randn(len(coords), 4), torch.randn(2, 3, 16)
+    t = torch.tensor([700.0, 300.0])
     expected = flow(SparseTensor(feats, coords), t, cond).feats
     flow_cuda = build("SLatFlowModel", {**TINY_SLAT, "use_fp16": True}, device="cuda")
     flow_cuda.load_state_dict(flow.state_dict())

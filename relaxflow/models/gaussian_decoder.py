@@ -177,7 +177,8 @@ class SLatGaussianDecoder(nn.Module):
             scales = torch.exp(parts["scaling"] + math.log(bias))
         kernel = float(rep.get("3d_filter_kernel_size", 0.0))
         scales = torch.sqrt(scales ** 2 + kernel ** 2)
-        quats = F.normalize(parts["rotation"] + parts["rotation"].new_tensor([1.0, 0, 0, 0]), dim=-1)
+        identity = parts["rotation"].new_tensor([1.0, 0, 0, 0])
+        quats = F.normalize(parts["rotation"] + identity, dim=-1)
         opacity_bias = float(rep.get("opacity_bias", 0.1))
         opacity_logits = parts["opacity"][..., 0] + math.log(opacity_bias / (1 - opacity_bias))
         splats = []

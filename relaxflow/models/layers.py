@@ -115,7 +115,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor] = None
         return sdpa(q, k, v)
     lengths = key_mask.sum(1)
     if not torch.equal(key_mask, torch.arange(k.shape[1], device=k.device) < lengths[:, None]):
-        raise ValueError("key_mask must mark each item's real keys as a prefix (padding at the end)")
+        raise ValueError("key_mask must mark each item's real keys as a prefix "
+                         "(padding at the end)")
     out = q.new_empty(q.shape[:3] + v.shape[3:])
     for length in lengths.unique().tolist():
         items = torch.nonzero(lengths == length).squeeze(1)

@@ -1,4 +1,4 @@
-"""Stage 1 flow model: a dense DiT over the 16^3 sparse-structure latent (``SparseStructureFlowModel``).
+"""Stage 1 flow model (``SparseStructureFlowModel``): a dense DiT over the 16^3 structure latent.
 
 Input ``x [B, C_in, R, R, R]`` is cut into patches of ``patch_size^3`` voxels, one token each,
 plus a stored absolute position embedding; ``num_blocks`` adaLN-zero blocks cross-attend to the
