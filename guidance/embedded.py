@@ -80,9 +80,9 @@ class ClosedFormPrior(Guidance):
         self.direction = view_directions(elevation, azimuth, view_config or PromptConfig()).to(
             self.device)
         self.chunk_size = chunk_size
-        cfg = view_config or PromptConfig()
-        self._suffixes = {cfg.front_suffix: 0, cfg.side_suffix: 1, cfg.back_suffix: 2,
-                          cfg.overhead_suffix: 3}
+        # Longest first, so ", left side view" is not read as ", side view".
+        self._suffixes = sorted(((s, i) for i, s in enumerate(
+            (view_config or PromptConfig()).suffixes())), key=lambda item: -len(item[0]))
 
     @classmethod
     def from_pretrained(cls, folder, device="cpu", **kwargs) -> "ClosedFormPrior":
@@ -118,7 +118,7 @@ class ClosedFormPrior(Guidance):
     def parse(self, text: str) -> Tuple[int, int]:
         """``"a mug, side view"`` -> (prompt index, direction index); -1 means "any"."""
         direction = UNCONDITIONAL
-        for suffix, index in self._suffixes.items():
+        for suffix, index in self._suffixes:
             if suffix and text.endswith(suffix):
                 text, direction = text[: -len(suffix)], index
                 break

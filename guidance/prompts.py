@@ -3,10 +3,11 @@
 Each camera gets a direction from its elevation and azimuth (degrees; azimuth 0 is the object's
 front): ``overhead`` when ``elevation > overhead_threshold``, else ``front`` when
 ``|azimuth| < front_threshold``, ``back`` when ``|azimuth| > 180 - back_threshold``, ``side``
-otherwise. With ``view_dependent`` on, the direction's suffix is appended to the prompt
-("a mug" -> "a mug, side view"). Embeddings are computed once per text and cached on disk under
-``cache_dir`` keyed by the model's text fingerprint and the text, so a changed model or text
-re-encodes and an unchanged one loads from disk.
+otherwise; with ``split_sides``, ``side`` becomes ``left side`` (azimuth > 0: the camera on the
+object's left, +y) and ``right side``. With ``view_dependent`` on, the direction's suffix is
+appended to the prompt ("a mug" -> "a mug, side view"). Embeddings are computed once per text
+and cached on disk under ``cache_dir`` keyed by the model's text fingerprint and the text, so a
+changed model or text re-encodes and an unchanged one loads from disk.
 """
 
 from __future__ import annotations
@@ -22,9 +23,6 @@ from torch import Tensor
 
 from .base import Condition, Guidance, select
 from .loading import cache_root
-
-DIRECTIONS = ("front", "side", "back", "overhead")
-
 
 def default_cache_dir() -> Path:
     return cache_root() / "text_embeddings"
@@ -42,15 +40,30 @@ class PromptConfig:
     side_suffix: str = ", side view"
     back_suffix: str = ", back view"
     overhead_suffix: str = ", overhead view"
+    # A text-to-image model cannot tell a left side view from a right one (the Janus problem's
+    # mirrored handles); a prior that can, such as the embedded one, may be told.
+    split_sides: bool = False
+    left_side_suffix: str = ", left side view"
+    right_side_suffix: str = ", right side view"
     cache_dir: Optional[str] = None
     use_cache: bool = True
 
+    def suffixes(self) -> Tuple[str, ...]:
+        """The suffix of each direction index of ``view_directions``."""
+        if self.split_sides:
+            return (self.front_suffix, self.left_side_suffix, self.back_suffix,
+                    self.overhead_suffix, self.right_side_suffix)
+        return (self.front_suffix, self.side_suffix, self.back_suffix, self.overhead_suffix)
+
 
 def view_directions(elevation: Tensor, azimuth: Tensor, cfg: PromptConfig) -> Tensor:
-    """Direction index per camera (0 front, 1 side, 2 back, 3 overhead). ``[B] -> [B]`` long."""
+    """Direction index per camera (0 front, 1 side, 2 back, 3 overhead; with ``split_sides``
+    1 is the left side and 4 the right). ``[B] -> [B]`` long."""
     az = torch.remainder(torch.as_tensor(azimuth, dtype=torch.float64) + 180.0, 360.0) - 180.0
     el = torch.as_tensor(elevation, dtype=torch.float64)
     direction = torch.ones_like(az, dtype=torch.long)
+    if cfg.split_sides:
+        direction[az < 0] = 4
     direction[az.abs() < cfg.front_threshold] = 0
     direction[az.abs() > 180.0 - cfg.back_threshold] = 2
     direction[el > cfg.overhead_threshold] = 3
@@ -64,12 +77,12 @@ class PromptProcessor:
         self.cfg = cfg
         self.guidance = guidance
         self.cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-        suffixes = (cfg.front_suffix, cfg.side_suffix, cfg.back_suffix, cfg.overhead_suffix)
+        suffixes = cfg.suffixes()
         self.texts = ([cfg.prompt + s for s in suffixes] if cfg.view_dependent
-                      else [cfg.prompt] * len(DIRECTIONS))
+                      else [cfg.prompt] * len(suffixes))
         encoded = self.encode([*self.texts, cfg.negative_prompt])
-        self.cond = select(encoded, torch.arange(len(DIRECTIONS)))
-        self.uncond = select(encoded, torch.tensor([len(DIRECTIONS)]))
+        self.cond = select(encoded, torch.arange(len(suffixes)))
+        self.uncond = select(encoded, torch.tensor([len(suffixes)]))
 
     def _cache_path(self, text: str) -> Path:
         key = hashlib.sha256(f"{self.guidance.text_fingerprint()}\n{text}".encode()).hexdigest()

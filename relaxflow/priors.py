@@ -28,8 +28,7 @@ def embedded_prior_images(prompt: str, n_images: int = 3, seed: int = 0, steps: 
                          f"{', '.join(prompts())}); give your own prior images: "
                          "priors=[a.png,b.png]")
     prior = ClosedFormPrior.from_pretrained(build_shape_dataset(dataset or ShapeDatasetConfig()))
-    views = PromptConfig()
-    suffixes = [views.front_suffix, views.side_suffix, views.back_suffix, views.overhead_suffix]
+    suffixes = PromptConfig().suffixes()
     texts = [prompt + suffixes[i % len(suffixes)] for i in range(n_images)]
     cond, uncond = prior.encode_text(texts), prior.encode_text([""] * n_images)
     R = prior.resolution

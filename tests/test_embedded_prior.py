@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from cfd.cameras import fixed_orbit_cameras
 from cfd.renderers import render
 from cfd.shapes import SHAPE_WORLD, ShapeDatasetConfig, build_shape_dataset, object_splats, prompts
 from guidance.embedded import ClosedFormPrior
-from guidance.prompts import PromptConfig, PromptProcessor
+from guidance.prompts import PromptConfig, PromptProcessor, view_directions
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -134,6 +135,31 @@ def test_run_view_thresholds_label_the_prior_images(dataset):
     assert mask.any() and (low.direction[mask] == 3).all()
 
 
+def test_split_sides_tell_left_from_right(dataset, tmp_path):
+    """With ``split_sides`` a camera on +y (azimuth 90: the object's left, as it faces +x) and
+    one on -y get different texts, and the prior draws each from its own side's images only."""
+    from cfd.systems.distill import GuidanceConfig, build_guidance
+
+    views = PromptConfig(prompt="a mug", split_sides=True, cache_dir=str(tmp_path))
+    azimuth = torch.tensor([0.0, 30.0, -30.0, 90.0, 120.0, -90.0, -120.0, 180.0, -170.0])
+    directions = view_directions(torch.zeros(9), azimuth, views).tolist()
+    assert directions == [0, 0, 0, 1, 1, 4, 4, 2, 2]
+    unsplit = view_directions(torch.zeros(9), azimuth, PromptConfig()).tolist()
+    assert unsplit == [0, 0, 0, 1, 1, 1, 1, 2, 2]
+
+    prior = build_guidance(GuidanceConfig(dataset=dataset[0]), "cpu", views)
+    processor = PromptProcessor(views, prior)
+    assert processor.texts[1] == "a mug, left side view"
+    assert processor.texts[4] == "a mug, right side view"
+    cond, _ = processor(torch.zeros(2), torch.tensor([90.0, -90.0]))
+    azimuth = load_file(str(Path(dataset[1]) / "images.safetensors"))["azimuth"]
+    image_azimuth = torch.remainder(azimuth + 180, 360) - 180
+    for item, side in ((0, 1.0), (1, -1.0)):
+        mask = prior.subset_mask(int(cond["prompt"][item]), int(cond["direction"][item]))
+        assert mask.sum() > 0
+        assert (image_azimuth[mask] * side > 0).all()
+
+
 def test_unknown_prompt_lists_the_known_ones(prior):
     with pytest.raises(ValueError, match=r"unknown prompt 'a dragon'[\s\S]*a mug[\s\S]*a lamp"):
         prior.encode_text(["a dragon"])
@@ -206,3 +232,4 @@ def test_background_recomposites_the_images_exactly():
     with pytest.raises(ValueError, match="alpha"):
         ClosedFormPrior(on(torch.tensor(0.5)), **labels).model_output(
             x_t, t, {**cond, "background": background})
+
