@@ -77,7 +77,7 @@ def main() -> None:
     medians = {k: statistics.median(v) for k, v in phases.items()}
     total = sum(medians.values())
     print(f"device={dev} guidance={c.guidance.kind} batch={c.batch_size} res={c.resolution} "
-          f"splats={len(system.splats)} noise={c.noise.mode} steps={args.steps}")
+          f"splats={len(system.scene)} noise={c.noise.mode} steps={args.steps}")
     print("| phase | median s | share |")
     print("|---|---|---|")
     for k, v in medians.items():

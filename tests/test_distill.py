@@ -60,12 +60,12 @@ def _floater_opacity(tmp_path, cache_dir, **overrides):
                                                               **overrides))
     system = distill.Distillation(cfg, tmp_path)
     with torch.no_grad():  # splat 0: grey, just above the object, inside the training views
-        system.splats.params["means"][0] = torch.tensor([0.0, 0.0, 0.9])
-        system.splats.params["sh0"][0] = 0.0
-        system.splats.params["opacities"][0] = 0.0
+        system.scene.params["means"][0] = torch.tensor([0.0, 0.0, 0.9])
+        system.scene.params["sh0"][0] = 0.0
+        system.scene.params["opacities"][0] = 0.0
     for _ in range(10):
         system.train_step()
-    return torch.sigmoid(system.splats.params["opacities"][0]).item()
+    return torch.sigmoid(system.scene.params["opacities"][0]).item()
 
 
 def test_background_coloured_floater_fades_by_sparsity_or_random_backgrounds(tmp_path, cache_dir):
@@ -190,7 +190,7 @@ def test_nan_gradients_skip_then_stop_with_checkpoint_intact(tmp_path, cache_dir
         distill.run(cfg)
     (run_dir,) = list((tmp_path / "cfd-splats-embedded").iterdir())
     state = torch.load(run_dir / "ckpt" / "last.pt", weights_only=False)
-    assert all(torch.isfinite(v).all() for v in state["splats"].values())
+    assert all(torch.isfinite(v).all() for v in state["scene"]["splats"].values())
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped"] for r in lines] == [False] * 3 + [True] * 3
 
@@ -202,3 +202,65 @@ def test_unknown_prompt_is_a_clear_error(tmp_path, cache_dir):
         capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 2
     assert "unknown prompt 'a dragon'" in proc.stderr and "a snowman" in proc.stderr
+
+
+NERF_CONFIG = ROOT / "configs" / "cfd-nerf-embedded.yaml"
+
+
+def nerf_overrides(tmp_path, cache_dir, **extra):
+    items = {"n_samples": 16, "mesh_resolution": 24, "nerf.grid.n_levels": 4,
+             "nerf.grid.log2_hashmap_size": 12, "nerf.grid.max_resolution": 64,
+             "occupancy.resolution": 16, "occupancy.update_every": 4}
+    items.update(extra)
+    base = [o for o in small_overrides(tmp_path, cache_dir)
+            if not o.startswith(("init.", "densify."))]  # splat settings
+    return base + [f"{k}={v}" for k, v in items.items()]  # later entries win
+
+
+def test_nerf_run_improves_held_out_views_and_writes_a_mesh(tmp_path, cache_dir):
+    """A short CFD run on a NeRF beats its own starting blob on held-out views of the shape
+    world, and writes the field, a mesh and the usual run files."""
+    from cfd.systems.ground_truth import evaluate_against_shape_world
+
+    cfg = load_config(DistillConfig, NERF_CONFIG, nerf_overrides(tmp_path, cache_dir, steps=40,
+                                                                 log_every=20))
+    start = distill.Distillation(cfg, tmp_path)
+    before = evaluate_against_shape_world(start.scene, "a mug", n_views=4, resolution=32,
+                                          background=0.5)
+    result = distill.run(cfg)
+    assert result["psnr"] > before["psnr"] + 1.0, (before, result)
+    (run_dir,) = list((tmp_path / "cfd-nerf-embedded").iterdir())
+    for name in ("nerf.safetensors", "mesh.obj", "mesh.glb", "metrics.json", "ckpt/last.pt",
+                 "progress_00040.png", "vs_truth.png"):
+        assert (run_dir / name).is_file(), name
+    assert not (run_dir / "splats.ply").exists()
+
+
+def test_nerf_run_resumes_exactly_from_its_checkpoint(tmp_path, cache_dir):
+    """Field, optimisers, occupancy grid and RNG streams are all in the checkpoint: 6 steps,
+    a fresh system loading the step-3 checkpoint and 3 more steps give identical weights."""
+    from cfd.systems.checkpoint import load_checkpoint, save_checkpoint
+
+    cfg = load_config(DistillConfig, NERF_CONFIG, nerf_overrides(tmp_path, cache_dir))
+    straight = distill.Distillation(cfg, tmp_path)
+    for _ in range(6):
+        straight.train_step()
+    first = distill.Distillation(cfg, tmp_path)
+    for _ in range(3):
+        first.train_step()
+    save_checkpoint(tmp_path / "ckpt", first.state_dict())
+    second = distill.Distillation(cfg, tmp_path)
+    second.load_state_dict(load_checkpoint(tmp_path / "ckpt"))
+    for _ in range(3):
+        second.train_step()
+    want, got = straight.scene.state_dict(), second.scene.state_dict()
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
+    assert torch.equal(straight.occupancy.density, second.occupancy.density)
+
+
+def test_nerf_with_densify_is_a_clear_error(tmp_path, cache_dir):
+    cfg = load_config(DistillConfig, NERF_CONFIG,
+                      nerf_overrides(tmp_path, cache_dir, **{"densify.enabled": True}))
+    with pytest.raises(ValueError, match="densify.enabled=false"):
+        distill.Distillation(cfg, tmp_path)

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from ..cameras import Cameras
 from .rasterize import Backend, RenderOutput, rasterization, resolve_backend
+from .volume import render_field
 
 BackgroundLike = Union[None, float, Sequence[float], Tensor]
 
@@ -38,18 +39,26 @@ def render(
     """Render a scene from a batch of cameras.
 
     Args:
-        scene: a :class:`cfd.scene.Splats` (on the cameras' device).
+        scene: a :class:`cfd.scene.Splats` or :class:`cfd.scene.NeRFField` (on the cameras'
+            device).
         cameras: B cameras, all ``W x H``.
         backend: ``"auto"`` (gsplat on CUDA, torch otherwise), ``"torch"`` or ``"gsplat"``.
         background: RGB behind the scene: a scalar, ``[3]`` or ``[B,3]``; default black.
-        kwargs: passed to :func:`rasterization` (near_plane, far_plane, eps2d, tile_size, ...).
+        kwargs: passed to :func:`rasterization` (near_plane, far_plane, eps2d, tile_size, ...)
+            or, for a NeRF, to :func:`render_field` (n_samples, chunk_rays, generator,
+            occupancy).
     Returns:
         :class:`RenderOutput` with ``rgb [B,H,W,3]``, ``alpha [B,H,W,1]``, ``depth [B,H,W,1]``.
     """
-    from ..scene import Splats
+    from ..scene import NeRFField, Splats
 
+    if isinstance(scene, NeRFField):
+        if backend not in ("auto", "torch"):
+            raise ValueError(f"a NeRF renders with nerfacc; backend {backend!r} is for splats")
+        background = _background(background, len(cameras), cameras.viewmats)
+        return render_field(scene, cameras, background=background, **kwargs)
     if not isinstance(scene, Splats):
-        raise TypeError(f"render() takes a Splats scene, got {type(scene).__name__}")
+        raise TypeError(f"render() takes a Splats or NeRFField scene, got {type(scene).__name__}")
     if scene.device != cameras.device:
         raise ValueError(
             f"scene is on {scene.device} but cameras are on {cameras.device}; move one with .to()"
@@ -71,4 +80,4 @@ def render(
     )
 
 
-__all__ = ["render", "rasterization", "RenderOutput", "resolve_backend"]
+__all__ = ["render", "rasterization", "render_field", "RenderOutput", "resolve_backend"]

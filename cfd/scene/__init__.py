@@ -1,6 +1,9 @@
-"""Scenes the engine optimises: 3D Gaussian splats (NeRF fields come later)."""
+"""Scenes the engine optimises: 3D Gaussian splats and NeRF fields."""
 
 from .densify import DensifyConfig, Densifier
+from .hash_grid import HashGrid, HashGridConfig
+from .nerf import NeRFConfig, NeRFField, NeRFLearningRates
 from .splats import PARAM_KEYS, Splats, from_point_cloud, random_ball
 
-__all__ = ["Splats", "PARAM_KEYS", "random_ball", "from_point_cloud", "Densifier", "DensifyConfig"]
+__all__ = ["Splats", "PARAM_KEYS", "random_ball", "from_point_cloud", "Densifier", "DensifyConfig",
+           "NeRFField", "NeRFConfig", "NeRFLearningRates", "HashGrid", "HashGridConfig"]

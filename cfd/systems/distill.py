@@ -2,7 +2,8 @@
 
 Each step: sample cameras -> render -> noise from the render's surface -> guidance loss ->
 backward -> densify -> optimiser step -> noise refresh -> log, with atomic checkpoints that let a
-killed run resume bit for bit (on CPU).
+killed run resume bit for bit (on CPU). The scene is Gaussian splats (``scene: splats``) or a
+hash-grid NeRF (``scene: nerf``); both render the same ``rgb, alpha, depth``.
 """
 
 from __future__ import annotations
@@ -24,10 +25,13 @@ from ..cameras import fixed_orbit_cameras
 from ..config import save_config, to_object
 from ..noise import NoiseConfig, make_noise
 from ..renderers import render
-from ..scene import Densifier, DensifyConfig, Splats, random_ball
+from ..renderers.occupancy import OccupancyConfig, OccupancyGrid
+from ..scene import (Densifier, DensifyConfig, NeRFConfig, NeRFField, NeRFLearningRates, Splats,
+                     random_ball)
+from ..scene.mesh import extract_mesh, write_glb, write_obj
 from ..shapes import ShapeDatasetConfig
 from ..utils.media import save_grid
-from ..utils.runtime import make_run_dir, seed_everything, write_json
+from ..utils.runtime import atomic_write, make_run_dir, seed_everything, write_json
 from ..visualize import write_orbit_video
 from .checkpoint import load_checkpoint, save_checkpoint
 from .common import LearningRates, OrbitConfig, scheduled
@@ -96,6 +100,12 @@ class DistillConfig:
     # prior; on a random one they are not. The guidance is told each view's colour.
     random_background: float = 0.0
     sh_degree: int = 0
+    scene: str = "splats"  # or "nerf"
+    nerf: NeRFConfig = field(default_factory=NeRFConfig)
+    nerf_lr: NeRFLearningRates = field(default_factory=NeRFLearningRates)
+    n_samples: int = 64  # NeRF: samples per ray (stratified in training)
+    occupancy: OccupancyConfig = field(default_factory=OccupancyConfig)  # NeRF: skips empty space
+    mesh_resolution: int = 128  # NeRF: marching-cubes grid of the exported mesh
     prompt_processor: PromptConfig = field(default_factory=lambda: PromptConfig(prompt="a mug"))
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
@@ -167,12 +177,32 @@ class Distillation:
         self.latent_shape = self.guidance.latent_shape(c.resolution, c.resolution)
         self.noise = make_noise(c.noise, self.latent_shape[0], self.device, seed=c.seed + 1)
         self.schedule = TimestepSchedule(c.timesteps, c.steps)
-        self.splats = self._initial_splats().to(self.device)
-        self.optimizers = self.splats.make_optimizers(dataclasses.asdict(c.lr))
+        if c.scene not in ("splats", "nerf"):
+            raise ValueError(f"scene is 'splats' or 'nerf', got {c.scene!r}")
+        if c.scene == "nerf" and c.densify.enabled:
+            raise ValueError("densify is for splats; set densify.enabled=false with scene=nerf")
+        self.scene = self._initial_scene()
+        self.occupancy = (OccupancyGrid(c.nerf.radius, c.occupancy, self.device)
+                          if c.scene == "nerf" and c.occupancy.enabled else None)
+        self.optimizers = self.scene.make_optimizers(self._learning_rates())
         self.densifier = Densifier(c.densify, scene_scale=c.init.radius)
-        self.densifier.check(self.splats, self.optimizers)
+        if c.scene == "splats":
+            self.densifier.check(self.scene, self.optimizers)
         self.step = 0
         self.bad_steps = 0
+
+    def _learning_rates(self) -> dict:
+        return dataclasses.asdict(self.cfg.lr if self.cfg.scene == "splats" else self.cfg.nerf_lr)
+
+    def _initial_scene(self):
+        if self.cfg.scene == "nerf":
+            return NeRFField(self.cfg.nerf, self.device, self.generator)
+        return self._initial_splats().to(self.device)
+
+    def _scene_parameters(self) -> list:
+        if isinstance(self.scene, Splats):
+            return list(self.scene.params.values())
+        return list(self.scene.parameters())
 
     def _initial_splats(self) -> Splats:
         init = self.cfg.init
@@ -193,8 +223,8 @@ class Distillation:
         return {
             "step": self.step,
             "bad_steps": self.bad_steps,
-            "splats": {k: v.detach().clone() for k, v in self.splats.params.items()},
-            "sh_degree": self.splats.sh_degree,
+            "scene": self._scene_state(),
+            "occupancy": None if self.occupancy is None else self.occupancy.state_dict(),
             "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
             "densifier": self.densifier.state_dict(),
             "noise": self.noise.state_dict(),
@@ -202,9 +232,21 @@ class Distillation:
             "torch_rng": torch.get_rng_state(),
         }
 
+    def _scene_state(self) -> dict:
+        if isinstance(self.scene, Splats):
+            return {"splats": {k: v.detach().clone() for k, v in self.scene.params.items()},
+                    "sh_degree": self.scene.sh_degree}
+        return {"nerf": {k: v.detach().clone() for k, v in self.scene.state_dict().items()}}
+
     def load_state_dict(self, state: dict) -> None:
-        self.splats = Splats(state["splats"], state["sh_degree"]).to(self.device)
-        self.optimizers = self.splats.make_optimizers(dataclasses.asdict(self.cfg.lr))
+        scene = state["scene"]
+        if "splats" in scene:
+            self.scene = Splats(scene["splats"], scene["sh_degree"]).to(self.device)
+        else:
+            self.scene.load_state_dict(scene["nerf"])
+        self.optimizers = self.scene.make_optimizers(self._learning_rates())
+        if self.occupancy is not None:
+            self.occupancy.load_state_dict(state["occupancy"])
         for k, o in self.optimizers.items():
             o.load_state_dict(state["optimizers"][k])
         self.densifier.load_state_dict(state["densifier"])
@@ -226,14 +268,31 @@ class Distillation:
             fixed = torch.full((len(cams), 3), float(c.background))
             background = torch.where(draws[:, :1] < c.random_background, draws[:, 1:], fixed)
             background = background.to(self.device)
-        out = render(self.splats, cams, c.backend, c.background if background is None else background)
+        options = {"generator": self.generator} if c.scene == "nerf" else {}
+        out = render(self.scene, cams, c.backend,
+                     c.background if background is None else background,
+                     **options, **self.render_options())
         return out, background
+
+    def render_options(self) -> dict:
+        """What a NeRF render needs beyond the cameras (nothing for splats)."""
+        if self.cfg.scene != "nerf":
+            return {}
+        return {"n_samples": self.cfg.n_samples, "occupancy": self.occupancy}
+
+    def update_occupancy(self) -> None:
+        c = self.cfg
+        if self.occupancy is not None and self.step % c.occupancy.update_every == 0:
+            step_size = 2 * c.nerf.radius / c.n_samples
+            self.occupancy.update(lambda p: self.scene.query(p)[0], step_size, self.generator)
 
     def train_step(self) -> dict:
         c = self.cfg
+        self.update_occupancy()
         cams = c.camera.sample(c.batch_size, c.resolution, self.generator, self.device)
         out, background = self.render_views(cams)
-        self.densifier.before_backward(self.splats, self.optimizers, self.step, out.info)
+        if isinstance(self.scene, Splats):
+            self.densifier.before_backward(self.scene, self.optimizers, self.step, out.info)
         t = self.schedule(self.step, self.generator)
         points = cams.centers[:, None, None, :] + out.depth.detach() * cams.ray_directions()
         noise = self.noise(points, out.alpha.detach(), self.latent_shape)
@@ -249,10 +308,11 @@ class Distillation:
                                      f"loss.lambda_{key[5:]}")
                 loss = loss + scheduled(weight, self.step) * value
         loss.backward()
-        finite = all(torch.isfinite(p.grad).all() for p in self.splats.params.values()
+        finite = all(torch.isfinite(p.grad).all() for p in self._scene_parameters()
                      if p.grad is not None)
         if finite:
-            self.densifier.after_backward(self.splats, self.optimizers, self.step, out.info)
+            if isinstance(self.scene, Splats):
+                self.densifier.after_backward(self.scene, self.optimizers, self.step, out.info)
             for opt in self.optimizers.values():
                 opt.step()
             self.bad_steps = 0
@@ -262,8 +322,9 @@ class Distillation:
             opt.zero_grad(set_to_none=True)
         self.noise.refresh(scheduled(c.noise.gamma, self.step))
         record = {"step": self.step, "t": t, "loss": float(loss.detach()),
-                  "grad_norm": float(losses["grad_norm"]), "n_splats": len(self.splats),
-                  "skipped": not finite}
+                  "grad_norm": float(losses["grad_norm"]), "skipped": not finite}
+        if isinstance(self.scene, Splats):
+            record["n_splats"] = len(self.scene)
         self.step += 1
         return record
 
@@ -310,34 +371,56 @@ def run(cfg, resume_dir: Optional[Path] = None) -> dict:
                         f"The last good checkpoint is in {run_dir / 'ckpt'}; lower the learning "
                         "rates or the guidance scale and resume with --resume")
             bar.set_postfix(t=f"{record['t']:.3f}", loss=f"{record['loss']:.3g}",
-                            splats=record["n_splats"])
+                            **({"splats": record["n_splats"]} if "n_splats" in record else {}))
             bar.update(1)
             if system.step % c.checkpoint_every == 0 or system.step == c.steps:
                 metrics_file.flush()
                 save_checkpoint(run_dir / "ckpt", system.state_dict())
             if system.step % c.log_every == 0 or system.step == c.steps:
                 with torch.no_grad():
-                    pred = render(system.splats, eval_cams, c.backend, c.background)
+                    pred = render(system.scene, eval_cams, c.backend, c.background,
+                                  **system.render_options())
                 save_grid([pred.rgb, pred.alpha], run_dir / f"progress_{system.step:05d}.png")
     bar.close()
     wall = time.perf_counter() - start
-    system.splats.save_ply(run_dir / "splats.ply")
-    write_orbit_video(system.splats, run_dir / "orbit.mp4", n_frames=c.video_frames,
-                      size=c.video_size, distance=2.5, background=c.background)
-    result = {"steps": c.steps, "wall_s": wall, "n_splats": len(system.splats),
-              "prompt": c.prompt_processor.prompt}
+    result = {"steps": c.steps, "wall_s": wall, "prompt": c.prompt_processor.prompt}
+    if isinstance(system.scene, Splats):
+        system.scene.save_ply(run_dir / "splats.ply")
+        result["n_splats"] = len(system.scene)
+    else:
+        save_nerf_outputs(system.scene, run_dir, c.mesh_resolution)
+    write_orbit_video(system.scene, run_dir / "orbit.mp4", n_frames=c.video_frames,
+                      size=c.video_size, distance=2.5, background=c.background,
+                      render_options=system.render_options())
     if c.guidance.kind == "embedded":
         from .ground_truth import evaluate_against_shape_world
 
-        result.update(evaluate_against_shape_world(system.splats, c.prompt_processor.prompt,
+        result.update(evaluate_against_shape_world(system.scene, c.prompt_processor.prompt,
                                                     resolution=c.resolution,
                                                     background=c.background,
-                                                    comparison_path=run_dir / "vs_truth.png"))
+                                                    comparison_path=run_dir / "vs_truth.png",
+                                                    render_options=system.render_options()))
         print(f"held-out PSNR {result['psnr']:.2f} dB, mask IoU {result['mask_iou']:.3f} "
               f"(best: {result['variant']} rotated {result['rotation_deg']:.0f} deg)")
     write_json(run_dir / "metrics.json", result)
     print(f"{c.steps} steps in {wall:.1f} s; results in {run_dir}")
     return result
+
+
+def save_nerf_outputs(field: NeRFField, run_dir: Path, mesh_resolution: int) -> None:
+    """The field's weights and its mesh (``mesh.obj``, ``mesh.glb``; skipped, with a warning,
+    when the field is empty)."""
+    from safetensors.torch import save
+
+    weights = save({k: v.detach().cpu().contiguous() for k, v in field.state_dict().items()})
+    atomic_write(run_dir / "nerf.safetensors", lambda f: f.write(weights))
+    try:
+        mesh = extract_mesh(field, mesh_resolution)
+    except ValueError as err:
+        log.warning("no mesh written: %s", err)
+        return
+    write_obj(mesh, run_dir / "mesh.obj")
+    write_glb(mesh, run_dir / "mesh.glb")
 
 
 __all__ = ["DistillConfig", "run", "Distillation"]

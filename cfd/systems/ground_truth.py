@@ -31,25 +31,28 @@ def mask_iou(alpha_pred: torch.Tensor, alpha_target: torch.Tensor, threshold: fl
 
 
 @torch.no_grad()
-def evaluate_against_shape_world(splats, prompt: str, n_views: int = 8, resolution: int = 64,
+def evaluate_against_shape_world(scene, prompt: str, n_views: int = 8, resolution: int = 64,
                                  elevation: float = 20.0, distance: float = 2.5, fov: float = 40.0,
                                  background: float = 1.0, rotation_step: float = 10.0,
-                                 comparison_path: Optional[Path] = None) -> dict:
-    """PSNR and mask IoU of held-out views, best over the prompt's variants and rotations.
+                                 comparison_path: Optional[Path] = None,
+                                 render_options: Optional[dict] = None) -> dict:
+    """PSNR and mask IoU of held-out views of a scene (splats or NeRF), best over the prompt's
+    variants and rotations.
 
     ``comparison_path``: where to write an image grid of the result's views above the best
-    match's (rgb, then alpha), to see what the numbers measure.
+    match's (rgb, then alpha), to see what the numbers measure. ``render_options``: extra
+    ``render`` arguments for the scene (a NeRF's ``n_samples``, ``occupancy``).
     """
     cams = fixed_orbit_cameras(n_views, resolution, resolution, elevation, distance, fov,
-                               device=splats.device)
-    ours = render(splats, cams, background=background)
+                               device=scene.device)
+    ours = render(scene, cams, background=background, **(render_options or {}))
     best = {"psnr": -math.inf}
     for obj in objects_for(prompt):
-        target = object_splats(obj).to(splats.device)
+        target = object_splats(obj).to(scene.device)
         for delta in torch.arange(0.0, 360.0, rotation_step):
             rotated = orbit_cameras(cams.elevation, cams.azimuth + delta, cams.distance,
                                     torch.full_like(cams.distance, fov), resolution, resolution)
-            gt = render(target, rotated.to(splats.device), background=background)
+            gt = render(target, rotated.to(scene.device), background=background)
             value = psnr(ours.rgb, gt.rgb)
             if value > best["psnr"]:
                 best = {"psnr": value, "mask_iou": mask_iou(ours.alpha, gt.alpha),

@@ -1,0 +1,141 @@
+"""Meshes from a density field: marching cubes, vertex colours, ``.obj`` and ``.glb`` files.
+
+The threshold defaults to one read off the field itself: each grid cell's opacity
+``1 - exp(-density * cell size)`` splits into empty and occupied cells, and Otsu's rule (the
+split that maximises the between-class variance of the opacity histogram) picks the level. A
+fixed density threshold suits one scene scale and not the next; this one follows the field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..utils.runtime import atomic_write
+
+
+@dataclass
+class Mesh:
+    vertices: np.ndarray  # [V,3] float32, world
+    faces: np.ndarray  # [F,3] int64, counter-clockwise seen from outside
+    colours: Optional[np.ndarray] = None  # [V,3] float32 in [0,1]
+
+
+def otsu_threshold(values: Tensor, bins: int = 256) -> float:
+    """The level that best splits ``values`` in [0, 1] into two classes (Otsu)."""
+    hist = torch.histc(values.float().clamp(0, 1), bins=bins, min=0.0, max=1.0).double()
+    centres = (torch.arange(bins, dtype=torch.float64) + 0.5) / bins
+    weight_low = hist.cumsum(0)
+    weight_high = hist.sum() - weight_low
+    mean_low = (hist * centres).cumsum(0) / weight_low.clamp(min=1e-12)
+    mean_high = ((hist * centres).sum() - (hist * centres).cumsum(0)) / weight_high.clamp(min=1e-12)
+    between = weight_low * weight_high * (mean_low - mean_high) ** 2
+    return float((torch.argmax(between[:-1]) + 1) / bins)
+
+
+@torch.no_grad()
+def density_grid(density_fn: Callable[[Tensor], Tensor], radius: float, resolution: int,
+                 device="cpu", chunk: int = 65536) -> Tensor:
+    """``density_fn`` sampled on ``resolution^3`` points spanning ``[-radius, radius]^3``,
+    ``[R,R,R]`` indexed (x, y, z)."""
+    axis = torch.linspace(-radius, radius, resolution, device=device)
+    points = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3)
+    values = torch.cat([density_fn(points[i:i + chunk]) for i in range(0, len(points), chunk)])
+    return values.reshape(resolution, resolution, resolution)
+
+
+def extract_mesh(field, resolution: int = 128, threshold: Optional[float] = None) -> Mesh:
+    """Iso-surface of a field's density (``field.query``, ``field.cfg.radius``).
+
+    ``threshold``: a density; None picks it from the opacity distribution (module docstring).
+    The grid is padded with empty cells so the surface closes at the box.
+    """
+    import mcubes
+
+    radius = field.cfg.radius
+    grid = density_grid(lambda p: field.query(p)[0], radius, resolution, field.device)
+    cell = 2 * radius / (resolution - 1)
+    if threshold is None:
+        opacity = 1 - torch.exp(-grid * cell)
+        level = otsu_threshold(opacity.flatten())
+        threshold = -math.log(1 - min(level, 1 - 1e-6)) / cell
+    if not (grid > threshold).any():
+        raise ValueError(f"the field has no density above {threshold:.4g}: nothing to mesh "
+                         "(train longer, or pass a lower threshold)")
+    padded = np.pad(grid.cpu().numpy().astype(np.float64), 1, constant_values=0.0)
+    vertices, faces = mcubes.marching_cubes(padded, float(threshold))
+    vertices = ((vertices - 1) * cell - radius).astype(np.float32)
+    faces = faces.astype(np.int64)  # counter-clockwise seen from the low-density side
+    with torch.no_grad():
+        points = torch.from_numpy(vertices).to(field.device)
+        colours = torch.cat([field.query(points[i:i + 65536])[1]
+                             for i in range(0, len(points), 65536)]) if len(points) else None
+    return Mesh(vertices, faces, None if colours is None else colours.float().cpu().numpy())
+
+
+def write_obj(mesh: Mesh, path) -> None:
+    """Wavefront OBJ with per-vertex colours (``v x y z r g b``), 1-based faces."""
+    lines = []
+    for i, v in enumerate(mesh.vertices):
+        c = "" if mesh.colours is None else " %.4f %.4f %.4f" % tuple(mesh.colours[i])
+        lines.append("v %.6f %.6f %.6f%s" % (v[0], v[1], v[2], c))
+    lines += ["f %d %d %d" % tuple(f + 1) for f in mesh.faces]
+    data = ("\n".join(lines) + "\n").encode()
+    atomic_write(Path(path), lambda f: f.write(data))
+
+
+def write_glb(mesh: Mesh, path) -> None:
+    """Binary glTF 2.0: one mesh with POSITION, COLOR_0 (when coloured) and uint32 indices.
+    glTF is y-up; the engine is z-up, so points are turned (x, y, z) -> (x, z, -y)."""
+    positions = np.stack([mesh.vertices[:, 0], mesh.vertices[:, 2], -mesh.vertices[:, 1]], -1)
+    blobs = [positions.astype("<f4").tobytes()]
+    if mesh.colours is not None:
+        blobs.append(mesh.colours.clip(0, 1).astype("<f4").tobytes())
+    blobs.append(mesh.faces.astype("<u4").tobytes())
+    offsets = np.cumsum([0] + [len(b) for b in blobs]).tolist()
+    views = [{"buffer": 0, "byteOffset": offsets[i], "byteLength": len(b)}
+             for i, b in enumerate(blobs)]
+    accessors = [{"bufferView": 0, "componentType": 5126, "count": len(positions),
+                  "type": "VEC3", "min": positions.min(0).tolist(),
+                  "max": positions.max(0).tolist()}]
+    attributes = {"POSITION": 0}
+    if mesh.colours is not None:
+        accessors.append({"bufferView": 1, "componentType": 5126, "count": len(positions),
+                          "type": "VEC3"})
+        attributes["COLOR_0"] = 1
+    accessors.append({"bufferView": len(blobs) - 1, "componentType": 5125,
+                      "count": int(mesh.faces.size), "type": "SCALAR"})
+    gltf = {"asset": {"version": "2.0", "generator": "cfd3d"}, "scene": 0,
+            "scenes": [{"nodes": [0]}], "nodes": [{"mesh": 0}],
+            "meshes": [{"primitives": [{"attributes": attributes,
+                                        "indices": len(accessors) - 1}]}],
+            "accessors": accessors, "bufferViews": views,
+            "buffers": [{"byteLength": offsets[-1]}]}
+    text = json.dumps(gltf).encode()
+    text += b" " * (-len(text) % 4)
+    binary = b"".join(blobs)
+    binary += b"\0" * (-len(binary) % 4)
+    chunks = (struct.pack("<II", len(text), 0x4E4F534A) + text
+              + struct.pack("<II", len(binary), 0x004E4942) + binary)
+    data = struct.pack("<III", 0x46546C67, 2, 12 + len(chunks)) + chunks
+    atomic_write(Path(path), lambda f: f.write(data))
+
+
+def read_glb(path) -> Tuple[dict, bytes]:
+    """The JSON and binary chunks of a ``.glb`` (for checks and tools)."""
+    data = Path(path).read_bytes()
+    magic, version, length = struct.unpack_from("<III", data, 0)
+    if magic != 0x46546C67 or version != 2 or length != len(data):
+        raise ValueError(f"{path} is not a glTF 2.0 binary")
+    json_len, _ = struct.unpack_from("<II", data, 12)
+    gltf = json.loads(data[20:20 + json_len])
+    bin_len, _ = struct.unpack_from("<II", data, 20 + json_len)
+    return gltf, data[28 + json_len:28 + json_len + bin_len]

@@ -1,0 +1,241 @@
+"""NeRF scenes: the hash-grid encoding, the field and nerfacc volume rendering."""
+
+import math
+
+import numpy as np
+
+import pytest
+import torch
+
+from cfd.cameras import look_at, intrinsics_from_fov, Cameras
+from cfd.renderers import render
+from cfd.scene import HashGrid, HashGridConfig, NeRFConfig, NeRFField
+from cfd.scene.hash_grid import hash_encode, hash_grid, level_layout
+
+SMALL = HashGridConfig(n_levels=4, n_features_per_level=2, log2_hashmap_size=10,
+                       base_resolution=4, max_resolution=32, backend="torch")
+
+
+def test_hash_grid_layout_follows_the_rules():
+    """Per-level scale 2: scales 3, 7, 15, 31; R^3 rounded to 8, capped at 2^10 entries."""
+    levels = level_layout(SMALL)
+    assert [lv.scale for lv in levels] == [3.0, 7.0, 15.0, 31.0]
+    assert [lv.resolution for lv in levels] == [4, 8, 16, 32]
+    assert [lv.size for lv in levels] == [64, 512, 1024, 1024]
+    assert [lv.offset for lv in levels] == [0, 64, 576, 1600]
+    assert [lv.hashed for lv in levels] == [False, False, True, True]
+    assert HashGrid(SMALL).params.numel() == (1600 + 1024) * 2
+    # official CFD: 16 levels x 2, 2^19 entries, base 16, max 4096 -> 4096 on the finest level
+    official = HashGridConfig(n_levels=16, log2_hashmap_size=19, max_resolution=4096)
+    assert level_layout(official)[-1].resolution == 4096
+
+
+def reference_encoding(grid: HashGrid, point):
+    """One point, straight from the rules with Python integers (32-bit hash, tcnn's stride
+    loop)."""
+    table = grid.params.detach().double().view(-1, grid.cfg.n_features_per_level)
+    out = []
+    for level in grid.levels:
+        position = [c * level.scale + 0.5 for c in point]
+        cell = [math.floor(p) for p in position]
+        frac = [p - c for p, c in zip(position, cell)]
+        value = torch.zeros(table.shape[1], dtype=torch.float64)
+        for corner in range(8):
+            vertex = [cell[d] + ((corner >> d) & 1) for d in range(3)]
+            weight = 1.0
+            for d in range(3):
+                weight *= frac[d] if (corner >> d) & 1 else 1 - frac[d]
+            index, stride = 0, 1
+            for d in range(3):
+                if stride > level.size:
+                    break
+                index += vertex[d] * stride
+                stride *= level.resolution
+            if level.size < stride:
+                index = 0
+                for d, prime in enumerate((1, 2654435761, 805459861)):
+                    index ^= (vertex[d] * prime) & 0xFFFFFFFF
+            value += weight * table[level.offset + index % level.size]
+        out.append(value)
+    return torch.cat(out)
+
+
+def test_hash_grid_matches_a_direct_reference():
+    grid = HashGrid(SMALL, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        grid.params.normal_(generator=torch.Generator().manual_seed(1))
+    points = torch.cat([torch.rand(20, 3, generator=torch.Generator().manual_seed(2)),
+                        torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [0.5, 0.0, 1.0]])])
+    got = grid(points).double()
+    want = torch.stack([reference_encoding(grid, p.double().tolist()) for p in points])
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_hash_grid_gradients_are_exact():
+    grid = HashGrid(SMALL, torch.Generator().manual_seed(0)).double()
+    with torch.no_grad():
+        grid.params.normal_(generator=torch.Generator().manual_seed(1))
+    points = (0.05 + 0.9 * torch.rand(6, 3, generator=torch.Generator().manual_seed(3))).double()
+    points.requires_grad_(True)
+    params = grid.params.detach().clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda p, x: hash_encode(x, p, grid.levels, 2),
+                                    (params, points))
+
+
+def test_tcnn_backend_needs_cuda_and_says_how():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    with pytest.raises(RuntimeError, match="tiny-cuda-nn.*backend=torch"):
+        hash_grid(HashGridConfig(backend="tcnn"), "cpu")
+    assert isinstance(hash_grid(HashGridConfig(), "cpu"), HashGrid)  # auto -> torch on CPU
+
+
+class Slab(torch.nn.Module):
+    """Density ``sigma`` where ``|x| < half``, colour ``rgb``: a uniform slab facing +x."""
+
+    def __init__(self, sigma, half, rgb, radius=1.0):
+        super().__init__()
+        self.sigma, self.half, self.rgb = sigma, half, torch.tensor(rgb)
+        self.cfg = NeRFConfig(radius=radius)
+
+    def query(self, points):
+        density = torch.where(points[:, 0].abs() < self.half, self.sigma, 0.0)
+        return density, self.rgb.expand(points.shape[0], 3)
+
+
+def camera_on_x(distance=3.0, size=5):
+    eye = torch.tensor([[distance, 0.0, 0.0]])
+    return Cameras(look_at(eye, torch.zeros(1, 3)),
+                   intrinsics_from_fov(torch.tensor([30.0]), size, size), size, size)
+
+
+def test_volume_rendering_of_a_uniform_slab():
+    """The centre ray crosses 0.5 of density 2: opacity 1 - exp(-1), the analytic expected
+    depth, the slab's colour over the background by that opacity."""
+    from cfd.renderers.volume import render_field
+
+    sigma, half, distance = 2.0, 0.25, 3.0
+    out = render_field(Slab(sigma, half, [0.2, 0.4, 0.6]), camera_on_x(distance),
+                       n_samples=2048, background=torch.tensor([[1.0, 1.0, 1.0]]))
+    L = 2 * half
+    alpha = 1 - math.exp(-sigma * L)
+    depth = distance - half + 1 / sigma - L * math.exp(-sigma * L) / alpha
+    centre = (0, 2, 2)
+    assert out.alpha[centre].item() == pytest.approx(alpha, abs=2e-3)
+    assert out.depth[centre].item() == pytest.approx(depth, abs=2e-3)
+    want = alpha * torch.tensor([0.2, 0.4, 0.6]) + (1 - alpha)
+    assert torch.allclose(out.rgb[centre], want, atol=2e-3)
+    # a corner ray crosses the slab over the same camera-z range but |d| times farther
+    stretch = camera_on_x(distance).ray_directions()[0, 0, 0].norm().item()
+    assert stretch > 1.03  # large enough for the tolerance below to tell
+    corner_alpha = 1 - math.exp(-sigma * L * stretch)
+    assert out.alpha[0, 0, 0, 0].item() == pytest.approx(corner_alpha, abs=2e-3)
+    assert out.depth[0, 0, 0, 0].item() == pytest.approx(
+        distance - half + 1 / (sigma * stretch)
+        - L * math.exp(-sigma * L * stretch) / corner_alpha, abs=2e-3)
+
+
+def test_rays_that_miss_the_box_are_empty():
+    from cfd.renderers.volume import render_field
+
+    out = render_field(Slab(50.0, 0.1, [1.0, 0.0, 0.0], radius=0.1), camera_on_x(3.0, size=9),
+                       n_samples=64)
+    assert out.alpha[0, 0, 0, 0] == 0 and out.depth[0, 0, 0, 0] == 0
+    assert out.alpha[0, 4, 4, 0] > 0.99
+
+
+def test_nerf_field_starts_as_a_blob_and_learns():
+    """At initialisation the blob is opaque in the middle and empty at the border; a few Adam
+    steps towards a red target change every parameter group and lower the loss."""
+    field = NeRFField(NeRFConfig(grid=SMALL, radius=1.0),
+                      generator=torch.Generator().manual_seed(0))
+    cams = camera_on_x(3.0, size=9)
+    out = render(field, cams, n_samples=32)
+    assert out.alpha[0, 4, 4, 0] > 0.9 and out.alpha[0, 0, 0, 0] < 0.05
+    groups = field.param_groups()
+    optimiser = torch.optim.Adam([{"params": p} for p in groups.values()], lr=1e-2)
+    target = torch.tensor([1.0, 0.0, 0.0])
+    losses = []
+    for _ in range(10):
+        rgb = render(field, cams, n_samples=32, background=0.0).rgb
+        loss = ((rgb[0, 3:6, 3:6] - target) ** 2).mean()
+        optimiser.zero_grad()
+        loss.backward()
+        for name, params in groups.items():
+            assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params), name
+        optimiser.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_stratified_samples_are_seeded():
+    field = NeRFField(NeRFConfig(grid=SMALL), generator=torch.Generator().manual_seed(0))
+    cams = camera_on_x(3.0, size=7)
+    first = render(field, cams, n_samples=16, generator=torch.Generator().manual_seed(5)).rgb
+    again = render(field, cams, n_samples=16, generator=torch.Generator().manual_seed(5)).rgb
+    other = render(field, cams, n_samples=16, generator=torch.Generator().manual_seed(6)).rgb
+    assert torch.equal(first, again) and not torch.equal(first, other)
+
+
+@pytest.mark.gpu
+def test_tcnn_and_torch_hash_grids_agree():
+    pytest.importorskip("tinycudann")
+    cfg = HashGridConfig(n_levels=8, log2_hashmap_size=14, max_resolution=256, backend="tcnn")
+    fused = hash_grid(cfg, "cuda")
+    plain = HashGrid(cfg).cuda()
+    assert fused.state_dict().keys() == plain.state_dict().keys()  # checkpoints move across
+    plain.load_state_dict({k: v.float() for k, v in fused.state_dict().items()})
+    x = torch.rand(4096, 3, device="cuda")
+    assert torch.allclose(fused(x), plain(x), atol=1e-3)
+
+
+class Ball:
+    """Density 20 inside a sphere of radius 0.6, colour from position."""
+
+    cfg = NeRFConfig(radius=1.0)
+    device = torch.device("cpu")
+
+    def query(self, points):
+        return torch.where(points.norm(dim=-1) < 0.6, 20.0, 0.0), (points + 1) / 2
+
+
+def test_marching_cubes_of_a_sphere_is_closed_and_outward(tmp_path):
+    """The automatic threshold puts the surface within one cell of the sphere; every edge has
+    exactly two faces (watertight); the signed volume is positive (faces look outwards); the
+    .obj and .glb files hold the same mesh."""
+    from cfd.scene.mesh import extract_mesh, read_glb, write_glb, write_obj
+
+    mesh = extract_mesh(Ball(), resolution=64)
+    radii = np.linalg.norm(mesh.vertices, axis=1)
+    cell = 2.0 / 63
+    assert np.all(np.abs(radii - 0.6) < cell)
+    edges = np.sort(np.concatenate([mesh.faces[:, [0, 1]], mesh.faces[:, [1, 2]],
+                                    mesh.faces[:, [2, 0]]]), axis=1)
+    _, counts = np.unique(edges, axis=0, return_counts=True)
+    assert np.all(counts == 2)
+    v, f = mesh.vertices.astype(np.float64), mesh.faces
+    volume = np.einsum("ij,ij->i", v[f[:, 0]], np.cross(v[f[:, 1]], v[f[:, 2]])).sum() / 6
+    assert volume == pytest.approx(4 / 3 * math.pi * 0.6 ** 3, rel=0.15)
+    assert np.allclose(mesh.colours, (mesh.vertices + 1) / 2, atol=1e-6)
+
+    write_obj(mesh, tmp_path / "m.obj")
+    lines = (tmp_path / "m.obj").read_text().splitlines()
+    assert sum(l.startswith("v ") for l in lines) == len(mesh.vertices)
+    assert sum(l.startswith("f ") for l in lines) == len(mesh.faces)
+    write_glb(mesh, tmp_path / "m.glb")
+    gltf, binary = read_glb(tmp_path / "m.glb")
+    count = gltf["accessors"][0]["count"]
+    positions = np.frombuffer(binary, "<f4", count * 3).reshape(-1, 3)
+    assert np.allclose(positions[:, [0, 2]] * [1, -1], mesh.vertices[:, [0, 1]])
+    assert gltf["accessors"][-1]["count"] == mesh.faces.size
+
+
+def test_empty_field_is_a_clear_error():
+    from cfd.scene.mesh import extract_mesh
+
+    class Empty(Ball):
+        def query(self, points):
+            return torch.zeros(len(points)), torch.zeros(len(points), 3)
+
+    with pytest.raises(ValueError, match="nothing to mesh"):
+        extract_mesh(Empty(), resolution=16, threshold=1.0)
