@@ -26,7 +26,7 @@ from cfd.scene import HashGridConfig, NeRFConfig, NeRFField  # noqa: E402
 from cfd.scene.hash_grid import tcnn_available  # noqa: E402
 
 GRIDS = {"cpu default": HashGridConfig(),
-         "official CFD": HashGridConfig(n_levels=16, log2_hashmap_size=19, max_resolution=4096)}
+         "official CFD": HashGridConfig(n_levels=16, log2_hashmap_size=20, max_resolution=4096)}
 
 
 def main() -> None:

@@ -51,6 +51,8 @@ def main() -> None:
             return time.perf_counter()
 
         t0 = time.perf_counter()
+        system.update_occupancy()
+        system.step += 1
         cams = c.camera.sample(c.batch_size, c.resolution, system.generator, dev)
         out, background = system.render_views(cams)
         t0 = mark("render", t0)
@@ -77,7 +79,7 @@ def main() -> None:
     medians = {k: statistics.median(v) for k, v in phases.items()}
     total = sum(medians.values())
     print(f"device={dev} guidance={c.guidance.kind} batch={c.batch_size} res={c.resolution} "
-          f"splats={len(system.scene)} noise={c.noise.mode} steps={args.steps}")
+          f"scene={c.scene} noise={c.noise.mode} steps={args.steps}")
     print("| phase | median s | share |")
     print("|---|---|---|")
     for k, v in medians.items():

@@ -225,8 +225,8 @@ def test_nerf_run_improves_held_out_views_and_writes_a_mesh(tmp_path, cache_dir)
     cfg = load_config(DistillConfig, NERF_CONFIG, nerf_overrides(tmp_path, cache_dir, steps=40,
                                                                  log_every=20))
     start = distill.Distillation(cfg, tmp_path)
-    before = evaluate_against_shape_world(start.scene, "a mug", n_views=4, resolution=32,
-                                          background=0.5)
+    before = evaluate_against_shape_world(start.scene, "a mug", resolution=32, background=0.5,
+                                          render_options=start.render_options())
     result = distill.run(cfg)
     assert result["psnr"] > before["psnr"] + 1.0, (before, result)
     (run_dir,) = list((tmp_path / "cfd-nerf-embedded").iterdir())

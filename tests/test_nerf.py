@@ -25,8 +25,8 @@ def test_hash_grid_layout_follows_the_rules():
     assert [lv.offset for lv in levels] == [0, 64, 576, 1600]
     assert [lv.hashed for lv in levels] == [False, False, True, True]
     assert HashGrid(SMALL).params.numel() == (1600 + 1024) * 2
-    # official CFD: 16 levels x 2, 2^19 entries, base 16, max 4096 -> 4096 on the finest level
-    official = HashGridConfig(n_levels=16, log2_hashmap_size=19, max_resolution=4096)
+    # official CFD: 16 levels x 2, 2^20 entries, base 16, max 4096 -> 4096 on the finest level
+    official = HashGridConfig(n_levels=16, log2_hashmap_size=20, max_resolution=4096)
     assert level_layout(official)[-1].resolution == 4096
 
 
@@ -184,9 +184,11 @@ def test_tcnn_and_torch_hash_grids_agree():
     fused = hash_grid(cfg, "cuda")
     plain = HashGrid(cfg).cuda()
     assert fused.state_dict().keys() == plain.state_dict().keys()  # checkpoints move across
+    with torch.no_grad():  # tables far from tcnn's +-1e-4 start, so a wrong index shows
+        fused.params.normal_()
     plain.load_state_dict({k: v.float() for k, v in fused.state_dict().items()})
     x = torch.rand(4096, 3, device="cuda")
-    assert torch.allclose(fused(x), plain(x), atol=1e-3)
+    assert torch.allclose(fused(x), plain(x), atol=1e-4)
 
 
 class Ball:

@@ -53,6 +53,13 @@ def render(
     from ..scene import NeRFField, Splats
 
     if isinstance(scene, NeRFField):
+        if scene.device != cameras.device:
+            raise ValueError(f"field is on {scene.device} but cameras are on {cameras.device}; "
+                             "move one with .to()")
+        bad = scene.check_finite()
+        if bad is not None:
+            raise ValueError(f"NeRF parameter '{bad}' contains NaN or Inf; the optimisation "
+                             "diverged (lower the learning rates) or the weights are broken")
         if backend not in ("auto", "torch"):
             raise ValueError(f"a NeRF renders with nerfacc; backend {backend!r} is for splats")
         background = _background(background, len(cameras), cameras.viewmats)

@@ -30,7 +30,7 @@ UINT32 = 0xFFFFFFFF
 
 @dataclass
 class HashGridConfig:
-    """Official CFD: 16 levels x 2 features, ``log2_hashmap_size`` 19, base 16, max 4096.
+    """Official CFD: 16 levels x 2 features, ``log2_hashmap_size`` 20, base 16, max 4096.
     The defaults here are sized for a CPU."""
 
     n_levels: int = 12

@@ -32,13 +32,16 @@ class Mesh:
 def otsu_threshold(values: Tensor, bins: int = 256) -> float:
     """The level that best splits ``values`` in [0, 1] into two classes (Otsu)."""
     hist = torch.histc(values.float().clamp(0, 1), bins=bins, min=0.0, max=1.0).double()
-    centres = (torch.arange(bins, dtype=torch.float64) + 0.5) / bins
+    centres = (torch.arange(bins, dtype=torch.float64, device=hist.device) + 0.5) / bins
     weight_low = hist.cumsum(0)
     weight_high = hist.sum() - weight_low
     mean_low = (hist * centres).cumsum(0) / weight_low.clamp(min=1e-12)
     mean_high = ((hist * centres).sum() - (hist * centres).cumsum(0)) / weight_high.clamp(min=1e-12)
-    between = weight_low * weight_high * (mean_low - mean_high) ** 2
-    return float((torch.argmax(between[:-1]) + 1) / bins)
+    between = (weight_low * weight_high * (mean_low - mean_high) ** 2)[:-1]
+    # Empty bins between the classes make a plateau of equal splits: take its middle, not its
+    # first bin, so the level sits between the classes rather than against the empty one.
+    best = torch.nonzero(between >= between.max() * (1 - 1e-9)).squeeze(1)
+    return float((best[len(best) // 2] + 1) / bins)
 
 
 @torch.no_grad()

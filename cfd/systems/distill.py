@@ -106,6 +106,7 @@ class DistillConfig:
     n_samples: int = 64  # NeRF: samples per ray (stratified in training)
     occupancy: OccupancyConfig = field(default_factory=OccupancyConfig)  # NeRF: skips empty space
     mesh_resolution: int = 128  # NeRF: marching-cubes grid of the exported mesh
+    mesh_threshold: Optional[float] = None  # NeRF: surface density; None: read off the field
     prompt_processor: PromptConfig = field(default_factory=lambda: PromptConfig(prompt="a mug"))
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
@@ -239,6 +240,10 @@ class Distillation:
         return {"nerf": {k: v.detach().clone() for k, v in self.scene.state_dict().items()}}
 
     def load_state_dict(self, state: dict) -> None:
+        if "scene" not in state:
+            raise ValueError("this checkpoint predates NeRF scenes (cfd3d 0.1 layout, splats "
+                             "at the top level) and cannot be resumed by this version; start "
+                             "a new run")
         scene = state["scene"]
         if "splats" in scene:
             self.scene = Splats(scene["splats"], scene["sh_degree"]).to(self.device)
@@ -388,7 +393,7 @@ def run(cfg, resume_dir: Optional[Path] = None) -> dict:
         system.scene.save_ply(run_dir / "splats.ply")
         result["n_splats"] = len(system.scene)
     else:
-        save_nerf_outputs(system.scene, run_dir, c.mesh_resolution)
+        save_nerf_outputs(system.scene, run_dir, c.mesh_resolution, c.mesh_threshold)
     write_orbit_video(system.scene, run_dir / "orbit.mp4", n_frames=c.video_frames,
                       size=c.video_size, distance=2.5, background=c.background,
                       render_options=system.render_options())
@@ -407,7 +412,8 @@ def run(cfg, resume_dir: Optional[Path] = None) -> dict:
     return result
 
 
-def save_nerf_outputs(field: NeRFField, run_dir: Path, mesh_resolution: int) -> None:
+def save_nerf_outputs(field: NeRFField, run_dir: Path, mesh_resolution: int,
+                      mesh_threshold: Optional[float] = None) -> None:
     """The field's weights and its mesh (``mesh.obj``, ``mesh.glb``; skipped, with a warning,
     when the field is empty)."""
     from safetensors.torch import save
@@ -415,7 +421,7 @@ def save_nerf_outputs(field: NeRFField, run_dir: Path, mesh_resolution: int) -> 
     weights = save({k: v.detach().cpu().contiguous() for k, v in field.state_dict().items()})
     atomic_write(run_dir / "nerf.safetensors", lambda f: f.write(weights))
     try:
-        mesh = extract_mesh(field, mesh_resolution)
+        mesh = extract_mesh(field, mesh_resolution, mesh_threshold)
     except ValueError as err:
         log.warning("no mesh written: %s", err)
         return
