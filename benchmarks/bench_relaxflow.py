@@ -8,6 +8,8 @@
 
     python benchmarks/bench_relaxflow.py
     python benchmarks/bench_relaxflow.py --released --device cuda --dtype float16
+    python benchmarks/bench_relaxflow.py --released --blocks 2 --skip-attention  # CPU: released
+        widths, so each block's cost splits as at full size, with 2 of the 24 blocks
 """
 
 from __future__ import annotations
@@ -72,8 +74,10 @@ def sampling_costs(sizes, n_priors: int, steps: int, device, dtype, repeats: int
                                                 (priors, torch.zeros_like(priors)))}
     seconds = {k: time_call(f, repeats, device, warmup=0, reduce=min) for k, f in runs.items()}
     memory = {k: peak_growth_mb(f, device) for k, f in runs.items()}
-    print(f"\nstage-1 sampling, {steps} steps, guidance on t in [0.5, 1], alpha > 0 on "
-          f"{sum(a > 0 for a in sampler.alphas())} steps, {n_priors} priors, {device}, {dtype}")
+    flow_size = sizes["ss_flow"]
+    print(f"\nstage-1 sampling, flow of {flow_size['model_channels']} channels x "
+          f"{flow_size['num_blocks']} blocks, {steps} steps, guidance on t in [0.5, 1], alpha > 0 "
+          f"on {sum(a > 0 for a in sampler.alphas())} steps, {n_priors} priors, {device}, {dtype}")
     print("| run | s (best of %d) | peak memory growth MiB |\n|---|---|---|" % repeats)
     for k in runs:
         print(f"| {k} | {seconds[k]:.2f} | {memory[k]:.0f} |")
@@ -88,11 +92,17 @@ def main() -> None:
     parser.add_argument("--priors", type=int, default=3)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--blocks", type=int, help="override the flow model's number of blocks")
+    parser.add_argument("--skip-attention", action="store_true",
+                        help="time only the sampling runs")
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    attention_costs(args.priors, device, dtype, args.repeats)
-    sampling_costs(RELEASED if args.released else TINY, args.priors, args.steps, device, dtype,
-                   args.repeats)
+    if not args.skip_attention:
+        attention_costs(args.priors, device, dtype, args.repeats)
+    sizes = dict(RELEASED if args.released else TINY)
+    if args.blocks:
+        sizes["ss_flow"] = {**sizes["ss_flow"], "num_blocks": args.blocks}
+    sampling_costs(sizes, args.priors, args.steps, device, dtype, args.repeats)
 
 
 if __name__ == "__main__":
