@@ -51,7 +51,7 @@ def main() -> None:
             return time.perf_counter()
 
         t0 = time.perf_counter()
-        system.update_occupancy()
+        system.update_occupancy()  # a NeRF's grid refreshes on the step count, as in training
         system.step += 1
         cams = c.camera.sample(c.batch_size, c.resolution, system.generator, dev)
         out, background = system.render_views(cams)

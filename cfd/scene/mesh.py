@@ -44,6 +44,11 @@ def otsu_threshold(values: Tensor, bins: int = 256) -> float:
     return float((best[len(best) // 2] + 1) / bins)
 
 
+def in_chunks(fn: Callable[[Tensor], Tensor], points: Tensor, chunk: int = 65536) -> Tensor:
+    """``fn`` over ``points [N,3]`` a chunk at a time, concatenated (bounded temporaries)."""
+    return torch.cat([fn(points[i:i + chunk]) for i in range(0, len(points), chunk)])
+
+
 @torch.no_grad()
 def density_grid(density_fn: Callable[[Tensor], Tensor], radius: float, resolution: int,
                  device="cpu", chunk: int = 65536) -> Tensor:
@@ -51,7 +56,7 @@ def density_grid(density_fn: Callable[[Tensor], Tensor], radius: float, resoluti
     ``[R,R,R]`` indexed (x, y, z)."""
     axis = torch.linspace(-radius, radius, resolution, device=device)
     points = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3)
-    values = torch.cat([density_fn(points[i:i + chunk]) for i in range(0, len(points), chunk)])
+    values = in_chunks(density_fn, points, chunk)
     return values.reshape(resolution, resolution, resolution)
 
 
@@ -79,8 +84,7 @@ def extract_mesh(field, resolution: int = 128, threshold: Optional[float] = None
     faces = faces.astype(np.int64)  # counter-clockwise seen from the low-density side
     with torch.no_grad():
         points = torch.from_numpy(vertices).to(field.device)
-        colours = torch.cat([field.query(points[i:i + 65536])[1]
-                             for i in range(0, len(points), 65536)]) if len(points) else None
+        colours = in_chunks(lambda p: field.query(p)[1], points) if len(points) else None
     return Mesh(vertices, faces, None if colours is None else colours.float().cpu().numpy())
 
 

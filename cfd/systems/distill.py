@@ -187,13 +187,14 @@ class Distillation:
                           if c.scene == "nerf" and c.occupancy.enabled else None)
         self.optimizers = self.scene.make_optimizers(self._learning_rates())
         self.densifier = Densifier(c.densify, scene_scale=c.init.radius)
-        if c.scene == "splats":
+        if isinstance(self.scene, Splats):
             self.densifier.check(self.scene, self.optimizers)
         self.step = 0
         self.bad_steps = 0
 
     def _learning_rates(self) -> dict:
-        return dataclasses.asdict(self.cfg.lr if self.cfg.scene == "splats" else self.cfg.nerf_lr)
+        splats = isinstance(self.scene, Splats)
+        return dataclasses.asdict(self.cfg.lr if splats else self.cfg.nerf_lr)
 
     def _initial_scene(self):
         if self.cfg.scene == "nerf":
@@ -273,7 +274,8 @@ class Distillation:
             fixed = torch.full((len(cams), 3), float(c.background))
             background = torch.where(draws[:, :1] < c.random_background, draws[:, 1:], fixed)
             background = background.to(self.device)
-        options = {"generator": self.generator} if c.scene == "nerf" else {}
+        # a NeRF's training samples are stratified from the run's generator
+        options = {} if isinstance(self.scene, Splats) else {"generator": self.generator}
         out = render(self.scene, cams, c.backend,
                      c.background if background is None else background,
                      **options, **self.render_options())
@@ -281,7 +283,7 @@ class Distillation:
 
     def render_options(self) -> dict:
         """What a NeRF render needs beyond the cameras (nothing for splats)."""
-        if self.cfg.scene != "nerf":
+        if isinstance(self.scene, Splats):
             return {}
         return {"n_samples": self.cfg.n_samples, "occupancy": self.occupancy}
 
