@@ -21,6 +21,7 @@ JOBS = {
     "fit-splats": ("cfd.systems.fit_splats", "FitSplatsConfig"),
     "generate": ("relaxflow.generate", "GenerateConfig"),
     "relaxflow": ("relaxflow.complete", "RelaxFlowConfig"),
+    "refine": ("relaxflow.refine", "RefineConfig"),
 }
 RESUMABLE = {"distill"}
 

@@ -59,16 +59,18 @@ def attention_costs(n_priors: int, device, dtype, repeats: int) -> None:
     print(f"speed-up {t_explicit / t_ours:.1f}x")
 
 
-def sampling_costs(sizes, n_priors: int, steps: int, device, dtype, repeats: int) -> None:
+def sampling_costs(sizes, n_priors: int, steps: int, device, dtype, repeats: int,
+                   pooling: str = "concat") -> None:
     flow = random_model("SparseStructureFlowModel", sizes["ss_flow"], device, dtype)
     C = sizes["ss_flow"]["cond_channels"]
     g = torch.Generator().manual_seed(1)
     obs = torch.randn(1, 1374, C, generator=g).to(device)
-    priors = pool_priors(torch.randn(n_priors, 1374, C, generator=g).to(device))
+    priors = pool_priors(torch.randn(n_priors, 1374, C, generator=g).to(device), pooling)
     noise = torch.randn(1, 8, 16, 16, 16, generator=g).to(device)
     base = FlowEulerSampler(steps=steps, cfg_strength=7.5, cfg_interval=(0.5, 1.0), rescale_t=3.0)
     sampler = RelaxFlowSampler(base=base, relaxation=AttentionRelaxation(
-        2.5, 2.5, query_grid=(16, 16, 16), keys=KeyLayout(n_images=n_priors)))
+        2.5, 2.5, query_grid=(16, 16, 16),
+        keys=KeyLayout(n_images=n_priors if pooling == "concat" else 1)))
     runs = {"observation only": lambda: base.sample(flow, noise, obs, torch.zeros_like(obs)),
             "RelaxFlow": lambda: sampler.sample(flow, noise, (obs, torch.zeros_like(obs)),
                                                 (priors, torch.zeros_like(priors)))}
@@ -77,7 +79,8 @@ def sampling_costs(sizes, n_priors: int, steps: int, device, dtype, repeats: int
     flow_size = sizes["ss_flow"]
     print(f"\nstage-1 sampling, flow of {flow_size['model_channels']} channels x "
           f"{flow_size['num_blocks']} blocks, {steps} steps, guidance on t in [0.5, 1], alpha > 0 "
-          f"on {sum(a > 0 for a in sampler.alphas())} steps, {n_priors} priors, {device}, {dtype}")
+          f"on {sum(a > 0 for a in sampler.alphas())} steps, {n_priors} priors ({pooling}), "
+          f"{device}, {dtype}")
     print("| run | s (best of %d) | peak memory growth MiB |\n|---|---|---|" % repeats)
     for k in runs:
         print(f"| {k} | {seconds[k]:.2f} | {memory[k]:.0f} |")
@@ -93,6 +96,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--blocks", type=int, help="override the flow model's number of blocks")
+    parser.add_argument("--pooling", default="concat", choices=["concat", "mean"],
+                        help="how the prior images' tokens are pooled (the sampling runs)")
     parser.add_argument("--skip-attention", action="store_true",
                         help="time only the sampling runs")
     args = parser.parse_args()
@@ -102,7 +107,7 @@ def main() -> None:
     sizes = dict(RELEASED if args.released else TINY)
     if args.blocks:
         sizes["ss_flow"] = {**sizes["ss_flow"], "num_blocks": args.blocks}
-    sampling_costs(sizes, args.priors, args.steps, device, dtype, args.repeats)
+    sampling_costs(sizes, args.priors, args.steps, device, dtype, args.repeats, args.pooling)
 
 
 if __name__ == "__main__":

@@ -12,16 +12,26 @@ from .renderers import render
 from .utils.media import save_video
 
 
+def _normal_frame(out, background: float):
+    """World normals as colours, ``n / 2 + 1/2``, over the background."""
+    return 0.5 * out.normal + 0.5 * out.alpha + (1 - out.alpha) * background
+
+
 @torch.no_grad()
 def render_orbit(scene, n_frames: int = 60, size: int = 128, elevation: float = 15.0,
                  distance: float = 3.2, fov: float = 40.0, background=1.0, batch: int = 8,
-                 render_options: Optional[dict] = None):
-    """RGB frames of a full turn around the origin. ``[n_frames, size, size, 3]``.
-    ``render_options``: extra ``render`` arguments (a NeRF's ``n_samples``, ``occupancy``)."""
+                 render_options: Optional[dict] = None, show: str = "rgb"):
+    """Frames of a full turn around the origin, ``[n_frames, size, size, 3]``: the colours
+    (``show="rgb"``) or, for a field, its normals (``show="normal"``). ``render_options``:
+    extra ``render`` arguments (a NeRF's ``n_samples``, ``occupancy``)."""
+    if show not in ("rgb", "normal"):
+        raise ValueError(f"show is 'rgb' or 'normal', got {show!r}")
+    options = {**(render_options or {}), **({"normals": True} if show == "normal" else {})}
     cams = fixed_orbit_cameras(n_frames, size, size, elevation, distance, fov, device=scene.device)
-    frames = [render(scene, cams[i : i + batch], background=background,
-                     **(render_options or {})).rgb
-              for i in range(0, n_frames, batch)]
+    frames = []
+    for i in range(0, n_frames, batch):
+        out = render(scene, cams[i : i + batch], background=background, **options)
+        frames.append(out.rgb if show == "rgb" else _normal_frame(out, background))
     return torch.cat(frames)
 
 

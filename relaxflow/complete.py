@@ -8,7 +8,8 @@ yet); stage 2 samples the latent on that structure with each voxel's visibility 
 observation camera, so what the image shows stays the observation's. From the same noise it also
 runs the two single branches (observation only: plain TRELLIS; prior only: plain sampling on
 the pooled prior tokens with the relaxation) for comparison. Writes ``splats.ply`` and
-``orbit.mp4`` (RelaxFlow), ``observation_only.ply`` / ``prior_only.ply`` with their orbits,
+``orbit.mp4`` (RelaxFlow; each splat's ``visibility`` is a ``.ply`` property, for CFD's
+``init.lock_visible``), ``observation_only.ply`` / ``prior_only.ply`` with their orbits,
 ``visibility.png`` (the voxels' visibility, three axis projections and the observation view),
 ``occupancy.npz`` and ``metrics.json``.
 """
@@ -214,7 +215,11 @@ def run(cfg) -> Dict[str, Any]:
     with pipe.stage("decode") as m:
         for name, latent in latents.items():
             (splats,) = decode_splats(m["slat_decoder_gs"], latent)
-            splats.save_ply(run_dir / files[name][0])
+            # the completion's splats carry their voxel's visibility (each voxel decodes to
+            # the same number of splats, in voxel order): what CFD may change when it refines
+            extra = ({"visibility": visibility.repeat_interleave(len(splats) // len(visibility))}
+                     if name == "relaxflow" and len(visibility) else None)
+            splats.save_ply(run_dir / files[name][0], extra)
             write_orbit_video(splats, run_dir / files[name][1], n_frames=c.video_frames,
                               size=c.video_size, distance=2.0)
     voxels = completed[:, 1:].cpu().numpy().astype(np.int16)
@@ -226,6 +231,7 @@ def run(cfg) -> Dict[str, Any]:
                "visible_fraction": float((visibility > 0.5).float().mean()),
                "priors": n_priors, "device": str(device)}
     write_json(run_dir / "metrics.json", metrics)
+    metrics["run_dir"] = str(run_dir)
     print(f"RelaxFlow: {len(voxels)} voxels, {metrics['visible_fraction']:.0%} visible; wrote "
           f"splats.ply, orbit.mp4, the single-branch results and visibility.png to {run_dir}")
     return metrics

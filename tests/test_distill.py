@@ -233,34 +233,80 @@ def test_nerf_run_improves_held_out_views_and_writes_a_mesh(tmp_path, cache_dir)
     for name in ("nerf.safetensors", "mesh.obj", "mesh.glb", "metrics.json", "ckpt/last.pt",
                  "progress_00040.png", "vs_truth.png"):
         assert (run_dir / name).is_file(), name
+    for video in ("orbit", "orbit_normal"):
+        assert any((run_dir / f"{video}.{ext}").is_file() for ext in ("mp4", "gif")), video
     assert not (run_dir / "splats.ply").exists()
 
 
-def test_nerf_run_resumes_exactly_from_its_checkpoint(tmp_path, cache_dir):
-    """Field, optimisers, occupancy grid and RNG streams are all in the checkpoint: 6 steps,
-    a fresh system loading the step-3 checkpoint and 3 more steps give identical weights."""
+def straight_and_resumed(cfg, tmp_path, steps: int):
+    """Two systems after ``steps`` steps: one straight through, one rebuilt from the
+    checkpoint a third system wrote halfway."""
     from cfd.systems.checkpoint import load_checkpoint, save_checkpoint
 
-    cfg = load_config(DistillConfig, NERF_CONFIG, nerf_overrides(tmp_path, cache_dir))
     straight = distill.Distillation(cfg, tmp_path)
-    for _ in range(6):
+    for _ in range(steps):
         straight.train_step()
     first = distill.Distillation(cfg, tmp_path)
-    for _ in range(3):
+    for _ in range(steps // 2):
         first.train_step()
     save_checkpoint(tmp_path / "ckpt", first.state_dict())
     second = distill.Distillation(cfg, tmp_path)
     second.load_state_dict(load_checkpoint(tmp_path / "ckpt"))
-    for _ in range(3):
+    for _ in range(steps - steps // 2):
         second.train_step()
+    return straight, second
+
+
+@pytest.mark.parametrize("extra", [{}, {"shading.p_shaded": 0.5, "max_grad_samples": 3000,
+                                         "loss.lambda_normal_smooth": 10}],
+                         ids=["albedo", "shaded-with-budget"])
+def test_nerf_run_resumes_exactly_from_its_checkpoint(tmp_path, cache_dir, extra):
+    """Field, optimisers, occupancy grid and RNG streams are all in the checkpoint: 6 steps,
+    a fresh system loading the step-3 checkpoint and 3 more steps give identical weights
+    (also with random lights and a gradient budget, which draw from the run's generator)."""
+    cfg = load_config(DistillConfig, NERF_CONFIG, nerf_overrides(tmp_path, cache_dir, **extra))
+    straight, second = straight_and_resumed(cfg, tmp_path, 6)
     want, got = straight.scene.state_dict(), second.scene.state_dict()
     for k in want:
         assert torch.equal(want[k], got[k]), k
     assert torch.equal(straight.occupancy.density, second.occupancy.density)
 
 
-def test_nerf_with_densify_is_a_clear_error(tmp_path, cache_dir):
-    cfg = load_config(DistillConfig, NERF_CONFIG,
-                      nerf_overrides(tmp_path, cache_dir, **{"densify.enabled": True}))
-    with pytest.raises(ValueError, match="densify.enabled=false"):
+@pytest.mark.parametrize("config, extra, message", [
+    ("nerf", {"densify.enabled": True}, "densify.enabled=false"),
+    ("splats", {"shading.p_shaded": 0.5}, "are for scene=nerf"),
+    ("splats", {"loss.lambda_normal_smooth": 10}, "are for scene=nerf"),
+    ("nerf", {"max_grad_samples": 0}, "positive sample count"),
+    ("splats", {"shading.p_textureless": 2}, r"shading.p_textureless is a probability"),
+    ("splats", {"background_kind": "mlp"}, "guidance.kind=stable-diffusion"),
+    ("splats", {"background_kind": "sky"}, "'solid' or 'mlp'"),
+    ("splats", {"init.lock_visible": True}, "init.lock_visible needs scene=splats, init.kind=ply"),
+])
+def test_settings_that_do_not_fit_the_scene_are_clear_errors(tmp_path, cache_dir, config, extra,
+                                                              message):
+    overrides = (nerf_overrides(tmp_path, cache_dir, **extra) if config == "nerf"
+                 else small_overrides(tmp_path, cache_dir, **extra))
+    cfg = load_config(DistillConfig, NERF_CONFIG if config == "nerf" else CONFIG, overrides)
+    with pytest.raises(ValueError, match=message):
         distill.Distillation(cfg, tmp_path)
+
+
+def test_learned_background_trains_and_resumes_with_an_image_model(tmp_path, cache_dir):
+    """With a (tiny) Stable Diffusion, ``background_kind=mlp`` trains the background alongside
+    the splats, and the checkpoint carries it: 4 steps straight equal 2 + resume + 2."""
+    from .tiny_models import build_tiny_sd
+
+    model = build_tiny_sd(tmp_path / "sd")
+    cfg = load_config(DistillConfig, CONFIG, small_overrides(
+        tmp_path, cache_dir, **{"guidance.kind": "stable-diffusion", "guidance.model_id": model,
+                                "guidance.resolution": 32, "guidance.half_precision": False,
+                                "guidance.latent_sampling": "mean", "background_kind": "mlp",
+                                "random_background": 0.5, "densify.enabled": False,
+                                "prompt_processor.cache_dir": tmp_path / "embeddings"}))
+    start = distill.Distillation(cfg, tmp_path).background.state_dict()
+    straight, second = straight_and_resumed(cfg, tmp_path, 4)
+    assert any(not torch.equal(start[k], v) for k, v in straight.background.state_dict().items())
+    for want, got in ((straight.background.state_dict(), second.background.state_dict()),
+                      (straight.scene.params, second.scene.params)):
+        for k in want:
+            assert torch.equal(want[k], got[k]), k

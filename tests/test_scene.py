@@ -125,3 +125,33 @@ def test_densification_grows_and_prunes():
     assert len(s) > 300  # grown by clones and splits
     assert s.opacities.min() > 0.005  # the transparent ones are gone
     assert all(o.param_groups[0]["params"][0] is s.params[k] for k, o in opts.items())
+
+
+def test_extra_ply_properties_round_trip_and_leave_the_splats_readable(tmp_path):
+    from cfd.scene.ply import read_ply_property
+
+    s = _scene()
+    visibility = torch.linspace(0, 1, len(s))
+    s.save_ply(tmp_path / "s.ply", {"visibility": visibility})
+    assert torch.equal(read_ply_property(tmp_path / "s.ply", "visibility"), visibility)
+    t = Splats.load_ply(tmp_path / "s.ply")
+    assert torch.equal(t.means, s.means.detach())
+    with pytest.raises(ValueError, match="no per-splat 'age' property"):
+        read_ply_property(tmp_path / "s.ply", "age")
+    with pytest.raises(ValueError, match="one value per splat"):
+        s.save_ply(tmp_path / "bad.ply", {"visibility": visibility[:-1]})
+    with pytest.raises(ValueError, match="must be a new name"):
+        s.save_ply(tmp_path / "bad.ply", {"opacity": visibility})
+
+
+def test_a_scaled_scene_seen_from_proportionally_farther_looks_the_same():
+    from cfd.cameras import fixed_orbit_cameras
+    from cfd.renderers import render
+
+    s = _scene(degree=1)
+    near = render(s, fixed_orbit_cameras(3, 24, 24, 20.0, 2.0, 40.0), "torch", 0.3)
+    far = render(s.scaled(2.5), fixed_orbit_cameras(3, 24, 24, 20.0, 5.0, 40.0), "torch", 0.3)
+    assert torch.allclose(near.rgb, far.rgb, atol=1e-5)
+    assert torch.allclose(near.depth * 2.5, far.depth, atol=1e-4)
+    with pytest.raises(ValueError, match="must be > 0"):
+        s.scaled(0.0)

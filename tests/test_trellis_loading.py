@@ -247,6 +247,49 @@ def test_relaxflow_job_writes_the_completion_and_both_single_branches(pipeline_d
     assert metrics["priors"] == 2 and 0.0 <= metrics["visible_fraction"] <= 1.0
 
 
+def test_refine_job_keeps_what_the_observation_showed(pipeline_dir, tmp_path):
+    """RelaxFlow's completion (splats with a visibility property) initialises CFD in the same
+    process; CFD moves the hidden splats and leaves the fully visible ones bit for bit."""
+    import run
+    from cfd.scene import Splats
+    from cfd.scene.ply import read_ply_property
+    from tests.tiny_models import build_tiny_dinov2
+
+    image = _rgba_file(tmp_path / "obs.png", (16, 16, 40, 48), (200, 50, 50))
+    prior = _rgba_file(tmp_path / "prior.png", (10, 12, 50, 52), (50, 50, 200))
+    code = run.main([
+        "refine", "--config", "configs/relaxflow-cfd.yaml", f"image={image}", "prompt=a chair",
+        f"priors=[{prior}]", f"output_dir={tmp_path / 'out'}", "device=cpu",
+        f"relaxflow.model={pipeline_dir}",
+        f"relaxflow.image_cond_model={build_tiny_dinov2(tmp_path / 'dinov2')}",
+        "relaxflow.stage1.sampler.steps=2", "relaxflow.stage2.sampler.steps=2",
+        "relaxflow.video_frames=2", "relaxflow.video_size=16", "relaxflow.camera.resolution=64",
+        # the embedded prior on CPU, tiny
+        "distill.guidance.kind=embedded", "distill.guidance.guidance_scale=5",
+        "distill.guidance.half_precision=false", "distill.guidance.dataset.views_per_object=8",
+        "distill.guidance.dataset.resolution=32",
+        f"distill.guidance.dataset.cache_dir={tmp_path / 'cache'}",
+        "distill.prompt_processor.negative_prompt=''", "distill.noise.texture_resolution=32",
+        "distill.noise.n_maps=3", "distill.noise.n_shells=2", "distill.resolution=32",
+        "distill.batch_size=2", "distill.steps=3", "distill.background=0.5",
+        "distill.video_frames=2", "distill.video_size=16", "distill.eval_views=2"])
+    assert code == 0
+    (run_dir,) = (tmp_path / "out" / "relaxflow-cfd").iterdir()
+    (completion,) = run_dir.glob("relaxflow-trellis/*/splats.ply")
+    (refined,) = run_dir.glob("cfd-refine/*/splats.ply")
+    assert (run_dir / "metrics.json").is_file()
+    visibility = read_ply_property(completion, "visibility")
+    seen, hidden = visibility == 1, visibility < 0.01
+    assert seen.any() and hidden.any()
+    start = Splats.load_ply(completion)
+    extent = torch.quantile(start.means.norm(dim=-1), 0.99).item()
+    start = start.scaled(0.6 / extent)
+    end = Splats.load_ply(refined)
+    for key in ("means", "scales", "opacities", "sh0"):
+        assert torch.equal(start.params[key][seen], end.params[key][seen]), key
+    assert not torch.equal(start.params["means"][hidden], end.params["means"][hidden])
+
+
 def test_relaxflow_job_rejects_bad_inputs(pipeline_dir, tmp_path, capsys):
     import numpy as np
     from PIL import Image

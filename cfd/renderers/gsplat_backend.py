@@ -42,4 +42,5 @@ def rasterize_gsplat(
     )
     meta = dict(meta)
     meta.update(backend="gsplat", n_intersections=int(meta["isect_ids"].numel()))
-    return RenderOutput(render[..., :3], alphas, render[..., 3:], meta["means2d"], meta["radii"], meta)
+    return RenderOutput(render[..., :3], alphas, render[..., 3:], meta["means2d"], meta["radii"],
+                        info=meta)

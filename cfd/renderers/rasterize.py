@@ -36,6 +36,8 @@ class RenderOutput:
         means2d: projected centres ``[B,N,2]``; call ``retain_grad()`` before backward to read
             the screen-space gradients densification needs (``None`` for scenes without splats).
         radii: per-axis screen radii ``[B,N,2]`` int32, 0 where culled.
+        normal: alpha-weighted world-frame normals ``[B,H,W,3]`` (fields rendered with
+            normals; None otherwise).
         info: what gsplat's strategies read (``means2d``, ``radii``, ``width``, ``height``,
             ``n_cameras``) plus backend statistics.
     """
@@ -45,6 +47,7 @@ class RenderOutput:
     depth: Tensor
     means2d: Optional[Tensor] = None
     radii: Optional[Tensor] = None
+    normal: Optional[Tensor] = None
     info: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -158,7 +161,7 @@ def rasterization(
         "width": width, "height": height, "n_cameras": B,
         "n_intersections": bins.n_intersections, "backend": "torch",
     }
-    return RenderOutput(rgb_img, alpha, depth, proj.means2d, proj.radii, info)
+    return RenderOutput(rgb_img, alpha, depth, proj.means2d, proj.radii, info=info)
 
 
 def _empty(B: int, width: int, height: int, like: Tensor, backgrounds: Optional[Tensor]):
@@ -168,4 +171,4 @@ def _empty(B: int, width: int, height: int, like: Tensor, backgrounds: Optional[
     if backgrounds is not None:
         rgb = rgb + backgrounds[:, None, None, :]
     info = {"width": width, "height": height, "n_cameras": B, "n_intersections": 0}
-    return RenderOutput(rgb, zeros, zeros.clone(), None, None, info)
+    return RenderOutput(rgb, zeros, zeros.clone(), info=info)

@@ -8,7 +8,8 @@ sampling); nerfacc's ``render_weight_from_density`` turns densities into composi
 These batched functions run on any device; the packed ones and nerfacc's occupancy-grid
 estimator need its CUDA build, so empty space is skipped with our own
 :class:`~cfd.renderers.occupancy.OccupancyGrid` (samples in empty cells get density 0 without a
-field query). Rays are processed in chunks so the temporaries stay bounded.
+field query). Rays are processed in chunks so the temporaries stay bounded, and a gradient
+budget bounds what the backward keeps.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import Tensor
 from ..cameras import Cameras
 from .occupancy import OccupancyGrid
 from .rasterize import RenderOutput
+from .shading import Lighting
 
 
 def ray_box_interval(origins: Tensor, directions: Tensor, radius: float):
@@ -34,44 +36,86 @@ def ray_box_interval(origins: Tensor, directions: Tensor, radius: float):
     return t_near, t_far
 
 
-def query_occupied(field, points: Tensor, occupancy: Optional[OccupancyGrid]):
-    """``field.query`` at the points in occupied cells; density 0 and colour 0 elsewhere."""
-    if occupancy is None:
-        return field.query(points)
-    keep = torch.nonzero(occupancy.lookup(points)).squeeze(1)
+def _evaluate(field, points: Tensor, normals: bool):
+    if normals:
+        return field.query_with_normals(points)
+    return (*field.query(points), None)
+
+
+def query_samples(field, points: Tensor, occupancy: Optional[OccupancyGrid] = None,
+                  normals: bool = False, max_grad: Optional[int] = None,
+                  generator: Optional[torch.Generator] = None):
+    """The field at sample points ``[N,3]``: ``density [N]``, ``rgb [N,3]`` and, with
+    ``normals``, ``normal [N,3]`` (else None).
+
+    Samples in empty ``occupancy`` cells are not queried (density, colour and normal 0). With
+    ``max_grad`` (and autograd on), at most that many of the queried samples, drawn at random
+    from ``generator``, carry gradients; the rest are evaluated without autograd. This is the
+    official code's "gradient budget": the forward is unchanged, and the backward's memory
+    is bounded at any resolution.
+    """
+    if occupancy is None and (max_grad is None or not torch.is_grad_enabled()
+                              or points.shape[0] <= max_grad):
+        return _evaluate(field, points, normals)
+    keep = (torch.arange(points.shape[0], device=points.device) if occupancy is None
+            else torch.nonzero(occupancy.lookup(points)).squeeze(1))
+    with_grad = torch.is_grad_enabled()
+    parts = [(keep, with_grad)]
+    if with_grad and max_grad is not None and keep.numel() > max_grad:
+        order = torch.randperm(keep.numel(), generator=generator).to(keep.device)
+        parts = [(keep[order[:max_grad]], True), (keep[order[max_grad:]], False)]
     density = points.new_zeros(points.shape[0])
     rgb = points.new_zeros(points.shape[0], 3)
-    if keep.numel():
-        d, c = field.query(points[keep])
-        density = density.index_put((keep,), d)
-        rgb = rgb.index_put((keep,), c)
-    return density, rgb
+    normal = points.new_zeros(points.shape[0], 3) if normals else None
+    for index, grad in parts:
+        if not index.numel():
+            continue
+        with torch.set_grad_enabled(grad):
+            d, c, n = _evaluate(field, points[index], normals)
+        density = density.index_put((index,), d)
+        rgb = rgb.index_put((index,), c)
+        if normals:
+            normal = normal.index_put((index,), n)
+    return density, rgb, normal
 
 
 def render_field(field, cameras: Cameras, n_samples: int = 64,
                  background: Optional[Tensor] = None, chunk_rays: int = 8192,
                  generator: Optional[torch.Generator] = None,
-                 occupancy: Optional[OccupancyGrid] = None) -> RenderOutput:
+                 occupancy: Optional[OccupancyGrid] = None, normals: bool = False,
+                 lighting: Optional[Lighting] = None,
+                 max_grad_samples: Optional[int] = None) -> RenderOutput:
     """Render ``field`` (anything with ``query(points [N,3]) -> (density [N], rgb [N,3])`` and
-    ``cfg.radius``) from B cameras.
+    ``cfg.radius``; for normals or lighting also ``query_with_normals``) from B cameras.
 
     Args:
-        background: ``[B,3]`` colour behind the field, or None (black).
-        generator: stratified sample positions from it; None samples interval midpoints.
+        background: ``[B,3]`` colour or ``[B,H,W,3]`` image behind the field, or None (black).
+        generator: stratified sample positions (and the gradient budget's draw) from it; None
+            samples interval midpoints.
         occupancy: query the field only at samples in its occupied cells (density 0 elsewhere).
+        normals: also composite the field's normals (unit ``-grad density``) into ``normal``.
+        lighting: shade each sample's albedo (:class:`~cfd.renderers.shading.Lighting`); None
+            renders the albedo.
+        max_grad_samples: at most this many samples of the whole render carry gradients (split
+            over the chunks in proportion to their rays); None: all.
     Returns:
-        ``rgb [B,H,W,3]``, ``alpha [B,H,W,1]``, ``depth [B,H,W,1]`` (camera z, 0 where alpha is 0).
+        ``rgb [B,H,W,3]``, ``alpha [B,H,W,1]``, ``depth [B,H,W,1]`` (camera z, 0 where alpha is
+        0) and, with normals or lighting, ``normal [B,H,W,3]`` (``sum_i w_i n_i``: world frame,
+        alpha-weighted, so 0 on empty rays).
     """
     from nerfacc import render_weight_from_density
 
     B, H, W = len(cameras), cameras.height, cameras.width
+    normals = normals or lighting is not None
     directions = cameras.ray_directions().reshape(B, H * W, 3)
     origins = cameras.centers[:, None, :].expand(B, H * W, 3)
     directions, origins = directions.reshape(-1, 3), origins.reshape(-1, 3)
+    view = torch.arange(B, device=cameras.device).repeat_interleave(H * W)
     steps = torch.linspace(0.0, 1.0, n_samples + 1, device=cameras.device,
                            dtype=directions.dtype)
-    rgb_chunks, alpha_chunks, depth_chunks = [], [], []
-    for start in range(0, directions.shape[0], chunk_rays):
+    n_rays = directions.shape[0]
+    chunks = {"rgb": [], "alpha": [], "depth": [], "normal": []}
+    for start in range(0, n_rays, chunk_rays):
         d, o = directions[start:start + chunk_rays], origins[start:start + chunk_rays]
         t_near, t_far = ray_box_interval(o, d, field.cfg.radius)
         length = (t_far - t_near).clamp(min=0.0)
@@ -83,19 +127,31 @@ def render_field(field, cameras: Cameras, n_samples: int = 64,
             u = torch.rand(t_starts.shape, generator=generator, device="cpu").to(t_starts)
         t_mid = t_starts + u * (t_ends - t_starts)
         points = o[:, None, :] + t_mid[..., None] * d[:, None, :]
-        density, rgb = query_occupied(field, points.reshape(-1, 3), occupancy)
+        budget = (None if max_grad_samples is None
+                  else max_grad_samples * d.shape[0] // n_rays)
+        density, rgb, normal = query_samples(field, points.reshape(-1, 3), occupancy, normals,
+                                             budget, generator)
+        rgb = rgb.reshape(*t_mid.shape, 3)
+        if normals:
+            normal = normal.reshape(*t_mid.shape, 3)
+        if lighting is not None:
+            rgb = lighting.shade(rgb, normal, view[start:start + chunk_rays])
         # densities are per world unit; the intervals are in camera-z units, |d| world units each
         sigmas = density.reshape(t_mid.shape) * d.norm(dim=-1, keepdim=True)
         weights, _, _ = render_weight_from_density(t_starts, t_ends, sigmas)
         alpha = weights.sum(-1, keepdim=True)
-        rgb_chunks.append((weights[..., None] * rgb.reshape(*t_mid.shape, 3)).sum(1))
-        alpha_chunks.append(alpha)
+        chunks["rgb"].append((weights[..., None] * rgb).sum(1))
+        chunks["alpha"].append(alpha)
         depth = (weights * t_mid).sum(-1, keepdim=True)
-        depth_chunks.append(torch.where(alpha > 0, depth / alpha.clamp(min=1e-10), 0.0))
-    rgb = torch.cat(rgb_chunks).reshape(B, H, W, 3)
-    alpha = torch.cat(alpha_chunks).reshape(B, H, W, 1)
-    depth = torch.cat(depth_chunks).reshape(B, H, W, 1)
+        chunks["depth"].append(torch.where(alpha > 0, depth / alpha.clamp(min=1e-10), 0.0))
+        if normals:
+            chunks["normal"].append((weights[..., None] * normal).sum(1))
+    rgb, alpha, depth = (torch.cat(chunks[k]).reshape(B, H, W, -1)
+                         for k in ("rgb", "alpha", "depth"))
     if background is not None:
-        rgb = rgb + (1 - alpha) * background[:, None, None, :]
+        rgb = rgb + (1 - alpha) * (background if background.ndim == 4
+                                   else background[:, None, None, :])
     return RenderOutput(rgb=rgb, alpha=alpha, depth=depth,
+                        normal=torch.cat(chunks["normal"]).reshape(B, H, W, 3) if normals
+                        else None,
                         info={"width": W, "height": H, "n_cameras": B, "n_samples": n_samples})

@@ -1,6 +1,7 @@
 """A NeRF scene: a hash-grid field of density and colour inside a cube ``[-radius, radius]^3``.
 
-``query(points)`` gives what the volume renderer composites: density (per world unit) and RGB.
+``query(points)`` gives what the volume renderer composites: density (per world unit) and RGB;
+``query_with_normals`` adds the surface normal that shading needs.
 The density starts as a blob, ``blob_density * (1 - |x| / blob_radius)`` added to the raw
 density before the activation, so the first renders show an object to refine rather than
 empty space (as threestudio's ``density_bias: blob_magic3d``).
@@ -120,3 +121,18 @@ class NeRFField(nn.Module):
         density = DENSITY_ACTIVATIONS[self.cfg.density_activation](head[:, 0] + blob)
         rgb = torch.sigmoid(self.colour_net(head[:, 1:]))
         return torch.where(inside, density, torch.zeros_like(density)), rgb
+
+    def query_with_normals(self, points: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """``query`` plus ``normal [N,3]``: the unit ``-grad density`` (outward; 0 where the
+        density is flat), by autograd as the official shading stages. With autograd on, the
+        normals are differentiable (double backward, so shading trains the geometry)."""
+        train = torch.is_grad_enabled()
+        with torch.enable_grad():
+            at = points.detach().requires_grad_(True)
+            density, rgb = self.query(at)
+            (grad,) = torch.autograd.grad(density, at, torch.ones_like(density),
+                                          create_graph=train)
+        normal = -F.normalize(grad, dim=-1)
+        if not train:
+            density, rgb = density.detach(), rgb.detach()
+        return density, rgb, normal

@@ -4,11 +4,14 @@ One vertex element with float32 properties, in this order: ``x y z nx ny nz f_dc
 f_rest_0..(3*(K-1)-1) opacity scale_0..2 rot_0..3``. Values are pre-activation (log-scales,
 opacity logits, raw wxyz quaternions). ``f_rest`` is channel-major: all coefficients of red, then
 green, then blue. Splat viewers (SuperSplat, the Inria viewer, gsplat's exporter) read this layout.
+Extra per-splat float properties (a RelaxFlow completion's ``visibility``) follow the standard
+ones; viewers ignore them.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Dict, Optional
 
 import numpy as np
 import torch
@@ -26,22 +29,30 @@ def ply_property_names(sh_degree: int) -> list[str]:
     )
 
 
-def save_ply(splats: Splats, path) -> None:
-    """Write ``splats`` atomically (a temporary file renamed into place)."""
+def save_ply(splats: Splats, path, extra: Optional[Dict[str, torch.Tensor]] = None) -> None:
+    """Write ``splats`` atomically (a temporary file renamed into place), with ``extra``
+    per-splat values ``{name: [N]}`` as additional properties."""
     from plyfile import PlyData, PlyElement
 
     p = {k: v.detach().cpu().float() for k, v in splats.params.items()}
     N = p["means"].shape[0]
+    extra = extra or {}
+    names = ply_property_names(splats.sh_degree)
+    for name, values in extra.items():
+        if name in names or values.shape != (N,):
+            raise ValueError(f"extra ply property {name!r} must be a new name with one value "
+                             f"per splat ({N}), got shape {tuple(values.shape)}")
     f_rest = p["shN"].transpose(1, 2).reshape(N, -1)  # [N, 3*(K-1)], channel-major
     columns = torch.cat(
         [p["means"], torch.zeros(N, 3), p["sh0"].reshape(N, 3), f_rest,
          p["opacities"][:, None], p["scales"], p["quats"]],
         dim=1,
     ).numpy()
-    names = ply_property_names(splats.sh_degree)
-    vertices = np.empty(N, dtype=[(name, "f4") for name in names])
+    vertices = np.empty(N, dtype=[(name, "f4") for name in names + list(extra)])
     for i, name in enumerate(names):
         vertices[name] = columns[:, i]
+    for name, values in extra.items():
+        vertices[name] = values.detach().cpu().float().numpy()
     atomic_write(path, PlyData([PlyElement.describe(vertices, "vertex")]).write)
 
 
@@ -80,3 +91,15 @@ def load_ply(path) -> Splats:
         "quats": cols([f"rot_{i}" for i in range(4)]),
     }
     return Splats(params, sh_degree=degree)
+
+
+def read_ply_property(path, name: str) -> torch.Tensor:
+    """One per-splat property of a ``.ply`` (e.g. ``visibility``), ``[N]`` float32."""
+    from plyfile import PlyData
+
+    vertex = PlyData.read(str(path))["vertex"]
+    names = [prop.name for prop in vertex.properties]
+    if name not in names:
+        raise ValueError(f"{path} has no per-splat {name!r} property (it has {names[-4:]} "
+                         "and others)")
+    return torch.from_numpy(np.asarray(vertex[name], dtype=np.float32))

@@ -18,6 +18,7 @@ The keys match gsplat's strategies, so ``DefaultStrategy`` can grow and prune th
 
 from __future__ import annotations
 
+import math
 from typing import Dict, Optional
 
 import torch
@@ -152,10 +153,20 @@ class Splats(nn.Module):
         return None
 
     # -- I/O ----------------------------------------------------------------------------------
-    def save_ply(self, path) -> None:
+    def scaled(self, factor: float) -> "Splats":
+        """The scene ``factor`` times larger about the origin (centres and sizes)."""
+        if not factor > 0:
+            raise ValueError(f"a scale factor must be > 0, got {factor}")
+        params = {k: v.detach() for k, v in self.params.items()}
+        params["means"] = params["means"] * factor
+        params["scales"] = params["scales"] + math.log(factor)
+        return Splats(params, self.sh_degree)
+
+    def save_ply(self, path, extra: Optional[Dict[str, Tensor]] = None) -> None:
+        """Write the 3DGS ``.ply`` layout; ``extra``: more per-splat values ``{name: [N]}``."""
         from .ply import save_ply
 
-        save_ply(self, path)
+        save_ply(self, path, extra)
 
     @classmethod
     def load_ply(cls, path) -> "Splats":

@@ -1,5 +1,5 @@
-"""Config pieces every optimisation system shares: learning rates, training-camera ranges and
-scheduled loss weights."""
+"""Config pieces every optimisation system shares: learning rates, training-camera ranges,
+training lights and scheduled loss weights."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
 import torch
+import torch.nn.functional as F
 
 from ..cameras import Cameras, sample_orbit_cameras
+from ..renderers.shading import Lighting
 
 
 def scheduled(value: Any, step: int) -> float:
@@ -54,3 +56,39 @@ class OrbitConfig:
                                     self.azimuth_range, self.distance_range, self.fov_range,
                                     generator=generator, device=device,
                                     batch_uniform_azimuth=self.batch_uniform_azimuth)
+
+
+@dataclass
+class ShadingConfig:
+    """Training lights for fields with normals (DreamFusion's shading augmentation).
+
+    Each view is shaded with probability ``p_shaded`` (else it shows the albedo, unlit): one
+    directional light from the camera's side of the object (its direction perturbed by
+    ``N(0, light_jitter^2)`` per axis), ``ambient + diffuse * max(0, n.l)``; a shaded view is
+    textureless (white, geometry only) with probability ``p_textureless``.
+    """
+
+    p_shaded: float = 0.0
+    p_textureless: float = 0.5
+    ambient: float = 0.1
+    diffuse: float = 0.9
+    light_jitter: float = 0.3
+
+    def sample(self, cameras: Cameras, generator: Optional[torch.Generator]) -> Optional[Lighting]:
+        """Lights for a camera batch; None when no view of it is shaded."""
+        if self.p_shaded == 0:
+            return None
+        B = len(cameras)
+        draws = torch.rand(B, 2, generator=generator)
+        jitter = torch.randn(B, 3, generator=generator) * self.light_jitter
+        towards_camera = F.normalize(cameras.centers.detach().cpu().float(), dim=-1)
+        direction = F.normalize(towards_camera + jitter, dim=-1)
+        shaded = draws[:, 0] < self.p_shaded
+        if not shaded.any():  # albedo everywhere: skip the normals this step
+            return None
+        real = {"device": cameras.device, "dtype": cameras.viewmats.dtype}
+        return Lighting(direction=direction.to(**real),
+                        ambient=torch.where(shaded, self.ambient, 1.0).to(**real),
+                        diffuse=torch.where(shaded, self.diffuse, 0.0).to(**real),
+                        textureless=(shaded & (draws[:, 1] < self.p_textureless)).to(
+                            cameras.device))

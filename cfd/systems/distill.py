@@ -28,13 +28,15 @@ from ..renderers import render
 from ..renderers.occupancy import OccupancyConfig, OccupancyGrid
 from ..scene import (Densifier, DensifyConfig, NeRFConfig, NeRFField, NeRFLearningRates, Splats,
                      random_ball)
+from ..scene.background import BackgroundMLPConfig, MLPBackground
 from ..scene.mesh import extract_mesh, write_glb, write_obj
+from ..scene.ply import read_ply_property
 from ..shapes import ShapeDatasetConfig
 from ..utils.media import save_grid
 from ..utils.runtime import atomic_write, make_run_dir, seed_everything, write_json
 from ..visualize import write_orbit_video
 from .checkpoint import load_checkpoint, save_checkpoint
-from .common import LearningRates, OrbitConfig, scheduled
+from .common import LearningRates, OrbitConfig, ShadingConfig, scheduled
 from .timesteps import TimestepConfig, TimestepSchedule
 
 log = logging.getLogger(__name__)
@@ -57,7 +59,8 @@ class GuidanceConfig:
 
 @dataclass
 class InitConfig:
-    """``ball``: ``n_splats`` grey splats in a ball; ``ply``: a 3DGS ``.ply`` at ``path``."""
+    """``ball``: ``n_splats`` grey splats in a ball; ``ply``: a 3DGS ``.ply`` at ``path``
+    (e.g. a RelaxFlow completion's ``splats.ply``)."""
 
     kind: str = "ball"
     n_splats: int = 3000
@@ -65,6 +68,13 @@ class InitConfig:
     scale: float = 0.04
     opacity: float = 0.1
     path: Optional[str] = None
+    # ply: rescale about the origin so that 99% of the centres lie within this radius (a
+    # TRELLIS-style generator's box is [-0.5, 0.5]^3; cameras here orbit a unit-sized object)
+    fit_radius: Optional[float] = None
+    # ply: keep what the observation showed. Each splat moves by (1 - v) of every optimiser
+    # step, v its `visibility` property (RelaxFlow writes it: 1 seen, 0 hidden), so CFD changes
+    # only what the image did not show.
+    lock_visible: bool = False
 
 
 @dataclass
@@ -75,11 +85,14 @@ class LossWeights:
     ``sds``: the guidance's distillation loss. ``sparsity``: mean ``sqrt(alpha^2 + 0.01)`` of the
     renders (the sparsity term of the official CFD code). It removes splats no view needs: a
     splat coloured like the background gets no gradient from the guidance and would otherwise
-    stay as a floater.
+    stay as a floater. ``normal_smooth`` (NeRF): mean squared difference of neighbouring pixels'
+    rendered normals, across and down (the official SD NeRF stages' 1000 -> 100); it irons out
+    the grid's high-frequency density noise, which shading and meshes show.
     """
 
     lambda_sds: Any = 1.0
     lambda_sparsity: Any = 0.0
+    lambda_normal_smooth: Any = 0.0
 
 
 @dataclass
@@ -99,12 +112,20 @@ class DistillConfig:
     # random_aug_prob). Splats coloured like the fixed background are invisible to an image
     # prior; on a random one they are not. The guidance is told each view's colour.
     random_background: float = 0.0
+    # "solid" (the colour above) or "mlp": a learned colour per view direction (the official
+    # NeRF stages' environment map), for image models; the random colours above still apply.
+    background_kind: str = "solid"
+    background_mlp: BackgroundMLPConfig = field(default_factory=BackgroundMLPConfig)
     sh_degree: int = 0
     scene: str = "splats"  # or "nerf"
     nerf: NeRFConfig = field(default_factory=NeRFConfig)
     nerf_lr: NeRFLearningRates = field(default_factory=NeRFLearningRates)
     n_samples: int = 64  # NeRF: samples per ray (stratified in training)
     occupancy: OccupancyConfig = field(default_factory=OccupancyConfig)  # NeRF: skips empty space
+    shading: ShadingConfig = field(default_factory=ShadingConfig)  # NeRF: lit training views
+    # NeRF: at most this many samples per step carry gradients (the official "gradient budget",
+    # 13M at 512 px); None: all of them.
+    max_grad_samples: Optional[int] = None
     mesh_resolution: int = 128  # NeRF: marching-cubes grid of the exported mesh
     mesh_threshold: Optional[float] = None  # NeRF: surface density; None: read off the field
     prompt_processor: PromptConfig = field(default_factory=lambda: PromptConfig(prompt="a mug"))
@@ -124,6 +145,7 @@ class DistillConfig:
     eval_views: int = 8
     video_frames: int = 48
     video_size: int = 128
+    video_normals: bool = True  # NeRF: also orbit_normal.mp4, the field's normals as colours
 
 
 def build_guidance(cfg: GuidanceConfig, device: torch.device, view_config: PromptConfig):
@@ -155,20 +177,51 @@ def build_guidance(cfg: GuidanceConfig, device: torch.device, view_config: Promp
                      "or 'flow-matching'")
 
 
+def check_settings(c: DistillConfig) -> None:
+    """Reject settings that cannot work together, naming the fix, before anything loads."""
+    for key, p in {"random_background": c.random_background,
+                   "shading.p_shaded": c.shading.p_shaded,
+                   "shading.p_textureless": c.shading.p_textureless}.items():
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"{key} is a probability in [0, 1], got {p}")
+    if c.background_kind not in ("solid", "mlp"):
+        raise ValueError(f"background_kind is 'solid' or 'mlp', got {c.background_kind!r}")
+    if c.background_kind == "mlp" and c.guidance.kind == "embedded":
+        raise ValueError("background_kind=mlp: the embedded prior's images lie on a solid "
+                         "background, so a learned one has nothing to learn; use it with "
+                         "an image model (guidance.kind=stable-diffusion or flow-matching)")
+    schedules = {f"loss.{f.name}": getattr(c.loss, f.name) for f in dataclasses.fields(c.loss)}
+    for key, value in {**schedules, "noise.gamma": c.noise.gamma}.items():
+        try:
+            scheduled(value, 0)
+        except ValueError as err:
+            raise ValueError(f"{key}: {err}") from None
+    if c.scene not in ("splats", "nerf"):
+        raise ValueError(f"scene is 'splats' or 'nerf', got {c.scene!r}")
+    if c.init.lock_visible and (c.init.kind != "ply" or c.scene != "splats"
+                                or c.densify.enabled):
+        raise ValueError("init.lock_visible needs scene=splats, init.kind=ply and "
+                         "densify.enabled=false (densification would split and prune the "
+                         "splats the visibility belongs to)")
+    if c.scene == "nerf" and c.densify.enabled:
+        raise ValueError("densify is for splats; set densify.enabled=false with scene=nerf")
+    if c.max_grad_samples is not None and c.max_grad_samples < 1:
+        raise ValueError(f"max_grad_samples is a positive sample count or null, got "
+                         f"{c.max_grad_samples}")
+    if c.scene == "splats" and (c.shading.p_shaded > 0 or c.max_grad_samples is not None
+                                or c.loss.lambda_normal_smooth != 0):
+        raise ValueError("shading, loss.lambda_normal_smooth and max_grad_samples are for "
+                         "scene=nerf (splats have no normals, and their backward is "
+                         "already bounded by the tiles)")
+
+
 class Distillation:
     """One run: its scene, optimisers, noise, RNG streams and the step loop."""
 
     def __init__(self, cfg, run_dir: Path):
         self.cfg: DistillConfig = to_object(cfg)
         c = self.cfg
-        if not 0.0 <= c.random_background <= 1.0:
-            raise ValueError(f"random_background is a probability in [0, 1], got {c.random_background}")
-        schedules = {f"loss.{f.name}": getattr(c.loss, f.name) for f in dataclasses.fields(c.loss)}
-        for key, value in {**schedules, "noise.gamma": c.noise.gamma}.items():
-            try:
-                scheduled(value, 0)
-            except ValueError as err:
-                raise ValueError(f"{key}: {err}") from None
+        check_settings(c)
         self.run_dir = run_dir
         self.device = torch.device(c.device)
         seed_everything(c.seed)
@@ -178,40 +231,66 @@ class Distillation:
         self.latent_shape = self.guidance.latent_shape(c.resolution, c.resolution)
         self.noise = make_noise(c.noise, self.latent_shape[0], self.device, seed=c.seed + 1)
         self.schedule = TimestepSchedule(c.timesteps, c.steps)
-        if c.scene not in ("splats", "nerf"):
-            raise ValueError(f"scene is 'splats' or 'nerf', got {c.scene!r}")
-        if c.scene == "nerf" and c.densify.enabled:
-            raise ValueError("densify is for splats; set densify.enabled=false with scene=nerf")
         self.scene = self._initial_scene()
+        # [N] share of each optimiser step a splat takes (1 - visibility); None: all of it
+        self.change_weight = (1 - read_ply_property(c.init.path, "visibility")
+                              .clamp(0, 1)).to(self.device) if c.init.lock_visible else None
         self.occupancy = (OccupancyGrid(c.nerf.radius, c.occupancy, self.device)
                           if c.scene == "nerf" and c.occupancy.enabled else None)
-        self.optimizers = self.scene.make_optimizers(self._learning_rates())
+        self.background = (MLPBackground(c.background_mlp, c.background, self.generator)
+                           .to(self.device) if c.background_kind == "mlp" else None)
+        self.optimizers = self._make_optimizers()
+        self.background_optimizer = (None if self.background is None
+                                     else self.background.make_optimizer())
         self.densifier = Densifier(c.densify, scene_scale=c.init.radius)
         if isinstance(self.scene, Splats):
             self.densifier.check(self.scene, self.optimizers)
         self.step = 0
         self.bad_steps = 0
 
-    def _learning_rates(self) -> dict:
+    def _make_optimizers(self) -> dict:
+        """The scene's optimisers, one per parameter group."""
         splats = isinstance(self.scene, Splats)
-        return dataclasses.asdict(self.cfg.lr if splats else self.cfg.nerf_lr)
+        return self.scene.make_optimizers(
+            dataclasses.asdict(self.cfg.lr if splats else self.cfg.nerf_lr))
+
+    def _step_optimizers(self) -> None:
+        """One step of every optimiser; locked splats keep their share of the old values."""
+        before = None
+        if self.change_weight is not None:
+            before = {k: v.detach().clone() for k, v in self.scene.params.items()}
+        for opt in self._all_optimizers():
+            opt.step()
+        if before is not None:
+            with torch.no_grad():
+                for key, param in self.scene.params.items():
+                    weight = self.change_weight.view(-1, *[1] * (param.ndim - 1))
+                    param.copy_(torch.lerp(before[key], param, weight))
+
+    def _all_optimizers(self) -> list:
+        return list(self.optimizers.values()) + (
+            [] if self.background_optimizer is None else [self.background_optimizer])
 
     def _initial_scene(self):
         if self.cfg.scene == "nerf":
             return NeRFField(self.cfg.nerf, self.device, self.generator)
         return self._initial_splats().to(self.device)
 
-    def _scene_parameters(self) -> list:
-        if isinstance(self.scene, Splats):
-            return list(self.scene.params.values())
-        return list(self.scene.parameters())
+    def _trained_parameters(self) -> list:
+        params = (list(self.scene.params.values()) if isinstance(self.scene, Splats)
+                  else list(self.scene.parameters()))
+        return params + ([] if self.background is None else list(self.background.parameters()))
 
     def _initial_splats(self) -> Splats:
         init = self.cfg.init
         if init.kind == "ply":
             if not init.path:
                 raise ValueError("init.kind=ply needs init.path=<file.ply>")
-            return Splats.load_ply(init.path)
+            splats = Splats.load_ply(init.path)
+            if init.fit_radius is not None and len(splats):
+                extent = torch.quantile(splats.means.detach().norm(dim=-1), 0.99).item()
+                splats = splats.scaled(init.fit_radius / max(extent, 1e-6))
+            return splats
         if init.kind != "ball":
             raise ValueError(f"unknown init kind {init.kind!r}; use 'ball' or 'ply'")
         splats = random_ball(init.n_splats, init.radius, init.scale, init.opacity,
@@ -226,6 +305,9 @@ class Distillation:
             "step": self.step,
             "bad_steps": self.bad_steps,
             "scene": self._scene_state(),
+            "background": None if self.background is None else {
+                "model": self.background.state_dict(),
+                "optimizer": self.background_optimizer.state_dict()},
             "occupancy": None if self.occupancy is None else self.occupancy.state_dict(),
             "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
             "densifier": self.densifier.state_dict(),
@@ -250,7 +332,13 @@ class Distillation:
             self.scene = Splats(scene["splats"], scene["sh_degree"]).to(self.device)
         else:
             self.scene.load_state_dict(scene["nerf"])
-        self.optimizers = self.scene.make_optimizers(self._learning_rates())
+        self.optimizers = self._make_optimizers()
+        if self.background is not None:
+            if state.get("background") is None:
+                raise ValueError("this checkpoint has no learned background; resume it with "
+                                 "background_kind=solid")
+            self.background.load_state_dict(state["background"]["model"])
+            self.background_optimizer.load_state_dict(state["background"]["optimizer"])
         if self.occupancy is not None:
             self.occupancy.load_state_dict(state["occupancy"])
         for k, o in self.optimizers.items():
@@ -263,23 +351,30 @@ class Distillation:
 
     # -- one step -------------------------------------------------------------------------------
     def render_views(self, cams):
-        """Render a camera batch on the run's backgrounds.
+        """Render a camera batch on the run's backgrounds (and, for a NeRF, lights).
 
         Returns the render and the per-view colours ``[B,3]`` the guidance must be told of (None
-        when every view has the fixed ``background``)."""
+        when every view has the fixed ``background``, or a learned one)."""
         c = self.cfg
-        background = None
+        background = c.background if self.background is None else self.background.image(cams)
+        colours = None
         if c.random_background > 0:
-            draws = torch.rand(len(cams), 4, generator=self.generator)
-            fixed = torch.full((len(cams), 3), float(c.background))
-            background = torch.where(draws[:, :1] < c.random_background, draws[:, 1:], fixed)
-            background = background.to(self.device)
-        # a NeRF's training samples are stratified from the run's generator
-        options = {} if isinstance(self.scene, Splats) else {"generator": self.generator}
-        out = render(self.scene, cams, c.backend,
-                     c.background if background is None else background,
-                     **options, **self.render_options())
-        return out, background
+            draws = torch.rand(len(cams), 4, generator=self.generator).to(self.device)
+            random = draws[:, :1] < c.random_background
+            if self.background is None:
+                colours = torch.where(random, draws[:, 1:], float(c.background))
+                background = colours
+            else:  # image models see the colour in the pixels; nothing to tell them
+                background = torch.where(random[:, :, None, None], draws[:, None, None, 1:],
+                                         background)
+        options = {}
+        if isinstance(self.scene, NeRFField):
+            # a NeRF's training samples are stratified from the run's generator
+            options = {"generator": self.generator, "max_grad_samples": c.max_grad_samples,
+                       "lighting": c.shading.sample(cams, self.generator),
+                       "normals": scheduled(c.loss.lambda_normal_smooth, self.step) > 0}
+        out = render(self.scene, cams, c.backend, background, **options, **self.render_options())
+        return out, colours
 
     def render_options(self) -> dict:
         """What a NeRF render needs beyond the cameras (nothing for splats)."""
@@ -306,6 +401,10 @@ class Distillation:
         losses = self.guidance(out.rgb, cams, self.prompt, t, noise, background=background)
         if scheduled(c.loss.lambda_sparsity, self.step) > 0:
             losses["loss_sparsity"] = torch.sqrt(out.alpha ** 2 + 0.01).mean()
+        if scheduled(c.loss.lambda_normal_smooth, self.step) > 0:
+            n = out.normal
+            losses["loss_normal_smooth"] = (((n[:, 1:] - n[:, :-1]) ** 2).mean()
+                                            + ((n[:, :, 1:] - n[:, :, :-1]) ** 2).mean())
         loss = 0.0
         for key, value in losses.items():
             if key.startswith("loss_"):
@@ -315,17 +414,16 @@ class Distillation:
                                      f"loss.lambda_{key[5:]}")
                 loss = loss + scheduled(weight, self.step) * value
         loss.backward()
-        finite = all(torch.isfinite(p.grad).all() for p in self._scene_parameters()
+        finite = all(torch.isfinite(p.grad).all() for p in self._trained_parameters()
                      if p.grad is not None)
         if finite:
             if isinstance(self.scene, Splats):
                 self.densifier.after_backward(self.scene, self.optimizers, self.step, out.info)
-            for opt in self.optimizers.values():
-                opt.step()
+            self._step_optimizers()
             self.bad_steps = 0
         else:
             self.bad_steps += 1
-        for opt in self.optimizers.values():
+        for opt in self._all_optimizers():
             opt.zero_grad(set_to_none=True)
         self.noise.refresh(scheduled(c.noise.gamma, self.step))
         record = {"step": self.step, "t": t, "loss": float(loss.detach()),
@@ -396,9 +494,13 @@ def run(cfg, resume_dir: Optional[Path] = None) -> dict:
         result["n_splats"] = len(system.scene)
     else:
         save_nerf_outputs(system.scene, run_dir, c.mesh_resolution, c.mesh_threshold)
-    write_orbit_video(system.scene, run_dir / "orbit.mp4", n_frames=c.video_frames,
-                      size=c.video_size, distance=2.5, background=c.background,
-                      render_options=system.render_options())
+    videos = [("rgb", "orbit.mp4")]
+    if c.video_normals and isinstance(system.scene, NeRFField):
+        videos.append(("normal", "orbit_normal.mp4"))
+    for show, name in videos:
+        write_orbit_video(system.scene, run_dir / name, n_frames=c.video_frames,
+                          size=c.video_size, distance=2.5, background=c.background,
+                          render_options=system.render_options(), show=show)
     if c.guidance.kind == "embedded":
         from .ground_truth import evaluate_against_shape_world
 
@@ -411,7 +513,7 @@ def run(cfg, resume_dir: Optional[Path] = None) -> dict:
               f"(best: {result['variant']} rotated {result['rotation_deg']:.0f} deg)")
     write_json(run_dir / "metrics.json", result)
     print(f"{c.steps} steps in {wall:.1f} s; results in {run_dir}")
-    return result
+    return {**result, "run_dir": str(run_dir)}
 
 
 def save_nerf_outputs(field: NeRFField, run_dir: Path, mesh_resolution: int,
