@@ -64,6 +64,10 @@ class Guidance(ABC):
         """``[B,H,W,3]`` in [0,1] -> latents ``[B,C,h,w]`` (differentiable)."""
 
     @abstractmethod
+    def decode(self, latents: Tensor) -> Tensor:
+        """Latents ``[B,C,h,w]`` -> images ``[B,H,W,3]`` in [0,1] (what ``encode`` inverts)."""
+
+    @abstractmethod
     def encode_text(self, texts: List[str]) -> Condition:
         """Condition tensors for each text, leading dimension ``len(texts)``."""
 

@@ -112,6 +112,9 @@ class ClosedFormPrior(Guidance):
             x = F.interpolate(x, size=(self.resolution, self.resolution), mode="area")
         return x * 2 - 1
 
+    def decode(self, latents: Tensor) -> Tensor:
+        return ((latents.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1)
+
     def text_fingerprint(self) -> str:
         return f"{self.model_id}|{'|'.join(self.prompts)}"
 

@@ -1,13 +1,14 @@
 """Sampling images from a guidance model: the deterministic DDIM / probability-flow ODE.
 
 ``x_{t'} = a' x0_hat + s' eps_hat`` with ``x0_hat = (x_t - s eps_hat) / a`` on a uniform grid
-from ``t_max`` to 0, classifier-free guided. It returns the model's latents (pixel-space
-models: images in [-1, 1]); latent models decode them with their own VAE.
+from ``t_max`` to 0, classifier-free guided. ``sample_latents`` returns the model's latents
+(pixel-space models: images in [-1, 1]); ``sample_images`` decodes them with the model's
+``decode`` (a latent model's VAE).
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -33,3 +34,17 @@ def sample_latents(guidance: Guidance, cond: Condition, uncond: Condition,
         x0 = (x - s * eps) / a
         x = a_next * x0 + s_next * eps
     return x
+
+
+@torch.no_grad()
+def sample_images(guidance: Guidance, texts: List[str], height: int, width: int,
+                  steps: int = 50, guidance_scale: Optional[float] = None,
+                  generator: Optional[torch.Generator] = None, negative: str = "",
+                  progress: bool = False) -> Tensor:
+    """Images ``[B,H,W,3]`` in [0,1] of ``texts`` (one each) from any guidance model:
+    deterministic DDIM from seeded noise, CFG against ``negative``, decoded by the model."""
+    cond = guidance.encode_text(list(texts))
+    uncond = guidance.encode_text([negative] * len(texts))
+    shape = (len(texts), *guidance.latent_shape(height, width))
+    return guidance.decode(sample_latents(guidance, cond, uncond, shape, steps, guidance_scale,
+                                          generator, progress=progress))

@@ -136,6 +136,14 @@ class LatentDiffusersGuidance(Guidance):
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return ((z - shift) * self.vae.config.scaling_factor).float()
 
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        """Latents ``[B,C,h,w]`` -> ``[B,H,W,3]`` float32 in [0,1] through the VAE decoder."""
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        z = latents.to(self.device, self.dtype) / self.vae.config.scaling_factor + shift
+        x = self.vae.decode(z).sample.float()
+        return ((x.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1)
+
     # -- text ---------------------------------------------------------------------------------
     def _text_encoders(self) -> Dict[str, Optional[torch.nn.Module]]:
         raise NotImplementedError

@@ -29,6 +29,7 @@ from cfd.utils.runtime import make_run_dir, write_json
 
 from .generate import (StageOverrides, resolve_device, resolve_precision, save_voxel_views,
                        with_overrides)
+from .priors import PriorImagesConfig
 
 
 @dataclass
@@ -68,9 +69,10 @@ class RelaxFlowConfig:
     mask: Optional[str] = None  # the observation's visible object pixels (white)
     prompt: Optional[str] = None  # what the hidden part should be
     priors: List[str] = field(default_factory=list)  # images that show the prompt (RGBA)
-    # With no priors: this many views of the prompt drawn from the embedded prior (it knows
-    # only its own prompts; see `python run.py prompts`).
-    generated_priors: int = 3
+    # With no priors: views of the prompt drawn from a 2D model, the embedded prior by default
+    # (it knows only its own prompts; see `python run.py prompts`) or an image model
+    # (generate_priors.model.kind=stable-diffusion, generate_priors.model.model_id=<folder>).
+    generate_priors: PriorImagesConfig = field(default_factory=PriorImagesConfig)
     prior_pooling: str = "concat"
     image_cond_model: str = "facebook/dinov2-with-registers-large"
     camera: ObservationCamera = field(default_factory=ObservationCamera)
@@ -101,7 +103,7 @@ def _relax_sampler(base, settings: BranchSettings, n_priors: int, query_grid, po
                             relaxation=relaxation)
 
 
-def _inputs(c: RelaxFlowConfig):
+def _inputs(c: RelaxFlowConfig, device):
     """Preprocessed observation and prior images (and the RGBA priors when drawn here),
     checked before any model loads."""
     from .conditioning import load_rgba, preprocess_image
@@ -114,7 +116,7 @@ def _inputs(c: RelaxFlowConfig):
     if c.priors:
         rgba = [load_rgba(p) for p in c.priors]
     else:
-        drawn = prior_images(c.prompt, c.generated_priors, c.seed)
+        drawn = prior_images(c.prompt, c.seed, c.generate_priors, device)
         rgba = list(drawn)
     return observation, torch.stack([preprocess_image(r) for r in rgba]), drawn
 
@@ -164,7 +166,7 @@ def run(cfg) -> Dict[str, Any]:
 
     c: RelaxFlowConfig = to_object(cfg)
     device = resolve_device(c.device)
-    observation, prior_images, drawn = _inputs(c)
+    observation, prior_images, drawn = _inputs(c, device)
     pipe = TrellisPipeline.from_pretrained(c.model, device=device,
                                            half_dtype=resolve_precision(c.precision),
                                            offload=c.offload)

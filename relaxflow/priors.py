@@ -1,47 +1,105 @@
 """Prior images for RelaxFlow from text, drawn from the project's own 2D models.
 
-The embedded prior (the closed-form denoiser over the shape world) samples one view per
-direction suffix of the prompt (front, side, back, ...) with the deterministic ODE; each sample
-is one of its dataset images, whose alpha removes the background. Only prompts it knows work;
-users with other prompts pass their own images (``priors=[...]``).
+One image per view suffix of the prompt (front, side, back, ...), sampled with the
+deterministic ODE from seeded noise (``guidance.sampling.sample_images``), then cut out:
+
+- the embedded prior (default) knows its objects' alpha: each sample is one of its dataset
+  images, whose alpha it returns. It draws only its own prompts.
+- an image model (Stable Diffusion, SD3-style flow matching; weights local, as for distillation)
+  is asked for the object "isolated on a plain white background", which is then keyed out:
+  pixels that differ from the border's colour by more than ``key_low`` start to count as
+  object, fully from ``key_high``, and background-coloured pixels that the border's background
+  cannot reach (a white mug's inside) stay object.
+
+Users with other models or prompts pass their own RGBA images (``priors=[...]``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from cfd.systems.distill import GuidanceConfig
 
 
-def embedded_prior_images(prompt: str, n_images: int = 3, seed: int = 0, steps: int = 40,
-                          guidance_scale: float = 3.0, dataset=None) -> np.ndarray:
-    """``[n, R, R, 4]`` uint8 RGBA views of ``prompt`` sampled from the embedded prior."""
-    from cfd.shapes import build_shape_dataset, prompts
-    from cfd.shapes.dataset import ShapeDatasetConfig
-    from guidance.embedded import ClosedFormPrior
+@dataclass
+class PriorImagesConfig:
+    """How prior images are drawn when none are given."""
+
+    n_images: int = 3
+    model: GuidanceConfig = field(default_factory=lambda: GuidanceConfig(guidance_scale=3.0))
+    steps: int = 40
+    size: int = 512  # an image model's image size (the embedded prior draws at its own)
+    suffix: str = ", a single object isolated on a plain white background"  # image models
+    negative_prompt: str = ""
+    key_low: float = 0.06
+    key_high: float = 0.18
+
+
+def key_out_background(images: Tensor, low: float = 0.06, high: float = 0.18) -> Tensor:
+    """Alpha ``[B,H,W,1]`` of objects on a plain background, ``images [B,H,W,3]`` in [0,1].
+
+    The background colour is the median of each image's border pixels; a pixel's distance to it
+    (largest channel difference) maps linearly from ``low`` (alpha 0) to ``high`` (alpha 1).
+    Pixels below ``low`` count as background only if they connect to the border through such
+    pixels; enclosed ones are object.
+    """
+    B, H, W, _ = images.shape
+    border = torch.cat([images[:, 0], images[:, -1], images[:, :, 0], images[:, :, -1]], 1)
+    colour = border.median(dim=1).values  # [B,3]
+    distance = (images - colour[:, None, None, :]).abs().amax(-1)  # [B,H,W]
+    alpha = ((distance - low) / (high - low)).clamp(0, 1)
+    open_space = (distance < low).float()[:, None]
+    reached = torch.zeros_like(open_space)
+    reached[..., 0, :] = reached[..., -1, :] = reached[..., :, 0] = reached[..., :, -1] = 1
+    reached = reached * open_space
+    while True:  # flood fill from the border through background-coloured pixels
+        grown = F.max_pool2d(reached, 3, stride=1, padding=1) * open_space
+        if torch.equal(grown, reached):
+            break
+        reached = grown
+    return torch.where(reached[:, 0].bool() | (distance >= low), alpha, 1.0)[..., None]
+
+
+def prior_images(prompt: Optional[str], seed: int, cfg: Optional[PriorImagesConfig] = None,
+                 device="cpu", dataset=None) -> np.ndarray:
+    """``[n, R, R, 4]`` uint8 RGBA views of ``prompt`` (``cfg.n_images`` of them).
+    ``dataset``: the embedded prior's dataset settings (tests use small ones)."""
+    from cfd.systems.distill import build_guidance
     from guidance.prompts import PromptConfig
-    from guidance.sampling import sample_latents
+    from guidance.sampling import sample_images
 
-    if prompt not in prompts():
-        raise ValueError(f"the embedded prior cannot draw {prompt!r} (it knows: "
-                         f"{', '.join(prompts())}); give your own prior images: "
-                         "priors=[a.png,b.png]")
-    prior = ClosedFormPrior.from_pretrained(build_shape_dataset(dataset or ShapeDatasetConfig()))
-    suffixes = PromptConfig().suffixes()
-    texts = [prompt + suffixes[i % len(suffixes)] for i in range(n_images)]
-    cond, uncond = prior.encode_text(texts), prior.encode_text([""] * n_images)
-    R = prior.resolution
-    x = sample_latents(prior, cond, uncond, (n_images, 3, R, R), steps, guidance_scale,
-                       torch.Generator().manual_seed(seed))
-    rgb = ((x.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1)
-    alpha = prior.nearest_alpha(x).permute(0, 2, 3, 1)
-    return (torch.cat([rgb, alpha], -1) * 255).round().to(torch.uint8).cpu().numpy()
-
-
-def prior_images(prompt: Optional[str], n_images: int, seed: int) -> np.ndarray:
-    """Prior images for a prompt when the user gave none (the embedded prior's)."""
+    cfg = cfg or PriorImagesConfig()
     if not prompt:
         raise ValueError("no prior images: give priors=[a.png,b.png] showing what the hidden "
-                         "part should be, or a prompt the embedded prior knows")
-    return embedded_prior_images(prompt, n_images, seed)
+                         "part should be, or a prompt to draw them from")
+    embedded = cfg.model.kind == "embedded"
+    if embedded:
+        from cfd.shapes import prompts
+
+        if prompt not in prompts():
+            raise ValueError(f"the embedded prior cannot draw {prompt!r} (it knows: "
+                             f"{', '.join(prompts())}); give your own prior images: "
+                             "priors=[a.png,b.png], or an image model: "
+                             "generate_priors.model.kind=stable-diffusion "
+                             "generate_priors.model.model_id=<folder>")
+    model = (replace(cfg.model, dataset=dataset or cfg.model.dataset) if embedded
+             else replace(cfg.model, resolution=cfg.size))
+    guidance = build_guidance(model, torch.device(device), PromptConfig())
+    suffixes = PromptConfig().suffixes()
+    texts = [prompt + suffixes[i % len(suffixes)] + ("" if embedded else cfg.suffix)
+             for i in range(cfg.n_images)]
+    images = sample_images(guidance, texts, cfg.size, cfg.size, cfg.steps,
+                           generator=torch.Generator().manual_seed(seed),
+                           negative=cfg.negative_prompt)
+    if embedded:
+        alpha = guidance.nearest_alpha(guidance.encode(images)).permute(0, 2, 3, 1)
+    else:
+        alpha = key_out_background(images, cfg.key_low, cfg.key_high)
+    rgba = torch.cat([images, alpha.to(images)], -1)
+    return (rgba * 255).round().to(torch.uint8).cpu().numpy()

@@ -174,10 +174,10 @@ def test_visibility_hides_voxels_behind_an_occluder():
 def test_embedded_prior_draws_views_of_a_prompt_with_their_alpha(tmp_path):
     from cfd.shapes.dataset import ShapeDatasetConfig
     from relaxflow.conditioning import preprocess_image
-    from relaxflow.priors import embedded_prior_images
+    from relaxflow.priors import PriorImagesConfig, prior_images
 
     dataset = ShapeDatasetConfig(views_per_object=12, resolution=32, cache_dir=str(tmp_path))
-    rgba = embedded_prior_images("a lamp", 3, seed=0, steps=20, dataset=dataset)
+    rgba = prior_images("a lamp", 0, PriorImagesConfig(steps=20), dataset=dataset)
     assert rgba.shape == (3, 32, 32, 4) and rgba.dtype == np.uint8
     alpha = rgba[..., 3] / 255.0
     assert (alpha > 0.5).mean(axis=(1, 2)).min() > 0.05  # an object in every view
@@ -211,3 +211,46 @@ def test_relaxflow_step_on_cuda_matches_cpu(flow):
     to = lambda pair: tuple(p.cuda() for p in pair)  # noqa: E731
     got = sampler.fused_velocity(cuda_flow, x.cuda(), 0.8, 0.7, to(obs), to(prior), m.cuda())
     assert (got.cpu() - expected).abs().max() < 1e-4 * expected.abs().max().clamp(min=1)
+
+
+def test_key_out_background_keeps_the_object_and_its_enclosed_background_colour():
+    """A red ring with a white hole on white: outside is background (alpha 0), the ring and the
+    enclosed hole are object (alpha 1), and a pixel halfway in colour is halfway in alpha."""
+    from relaxflow.priors import key_out_background
+
+    y, x = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    r = ((x - 15.5) ** 2 + (y - 15.5) ** 2).sqrt()
+    image = torch.ones(1, 32, 32, 3)
+    ring = (r > 5) & (r < 10)
+    image[0, ring] = torch.tensor([0.9, 0.1, 0.1])
+    image[0, 0, 16] = 1 - 0.12  # a grey pixel on the border: distance 0.12, halfway
+    alpha = key_out_background(image, low=0.06, high=0.18)[0, ..., 0]
+    assert alpha[r > 12].max() < 0.51 and alpha[r > 12].mean() < 0.01
+    assert alpha[ring].min() == 1 and alpha[r < 4].min() == 1
+    assert alpha[0, 16].item() == pytest.approx(0.5, abs=1e-5)
+
+
+def test_an_image_model_draws_prior_images_through_the_same_path(tmp_path):
+    """A (tiny) Stable Diffusion folder gives seeded RGBA prior images at the asked size; its
+    ``decode`` is diffusers' own VAE decode and post-processing."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    from cfd.systems.distill import GuidanceConfig
+    from guidance.stable_diffusion import StableDiffusionGuidance
+    from relaxflow.priors import PriorImagesConfig, prior_images
+
+    from .tiny_models import build_tiny_sd
+
+    folder = build_tiny_sd(tmp_path / "sd")
+    cfg = PriorImagesConfig(n_images=2, steps=3, size=32, model=GuidanceConfig(
+        kind="stable-diffusion", model_id=str(folder), guidance_scale=5.0,
+        half_precision=False))
+    rgba = prior_images("a chair", 0, cfg)
+    assert rgba.shape == (2, 32, 32, 4) and rgba.dtype == np.uint8
+    assert np.array_equal(rgba, prior_images("a chair", 0, cfg))
+    assert not np.array_equal(rgba, prior_images("a chair", 1, cfg))
+    sd = StableDiffusionGuidance.from_pretrained(folder, half_precision=False)
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    want = VaeImageProcessor().postprocess(
+        sd.vae.decode(z / sd.vae.config.scaling_factor).sample, output_type="pt")
+    assert torch.allclose(sd.decode(z), want.permute(0, 2, 3, 1), atol=1e-6)
