@@ -13,8 +13,9 @@ renormalisation at the borders (edge logits are pulled toward 0), as the release
 Topologies:
 
 * ``"grid"`` (the paper's description): queries blurred over their 3D token grid (16^3 for the
-  stage-1 latent, x-major), keys over each image's 2D patch grid (37 x 37), every prior image on
-  its own, its class and register tokens untouched.
+  stage-1 latent, x-major; stage 2's sparse voxels as if scattered into their 32^3 grid with
+  zeros in the empty cells), keys over each image's 2D patch grid (37 x 37), every prior image
+  on its own, its class and register tokens untouched.
 * ``"flat"`` (the released code): both axes blurred along the raw 1D token index, across grid rows
   and image boundaries alike.
 """
@@ -65,6 +66,23 @@ def blur_grid(tokens: Tensor, sigma: float, grid: Sequence[int], dim: int) -> Te
     return shaped.reshape(moved.shape).movedim(0, dim)
 
 
+def blur_sparse(tokens: Tensor, sigma: float, grid: Sequence[int], coords: Tensor,
+                dim: int) -> Tensor:
+    """Blur tokens that are occupied cells of a grid: ``tokens`` with the batch at dim 0 and
+    ``L`` cells at ``dim``, ``coords [B, L, 3]`` their integer cells in ``grid``. Equal to
+    scattering them into the dense grid (zeros in empty cells), ``blur_grid``, and reading the
+    cells back; exact, and the dense grid is ``prod(grid)`` tokens, not tokens squared."""
+    if sigma <= 0:
+        return tokens
+    moved = tokens.movedim(dim, 1)
+    B = moved.shape[0]
+    cell = (coords[..., 0] * grid[1] + coords[..., 1]) * grid[2] + coords[..., 2]  # [B, L]
+    batch = torch.arange(B, device=tokens.device)[:, None]
+    dense = moved.new_zeros(B, math.prod(grid), *moved.shape[2:])
+    dense[batch, cell] = moved
+    return blur_grid(dense, sigma, grid, 1)[batch, cell].movedim(1, dim)
+
+
 @dataclass
 class KeyLayout:
     """How the key tokens are laid out: ``n_images`` blocks of ``prefix`` untouched tokens (class
@@ -86,8 +104,11 @@ class AttentionRelaxation:
     Args:
         sigma_query, sigma_key: blur widths in tokens (0: no blur on that axis).
         topology: ``"grid"`` or ``"flat"`` (module docstring).
-        query_grid: the queries' token grid (``None`` for the flat topology).
+        query_grid: the queries' token grid (``None``: the flat topology, or stage 2's model
+            fills in its voxel grid).
         keys: the key layout (grid topology).
+        query_coords: ``[B, Lq, 3]`` cells of sparse queries in ``query_grid`` (stage 2's
+            voxels; the model that owns them fills this in); None: the queries fill the grid.
         items: boolean ``[B]``: the batch items (the prior branch's) that are relaxed.
     """
 
@@ -96,16 +117,20 @@ class AttentionRelaxation:
     topology: str = "grid"
     query_grid: Optional[Tuple[int, ...]] = (16, 16, 16)
     keys: KeyLayout = field(default_factory=KeyLayout)
+    query_coords: Optional[Tensor] = None
     items: Optional[Tensor] = None
 
     def __post_init__(self):
         if self.topology not in ("grid", "flat"):
             raise ValueError(f"topology is 'grid' or 'flat', got {self.topology!r}")
 
-    def blur_queries(self, x: Tensor, dim: int = 1) -> Tensor:
-        """Blur along the query tokens at ``dim`` (queries ``[B, Lq, H, D]``, or logits)."""
+    def blur_queries(self, x: Tensor, dim: int = 1, coords: Optional[Tensor] = None) -> Tensor:
+        """Blur along the query tokens at ``dim`` (queries ``[B, Lq, H, D]``, or logits);
+        ``coords``: the batch's rows of ``query_coords``."""
         if self.topology == "flat" or self.query_grid is None:
             return blur_axis(x, self.sigma_query, dim)
+        if coords is not None:
+            return blur_sparse(x, self.sigma_query, self.query_grid, coords, dim)
         return blur_grid(x, self.sigma_query, self.query_grid, dim)
 
     def blur_keys(self, x: Tensor, dim: int = 1) -> Tensor:
@@ -125,14 +150,16 @@ class AttentionRelaxation:
     def apply(self, q: Tensor, k: Tensor) -> Tuple[Tensor, Tensor]:
         """Relax the ``items`` of a batch of queries ``[B, Lq, H, D]`` and keys
         ``[B, Lk, H, D]``."""
+        coords = self.query_coords
         if self.items is None:
-            return self.blur_queries(q), self.blur_keys(k)
+            return self.blur_queries(q, coords=coords), self.blur_keys(k)
         q, k = q.clone(), k.clone()
-        q[self.items] = self.blur_queries(q[self.items])
+        q[self.items] = self.blur_queries(q[self.items], coords=None if coords is None
+                                          else coords[self.items])
         k[self.items] = self.blur_keys(k[self.items])
         return q, k
 
     def blurred_logits(self, q: Tensor, k: Tensor) -> Tensor:
         """Reference: the explicit blurred logits ``[B, H, Lq, Lk]`` (forms the whole matrix)."""
         logits = torch.einsum("bqhd,bkhd->bhqk", q, k) / q.shape[-1] ** 0.5
-        return self.blur_keys(self.blur_queries(logits, 2), 3)
+        return self.blur_keys(self.blur_queries(logits, 2, self.query_coords), 3)

@@ -37,6 +37,39 @@ def test_blurred_queries_and_keys_equal_the_blurred_logits(topology, sigmas):
     assert (attention(bq, bk, v) - reference).abs().max() <= 1e-5
 
 
+def sparse_cells(n_items=2, n_cells=20, grid=5, seed=0):
+    """Distinct random cells of a grid^3, a different set per item, ``[B, L, 3]``."""
+    g = torch.Generator().manual_seed(seed)
+    picks = [torch.randperm(grid ** 3, generator=g)[:n_cells] for _ in range(n_items)]
+    return torch.stack([torch.stack([p // grid ** 2, p // grid % grid, p % grid], -1)
+                        for p in picks])
+
+
+def test_sparse_query_blur_is_the_3d_gaussian_over_occupied_cells():
+    """Against the direct sum ``sum_j g(x_i - x_j) g(y_i - y_j) g(z_i - z_j) q_j`` over the
+    occupied cells (empty cells hold zeros), and through queries and keys against the blurred
+    logits as for dense grids."""
+    sigma, coords = 1.2, sparse_cells()
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 20, 3, 8, generator=g)
+    k = torch.randn(2, TINY_KEYS.length(), 3, 8, generator=g)
+    relax = AttentionRelaxation(sigma, 0.9, query_grid=(5, 5, 5), query_coords=coords,
+                                keys=TINY_KEYS)
+    kernel, half = gaussian_kernel(sigma, torch.float64), kernel_size(sigma) // 2
+    offset = coords[:, :, None, :] - coords[:, None, :, :]  # [B, i, j, 3]
+    inside = (offset.abs() <= half).all(-1)
+    weight = kernel[(offset + half).clamp(0, 2 * half)].prod(-1) * inside
+    want = torch.einsum("bij,bjhd->bihd", weight, q.double())
+    bq, bk = relax.apply(q, k)
+    assert (bq.double() - want).abs().max() <= 1e-5
+    logits = relax.blurred_logits(q, k)
+    assert (torch.einsum("bqhd,bkhd->bhqk", bq, bk) / 8 ** 0.5 - logits).abs().max() <= 1e-5
+    items = torch.tensor([False, True])  # only the prior item is relaxed
+    some = AttentionRelaxation(sigma, 0.0, query_grid=(5, 5, 5), query_coords=coords,
+                               keys=TINY_KEYS, items=items).apply(q, k)[0]
+    assert torch.equal(some[0], q[0]) and (some[1].double() - want[1]).abs().max() <= 1e-5
+
+
 def test_grid_keys_leave_class_and_register_tokens_and_other_images_alone():
     k = torch.zeros(1, TINY_KEYS.length(), 1, 1)
     k[0, 2 + 4] = 1.0  # centre patch of image 0

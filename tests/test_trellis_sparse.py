@@ -197,3 +197,30 @@ def test_stage2_and_decoder_on_cuda_in_half_precision_agree_with_cpu():
         decoder.cuda().set_torso_dtype(torch.float16)
         half = decoder(SparseTensor(latent.feats.cuda(), latent.coords.cuda()))
     assert (half.float().cpu() - ref).abs().max() < 2e-2 * ref.abs().max()
+
+
+def test_stage2_grid_relaxation_blurs_over_space_not_token_order():
+    """With the grid topology the stage-2 model blurs each voxel's query over its neighbours in
+    space: listing the voxels in another order permutes the output and nothing else; the blur
+    changes the velocity, and differently from the flat topology's blur along the token list."""
+    from relaxflow.relaxation import AttentionRelaxation, KeyLayout
+
+    torch.manual_seed(0)
+    model = build("SLatFlowModel", TINY_SLAT)
+    g = torch.Generator().manual_seed(2)
+    coords = random_sites(1, 8, 0.3, g)
+    feats = torch.randn(len(coords), 4, generator=g)
+    t, cond = torch.tensor([600.0]), torch.randn(1, 3, 16, generator=g)
+    keys = KeyLayout(n_images=1, prefix=1, grid=(2, 1))
+    order = torch.randperm(len(coords), generator=g)
+
+    def velocity(topology, permute):
+        relax = AttentionRelaxation(1.5, 0.0, topology=topology, query_grid=None, keys=keys)
+        c, f = (coords[order], feats[order]) if permute else (coords, feats)
+        return model(SparseTensor(f, c), t, cond, relaxation=relax).feats
+
+    plain = model(SparseTensor(feats, coords), t, cond).feats
+    grid = velocity("grid", False)
+    assert (grid - plain).abs().max() > 1e-3
+    assert torch.allclose(velocity("grid", True), grid[order], atol=1e-5)
+    assert (velocity("flat", False) - grid).abs().max() > 1e-3

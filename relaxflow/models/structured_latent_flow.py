@@ -69,6 +69,7 @@ class SLatFlowModel(FlowTransformer):
             raise ValueError(f"patch_size {patch_size} needs log2(patch_size) io block channels, "
                              f"got {io}")
         self.resolution, self.in_channels, self.out_channels = resolution, in_channels, out_channels
+        self.token_resolution = resolution // 2 ** len(io)  # the transformer's voxel grid
         self.model_channels = model_channels
         self.use_skip_connection = use_skip_connection
         self._build_transformer(model_channels, cond_channels, num_blocks, num_heads,
@@ -110,8 +111,12 @@ class SLatFlowModel(FlowTransformer):
             tokens = h.feats[index]  # [b, N, C]
             item_mask = None if cond_mask is None else cond_mask[items]
             item_relaxation = relaxation
-            if relaxation is not None and relaxation.items is not None:
-                item_relaxation = dataclasses.replace(relaxation, items=relaxation.items[items])
+            if relaxation is not None:
+                # the grid topology blurs each item's voxels over their own cells
+                grid = (self.token_resolution,) * 3 if relaxation.topology == "grid" else None
+                item_relaxation = dataclasses.replace(
+                    relaxation, query_grid=grid, query_coords=h.coords[index][..., 1:],
+                    items=None if relaxation.items is None else relaxation.items[items])
             for block in self.blocks:
                 tokens = block(tokens, mod[items], cond[items], item_mask, item_relaxation)
             out[index] = tokens
@@ -121,8 +126,8 @@ class SLatFlowModel(FlowTransformer):
                 cond_mask: Optional[Tensor] = None, relaxation=None) -> SparseTensor:
         """``x`` with ``feats [N, C_in]``, ``t [B]`` (in [0, 1000]), ``cond [B, S, cond_channels]``
         -> velocity ``feats [N, C_out]`` at the same coords. ``cond_mask`` and ``relaxation`` as
-        in :class:`~relaxflow.models.SparseStructureFlowModel` (queries here are voxels in no
-        fixed grid: relax them with the flat topology or ``sigma_query=0``)."""
+        in :class:`~relaxflow.models.SparseStructureFlowModel`; the grid topology blurs the
+        queries over their voxels' cells."""
         dtype = self.torso_dtype
         h = self.input_layer(x)
         h = h.replace(h.feats.to(dtype))
