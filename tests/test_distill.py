@@ -310,3 +310,27 @@ def test_learned_background_trains_and_resumes_with_an_image_model(tmp_path, cac
                       (straight.scene.params, second.scene.params)):
         for k in want:
             assert torch.equal(want[k], got[k]), k
+
+
+def test_lock_visible_scales_each_splats_step_by_its_hidden_share(tmp_path, cache_dir):
+    """From a .ply with a visibility per splat, one step moves a splat of visibility v by
+    (1 - v) of the step an unlocked run takes: 1 keeps it, 0.25 moves it three quarters."""
+    from cfd.scene import random_ball
+
+    splats = random_ball(300, 0.6, generator=torch.Generator().manual_seed(0))
+    visibility = torch.tensor([1.0, 0.25, 0.0]).repeat(100)
+    splats.save_ply(tmp_path / "start.ply", {"visibility": visibility})
+    runs = {}
+    for lock in (False, True):
+        cfg = load_config(DistillConfig, CONFIG, small_overrides(
+            tmp_path, cache_dir, **{"init.kind": "ply", "init.path": tmp_path / "start.ply",
+                                    "init.lock_visible": lock, "densify.enabled": False}))
+        system = distill.Distillation(cfg, tmp_path)
+        system.train_step()
+        runs[lock] = {k: v.detach() - splats.params[k].detach()
+                      for k, v in system.scene.params.items()}
+    for key, free in runs[False].items():
+        share = (1 - visibility).view(-1, *[1] * (free.ndim - 1))
+        assert torch.allclose(runs[True][key], share * free, atol=1e-6), key
+        assert torch.equal(runs[True][key][visibility == 1], torch.zeros_like(free[:100]))
+    assert runs[False]["means"].abs().max() > 0

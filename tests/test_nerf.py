@@ -362,3 +362,19 @@ def test_gradient_budget_keeps_the_forward_and_bounds_the_backward(chunk_rays):
         assert torch.allclose(got.depth, want.depth, atol=1e-5)
     got.rgb.sum().backward()
     assert budget.field.encoding.params.grad.abs().sum() > 0
+
+
+def test_normal_orbit_frames_show_the_normal_facing_the_camera():
+    """The first frame of a normal orbit at elevation 0: the blob's centre pixel has the colour
+    of the unit vector towards the camera, ``n / 2 + 1/2``."""
+    from cfd.cameras import fixed_orbit_cameras
+    from cfd.visualize import render_orbit
+
+    field = blob_field()
+    frames = render_orbit(field, n_frames=2, size=9, elevation=0.0, distance=3.0,
+                          background=0.0, render_options={"n_samples": 64}, show="normal")
+    camera = fixed_orbit_cameras(2, 9, 9, 0.0, 3.0, 40.0).centers[0]
+    want = torch.nn.functional.normalize(camera, dim=0) / 2 + 0.5
+    assert torch.allclose(frames[0, 4, 4], want, atol=0.03)
+    with pytest.raises(ValueError, match="'rgb' or 'normal'"):
+        render_orbit(field, n_frames=1, size=4, show="depth")
