@@ -12,9 +12,10 @@ from .renderers import render
 from .utils.media import save_video
 
 
-def _normal_frame(out, background: float):
-    """World normals as colours, ``n / 2 + 1/2``, over the background."""
-    return 0.5 * out.normal + 0.5 * out.alpha + (1 - out.alpha) * background
+def _normal_frame(out, background) -> torch.Tensor:
+    """World normals as colours, ``n / 2 + 1/2``, over the background (a scalar or RGB)."""
+    colour = torch.as_tensor(background, dtype=out.alpha.dtype, device=out.alpha.device)
+    return 0.5 * out.normal + 0.5 * out.alpha + (1 - out.alpha) * colour
 
 
 @torch.no_grad()
@@ -26,6 +27,8 @@ def render_orbit(scene, n_frames: int = 60, size: int = 128, elevation: float = 
     extra ``render`` arguments (a NeRF's ``n_samples``, ``occupancy``)."""
     if show not in ("rgb", "normal"):
         raise ValueError(f"show is 'rgb' or 'normal', got {show!r}")
+    if show == "normal" and not hasattr(scene, "query_with_normals"):
+        raise ValueError(f"a {type(scene).__name__} has no normals to show; use show='rgb'")
     options = {**(render_options or {}), **({"normals": True} if show == "normal" else {})}
     cams = fixed_orbit_cameras(n_frames, size, size, elevation, distance, fov, device=scene.device)
     frames = []

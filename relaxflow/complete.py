@@ -217,10 +217,15 @@ def run(cfg) -> Dict[str, Any]:
     with pipe.stage("decode") as m:
         for name, latent in latents.items():
             (splats,) = decode_splats(m["slat_decoder_gs"], latent)
-            # the completion's splats carry their voxel's visibility (each voxel decodes to
-            # the same number of splats, in voxel order): what CFD may change when it refines
-            extra = ({"visibility": visibility.repeat_interleave(len(splats) // len(visibility))}
-                     if name == "relaxflow" and len(visibility) else None)
+            extra = None
+            if name == "relaxflow":
+                # each voxel decodes to num_gaussians splats, in voxel order: they carry its
+                # visibility, what CFD may change when it refines
+                per_voxel = m["slat_decoder_gs"].num_gaussians
+                if len(splats) != per_voxel * len(visibility):
+                    raise RuntimeError(f"{len(splats)} splats from {len(visibility)} voxels: "
+                                       f"expected {per_voxel} per voxel")
+                extra = {"visibility": visibility.repeat_interleave(per_voxel)}
             splats.save_ply(run_dir / files[name][0], extra)
             write_orbit_video(splats, run_dir / files[name][1], n_frames=c.video_frames,
                               size=c.video_size, distance=2.0)

@@ -32,7 +32,10 @@ class PriorImagesConfig:
     """How prior images are drawn when none are given."""
 
     n_images: int = 3
-    model: GuidanceConfig = field(default_factory=lambda: GuidanceConfig(guidance_scale=3.0))
+    model: GuidanceConfig = field(default_factory=GuidanceConfig)  # kind: embedded by default
+    # CFG of the sampling (model.guidance_scale is not used); None: 3 for the embedded prior,
+    # 7.5 for image models
+    guidance_scale: Optional[float] = None
     steps: int = 40
     size: int = 512  # an image model's image size (the embedded prior draws at its own)
     suffix: str = ", a single object isolated on a plain white background"  # image models
@@ -94,12 +97,15 @@ def prior_images(prompt: Optional[str], seed: int, cfg: Optional[PriorImagesConf
     suffixes = PromptConfig().suffixes()
     texts = [prompt + suffixes[i % len(suffixes)] + ("" if embedded else cfg.suffix)
              for i in range(cfg.n_images)]
-    images = sample_images(guidance, texts, cfg.size, cfg.size, cfg.steps,
-                           generator=torch.Generator().manual_seed(seed),
-                           negative=cfg.negative_prompt)
+    scale = cfg.guidance_scale if cfg.guidance_scale is not None else (3.0 if embedded else 7.5)
+    images = sample_images(guidance, texts, cfg.size, cfg.size, cfg.steps, scale,
+                           torch.Generator().manual_seed(seed), negative=cfg.negative_prompt)
     if embedded:
         alpha = guidance.nearest_alpha(guidance.encode(images)).permute(0, 2, 3, 1)
     else:
         alpha = key_out_background(images, cfg.key_low, cfg.key_high)
+    del guidance  # the 3D models load next: give its memory back
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     rgba = torch.cat([images, alpha.to(images)], -1)
     return (rgba * 255).round().to(torch.uint8).cpu().numpy()

@@ -4,9 +4,10 @@
         prompt="a chair" [priors=[a.png,b.png,c.png]]
 
 RelaxFlow completes the occluded object (the fast path); its splats, rescaled to the
-distillation's scene size, initialise CFD (the slow path), and each splat's visibility from the
-observation camera limits how far CFD may move it (``init.lock_visible``): what the image showed
-stays, what it hid is refined by the 2D prior. Writes ``<run>/relaxflow-*/...`` (the
+distillation's scene size and turned so that the observation faces CFD's front (azimuth 0, where
+the prompts say "front view"), initialise CFD (the slow path), and each splat's visibility from
+the observation camera limits how far CFD may move it (``init.lock_visible``): what the image
+showed stays, what it hid is refined by the 2D prior. Writes ``<run>/relaxflow-*/...`` (the
 completion, as the ``relaxflow`` job), ``<run>/<distill name>/...`` (the refined scene, as the
 ``distill`` job; resumable on its own with ``--resume``) and ``<run>/metrics.json``.
 """
@@ -74,7 +75,8 @@ def run(cfg) -> Dict[str, Any]:
         "priors": list(c.priors)}))
     refined = distill.run(OmegaConf.merge(cfg.distill, {
         **shared, "prompt_processor": {"prompt": c.prompt},
-        "init": {"kind": "ply", "path": str(Path(completion["run_dir"]) / "splats.ply")}}))
+        "init": {"kind": "ply", "path": str(Path(completion["run_dir"]) / "splats.ply"),
+                 "turn_deg": c.distill.init.turn_deg - c.relaxflow.camera.azimuth}}))
     result = {"relaxflow": completion, "cfd": refined}
     write_json(run_dir / "metrics.json", result)
     print(f"refined the completion of {c.image}; results in {run_dir}")

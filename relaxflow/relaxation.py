@@ -13,8 +13,9 @@ renormalisation at the borders (edge logits are pulled toward 0), as the release
 Topologies:
 
 * ``"grid"`` (the paper's description): queries blurred over their 3D token grid (16^3 for the
-  stage-1 latent, x-major; stage 2's sparse voxels as if scattered into their 32^3 grid with
-  zeros in the empty cells), keys over each image's 2D patch grid (37 x 37), every prior image
+  stage-1 latent, x-major; for stage 2's sparse voxels in their 32^3 grid, the Gaussian-weighted
+  mean over each voxel's occupied neighbours: empty cells, most of a thin shell's surroundings,
+  neither count nor pull the logits toward 0), keys over each image's 2D patch grid (37 x 37), every prior image
   on its own, its class and register tokens untouched.
 * ``"flat"`` (the released code): both axes blurred along the raw 1D token index, across grid rows
   and image boundaries alike.
@@ -69,9 +70,10 @@ def blur_grid(tokens: Tensor, sigma: float, grid: Sequence[int], dim: int) -> Te
 def blur_sparse(tokens: Tensor, sigma: float, grid: Sequence[int], coords: Tensor,
                 dim: int) -> Tensor:
     """Blur tokens that are occupied cells of a grid: ``tokens`` with the batch at dim 0 and
-    ``L`` cells at ``dim``, ``coords [B, L, 3]`` their integer cells in ``grid``. Equal to
-    scattering them into the dense grid (zeros in empty cells), ``blur_grid``, and reading the
-    cells back; exact, and the dense grid is ``prod(grid)`` tokens, not tokens squared."""
+    ``L`` cells at ``dim``, ``coords [B, L, 3]`` their integer cells in ``grid``. Each token
+    becomes the Gaussian-weighted mean of the occupied cells around it: scattered into the
+    dense grid (zeros elsewhere), ``blur_grid``, read back and divided by the blurred occupancy.
+    The dense grid is ``prod(grid)`` tokens, never tokens squared."""
     if sigma <= 0:
         return tokens
     moved = tokens.movedim(dim, 1)
@@ -80,7 +82,12 @@ def blur_sparse(tokens: Tensor, sigma: float, grid: Sequence[int], coords: Tenso
     batch = torch.arange(B, device=tokens.device)[:, None]
     dense = moved.new_zeros(B, math.prod(grid), *moved.shape[2:])
     dense[batch, cell] = moved
-    return blur_grid(dense, sigma, grid, 1)[batch, cell].movedim(1, dim)
+    occupied = torch.zeros(B, math.prod(grid), dtype=torch.float32, device=tokens.device)
+    occupied[batch, cell] = 1.0
+    mass = blur_grid(occupied, sigma, grid, 1)[batch, cell]  # [B, L], >= the centre weight
+    blurred = blur_grid(dense, sigma, grid, 1)[batch, cell]
+    mass = mass.reshape(*mass.shape, *[1] * (blurred.ndim - 2)).to(blurred.dtype)
+    return (blurred / mass).movedim(1, dim)
 
 
 @dataclass

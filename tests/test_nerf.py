@@ -355,9 +355,8 @@ def test_gradient_budget_keeps_the_forward_and_bounds_the_backward(chunk_rays):
     budget = CountingField(blob_field())
     got = render_field(budget, cams, n_samples=16, chunk_rays=chunk_rays, max_grad_samples=300,
                        generator=torch.Generator().manual_seed(0))
-    assert 0 < budget.with_grad <= 300 and budget.with_grad + budget.without_grad == 81 * 16
+    assert budget.with_grad == 300 and budget.with_grad + budget.without_grad == 81 * 16
     if chunk_rays >= 81:  # one chunk: the budget's draw comes after the chunk's samples
-        assert budget.with_grad == 300
         assert torch.allclose(got.rgb, want.rgb, atol=1e-6)
         assert torch.allclose(got.depth, want.depth, atol=1e-5)
     got.rgb.sum().backward()
@@ -378,3 +377,13 @@ def test_normal_orbit_frames_show_the_normal_facing_the_camera():
     assert torch.allclose(frames[0, 4, 4], want, atol=0.03)
     with pytest.raises(ValueError, match="'rgb' or 'normal'"):
         render_orbit(field, n_frames=1, size=4, show="depth")
+
+
+def test_gradient_budget_shares_alike_whatever_each_chunk_queries():
+    """10 of 100 samples: each chunk gets a tenth of what it queries, rounding carried over,
+    empty chunks nothing, and the render exactly its total."""
+    from cfd.renderers.volume import GradientBudget
+
+    budget = GradientBudget(10, 100)
+    assert [budget.take(n) for n in (50, 0, 25, 25)] == [5, 0, 2, 3]
+    assert GradientBudget(500, 100).unlimited and not GradientBudget(99, 100).unlimited

@@ -46,9 +46,9 @@ def sparse_cells(n_items=2, n_cells=20, grid=5, seed=0):
 
 
 def test_sparse_query_blur_is_the_3d_gaussian_over_occupied_cells():
-    """Against the direct sum ``sum_j g(x_i - x_j) g(y_i - y_j) g(z_i - z_j) q_j`` over the
-    occupied cells (empty cells hold zeros), and through queries and keys against the blurred
-    logits as for dense grids."""
+    """Against the direct weighted mean ``sum_j w_ij q_j / sum_j w_ij`` over the occupied
+    cells, ``w_ij = g(x_i - x_j) g(y_i - y_j) g(z_i - z_j)``, and through queries and keys
+    against the blurred logits as for dense grids."""
     sigma, coords = 1.2, sparse_cells()
     g = torch.Generator().manual_seed(1)
     q = torch.randn(2, 20, 3, 8, generator=g)
@@ -59,6 +59,7 @@ def test_sparse_query_blur_is_the_3d_gaussian_over_occupied_cells():
     offset = coords[:, :, None, :] - coords[:, None, :, :]  # [B, i, j, 3]
     inside = (offset.abs() <= half).all(-1)
     weight = kernel[(offset + half).clamp(0, 2 * half)].prod(-1) * inside
+    weight = weight / weight.sum(-1, keepdim=True)
     want = torch.einsum("bij,bjhd->bihd", weight, q.double())
     bq, bk = relax.apply(q, k)
     assert (bq.double() - want).abs().max() <= 1e-5
@@ -275,9 +276,8 @@ def test_an_image_model_draws_prior_images_through_the_same_path(tmp_path):
     from .tiny_models import build_tiny_sd
 
     folder = build_tiny_sd(tmp_path / "sd")
-    cfg = PriorImagesConfig(n_images=2, steps=3, size=32, model=GuidanceConfig(
-        kind="stable-diffusion", model_id=str(folder), guidance_scale=5.0,
-        half_precision=False))
+    cfg = PriorImagesConfig(n_images=2, steps=3, size=32, guidance_scale=5.0, model=GuidanceConfig(
+        kind="stable-diffusion", model_id=str(folder), half_precision=False))
     rgba = prior_images("a chair", 0, cfg)
     assert rgba.shape == (2, 32, 32, 4) and rgba.dtype == np.uint8
     assert np.array_equal(rgba, prior_images("a chair", 0, cfg))

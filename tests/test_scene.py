@@ -155,3 +155,23 @@ def test_a_scaled_scene_seen_from_proportionally_farther_looks_the_same():
     assert torch.allclose(near.depth * 2.5, far.depth, atol=1e-4)
     with pytest.raises(ValueError, match="must be > 0"):
         s.scaled(0.0)
+
+
+def test_a_turned_scene_seen_from_a_turned_camera_looks_the_same():
+    from cfd.cameras import orbit_cameras
+    from cfd.renderers import render
+
+    s = _scene()
+    with torch.no_grad():  # anisotropic, randomly oriented splats: the quaternions must turn
+        s.params["scales"].add_(torch.randn(len(s), 3, generator=torch.Generator().manual_seed(1)))
+
+    def camera(azimuth):
+        one = lambda v: torch.tensor([float(v)])  # noqa: E731
+        return orbit_cameras(one(20.0), one(azimuth), one(2.5), one(40.0), 24, 24)
+
+    want = render(s, camera(30.0), "torch", 0.3).rgb
+    assert torch.allclose(render(s.turned(70.0), camera(100.0), "torch", 0.3).rgb, want,
+                          atol=1e-5)
+    assert not torch.allclose(render(s, camera(100.0), "torch", 0.3).rgb, want, atol=1e-3)
+    with pytest.raises(ValueError, match="SH degree 1"):
+        _scene(degree=1).turned(10.0)

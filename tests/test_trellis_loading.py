@@ -283,7 +283,7 @@ def test_refine_job_keeps_what_the_observation_showed(pipeline_dir, tmp_path):
     assert seen.any() and hidden.any()
     start = Splats.load_ply(completion)
     extent = torch.quantile(start.means.norm(dim=-1), 0.99).item()
-    start = start.scaled(0.6 / extent)
+    start = start.scaled(0.6 / extent).turned(-90.0)  # the observation (azimuth 90) to front
     end = Splats.load_ply(refined)
     for key in ("means", "scales", "opacities", "sh0"):
         assert torch.equal(start.params[key][seen], end.params[key][seen]), key

@@ -36,6 +36,29 @@ def ray_box_interval(origins: Tensor, directions: Tensor, radius: float):
     return t_near, t_far
 
 
+class GradientBudget:
+    """Shares ``total`` gradient-carrying samples over a render's chunks: the same fraction
+    ``total / n_samples`` of every chunk's queried samples (in integers, the rounding carried
+    from chunk to chunk), so dense and empty parts of the image are thinned alike and the
+    render never exceeds ``total``."""
+
+    def __init__(self, total: int, n_samples: int):
+        self.n_samples = max(n_samples, 1)
+        self.total = min(total, self.n_samples)
+        self.queried = self.granted = 0
+
+    @property
+    def unlimited(self) -> bool:
+        return self.total == self.n_samples
+
+    def take(self, n_queried: int) -> int:
+        """How many of a chunk's ``n_queried`` samples carry gradients."""
+        self.queried += n_queried
+        due = self.total * self.queried // self.n_samples
+        count, self.granted = due - self.granted, due
+        return count
+
+
 def _evaluate(field, points: Tensor, normals: bool):
     if normals:
         return field.query_with_normals(points)
@@ -43,27 +66,28 @@ def _evaluate(field, points: Tensor, normals: bool):
 
 
 def query_samples(field, points: Tensor, occupancy: Optional[OccupancyGrid] = None,
-                  normals: bool = False, max_grad: Optional[int] = None,
+                  normals: bool = False, budget: Optional[GradientBudget] = None,
                   generator: Optional[torch.Generator] = None):
     """The field at sample points ``[N,3]``: ``density [N]``, ``rgb [N,3]`` and, with
     ``normals``, ``normal [N,3]`` (else None).
 
-    Samples in empty ``occupancy`` cells are not queried (density, colour and normal 0). With
-    ``max_grad`` (and autograd on), at most that many of the queried samples, drawn at random
-    from ``generator``, carry gradients; the rest are evaluated without autograd. This is the
-    official code's "gradient budget": the forward is unchanged, and the backward's memory
-    is bounded at any resolution.
+    Samples in empty ``occupancy`` cells are not queried (density, colour and normal 0). With a
+    ``budget`` (and autograd on), only its share of the queried samples, drawn at random from
+    ``generator``, carry gradients; the rest are evaluated without autograd. This is the
+    official code's "gradient budget": the rendered values are those of a full-gradient render
+    at the same samples, and the backward's memory is bounded at any resolution.
     """
-    if occupancy is None and (max_grad is None or not torch.is_grad_enabled()
-                              or points.shape[0] <= max_grad):
+    with_grad = torch.is_grad_enabled()
+    limited = with_grad and budget is not None and not budget.unlimited
+    if occupancy is None and not limited:
         return _evaluate(field, points, normals)
     keep = (torch.arange(points.shape[0], device=points.device) if occupancy is None
             else torch.nonzero(occupancy.lookup(points)).squeeze(1))
-    with_grad = torch.is_grad_enabled()
     parts = [(keep, with_grad)]
-    if with_grad and max_grad is not None and keep.numel() > max_grad:
+    if limited:
+        n_grad = budget.take(keep.numel())
         order = torch.randperm(keep.numel(), generator=generator).to(keep.device)
-        parts = [(keep[order[:max_grad]], True), (keep[order[max_grad:]], False)]
+        parts = [(keep[order[:n_grad]], True), (keep[order[n_grad:]], False)]
     density = points.new_zeros(points.shape[0])
     rgb = points.new_zeros(points.shape[0], 3)
     normal = points.new_zeros(points.shape[0], 3) if normals else None
@@ -96,8 +120,8 @@ def render_field(field, cameras: Cameras, n_samples: int = 64,
         normals: also composite the field's normals (unit ``-grad density``) into ``normal``.
         lighting: shade each sample's albedo (:class:`~cfd.renderers.shading.Lighting`); None
             renders the albedo.
-        max_grad_samples: at most this many samples of the whole render carry gradients (split
-            over the chunks in proportion to their rays); None: all.
+        max_grad_samples: at most this many samples of the whole render carry gradients (the
+            same share of every chunk's queried samples, :class:`GradientBudget`); None: all.
     Returns:
         ``rgb [B,H,W,3]``, ``alpha [B,H,W,1]``, ``depth [B,H,W,1]`` (camera z, 0 where alpha is
         0) and, with normals or lighting, ``normal [B,H,W,3]`` (``sum_i w_i n_i``: world frame,
@@ -110,10 +134,13 @@ def render_field(field, cameras: Cameras, n_samples: int = 64,
     directions = cameras.ray_directions().reshape(B, H * W, 3)
     origins = cameras.centers[:, None, :].expand(B, H * W, 3)
     directions, origins = directions.reshape(-1, 3), origins.reshape(-1, 3)
-    view = torch.arange(B, device=cameras.device).repeat_interleave(H * W)
+    view = (torch.arange(B, device=cameras.device).repeat_interleave(H * W)
+            if lighting is not None else None)
     steps = torch.linspace(0.0, 1.0, n_samples + 1, device=cameras.device,
                            dtype=directions.dtype)
     n_rays = directions.shape[0]
+    budget = (None if max_grad_samples is None
+              else GradientBudget(max_grad_samples, n_rays * n_samples))
     chunks = {"rgb": [], "alpha": [], "depth": [], "normal": []}
     for start in range(0, n_rays, chunk_rays):
         d, o = directions[start:start + chunk_rays], origins[start:start + chunk_rays]
@@ -127,8 +154,6 @@ def render_field(field, cameras: Cameras, n_samples: int = 64,
             u = torch.rand(t_starts.shape, generator=generator, device="cpu").to(t_starts)
         t_mid = t_starts + u * (t_ends - t_starts)
         points = o[:, None, :] + t_mid[..., None] * d[:, None, :]
-        budget = (None if max_grad_samples is None
-                  else max_grad_samples * d.shape[0] // n_rays)
         density, rgb, normal = query_samples(field, points.reshape(-1, 3), occupancy, normals,
                                              budget, generator)
         rgb = rgb.reshape(*t_mid.shape, 3)

@@ -1,8 +1,10 @@
 """A learned background: a small MLP of the view direction (an environment map at infinity).
 
 What the official CFD NeRF stages composite behind the object (threestudio's neural environment
-map: the direction's spherical harmonics up to degree 3, a 2-layer MLP of 16 units, sigmoid).
-It starts as the solid colour it replaces, so switching it on changes (almost) nothing at step 0.
+map: tiny-cuda-nn's spherical-harmonics encoding of "degree 3", which is 9 values, bands 0-2;
+a 2-layer MLP of 16 units; sigmoid). It starts as the solid colour it replaces (kept 0.1 away
+from black and white, where a sigmoid barely learns), so switching it on changes little at
+step 0.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from ..renderers.projection import sh_basis
 
 @dataclass
 class BackgroundMLPConfig:
-    sh_degree: int = 3  # direction encoding: real SH up to this degree, (degree + 1)^2 values
+    sh_degree: int = 2  # direction encoding: real SH bands 0..sh_degree, (degree + 1)^2 values
     hidden: int = 16
     n_hidden_layers: int = 2
     lr: float = 1e-3  # Adam, as the official background group
@@ -49,10 +51,9 @@ class MLPBackground(nn.Module):
                     bound = 1 / math.sqrt(layer.in_features)
                     layer.weight.uniform_(-bound, bound, generator=generator)
                     layer.bias.uniform_(-bound, bound, generator=generator)
-            # zero output weights: every direction starts at initial_colour (within 0.01 of
-            # black or white: a sigmoid reaches neither)
+            # zero output weights: every direction starts at initial_colour
             self.net[-1].weight.zero_()
-            start = min(max(initial_colour, 0.01), 0.99)
+            start = min(max(initial_colour, 0.1), 0.9)
             self.net[-1].bias.fill_(math.log(start / (1 - start)))
 
     def forward(self, directions: Tensor) -> Tensor:

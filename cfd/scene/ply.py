@@ -100,6 +100,5 @@ def read_ply_property(path, name: str) -> torch.Tensor:
     vertex = PlyData.read(str(path))["vertex"]
     names = [prop.name for prop in vertex.properties]
     if name not in names:
-        raise ValueError(f"{path} has no per-splat {name!r} property (it has {names[-4:]} "
-                         "and others)")
+        raise ValueError(f"{path} has no per-splat {name!r} property; it has {names}")
     return torch.from_numpy(np.asarray(vertex[name], dtype=np.float32))

@@ -162,6 +162,25 @@ class Splats(nn.Module):
         params["scales"] = params["scales"] + math.log(factor)
         return Splats(params, self.sh_degree)
 
+    def turned(self, degrees: float) -> "Splats":
+        """The scene turned by ``degrees`` about the up (z) axis through the origin (centres
+        and orientations; a camera at azimuth ``a + degrees`` then sees what one at ``a`` saw).
+        View-dependent colour (SH degree > 0) would need its coefficients rotated too."""
+        if self.sh_degree > 0:
+            raise ValueError(f"turning splats with SH degree {self.sh_degree} is not supported "
+                             "(their view-dependent colour would not turn); use degree 0")
+        angle = math.radians(degrees)
+        c, s = math.cos(angle), math.sin(angle)
+        params = {k: v.detach() for k, v in self.params.items()}
+        x, y, z = params["means"].unbind(-1)
+        params["means"] = torch.stack([c * x - s * y, s * x + c * y, z], -1)
+        # q_turn * q with q_turn = (cos a/2, 0, 0, sin a/2), wxyz
+        cw, sz = math.cos(angle / 2), math.sin(angle / 2)
+        w, qx, qy, qz = params["quats"].unbind(-1)
+        params["quats"] = torch.stack([cw * w - sz * qz, cw * qx - sz * qy, cw * qy + sz * qx,
+                                       cw * qz + sz * w], -1)
+        return Splats(params, self.sh_degree)
+
     def save_ply(self, path, extra: Optional[Dict[str, Tensor]] = None) -> None:
         """Write the 3DGS ``.ply`` layout; ``extra``: more per-splat values ``{name: [N]}``."""
         from .ply import save_ply

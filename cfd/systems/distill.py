@@ -71,6 +71,9 @@ class InitConfig:
     # ply: rescale about the origin so that 99% of the centres lie within this radius (a
     # TRELLIS-style generator's box is [-0.5, 0.5]^3; cameras here orbit a unit-sized object)
     fit_radius: Optional[float] = None
+    # ply: then turn it about the up (z) axis by this many degrees, so that the side the
+    # prompts call "front" (azimuth 0) faces azimuth 0 (refine sets it from the observation's)
+    turn_deg: float = 0.0
     # ply: keep what the observation showed. Each splat moves by (1 - v) of every optimiser
     # step, v its `visibility` property (RelaxFlow writes it: 1 seen, 0 hidden), so CFD changes
     # only what the image did not show.
@@ -290,7 +293,7 @@ class Distillation:
             if init.fit_radius is not None and len(splats):
                 extent = torch.quantile(splats.means.detach().norm(dim=-1), 0.99).item()
                 splats = splats.scaled(init.fit_radius / max(extent, 1e-6))
-            return splats
+            return splats.turned(init.turn_deg) if init.turn_deg else splats
         if init.kind != "ball":
             raise ValueError(f"unknown init kind {init.kind!r}; use 'ball' or 'ply'")
         splats = random_ball(init.n_splats, init.radius, init.scale, init.opacity,
