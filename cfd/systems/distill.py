@@ -280,9 +280,8 @@ class Distillation:
         return self._initial_splats().to(self.device)
 
     def _trained_parameters(self) -> list:
-        params = (list(self.scene.params.values()) if isinstance(self.scene, Splats)
-                  else list(self.scene.parameters()))
-        return params + ([] if self.background is None else list(self.background.parameters()))
+        return [p for opt in self._all_optimizers() for group in opt.param_groups
+                for p in group["params"]]
 
     def _initial_splats(self) -> Splats:
         init = self.cfg.init
