@@ -15,6 +15,9 @@ Each line is the median over ``--repeats`` timed runs after ``--warmup`` runs.
     python benchmarks/bench_guidance_sd.py              # needs a GPU; on CPU it says so, exits 0
     python benchmarks/bench_guidance_sd.py --batch 8 --repeats 20
     python benchmarks/bench_guidance_sd.py --smoke      # tiny models, any device: checks the script
+    python benchmarks/bench_guidance_sd.py --save-pipeline /tmp/sd21-random
+        # writes that architecture as a diffusers folder, for bench_step.py's whole-step timing:
+        # bench_step.py --config configs/cfd-splats-sd21.yaml guidance.model_id=/tmp/sd21-random
 """
 
 from __future__ import annotations
@@ -72,7 +75,8 @@ class FixedPrompt:
                 {"encoder_hidden_states": self.uncond.expand(B, -1, -1)})
 
 
-def build_guidance(device, dtype, smoke: bool, resolution: int) -> StableDiffusionGuidance:
+def random_models(device, smoke: bool):
+    """The SD 2.1-base UNet, VAE and noise schedule with random weights (``smoke``: tiny)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
     torch.manual_seed(0)
@@ -80,11 +84,41 @@ def build_guidance(device, dtype, smoke: bool, resolution: int) -> StableDiffusi
         unet = UNet2DConditionModel(**(TINY_UNET if smoke else SD21_BASE_UNET))
         vae = AutoencoderKL(**(TINY_VAE if smoke else SD21_BASE_VAE))
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                              beta_schedule="scaled_linear", prediction_type="epsilon")
+                              beta_schedule="scaled_linear", prediction_type="epsilon",
+                              clip_sample=False, steps_offset=1)
+    return unet, vae, scheduler
+
+
+def build_guidance(device, dtype, smoke: bool, resolution: int) -> StableDiffusionGuidance:
+    unet, vae, scheduler = random_models(device, smoke)
     cfg = StableDiffusionConfig(model_id="random:sd-2-1-base-architecture", resolution=resolution,
                                 half_precision=dtype == torch.float16)
     return StableDiffusionGuidance(unet, vae, None, None, scheduler, cfg, device=device,
                                    dtype=dtype)
+
+
+def save_random_pipeline(folder: Path, smoke: bool) -> Path:
+    """The SD 2.1-base UNet and VAE (random weights) as a StableDiffusionPipeline folder that
+    ``guidance.model_id`` loads. The text encoder is a one-layer CLIP of the real width (1024):
+    it runs once per prompt, so its size does not matter to a step's time."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from tests.tiny_models import make_tokenizer
+
+    unet, vae, scheduler = random_models("cuda" if torch.cuda.is_available() else "cpu", smoke)
+    width = 32 if smoke else TEXT_DIM
+    tokenizer = make_tokenizer(folder.parent / f"{folder.name}-tokenizer-source", TEXT_TOKENS)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width,
+        num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=TEXT_TOKENS,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id))
+    pipe = StableDiffusionPipeline(
+        vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(str(folder))
+    return folder
 
 
 def main(argv=None) -> int:
@@ -97,7 +131,13 @@ def main(argv=None) -> int:
     parser.add_argument("--fp32", action="store_true", help="float32 instead of float16")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny models, 64 px, any device (checks the script, not the speed)")
+    parser.add_argument("--save-pipeline", type=Path, metavar="DIR",
+                        help="only write the random-weight pipeline folder (any device)")
     args = parser.parse_args(argv)
+
+    if args.save_pipeline:
+        print(f"wrote {save_random_pipeline(args.save_pipeline, args.smoke)}")
+        return 0
 
     if args.smoke:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,10 +1,15 @@
 """Step-time breakdown of a distillation step: render, noise, encode, guidance, backward, optimiser.
 
 Builds the run from a config (default: the embedded CFD config), warms up, then times each phase
-of ``--steps`` steps separately and prints medians and shares of the step, plus the noise share.
+of ``--steps`` steps separately and prints medians and shares of the step. It also times the
+step's floor, the 2D model's own work on the same renders (encode with its backward, the CFG
+forward), and prints step / floor: what the engine adds around the model.
 
     python benchmarks/bench_step.py
     python benchmarks/bench_step.py --config configs/sds-splats-embedded.yaml
+    # SD 2.1-base sized (random weights; see bench_guidance_sd.py --save-pipeline), on a GPU:
+    python benchmarks/bench_step.py --config configs/cfd-splats-sd21.yaml \
+        guidance.model_id=/tmp/sd21-random
 """
 
 from __future__ import annotations
@@ -41,7 +46,8 @@ def main() -> None:
     cfg = load_config(DistillConfig, Path(args.config), args.overrides)
     system = Distillation(cfg, Path(tempfile.mkdtemp()))
     c, dev, g = system.cfg, system.device, system.guidance
-    phases = {k: [] for k in ("render", "noise", "encode", "guidance", "backward", "optimizer")}
+    phases = {k: [] for k in ("render", "noise", "encode", "guidance", "backward", "optimizer",
+                              "floor")}
     for i in range(args.steps + 3):
         tick = {}
 
@@ -72,11 +78,18 @@ def main() -> None:
         for opt in system.optimizers.values():
             opt.step()
             opt.zero_grad(set_to_none=True)
-        mark("optimizer", t0)
+        t0 = mark("optimizer", t0)
+        rgb = out.rgb.detach().requires_grad_()
+        latents = g.encode(rgb)
+        with torch.no_grad():
+            g.predict_eps(g.schedule.add_noise(latents.detach(), noise, 0.5), 0.5, cond, uncond)
+        latents.backward(torch.ones_like(latents))
+        mark("floor", t0)
         if i >= 3:
             for k, v in tick.items():
                 phases[k].append(v)
     medians = {k: statistics.median(v) for k, v in phases.items()}
+    floor = medians.pop("floor")
     total = sum(medians.values())
     print(f"device={dev} guidance={c.guidance.kind} batch={c.batch_size} res={c.resolution} "
           f"scene={c.scene} noise={c.noise.mode} steps={args.steps}")
@@ -85,6 +98,8 @@ def main() -> None:
     for k, v in medians.items():
         print(f"| {k} | {v:.4f} | {100 * v / total:.1f}% |")
     print(f"| step | {total:.4f} | 100% |")
+    print(f"floor (encode + its backward, CFG model forward) {floor:.4f} s; "
+          f"step / floor = {total / floor:.3f}")
 
 
 if __name__ == "__main__":

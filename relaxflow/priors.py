@@ -24,7 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cfd.systems.distill import GuidanceConfig
+from cfd.shapes import prompts
+from cfd.systems.prior import GuidanceConfig, build_guidance
+from guidance.prompts import PromptConfig
+from guidance.sampling import sample_images
 
 
 @dataclass
@@ -73,24 +76,17 @@ def prior_images(prompt: Optional[str], seed: int, cfg: Optional[PriorImagesConf
                  device="cpu", dataset=None) -> np.ndarray:
     """``[n, R, R, 4]`` uint8 RGBA views of ``prompt`` (``cfg.n_images`` of them).
     ``dataset``: the embedded prior's dataset settings (tests use small ones)."""
-    from cfd.systems.distill import build_guidance
-    from guidance.prompts import PromptConfig
-    from guidance.sampling import sample_images
-
     cfg = cfg or PriorImagesConfig()
     if not prompt:
         raise ValueError("no prior images: give priors=[a.png,b.png] showing what the hidden "
                          "part should be, or a prompt to draw them from")
     embedded = cfg.model.kind == "embedded"
-    if embedded:
-        from cfd.shapes import prompts
-
-        if prompt not in prompts():
-            raise ValueError(f"the embedded prior cannot draw {prompt!r} (it knows: "
-                             f"{', '.join(prompts())}); give your own prior images: "
-                             "priors=[a.png,b.png], or an image model: "
-                             "generate_priors.model.kind=stable-diffusion "
-                             "generate_priors.model.model_id=<folder>")
+    if embedded and prompt not in prompts():
+        raise ValueError(f"the embedded prior cannot draw {prompt!r} (it knows: "
+                         f"{', '.join(prompts())}); give your own prior images: "
+                         "priors=[a.png,b.png], or an image model: "
+                         "generate_priors.model.kind=stable-diffusion "
+                         "generate_priors.model.model_id=<folder>")
     model = (replace(cfg.model, dataset=dataset or cfg.model.dataset) if embedded
              else replace(cfg.model, resolution=cfg.size))
     guidance = build_guidance(model, torch.device(device), PromptConfig())

@@ -122,7 +122,7 @@ def test_view_suffix_restricts_to_views_in_that_direction(prior):
 
 def test_run_view_thresholds_label_the_prior_images(dataset):
     """The prior must split its images where the run's prompt processor splits its cameras."""
-    from cfd.systems.distill import GuidanceConfig, build_guidance
+    from cfd.systems.prior import GuidanceConfig, build_guidance
 
     cfg = GuidanceConfig(dataset=dataset[0])
     default = build_guidance(cfg, "cpu", PromptConfig())
@@ -138,7 +138,7 @@ def test_run_view_thresholds_label_the_prior_images(dataset):
 def test_split_sides_tell_left_from_right(dataset, tmp_path):
     """With ``split_sides`` a camera on +y (azimuth 90: the object's left, as it faces +x) and
     one on -y get different texts, and the prior draws each from its own side's images only."""
-    from cfd.systems.distill import GuidanceConfig, build_guidance
+    from cfd.systems.prior import GuidanceConfig, build_guidance
 
     views = PromptConfig(prompt="a mug", split_sides=True, cache_dir=str(tmp_path))
     azimuth = torch.tensor([0.0, 30.0, -30.0, 90.0, 120.0, -90.0, -120.0, 180.0, -170.0])

@@ -269,7 +269,7 @@ def test_an_image_model_draws_prior_images_through_the_same_path(tmp_path):
     ``decode`` is diffusers' own VAE decode and post-processing."""
     from diffusers.image_processor import VaeImageProcessor
 
-    from cfd.systems.distill import GuidanceConfig
+    from cfd.systems.prior import GuidanceConfig
     from guidance.stable_diffusion import StableDiffusionGuidance
     from relaxflow.priors import PriorImagesConfig, prior_images
 

@@ -181,7 +181,7 @@ def test_bad_input_errors():
 def test_sh_colours_match_gsplat_reference():
     from gsplat.cuda._torch_impl import _spherical_harmonics
 
-    from cfd.renderers.projection import sh_to_rgb
+    from cfd.scene.sh import sh_to_rgb
 
     g = torch.Generator().manual_seed(0)
     coeffs = torch.randn(50, 16, 3, generator=g)

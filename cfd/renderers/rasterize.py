@@ -15,8 +15,9 @@ from typing import Any, Dict, Literal, Optional
 import torch
 from torch import Tensor
 
+from ..scene.sh import sh_to_rgb
 from .composite import composite, tiles_to_images
-from .projection import project_gaussians, sh_to_rgb
+from .projection import project_gaussians
 from .tiles import bin_gaussians
 
 log = logging.getLogger(__name__)

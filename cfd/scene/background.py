@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..cameras import Cameras
-from ..renderers.projection import sh_basis
+from .sh import sh_basis
 
 
 @dataclass

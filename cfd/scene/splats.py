@@ -24,7 +24,7 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor, nn
 
-from ..renderers.projection import rgb_to_sh0, sh0_to_rgb
+from .sh import rgb_to_sh0, sh0_to_rgb
 
 PARAM_KEYS = ("means", "scales", "quats", "opacities", "sh0", "shN")
 

@@ -31,30 +31,15 @@ from ..scene import (Densifier, DensifyConfig, NeRFConfig, NeRFField, NeRFLearni
 from ..scene.background import BackgroundMLPConfig, MLPBackground
 from ..scene.mesh import extract_mesh, write_glb, write_obj
 from ..scene.ply import read_ply_property
-from ..shapes import ShapeDatasetConfig
 from ..utils.media import save_grid
 from ..utils.runtime import atomic_write, make_run_dir, seed_everything, write_json
 from ..visualize import write_orbit_video
 from .checkpoint import load_checkpoint, save_checkpoint
+from .prior import GuidanceConfig, build_guidance
 from .common import LearningRates, OrbitConfig, ShadingConfig, scheduled
 from .timesteps import TimestepConfig, TimestepSchedule
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class GuidanceConfig:
-    """``kind``: ``embedded`` (the closed-form prior over the shape world), ``stable-diffusion``
-    or ``flow-matching`` (diffusers weights from ``model_id``: a local folder or a cached hub id)."""
-
-    kind: str = "embedded"
-    model_id: Optional[str] = None
-    guidance_scale: float = 1.0
-    weighting: str = "sigma_over_alpha"
-    half_precision: bool = True
-    resolution: Optional[int] = None
-    latent_sampling: str = "sample"
-    dataset: ShapeDatasetConfig = field(default_factory=ShapeDatasetConfig)
 
 
 @dataclass
@@ -149,35 +134,6 @@ class DistillConfig:
     video_frames: int = 48
     video_size: int = 128
     video_normals: bool = True  # NeRF: also orbit_normal.mp4, the field's normals as colours
-
-
-def build_guidance(cfg: GuidanceConfig, device: torch.device, view_config: PromptConfig):
-    """The 2D prior a run distils from. ``view_config``: the run's prompt settings, whose view
-    thresholds the embedded prior uses to label its images, so both agree on what "side" means."""
-    if cfg.kind == "embedded":
-        from guidance.embedded import ClosedFormPrior
-
-        from ..shapes import build_shape_dataset
-
-        folder = build_shape_dataset(cfg.dataset)
-        return ClosedFormPrior.from_pretrained(folder, device=device,
-                                               guidance_scale=cfg.guidance_scale,
-                                               weighting=cfg.weighting,
-                                               view_config=view_config)
-    options = {"guidance_scale": cfg.guidance_scale, "weighting": cfg.weighting,
-               "half_precision": cfg.half_precision, "latent_sampling": cfg.latent_sampling}
-    options.update({k: v for k, v in (("model_id", cfg.model_id), ("resolution", cfg.resolution))
-                    if v is not None})
-    if cfg.kind == "stable-diffusion":
-        from guidance.stable_diffusion import StableDiffusionConfig, StableDiffusionGuidance
-
-        return StableDiffusionGuidance.from_config(StableDiffusionConfig(**options), device)
-    if cfg.kind == "flow-matching":
-        from guidance.flow_matching import FlowMatchingConfig, FlowMatchingGuidance
-
-        return FlowMatchingGuidance.from_config(FlowMatchingConfig(**options), device)
-    raise ValueError(f"unknown guidance kind {cfg.kind!r}; use 'embedded', 'stable-diffusion' "
-                     "or 'flow-matching'")
 
 
 def check_settings(c: DistillConfig) -> None:
