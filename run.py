@@ -3,7 +3,8 @@
     python run.py --config configs/<name>.yaml key=value ...   run a job (the YAML's ``job`` key)
     python run.py generate --config configs/trellis-image.yaml image=x.png   the same, naming
                                                                the job the YAML must hold
-    python run.py --resume <run folder>                        continue a killed run exactly
+    python run.py --resume <run folder>                        continue a killed run exactly, as
+                                                               configured (no overrides)
     python run.py prompts                                      prompts the embedded prior knows
 
 Dotted ``key=value`` overrides follow OmegaConf syntax.
@@ -48,11 +49,15 @@ def main(argv=None) -> int:
     from omegaconf import OmegaConf
 
     from cfd.config import ConfigError, load_config
-    from cfd.utils.runtime import tune_malloc
+    from cfd.utils.runtime import TrainingStopped, tune_malloc
 
     tune_malloc()
     config_path = args.config if args.resume is None else args.resume / "config.yaml"
     try:
+        if args.resume is not None and args.overrides:
+            raise ConfigError(f"--resume takes no overrides (got {' '.join(args.overrides)}): a "
+                              "resumed run continues as configured, to give the same result as "
+                              "one that was never stopped; start a new run to change settings")
         if not config_path.is_file():
             where = "see configs/" if args.resume is None else "is this a run folder?"
             raise ConfigError(f"config file {config_path} does not exist ({where})")
@@ -77,6 +82,9 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as err:  # bad input: say what and how to fix it
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except TrainingStopped as err:  # the run stopped itself; the message says what to change
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

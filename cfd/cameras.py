@@ -53,15 +53,19 @@ class Cameras:
         B = self.viewmats.shape[0]
         if self.Ks.shape != (B, 3, 3):
             raise ValueError(f"Ks must be [B,3,3] with B={B}, got {tuple(self.Ks.shape)}")
-        if int(self.width) <= 0 or int(self.height) <= 0:
+        if not all(float(n) == int(n) >= 1 for n in (self.width, self.height)):
             raise ValueError(
-                f"image size must be positive, got width={self.width} height={self.height}; "
-                "pass at least 1x1 pixels"
+                f"image size must be whole pixels >= 1, got width={self.width} "
+                f"height={self.height}; pass at least 1x1 pixels"
             )
         self.width, self.height = int(self.width), int(self.height)
         for name in ("viewmats", "Ks"):
             if not torch.isfinite(getattr(self, name)).all():
                 raise ValueError(f"Cameras.{name} contains NaN or Inf; check the poses you built")
+        focal = self.Ks[:, [0, 1], [0, 1]]
+        if not (focal > 0).all():
+            raise ValueError(f"Cameras.Ks focal lengths fx, fy must be > 0 pixels, got "
+                             f"{focal.tolist()}; build Ks with intrinsics_from_fov")
         for name in ("elevation", "azimuth", "distance"):
             value = getattr(self, name)
             if value is not None and value.shape != (B,):
@@ -77,9 +81,7 @@ class Cameras:
     @property
     def centers(self) -> Tensor:
         """Camera centres in world space. ``[B, 3]``."""
-        R = self.viewmats[:, :3, :3]
-        t = self.viewmats[:, :3, 3]
-        return -(R.transpose(1, 2) @ t[:, :, None])[:, :, 0]
+        return camera_centers(self.viewmats)
 
     def to(self, device: torch.device | str) -> "Cameras":
         def move(x: Optional[Tensor]) -> Optional[Tensor]:
@@ -123,6 +125,13 @@ class Cameras:
         dirs_cam = torch.stack([x, y, torch.ones_like(x)], dim=-1)  # [B,H,W,3]
         R = self.viewmats[:, :3, :3]
         return torch.einsum("bji,bhwj->bhwi", R, dirs_cam)
+
+
+def camera_centers(viewmats: Tensor) -> Tensor:
+    """Camera centres in world space of world-to-camera matrices. ``[B,4,4] -> [B,3]``."""
+    R = viewmats[:, :3, :3]
+    t = viewmats[:, :3, 3]
+    return -(R.transpose(1, 2) @ t[:, :, None])[:, :, 0]
 
 
 def intrinsics_from_fov(fov_y_deg: Tensor, width: int, height: int) -> Tensor:
@@ -263,6 +272,9 @@ def fixed_orbit_cameras(
     device: torch.device | str = "cpu",
 ) -> Cameras:
     """``n_views`` cameras evenly spaced in azimuth at one elevation: the orbit used for videos."""
+    if n_views < 1:
+        raise ValueError(f"an orbit needs n_views >= 1 cameras, got {n_views} (in a run config: "
+                         "eval_views and video_frames must be >= 1)")
     az = torch.arange(n_views, dtype=torch.float32) * (360.0 / n_views) - 180.0
     full = lambda v: torch.full((n_views,), float(v))  # noqa: E731
     return orbit_cameras(

@@ -13,6 +13,8 @@ from typing import Any, Iterable, List, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
+from .utils.runtime import atomic_write
+
 
 class ConfigError(ValueError):
     """A configuration file or override that does not fit the schema."""
@@ -81,7 +83,9 @@ def load_config(schema: type, path: Optional[Path] = None, overrides: Sequence[s
 
 
 def save_config(cfg: Any, path: Path) -> None:
-    Path(path).write_text(OmegaConf.to_yaml(cfg))
+    """Write ``cfg`` as YAML, atomically: a resumed run reads it back."""
+    data = OmegaConf.to_yaml(cfg).encode()
+    atomic_write(path, lambda f: f.write(data))
 
 
 def to_object(cfg: Any) -> Any:

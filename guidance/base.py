@@ -3,6 +3,7 @@
 A guidance model works in a latent space (``latent_shape``), maps images into it (``encode``,
 differentiable), defines a noise schedule ``x_t = alpha(t) x + sigma(t) eps`` on continuous
 ``t`` in [0, 1], and predicts the noise with classifier-free guidance (``predict_eps``).
+``predict_eps`` takes the closed interval (for samplers), the distillation loss only ``0 < t < 1``.
 
 Conditions are dicts of tensors with a leading batch dimension (whatever the model's text encoder
 produces: CLIP hidden states, SD3's pooled embeddings, the embedded prior's prompt ids), so the
@@ -139,7 +140,7 @@ class Guidance(ABC):
             rgb: renders ``[B,H,W,3]`` in [0,1], differentiable.
             views: anything with ``elevation`` and ``azimuth`` ``[B]`` tensors (degrees).
             prompt: a :class:`guidance.prompts.PromptProcessor` for this model.
-            t: scalar or ``[B]`` in [0,1]; noise: ``[B, *latent_shape]``.
+            t: scalar or ``[B]`` strictly inside (0, 1); noise: ``[B, *latent_shape]``.
             background: ``[B,3]`` colour each render was composited on, handed to the model as
                 ``cond["background"]``: the embedded prior re-composites its images on it;
                 image models, which see the background in the pixels, ignore it.
@@ -150,12 +151,20 @@ class Guidance(ABC):
                              f"got {tuple(noise.shape)}")
         B = latents.shape[0]
         t = self._batch_t(t, B, latents.device)
+        if not ((t > 0) & (t < 1)).all():
+            # At t = 0 there is no noise to predict (a sample-predicting prior divides by
+            # sigma = 0); at t = 1 no signal is left (sigma/alpha is infinite, and the gradient
+            # of the latents vanishes).
+            raise ValueError(f"distillation needs every t strictly between 0 and 1, got "
+                             f"{t.tolist()}; keep the timestep schedule inside (0, 1), "
+                             "e.g. [0.02, 0.98]")
         cond, uncond = self.conditions(prompt, views, background)
         with torch.no_grad():
             x_t = self.schedule.add_noise(latents.detach(), noise, t)
             eps = self.predict_eps(x_t, t, cond, uncond, guidance_scale)
             w = self.weight(t).to(latents.dtype).reshape((-1,) + (1,) * (latents.ndim - 1))
-            grad = torch.nan_to_num(w * (eps - noise))
+            # Not sanitised: a non-finite gradient reaches the caller, which skips the step.
+            grad = w * (eps - noise)
             target = latents.detach() - grad
         loss = 0.5 * ((latents - target) ** 2).sum()
         return {

@@ -9,15 +9,17 @@ images whose camera falls in that direction; the empty prompt is unconditional (
 It memorises: at small t the softmax is one-hot, so it rebuilds only its own objects. It is the
 engine's test bed, not a text-to-3D prior for new prompts.
 
-Backgrounds: with the images' alpha, a condition may carry ``background [B,3]``, the colour each
-render was composited on; every image is then re-composited on that colour,
-``X_i(b) = X_i + (1 - A_i) (b - b_data)``. The distances and the weighted sum are expanded in
+Backgrounds: with the images' opacity ``O_i``, a condition may carry ``background [B,3]``, the
+colour each render was composited on; every image is then re-composited on that colour,
+``X_i(b) = X_i + (1 - O_i) (b - b_data)``. The distances and the weighted sum are expanded in
 ``b`` so no re-composited copy of the data is ever formed.
 
 Numerics: logits are formed in float64 (their spread grows like 1/s^2, so float32 distances are
 not enough near t = 0) and reduced with a streaming log-sum-exp over chunks of images, so the
-temporaries stay bounded by ``chunk_size`` images whatever N is (the data itself is held once,
-in float64: 4200 images of 64x64 take 0.4 GB).
+temporaries stay bounded by ``chunk_size`` images whatever N is. The data itself is held once,
+in float64: 24 bytes a pixel of colour and 8 of transparency, so 4200 images of 64x64 take
+0.55 GB (0.41 colour, 0.14 transparency). Building the prior peaks at about twice that (the
+conversion's temporaries), on top of its float32 inputs.
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ class ClosedFormPrior(Guidance):
         prompt_index: ``[N]`` index into ``prompts`` for each image.
         elevation, azimuth: ``[N]`` degrees, the camera of each image (for view conditioning).
         prompts: the prompt texts.
-        alpha: ``[N,H,W,1]`` in [0,1], optional: needed for conditions with a ``background``.
+        opacity: ``[N,H,W,1]`` in [0,1] (the renders' alpha channel), optional: needed for
+            conditions with a ``background``.
         data_background: the grey level the images were composited on.
     """
 
@@ -55,7 +58,7 @@ class ClosedFormPrior(Guidance):
                  prompts: Sequence[str], guidance_scale: float = 1.0,
                  weighting: str = "sigma_over_alpha", device="cpu", chunk_size: int = 1024,
                  model_id: str = "embedded", view_config: Optional[PromptConfig] = None,
-                 alpha: Optional[Tensor] = None, data_background: float = 0.5):
+                 opacity: Optional[Tensor] = None, data_background: float = 0.5):
         super().__init__(guidance_scale, weighting)
         self.device = torch.device(device)
         self.schedule = CosineSchedule()
@@ -70,9 +73,10 @@ class ClosedFormPrior(Guidance):
         self.data = (chw.double() * 2 - 1).to(self.device)
         self.sq_norms = (self.data ** 2).sum(-1)
         self.data_background = data_background
-        self.transparency: Optional[Tensor] = None  # [N, H*W], 1 - alpha
-        if alpha is not None:
-            self.transparency = (1 - alpha.reshape(images.shape[0], -1).double()).to(self.device)
+        self.transparency: Optional[Tensor] = None  # [N, H*W], 1 - opacity
+        if opacity is not None:
+            flat_opacity = opacity.reshape(images.shape[0], -1).double()
+            self.transparency = (1 - flat_opacity).to(self.device)
             channels = self.data.view(images.shape[0], 3, -1)
             self.data_dot_transparency = (channels * self.transparency[:, None]).sum(-1)  # [N,3]
             self.transparency_sq = (self.transparency ** 2).sum(-1)
@@ -98,7 +102,7 @@ class ClosedFormPrior(Guidance):
         t = load_file(str(folder / "images.safetensors"))
         return cls(t["rgb"].float() / 255.0, t["prompt_index"], t["elevation"], t["azimuth"],
                    meta["prompts"], device=device, model_id=f"embedded:{meta['fingerprint']}",
-                   alpha=t["alpha"].float() / 255.0,
+                   opacity=t["alpha"].float() / 255.0,
                    data_background=float(meta["settings"]["background"]), **kwargs)
 
     # -- Guidance interface -------------------------------------------------------------------
@@ -161,7 +165,7 @@ class ClosedFormPrior(Guidance):
         shift = self._background_shift(cond, B, flat)  # [B,3] or None
         if shift is not None:
             # x . X_i(b) gains sum_c shift_c (x_c . T_i); |X_i(b)|^2 gains
-            # 2 shift . (X_i . T_i) + |shift|^2 |T_i|^2 (T_i = 1 - alpha_i, per channel).
+            # 2 shift . (X_i . T_i) + |shift|^2 |T_i|^2 (T_i = 1 - O_i, per channel).
             shifted_x = (flat.view(B, 3, -1) * shift[:, :, None]).sum(1)  # [B, H*W]
             shift_sq = (shift ** 2).sum(-1, keepdim=True)
         # Streaming softmax over chunks of images; a finite floor keeps empty chunks NaN-free.
@@ -192,16 +196,16 @@ class ClosedFormPrior(Guidance):
         return (acc / total).to(x_t.dtype).reshape(x_t.shape)
 
     @torch.no_grad()
-    def nearest_alpha(self, x: Tensor) -> Tensor:
-        """Alpha ``[B,1,R,R]`` of the dataset image nearest to each image ``x [B,3,R,R]`` in
+    def nearest_opacity(self, x: Tensor) -> Tensor:
+        """Opacity ``[B,1,R,R]`` of the dataset image nearest to each image ``x [B,3,R,R]`` in
         [-1, 1]: what a sample at ``t = 0`` (one of the dataset's images) was composited with."""
         if self.transparency is None:
-            raise ValueError("the prior was built without its images' alpha (from_pretrained "
+            raise ValueError("the prior was built without its images' opacity (from_pretrained "
                              "loads it from the dataset)")
         flat = x.reshape(x.shape[0], -1).to(self.data)
         nearest = (self.sq_norms[None] - 2 * flat @ self.data.T).argmin(-1)
-        alpha = 1 - self.transparency[nearest]
-        return alpha.reshape(x.shape[0], 1, *x.shape[2:]).to(x.dtype)
+        opacity = 1 - self.transparency[nearest]
+        return opacity.reshape(x.shape[0], 1, *x.shape[2:]).to(x.dtype)
 
     def _background_shift(self, cond: Condition, batch: int, like: Tensor) -> Optional[Tensor]:
         """``b - b_data`` in the [-1, 1] data scale per item ``[B,3]``; None when no item's
@@ -212,6 +216,7 @@ class ClosedFormPrior(Guidance):
         if not shift.any():
             return None
         if self.transparency is None:
-            raise ValueError("renders on other backgrounds need the dataset's alpha: build the "
-                             "prior with alpha= (from_pretrained loads it from the dataset)")
+            raise ValueError("renders on other backgrounds need the dataset's opacity: build "
+                             "the prior with opacity= (from_pretrained loads it from the "
+                             "dataset)")
         return shift

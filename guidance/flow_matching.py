@@ -5,32 +5,31 @@ The network (``SD3Transformer2DModel``) predicts the velocity ``u = eps - x_0`` 
 (:class:`FlowMatchingSchedule` with ``FlowMatchEulerDiscreteScheduler``'s ``shift``); its
 timestep input is ``1000 s``. Latents are ``(z - shift_factor) * scaling_factor`` of the VAE
 posterior. Text goes through the pipeline's own ``encode_prompt`` (two CLIP encoders and, when
-present, T5), giving per-token states and pooled projections.
+present, T5), giving per-token states and pooled projections. Rendering to latents, frozen
+modules and the text fingerprint are :class:`guidance.latent.LatentDiffusersGuidance`'s.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional
+from dataclasses import dataclass
+from typing import List, Optional
 
 import torch
 from torch import Tensor
 
 from .base import Condition
+from .latent import (LatentDiffusersGuidance, LatentModelConfig, config_from_kwargs, freeze,
+                     warn_truncated)
 from .loading import load_pipeline, model_dtype
 from .schedules import FlowMatchingSchedule
-from .stable_diffusion import (
-    LatentDiffusersGuidance,
-    StableDiffusionConfig,
-    _config_from_kwargs,
-    freeze,
-    warn_truncated,
-)
+
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+TOKENIZERS = ("tokenizer", "tokenizer_2", "tokenizer_3")
 
 
 @dataclass
-class FlowMatchingConfig(StableDiffusionConfig):
-    """The Stable Diffusion options with SD3 defaults, plus the T5 branch."""
+class FlowMatchingConfig(LatentModelConfig):
+    """Options of :class:`FlowMatchingGuidance`: SD3 defaults, plus the T5 branch."""
 
     model_id: str = "stabilityai/stable-diffusion-3-medium-diffusers"
     guidance_scale: float = 7.0
@@ -52,7 +51,7 @@ class FlowMatchingGuidance(LatentDiffusersGuidance):
         super().__init__(pipe.vae, cfg, device, dtype)
         self.pipe = pipe
         self.transformer = freeze(pipe.transformer, self.device, self.dtype)
-        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        for name in TEXT_ENCODERS:
             freeze(getattr(pipe, name, None), self.device, self.dtype)
         self.scheduler = pipe.scheduler
         if getattr(self.scheduler.config, "use_dynamic_shifting", False):
@@ -76,18 +75,18 @@ class FlowMatchingGuidance(LatentDiffusersGuidance):
     def from_pretrained(cls, model_id_or_path=None, device="cpu", **config
                         ) -> "FlowMatchingGuidance":
         """``from_pretrained("folder-or-hub-id", device="cuda", guidance_scale=7.0, ...)``."""
-        return cls.from_config(_config_from_kwargs(FlowMatchingConfig, model_id_or_path, config),
+        return cls.from_config(config_from_kwargs(FlowMatchingConfig, model_id_or_path, config),
                                device)
 
     # -- text ---------------------------------------------------------------------------------
     def _text_encoders(self):
-        return {name: getattr(self.pipe, name, None)
-                for name in ("text_encoder", "text_encoder_2", "text_encoder_3")}
+        return {name: getattr(self.pipe, name, None) for name in TEXT_ENCODERS}
+
+    def _tokenizers(self):
+        return {name: getattr(self.pipe, name, None) for name in TOKENIZERS}
 
     def _text_settings(self) -> str:
-        tok = self.pipe.tokenizer
-        return (f"clip_max_length={getattr(tok, 'model_max_length', None)},"
-                f"max_sequence_length={self.cfg.max_sequence_length}")
+        return f"max_sequence_length={self.cfg.max_sequence_length}"
 
     @torch.no_grad()
     def encode_text(self, texts: List[str]) -> Condition:
@@ -114,7 +113,3 @@ class FlowMatchingGuidance(LatentDiffusersGuidance):
             return_dict=True,
         ).sample
         return out.float()
-
-    def describe(self) -> Dict[str, object]:
-        return {**asdict(self.cfg), "prediction_type": self.prediction_type,
-                "dtype": str(self.dtype), "device": str(self.device)}

@@ -28,10 +28,10 @@ def cache_root() -> Path:
 
 class ModelWeightsNotFound(FileNotFoundError):
     """The weights of a model are not on this machine (and will not be downloaded). ``option``:
-    the setting that points at them."""
+    the setting that points at them; ``hint``: a last line, such as where the model is hosted."""
 
     def __init__(self, model_id: str, searched: str, reason: str = "",
-                 option: str = "guidance.model_id"):
+                 option: str = "guidance.model_id", hint: str = ""):
         self.model_id = model_id
         self.searched = searched
         lines = [f"model weights for {model_id!r} are not available offline."]
@@ -47,6 +47,8 @@ class ModelWeightsNotFound(FileNotFoundError):
             "    2. put the model into the Hugging Face cache here (set HF_HOME, or HF_HUB_CACHE, to",
             "       the cache that holds it).",
         ]
+        if hint:
+            lines.append(f"  {hint}")
         super().__init__("\n".join(lines))
 
 
@@ -68,7 +70,8 @@ def _looks_like_path(model_id: str) -> bool:
 
 
 def resolve_model_path(model_id: Union[str, os.PathLike], cache_dir: Optional[str] = None,
-                       index_file: str = PIPELINE_INDEX, option: str = "guidance.model_id") -> Path:
+                       index_file: str = PIPELINE_INDEX, option: str = "guidance.model_id",
+                       hint: str = "") -> Path:
     """Folder holding the pipeline ``model_id``, without any network access.
 
     Args:
@@ -77,21 +80,24 @@ def resolve_model_path(model_id: Union[str, os.PathLike], cache_dir: Optional[st
         index_file: the file that marks a complete pipeline folder (diffusers'
             ``model_index.json``; TRELLIS's ``pipeline.json``).
         option: the setting named in the error, that points at local weights.
+        hint: a last line for the error (see :class:`ModelWeightsNotFound`).
 
     Raises:
         ModelWeightsNotFound: neither a pipeline folder nor a cached snapshot exists.
     """
     model_id = os.fspath(model_id)
     cache_dir = os.path.expanduser(cache_dir) if cache_dir else hf_cache_dir()
+
+    def not_found(reason: str) -> ModelWeightsNotFound:
+        return ModelWeightsNotFound(model_id, cache_dir, reason, option, hint)
+
     local = Path(model_id).expanduser()
     if local.is_dir():
         if (local / index_file).is_file():
             return local.resolve()
-        raise ModelWeightsNotFound(
-            model_id, cache_dir,
-            f"the folder {str(local)!r} exists but has no {index_file}", option)
+        raise not_found(f"the folder {str(local)!r} exists but has no {index_file}")
     if local.exists() or _looks_like_path(model_id):
-        raise ModelWeightsNotFound(model_id, cache_dir, f"no folder {str(local)!r}", option)
+        raise not_found(f"no folder {str(local)!r}")
 
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
@@ -99,17 +105,13 @@ def resolve_model_path(model_id: Union[str, os.PathLike], cache_dir: Optional[st
     try:
         snapshot = snapshot_download(model_id, cache_dir=cache_dir, local_files_only=True)
     except HFValidationError as err:
-        raise ModelWeightsNotFound(model_id, cache_dir,
-                                   f"not a folder here, nor a valid hub id ({err})", option) from None
+        raise not_found(f"not a folder here, nor a valid hub id ({err})") from None
     except (LocalEntryNotFoundError, FileNotFoundError, OSError) as err:
-        reason = f"no local folder and no cached snapshot ({type(err).__name__})"
-        raise ModelWeightsNotFound(model_id, cache_dir, reason, option) from None
+        raise not_found(f"no local folder and no cached snapshot ({type(err).__name__})") from None
     snapshot = Path(snapshot)
     if not (snapshot / index_file).is_file():
-        raise ModelWeightsNotFound(
-            model_id, cache_dir,
-            f"the cached snapshot {str(snapshot)!r} has no {index_file} (incomplete download?)",
-            option)
+        raise not_found(f"the cached snapshot {str(snapshot)!r} has no {index_file} "
+                        "(incomplete download?)")
     return snapshot
 
 
@@ -125,6 +127,18 @@ def dtype_kwargs(dtype: Optional[torch.dtype]) -> dict:
     return {"dtype": dtype} if new_style else {"torch_dtype": dtype}
 
 
+def pipeline_components(path: Path) -> dict:
+    """``{name: [library, class]}`` of the components ``model_index.json`` in ``path`` lists;
+    those saved without weights (``[null, null]``) map to ``None``."""
+    try:
+        index = json.loads((Path(path) / PIPELINE_INDEX).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {name: (value if any(v is not None for v in value) else None)
+            for name, value in index.items()
+            if not name.startswith("_") and isinstance(value, list) and value}
+
+
 def null_components(path: Path) -> dict:
     """``{name: None}`` for components saved as ``[null, null]`` in ``model_index.json``.
 
@@ -132,24 +146,27 @@ def null_components(path: Path) -> dict:
     not one of its optional ones (SD3 saved without T5: ``text_encoder_3``, ``tokenizer_3``), so
     they are passed back explicitly.
     """
-    try:
-        index = json.loads((Path(path) / PIPELINE_INDEX).read_text())
-    except (OSError, ValueError):
-        return {}
-    return {name: None for name, value in index.items()
-            if not name.startswith("_") and isinstance(value, list) and value
-            and all(v is None for v in value)}
+    return {name: None for name, spec in pipeline_components(path).items() if spec is None}
 
 
 def load_pipeline(pipeline_cls, model_id: Union[str, os.PathLike],
-                  dtype: Optional[torch.dtype] = None, **kwargs):
+                  dtype: Optional[torch.dtype] = None, hint: str = "", **kwargs):
     """``pipeline_cls.from_pretrained`` on the resolved folder, offline, with one clear error.
 
-    A folder that resolves but lacks component weights (a partial download) also raises
-    :class:`ModelWeightsNotFound`, carrying diffusers' own message as the reason.
+    A folder that resolves but lacks a component folder ``model_index.json`` lists (one not
+    replaced through ``kwargs``), or whose components fail to load (a partial download), also
+    raises :class:`ModelWeightsNotFound`. ``hint``: a last line for that error.
     """
     model_id = os.fspath(model_id)
-    path = resolve_model_path(model_id)
+    path = resolve_model_path(model_id, hint=hint)
+    # diffusers would build a missing tokenizer empty and fail only at the first prompt.
+    missing = [str(path / name) for name, spec in pipeline_components(path).items()
+               if spec is not None and name not in kwargs and not (path / name).is_dir()]
+    if missing:
+        raise ModelWeightsNotFound(
+            model_id, hf_cache_dir(),
+            f"the pipeline folder has no {', '.join(missing)} (listed in its {PIPELINE_INDEX}; "
+            "an incomplete download?)", hint=hint)
     kwargs = {**null_components(path), **dtype_kwargs(dtype), **kwargs}
     try:
         return pipeline_cls.from_pretrained(str(path), local_files_only=True, **kwargs)
@@ -157,7 +174,7 @@ def load_pipeline(pipeline_cls, model_id: Union[str, os.PathLike],
         raise
     except (OSError, EnvironmentError) as err:
         raise ModelWeightsNotFound(model_id, hf_cache_dir(),
-                                   f"loading {str(path)!r} failed: {err}") from err
+                                   f"loading {str(path)!r} failed: {err}", hint=hint) from err
 
 
 def model_dtype(device: Union[str, torch.device], half_precision: bool = True) -> torch.dtype:

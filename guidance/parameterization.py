@@ -31,19 +31,5 @@ def eps_from_prediction(pred: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor,
 
 
 def x0_from_eps(eps: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
-    """Clean sample implied by a noise estimate."""
+    """Clean sample implied by a noise estimate (what a DDIM step moves towards)."""
     return (x_t - sigma * eps) / alpha
-
-
-def prediction_from_eps(eps: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor, kind: str) -> Tensor:
-    """Inverse of :func:`eps_from_prediction` (for tests and samplers)."""
-    x0 = x0_from_eps(eps, x_t, alpha, sigma)
-    if kind == "epsilon":
-        return eps
-    if kind == "v_prediction":
-        return alpha * eps - sigma * x0
-    if kind == "flow":
-        return eps - x0
-    if kind == "sample":
-        return x0
-    raise ValueError(f"unknown prediction type {kind!r}; expected one of {PREDICTION_TYPES}")

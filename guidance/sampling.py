@@ -1,7 +1,8 @@
 """Sampling images from a guidance model: the deterministic DDIM / probability-flow ODE.
 
-``x_{t'} = a' x0_hat + s' eps_hat`` with ``x0_hat = (x_t - s eps_hat) / a`` on a uniform grid
-from ``t_max`` to 0, classifier-free guided. ``sample_latents`` returns the model's latents
+``x_{t'} = a' x0_hat + s' eps_hat`` with ``x0_hat`` from ``eps_hat``
+(:func:`guidance.parameterization.x0_from_eps`) on a uniform grid from ``t_max`` to 0,
+classifier-free guided. ``sample_latents`` returns the model's latents
 (pixel-space models: images in [-1, 1]); ``sample_images`` decodes them with the model's
 ``decode`` (a latent model's VAE).
 """
@@ -15,6 +16,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .base import Condition, Guidance
+from .parameterization import x0_from_eps
 
 
 @torch.no_grad()
@@ -31,8 +33,7 @@ def sample_latents(guidance: Guidance, cond: Condition, uncond: Condition,
         a, s = (float(f(t)) for f in (guidance.schedule.alpha, guidance.schedule.sigma))
         a_next, s_next = (float(f(t_next)) for f in (guidance.schedule.alpha,
                                                       guidance.schedule.sigma))
-        x0 = (x - s * eps) / a
-        x = a_next * x0 + s_next * eps
+        x = a_next * x0_from_eps(eps, x, a, s) + s_next * eps
     return x
 
 

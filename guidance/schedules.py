@@ -1,7 +1,8 @@
 """Noise schedules on a continuous time t in [0, 1]: ``x_t = alpha(t) x_0 + sigma(t) eps``.
 
-Every guidance model exposes one of these. ``model_time(t)`` is the timestep value its network
-takes (``0..N-1`` for discrete diffusion models, ``1000 * sigma`` for flow transformers).
+Every guidance model exposes one of these. ``model_time(t)`` is the timestep value a network
+takes (``0..N-1`` for discrete diffusion models, ``1000 * sigma`` for flow transformers); the
+embedded prior's schedule has none, as it has no network.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from torch import Tensor
 
 
 class NoiseSchedule:
-    """Base class; subclasses define ``alpha``, ``sigma`` and ``model_time``."""
+    """Base class; subclasses define ``alpha`` and ``sigma``, and ``model_time`` when a network
+    takes the time."""
 
     def alpha(self, t: Tensor) -> Tensor:
         raise NotImplementedError
@@ -88,13 +90,11 @@ class FlowMatchingSchedule(NoiseSchedule):
 
 
 class CosineSchedule(NoiseSchedule):
-    """``alpha = cos(pi t / 2)``, ``sigma = sin(pi t / 2)``; the network time is ``t`` itself."""
+    """``alpha = cos(pi t / 2)``, ``sigma = sin(pi t / 2)`` (the embedded prior's; it has no
+    network, so no ``model_time``)."""
 
     def alpha(self, t: Tensor) -> Tensor:
         return torch.cos(0.5 * math.pi * torch.as_tensor(t, dtype=torch.float64))
 
     def sigma(self, t: Tensor) -> Tensor:
         return torch.sin(0.5 * math.pi * torch.as_tensor(t, dtype=torch.float64))
-
-    def model_time(self, t: Tensor) -> Tensor:
-        return torch.as_tensor(t, dtype=torch.float64)

@@ -10,8 +10,8 @@ runs the two single branches (observation only: plain TRELLIS; prior only: plain
 the pooled prior tokens with the relaxation) for comparison. Writes ``splats.ply`` and
 ``orbit.mp4`` (RelaxFlow; each splat's ``visibility`` is a ``.ply`` property, for CFD's
 ``init.lock_visible``), ``observation_only.ply`` / ``prior_only.ply`` with their orbits,
-``visibility.png`` (the voxels' visibility, three axis projections and the observation view),
-``occupancy.npz`` and ``metrics.json``.
+``visibility.png`` (the voxels' visibility, its maximum along each grid axis: three
+projections side by side), ``occupancy.npz`` and ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -103,22 +103,24 @@ def _relax_sampler(base, settings: BranchSettings, n_priors: int, query_grid, po
                             relaxation=relaxation)
 
 
-def _inputs(c: RelaxFlowConfig, device):
-    """Preprocessed observation and prior images (and the RGBA priors when drawn here),
-    checked before any model loads."""
-    from .conditioning import load_rgba, preprocess_image
+PRIOR_FIX = "save the prior image as RGBA with its background transparent (priors take no masks)"
+DRAWN_FIX = ("the 2D model's view has no background to cut out (image models: see "
+             "generate_priors.key_low/key_high); try another seed, or give your own "
+             "priors=[a.png,b.png]")
+
+
+def _prior_images(c: RelaxFlowConfig, device):
+    """The priors preprocessed, ``[N, 3, S, S]``, and the RGBA views ``[N, R, R, 4]`` when they
+    are drawn here (None when given)."""
+    from .conditioning import load_object, preprocess_image
     from .priors import prior_images
 
-    if c.image is None:
-        raise ValueError("give the occluded observation: image=path.png [mask=path.png]")
-    observation = preprocess_image(load_rgba(c.image, c.mask))
-    drawn = None
     if c.priors:
-        rgba = [load_rgba(p) for p in c.priors]
-    else:
-        drawn = prior_images(c.prompt, c.seed, c.generate_priors, device)
-        rgba = list(drawn)
-    return observation, torch.stack([preprocess_image(r) for r in rgba]), drawn
+        return torch.stack([load_object(p, opaque_fix=PRIOR_FIX) for p in c.priors]), None
+    drawn = prior_images(c.prompt, c.seed, c.generate_priors, device)
+    return torch.stack([preprocess_image(rgba, source=f"drawn prior view {i}",
+                                         opaque_fix=DRAWN_FIX)
+                        for i, rgba in enumerate(drawn)]), drawn
 
 
 def _observation_camera(cam: ObservationCamera):
@@ -158,18 +160,21 @@ def _three_runs(sampler, obs, prior, visibility=None, progress=False):
 
 
 def run(cfg) -> Dict[str, Any]:
-    from cfd.visualize import write_orbit_video
-
+    from .conditioning import load_object
     from .pipeline import TrellisPipeline
-    from .stages import decode_splats, group_by_item, sample_latent, sample_structure
-    from .visibility import voxel_visibility
 
     c: RelaxFlowConfig = to_object(cfg)
     device = resolve_device(c.device)
-    observation, prior_images, drawn = _inputs(c, device)
+    # every input is checked before a model loads or a file is written
+    if c.image is None:
+        raise ValueError("give the occluded observation: image=path.png [mask=path.png]")
+    observation = load_object(c.image, c.mask)
     pipe = TrellisPipeline.from_pretrained(c.model, device=device,
                                            half_dtype=resolve_precision(c.precision),
                                            offload=c.offload)
+    pipe.spec.require("image", "relaxflow")
+    priors, drawn = _prior_images(c, device)
+    obs, prior = _tokens(c, observation, priors, device)
     run_dir = make_run_dir(c.output_dir, c.name, Path(c.image).stem)
     save_config(cfg, run_dir / "config.yaml")
     if drawn is not None:
@@ -177,68 +182,86 @@ def run(cfg) -> Dict[str, Any]:
 
         for i, rgba in enumerate(drawn):
             save_image(torch.from_numpy(rgba[..., :3] / 255.0), run_dir / f"prior_{i}.png")
-    obs, prior = _tokens(c, observation, prior_images, device)
-    n_priors = len(prior_images)
+    n_priors = len(priors)
     # one random stream per run through both stages, all from the same seed
     generators = {name: torch.Generator().manual_seed(c.seed)
                   for name in ("relaxflow", "observation_only", "prior_only")}
     timings: Dict[str, float] = {}
 
-    structures = {}
-    with pipe.stage("structure") as m:
-        flow, decoder = m["sparse_structure_flow_model"], m["sparse_structure_decoder"]
-        grid = (flow.resolution // flow.patch_size,) * 3
-        stage1 = _relax_sampler(pipe.sampler("structure"), c.stage1, n_priors, grid,
-                                c.prior_pooling)
-        for name, integrate in _three_runs(stage1, obs, prior, progress=True).items():
-            start = time.perf_counter()
-            coords = sample_structure(flow, decoder, integrate, 1, generators[name], device)[1]
-            structures[name] = group_by_item(coords, 1)
-            timings[f"structure_{name}_s"] = time.perf_counter() - start
-        resolution = flow.resolution * decoder.upsample_factor
+    # One function per stage: its models are locals there, so they are released when the stage
+    # ends and only one stage's weights are held at a time.
+    def structures():
+        from .stages import group_by_item, sample_structure
 
-    completed = structures["relaxflow"]
+        with pipe.stage("structure") as m:
+            flow, decoder = m["sparse_structure_flow_model"], m["sparse_structure_decoder"]
+            grid = (flow.resolution // flow.patch_size,) * 3
+            stage1 = _relax_sampler(pipe.sampler("structure"), c.stage1, n_priors, grid,
+                                    c.prior_pooling)
+            coords = {}
+            for name, integrate in _three_runs(stage1, obs, prior, progress=True).items():
+                start = time.perf_counter()
+                voxels = sample_structure(flow, decoder, integrate, 1, generators[name], device)[1]
+                coords[name] = group_by_item(voxels, 1)
+                timings[f"structure_{name}_s"] = time.perf_counter() - start
+            return coords, flow.resolution * decoder.upsample_factor
+
+    def latents(coords, visibility):
+        from .stages import sample_latent
+
+        with pipe.stage("latent") as m:
+            stage2 = _relax_sampler(pipe.sampler("latent"), c.stage2, n_priors, None,
+                                    c.prior_pooling)
+            sampled = {}
+            for name, integrate in _three_runs(stage2, obs, prior, visibility[:, None]).items():
+                start = time.perf_counter()
+                sampled[name] = sample_latent(m["slat_flow_model"], integrate, coords[name], 1,
+                                              pipe.spec.slat_normalization, generators[name])
+                timings[f"latent_{name}_s"] = time.perf_counter() - start
+            return sampled
+
+    def decode(slats, visibility):
+        from cfd.visualize import write_orbit_video
+
+        from .stages import decode_splats
+
+        files = {"relaxflow": ("splats.ply", "orbit.mp4"),
+                 "observation_only": ("observation_only.ply", "observation_only.mp4"),
+                 "prior_only": ("prior_only.ply", "prior_only.mp4")}
+        with pipe.stage("decode") as m:
+            per_voxel = m["slat_decoder_gs"].num_gaussians
+            for name, latent in slats.items():
+                (splats,) = decode_splats(m["slat_decoder_gs"], latent)
+                extra = None
+                if name == "relaxflow":
+                    # each voxel decodes to num_gaussians splats, in voxel order: they carry its
+                    # visibility, what CFD may change when it refines
+                    if len(splats) != per_voxel * len(visibility):
+                        raise RuntimeError(f"{len(splats)} splats from {len(visibility)} voxels: "
+                                           f"expected {per_voxel} per voxel")
+                    extra = {"visibility": visibility.repeat_interleave(per_voxel)}
+                splats.save_ply(run_dir / files[name][0], extra)
+                write_orbit_video(splats, run_dir / files[name][1], n_frames=c.video_frames,
+                                  size=c.video_size, distance=2.0)
+
+    from .visibility import voxel_visibility
+
+    voxels, resolution = structures()
+    completed = voxels["relaxflow"]
     visibility = (voxel_visibility(completed[:, 1:], resolution,
                                    _observation_camera(c.camera).to(device))
                   if c.camera.enabled else torch.zeros(len(completed), device=device))
-    latents = {}
-    with pipe.stage("latent") as m:
-        stage2 = _relax_sampler(pipe.sampler("latent"), c.stage2, n_priors, None,
-                                c.prior_pooling)
-        for name, integrate in _three_runs(stage2, obs, prior, visibility[:, None]).items():
-            start = time.perf_counter()
-            latents[name] = sample_latent(m["slat_flow_model"], integrate, structures[name], 1,
-                                          pipe.spec.slat_normalization, generators[name])
-            timings[f"latent_{name}_s"] = time.perf_counter() - start
-
-    files = {"relaxflow": ("splats.ply", "orbit.mp4"),
-             "observation_only": ("observation_only.ply", "observation_only.mp4"),
-             "prior_only": ("prior_only.ply", "prior_only.mp4")}
-    with pipe.stage("decode") as m:
-        for name, latent in latents.items():
-            (splats,) = decode_splats(m["slat_decoder_gs"], latent)
-            extra = None
-            if name == "relaxflow":
-                # each voxel decodes to num_gaussians splats, in voxel order: they carry its
-                # visibility, what CFD may change when it refines
-                per_voxel = m["slat_decoder_gs"].num_gaussians
-                if len(splats) != per_voxel * len(visibility):
-                    raise RuntimeError(f"{len(splats)} splats from {len(visibility)} voxels: "
-                                       f"expected {per_voxel} per voxel")
-                extra = {"visibility": visibility.repeat_interleave(per_voxel)}
-            splats.save_ply(run_dir / files[name][0], extra)
-            write_orbit_video(splats, run_dir / files[name][1], n_frames=c.video_frames,
-                              size=c.video_size, distance=2.0)
-    voxels = completed[:, 1:].cpu().numpy().astype(np.int16)
-    np.savez_compressed(run_dir / "occupancy.npz", coords=voxels, resolution=resolution,
+    decode(latents(voxels, visibility), visibility)
+    cells = completed[:, 1:].cpu().numpy().astype(np.int16)
+    np.savez_compressed(run_dir / "occupancy.npz", coords=cells, resolution=resolution,
                         visibility=visibility.cpu().numpy())
-    save_voxel_views(voxels, run_dir / "visibility.png", resolution,
+    save_voxel_views(cells, run_dir / "visibility.png", resolution,
                      values=visibility.cpu().numpy())
-    metrics = {**timings, "voxels": {k: len(v) for k, v in structures.items()},
+    metrics = {**timings, "voxels": {k: len(v) for k, v in voxels.items()},
                "visible_fraction": float((visibility > 0.5).float().mean()),
                "priors": n_priors, "device": str(device)}
     write_json(run_dir / "metrics.json", metrics)
     metrics["run_dir"] = str(run_dir)
-    print(f"RelaxFlow: {len(voxels)} voxels, {metrics['visible_fraction']:.0%} visible; wrote "
+    print(f"RelaxFlow: {len(cells)} voxels, {metrics['visible_fraction']:.0%} visible; wrote "
           f"splats.ply, orbit.mp4, the single-branch results and visibility.png to {run_dir}")
     return metrics

@@ -52,20 +52,25 @@ def load_rgba(path: Union[str, os.PathLike], mask: Optional[Union[str, os.PathLi
     return rgba
 
 
-def preprocess_image(rgba: np.ndarray, size: int = IMAGE_SIZE) -> Tensor:
+MASK_FIX = "give an RGBA image or a mask (mask=path.png, white = object)"
+
+
+def preprocess_image(rgba: np.ndarray, size: int = IMAGE_SIZE, source: str = "the image",
+                     opaque_fix: str = MASK_FIX) -> Tensor:
     """``[H, W, 4]`` uint8 RGBA -> ``[3, size, size]`` float in [0, 1], object centred with a
-    20% margin, premultiplied by alpha (black background)."""
+    20% margin, premultiplied by alpha (black background). Errors name ``source`` and, for an
+    image without transparency, give ``opaque_fix``."""
     from PIL import Image
 
     if rgba.ndim != 3 or rgba.shape[2] != 4:
         raise ValueError(f"expected an RGBA image [H, W, 4], got shape {rgba.shape}")
     alpha = rgba[..., 3]
     if alpha.min() == 255:
-        raise ValueError("the image has no transparency to tell the object from its "
-                         "background: give an RGBA image or a mask (mask=path.png, white = object)")
+        raise ValueError(f"{source} has no transparency to tell the object from its "
+                         f"background: {opaque_fix}")
     ys, xs = np.nonzero(alpha > 0.8 * 255)
     if len(xs) == 0:
-        raise ValueError("no object found: no pixel has alpha above 0.8 (is the mask empty?)")
+        raise ValueError(f"no object found in {source}: no pixel has alpha above 0.8")
     cx, cy = (xs.min() + xs.max()) / 2, (ys.min() + ys.max()) / 2
     half = int(1.2 * max(xs.max() - xs.min(), ys.max() - ys.min())) // 2  # TRELLIS's rounding
     box = tuple(int(round(v)) for v in (cx - half, cy - half, cx + half, cy + half))
@@ -74,6 +79,20 @@ def preprocess_image(rgba: np.ndarray, size: int = IMAGE_SIZE) -> Tensor:
     # premultiplied, then back to 8 bits by truncation: the images the released models saw
     premultiplied = (pixels[..., :3] * pixels[..., 3:] * 255).astype(np.uint8)
     return torch.from_numpy(premultiplied.astype(np.float32) / 255.0).permute(2, 0, 1)
+
+
+def load_object(path: Union[str, os.PathLike], mask: Optional[Union[str, os.PathLike]] = None,
+                opaque_fix: str = MASK_FIX) -> Tensor:
+    """An image file's object, preprocessed: ``[3, S, S]``. The alpha is the image's own or
+    ``mask``'s (white = object); errors name the file the problem is in and the fix for it
+    (``opaque_fix``: for an image without transparency and without a mask)."""
+    rgba = load_rgba(path, mask)
+    if mask is None:
+        return preprocess_image(rgba, source=f"image {path}", opaque_fix=opaque_fix)
+    if rgba[..., 3].min() == 255:
+        raise ValueError(f"mask {mask} is white everywhere, so nothing in {path} is background: "
+                         "paint the object's visible pixels white and everything else black")
+    return preprocess_image(rgba, source=f"image {path} with mask {mask}")
 
 
 class ImageConditioner:

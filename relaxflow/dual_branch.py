@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from .relaxation import AttentionRelaxation
 from .sampler import FlowEulerSampler, rescaled_timesteps
 
-SCHEDULES = ("linear_cutoff", "cosine", "exponential", "sigmoid", "constant")
+SCHEDULES = ("linear_cutoff", "cosine", "exponential", "sigmoid", "two_stage", "inverse_sqrt")
 
 
 def alpha_schedule(steps: int, kind: str = "linear_cutoff", alpha0: float = 1.0,
@@ -43,7 +43,10 @@ def alpha_schedule(steps: int, kind: str = "linear_cutoff", alpha0: float = 1.0,
     ``linear_cutoff`` (default): ``alpha0 (1 - k / K)`` up to ``k = int(cutoff K)``, then 0;
     ``cosine``: ``alpha0 (1 + cos(pi k / k_cut)) / 2`` up to the same cutoff, then 0;
     ``exponential``: ``alpha0 exp(-4 k / K)``; ``sigmoid``: ``alpha0 / (1 + exp(10 (k / K -
-    0.5)))``; ``constant``: ``alpha0``.
+    0.5)))``; ``two_stage``: a ramp ``alpha0 (k + 1) / W`` over the first ``W = int(0.1 K)``
+    steps, ``alpha0`` for the next ``int(0.2 K)``, then linear down to 0 at ``K``;
+    ``inverse_sqrt``: ``alpha0 / sqrt(1 + 5 k / K)``. These are the released code's gating
+    schedules with its default parameters (``cutoff`` is its ``mid_ratio``).
     """
     if kind not in SCHEDULES:
         raise ValueError(f"unknown alpha schedule {kind!r}; known: {', '.join(SCHEDULES)}")
@@ -56,10 +59,18 @@ def alpha_schedule(steps: int, kind: str = "linear_cutoff", alpha0: float = 1.0,
             a = alpha0 * (1 + math.cos(math.pi * k / max(last, 1))) / 2 if k <= last else 0.0
         elif kind == "exponential":
             a = alpha0 * math.exp(-4 * k / steps)
-        elif kind == "sigmoid":
+        elif kind == "two_stage":
+            warmup, decay_start = int(0.1 * steps), int(0.1 * steps) + int(0.2 * steps)
+            if k < warmup:
+                a = alpha0 * (k + 1) / warmup
+            elif k < decay_start:
+                a = alpha0
+            else:
+                a = alpha0 * (1 - (k - decay_start) / (steps - decay_start))
+        elif kind == "inverse_sqrt":
+            a = alpha0 / math.sqrt(1 + 5 * k / steps)
+        else:  # sigmoid
             a = alpha0 / (1 + math.exp(10 * (k / steps - 0.5)))
-        else:
-            a = alpha0
         values.append(min(max(a, 0.0), 1.0))
     return values
 

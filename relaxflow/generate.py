@@ -86,14 +86,24 @@ def with_overrides(sampler, overrides: StageOverrides):
     return replace(sampler, **{k: v for k, v in vars(overrides).items() if v is not None})
 
 
-def _conditions(c: GenerateConfig, spec, device):
-    from .conditioning import ImageConditioner, TextConditioner, load_rgba, preprocess_image
+def _observation(c: GenerateConfig) -> Optional[torch.Tensor]:
+    """The preprocessed image ``[3, S, S]`` of an image run, None for a prompt: the inputs are
+    checked before any model loads or any file is written."""
+    from .conditioning import load_object
 
     if (c.image is None) == (c.prompt is None):
         raise ValueError("give exactly one of image=path.png (image pipelines) or "
                          "prompt=\"...\" (text pipelines)")
-    if c.image is not None:
-        image = preprocess_image(load_rgba(c.image, c.mask))  # bad input fails before loading
+    if c.mask is not None and c.image is None:
+        raise ValueError("mask= marks the object in image=; a prompt takes no mask")
+    return None if c.image is None else load_object(c.image, c.mask)
+
+
+def _conditions(c: GenerateConfig, image: Optional[torch.Tensor], spec, device):
+    """(condition, negative condition) of the image or, without one, of the prompt."""
+    from .conditioning import ImageConditioner, TextConditioner
+
+    if image is not None:
         conditioner = ImageConditioner.from_pretrained(c.image_cond_model, device)
         cond = conditioner(image[None])
         return cond, conditioner.negative(cond)
@@ -111,12 +121,11 @@ def run(cfg) -> Dict[str, Any]:
 
     c: GenerateConfig = to_object(cfg)
     device = resolve_device(c.device)
+    image = _observation(c)
     pipe = TrellisPipeline.from_pretrained(c.model, device=device,
                                            half_dtype=resolve_precision(c.precision),
                                            offload=c.offload)
-    run_dir = make_run_dir(c.output_dir, c.name, Path(c.image).stem if c.image else c.prompt)
-    save_config(cfg, run_dir / "config.yaml")
-    generator = torch.Generator().manual_seed(c.seed)
+    pipe.spec.require("text" if image is None else "image", "generate")
     timings: Dict[str, float] = {}
 
     def stage(name, fn):
@@ -128,7 +137,10 @@ def run(cfg) -> Dict[str, Any]:
         log.info("%s: %.1f s", name, timings[f"{name}_s"])
         return result
 
-    cond, neg_cond = stage("condition", lambda: _conditions(c, pipe.spec, device))
+    cond, neg_cond = stage("condition", lambda: _conditions(c, image, pipe.spec, device))
+    run_dir = make_run_dir(c.output_dir, c.name, Path(c.image).stem if c.image else c.prompt)
+    save_config(cfg, run_dir / "config.yaml")
+    generator = torch.Generator().manual_seed(c.seed)
 
     def structure():
         with pipe.stage("structure") as m:

@@ -104,41 +104,85 @@ def save_model(model: nn.Module, name: str, args: Dict[str, Any], root: Union[st
 
 
 SAMPLERS = ("FlowEulerSampler", "FlowEulerCfgSampler", "FlowEulerGuidanceIntervalSampler")
+# what the released samplers use for a parameter that pipeline.json leaves out
+SAMPLE_DEFAULTS = {"steps": 50, "rescale_t": 1.0, "cfg_strength": 3.0, "cfg_interval": (0.0, 1.0)}
 
 
 def sampler_from_spec(spec: Dict[str, Any]) -> FlowEulerSampler:
     """A ``pipeline.json`` sampler entry ``{name, args, params}`` as a :class:`FlowEulerSampler`."""
-    name, params = spec["name"], dict(spec.get("params", {}))
+    name, params = spec["name"], {**SAMPLE_DEFAULTS, **spec.get("params", {})}
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; known: {', '.join(SAMPLERS)}")
     if name == "FlowEulerSampler":
         params["cfg_strength"] = 0.0
-    if name != "FlowEulerGuidanceIntervalSampler":
-        params.pop("cfg_interval", None)
-    if "cfg_interval" in params:
-        params["cfg_interval"] = tuple(params["cfg_interval"])
+    if name != "FlowEulerGuidanceIntervalSampler":  # guidance (if any) at every step
+        params["cfg_interval"] = SAMPLE_DEFAULTS["cfg_interval"]
+    params["cfg_interval"] = tuple(params["cfg_interval"])
     return FlowEulerSampler(sigma_min=spec.get("args", {}).get("sigma_min", 1e-5), **params)
+
+
+def _a(condition: str) -> str:
+    """``condition`` with its article: "an image", "a text"."""
+    return ("an " if condition[0] in "aeiou" else "a ") + condition
+
+
+CONDITION_INPUTS = {"image": "image=path.png", "text": 'prompt="..."'}
+RELEASED_PIPELINES = {"image": "microsoft/TRELLIS-image-large",
+                      "text": "microsoft/TRELLIS-text-xlarge"}
+# the released pipeline classes and what they are conditioned on
+PIPELINE_CONDITIONS = {"TrellisImageTo3DPipeline": "image", "TrellisTextTo3DPipeline": "text"}
 
 
 @dataclass
 class PipelineSpec:
-    """What ``pipeline.json`` says: model references, samplers, latent normalisation and the
-    conditioning model."""
+    """What ``pipeline.json`` says: model references, samplers, latent normalisation, what the
+    pipeline is conditioned on (``condition``: ``"image"`` or ``"text"``) and the conditioning
+    model."""
 
     root: Path
     name: str
     models: Dict[str, str]
+    condition: str
     samplers: Dict[str, FlowEulerSampler] = field(default_factory=dict)
     slat_normalization: Optional[Dict[str, Any]] = None
     cond_model: Optional[str] = None
 
+    def require(self, condition: str, job: str) -> None:
+        """A clear error unless the pipeline is conditioned on ``condition`` (``"image"`` or
+        ``"text"``); it only reads ``pipeline.json``, so it runs before any model loads."""
+        if condition == self.condition:
+            return
+        raise ValueError(
+            f"the {job} job needs {_a(condition)}-to-3D pipeline for "
+            f"{CONDITION_INPUTS[condition]}, but model={self.root} is "
+            f"{_a(self.condition)}-to-3D pipeline ({self.name or PIPELINE_FILE}), which takes "
+            f"{CONDITION_INPUTS[self.condition]}: use {_a(condition)} pipeline "
+            f"(e.g. model={RELEASED_PIPELINES[condition]})")
+
+
+def _condition(root: Path, name: str, args: Dict[str, Any]) -> str:
+    """``"image"`` or ``"text"``: from the pipeline's class name, else from which conditioning
+    model it names."""
+    if name in PIPELINE_CONDITIONS:
+        return PIPELINE_CONDITIONS[name]
+    named = [kind for kind in ("image", "text") if f"{kind}_cond_model" in args]
+    if len(named) != 1:
+        raise ValueError(f"{root}/{PIPELINE_FILE} does not say whether the pipeline takes images "
+                         f"or text: its name {name!r} is not one of "
+                         f"{', '.join(PIPELINE_CONDITIONS)} and it names "
+                         f"{'both' if named else 'neither'} of image_cond_model and "
+                         "text_cond_model")
+    return named[0]
+
 
 def read_pipeline(path_or_repo: Union[str, os.PathLike]) -> PipelineSpec:
     root = resolve_pipeline_folder(path_or_repo)
-    spec = json.loads((root / "pipeline.json").read_text())
+    spec = json.loads((root / PIPELINE_FILE).read_text())
     args = spec.get("args", spec)
+    name = spec.get("name", "")
+    condition = _condition(root, name, args)
     samplers = {key: sampler_from_spec(args[key])
                 for key in ("sparse_structure_sampler", "slat_sampler") if key in args}
-    return PipelineSpec(root=root, name=spec.get("name", ""), models=dict(args["models"]),
+    return PipelineSpec(root=root, name=name, models=dict(args["models"]), condition=condition,
                         samplers=samplers, slat_normalization=args.get("slat_normalization"),
-                        cond_model=args.get("image_cond_model") or args.get("text_cond_model"))
+                        cond_model=args.get(f"{condition}_cond_model"))

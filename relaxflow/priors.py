@@ -16,7 +16,7 @@ Users with other models or prompts pass their own RGBA images (``priors=[...]``)
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -24,10 +24,34 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cfd.shapes import prompts
+from cfd.shapes import ShapeDatasetConfig, prompts
 from cfd.systems.prior import GuidanceConfig, build_guidance
 from guidance.prompts import PromptConfig
 from guidance.sampling import sample_images
+
+
+MODEL_KINDS = ("embedded", "stable-diffusion", "flow-matching")
+
+
+@dataclass
+class PriorModelConfig:
+    """The 2D model that draws the prior images: only what sampling reads.
+
+    ``kind``: ``embedded`` (the closed-form prior over the shape world, drawn from ``dataset``),
+    ``stable-diffusion`` or ``flow-matching`` (diffusers weights from ``model_id``: a local
+    folder or a cached hub id; ``half_precision`` on CUDA)."""
+
+    kind: str = "embedded"
+    model_id: Optional[str] = None
+    half_precision: bool = True
+    dataset: ShapeDatasetConfig = field(default_factory=ShapeDatasetConfig)
+
+    def guidance_config(self, size: int) -> GuidanceConfig:
+        """The guidance builder's settings for this model drawing ``size``-pixel images (the
+        embedded prior draws at its dataset's resolution)."""
+        return GuidanceConfig(kind=self.kind, model_id=self.model_id,
+                              half_precision=self.half_precision, dataset=self.dataset,
+                              resolution=None if self.kind == "embedded" else size)
 
 
 @dataclass
@@ -35,9 +59,8 @@ class PriorImagesConfig:
     """How prior images are drawn when none are given."""
 
     n_images: int = 3
-    model: GuidanceConfig = field(default_factory=GuidanceConfig)  # kind: embedded by default
-    # CFG of the sampling (model.guidance_scale is not used); None: 3 for the embedded prior,
-    # 7.5 for image models
+    model: PriorModelConfig = field(default_factory=PriorModelConfig)
+    # CFG of the sampling; None: 3 for the embedded prior, 7.5 for image models
     guidance_scale: Optional[float] = None
     steps: int = 40
     size: int = 512  # an image model's image size (the embedded prior draws at its own)
@@ -73,13 +96,19 @@ def key_out_background(images: Tensor, low: float = 0.06, high: float = 0.18) ->
 
 
 def prior_images(prompt: Optional[str], seed: int, cfg: Optional[PriorImagesConfig] = None,
-                 device="cpu", dataset=None) -> np.ndarray:
-    """``[n, R, R, 4]`` uint8 RGBA views of ``prompt`` (``cfg.n_images`` of them).
-    ``dataset``: the embedded prior's dataset settings (tests use small ones)."""
+                 device="cpu") -> np.ndarray:
+    """``[n, R, R, 4]`` uint8 RGBA views of ``prompt`` (``cfg.n_images`` of them)."""
     cfg = cfg or PriorImagesConfig()
     if not prompt:
         raise ValueError("no prior images: give priors=[a.png,b.png] showing what the hidden "
                          "part should be, or a prompt to draw them from")
+    if cfg.n_images < 1:
+        raise ValueError(f"generate_priors.n_images is {cfg.n_images}: draw at least one prior "
+                         "image (generate_priors.n_images=3), or give your own "
+                         "priors=[a.png,b.png]")
+    if cfg.model.kind not in MODEL_KINDS:
+        raise ValueError(f"generate_priors.model.kind is one of {', '.join(MODEL_KINDS)}, got "
+                         f"{cfg.model.kind!r}")
     embedded = cfg.model.kind == "embedded"
     if embedded and prompt not in prompts():
         raise ValueError(f"the embedded prior cannot draw {prompt!r} (it knows: "
@@ -87,9 +116,8 @@ def prior_images(prompt: Optional[str], seed: int, cfg: Optional[PriorImagesConf
                          "priors=[a.png,b.png], or an image model: "
                          "generate_priors.model.kind=stable-diffusion "
                          "generate_priors.model.model_id=<folder>")
-    model = (replace(cfg.model, dataset=dataset or cfg.model.dataset) if embedded
-             else replace(cfg.model, resolution=cfg.size))
-    guidance = build_guidance(model, torch.device(device), PromptConfig())
+    guidance = build_guidance(cfg.model.guidance_config(cfg.size), torch.device(device),
+                              PromptConfig())
     suffixes = PromptConfig().suffixes()
     texts = [prompt + suffixes[i % len(suffixes)] + ("" if embedded else cfg.suffix)
              for i in range(cfg.n_images)]
@@ -97,7 +125,7 @@ def prior_images(prompt: Optional[str], seed: int, cfg: Optional[PriorImagesConf
     images = sample_images(guidance, texts, cfg.size, cfg.size, cfg.steps, scale,
                            torch.Generator().manual_seed(seed), negative=cfg.negative_prompt)
     if embedded:
-        alpha = guidance.nearest_alpha(guidance.encode(images)).permute(0, 2, 3, 1)
+        alpha = guidance.nearest_opacity(guidance.encode(images)).permute(0, 2, 3, 1)
     else:
         alpha = key_out_background(images, cfg.key_low, cfg.key_high)
     del guidance  # the 3D models load next: give its memory back

@@ -44,7 +44,8 @@ class RefineConfig:
     output_dir: str = "outputs"
     device: str = "auto"  # both paths run here: CUDA when present, else the CPU
     # The inputs, handed to both paths (the prompt names the hidden part for RelaxFlow's
-    # prior images and is CFD's text prompt).
+    # prior images and is CFD's text prompt). Each may be set here or as relaxflow.<name>, not
+    # both.
     image: Optional[str] = None
     mask: Optional[str] = None
     prompt: Optional[str] = None
@@ -53,13 +54,29 @@ class RefineConfig:
     distill: DistillConfig = field(default_factory=_refine_defaults)
 
 
+SHARED_INPUTS = ("image", "mask", "prompt", "priors")
+
+
+def _relaxflow_inputs(c: RefineConfig) -> Dict[str, Any]:
+    """RelaxFlow's inputs: each from the top level or, when only there, from ``relaxflow``."""
+    inputs = {}
+    for key in SHARED_INPUTS:
+        top, nested = getattr(c, key), getattr(c.relaxflow, key)
+        if top not in (None, []) and nested not in (None, []):
+            raise ValueError(f"{key} is set twice, as {key}= and relaxflow.{key}=: set it once "
+                             f"({key}= hands it to both paths)")
+        inputs[key] = nested if top in (None, []) else top
+    return inputs
+
+
 def run(cfg) -> Dict[str, Any]:
     from cfd.systems import distill
 
     from . import complete
 
     c: RefineConfig = to_object(cfg)
-    if c.prompt is None:
+    inputs = _relaxflow_inputs(c)
+    if inputs["prompt"] is None:
         raise ValueError('give the prompt: prompt="a chair" (what the hidden part should be; '
                          "CFD distils the same text)")
     if not c.distill.init.lock_visible:
@@ -67,17 +84,16 @@ def run(cfg) -> Dict[str, Any]:
                          "distill.init.lock_visible=true (run the distill job on the "
                          "completion's splats.ply to refine everything)")
     device = resolve_device(c.device)
-    run_dir = make_run_dir(c.output_dir, c.name, Path(c.image).stem if c.image else "refine")
+    image = inputs["image"]
+    run_dir = make_run_dir(c.output_dir, c.name, Path(image).stem if image else "refine")
     save_config(cfg, run_dir / "config.yaml")
     shared = {"output_dir": str(run_dir), "device": str(device)}
-    completion = complete.run(OmegaConf.merge(cfg.relaxflow, {
-        **shared, "image": c.image, "mask": c.mask, "prompt": c.prompt,
-        "priors": list(c.priors)}))
+    completion = complete.run(OmegaConf.merge(cfg.relaxflow, {**shared, **inputs}))
     refined = distill.run(OmegaConf.merge(cfg.distill, {
-        **shared, "prompt_processor": {"prompt": c.prompt},
+        **shared, "prompt_processor": {"prompt": inputs["prompt"]},
         "init": {"kind": "ply", "path": str(Path(completion["run_dir"]) / "splats.ply"),
                  "turn_deg": c.distill.init.turn_deg - c.relaxflow.camera.azimuth}}))
     result = {"relaxflow": completion, "cfd": refined}
     write_json(run_dir / "metrics.json", result)
-    print(f"refined the completion of {c.image}; results in {run_dir}")
+    print(f"refined the completion of {image}; results in {run_dir}")
     return result

@@ -4,13 +4,14 @@ Convention (t = 1 is noise): ``x_t = (1 - t) x_0 + (sigma_min + (1 - sigma_min) 
 model predicts ``v = (1 - sigma_min) eps - x_0`` from ``(x_t, 1000 t, cond)``. Steps run on the
 rescaled grid ``t <- r t / (1 + (r - 1) t)`` of ``linspace(1, 0, steps + 1)`` (r > 1 spends more
 steps near the noise), ``x_{t'} = x_t - (t - t') v``. Guidance is ``(1 + w) v_cond - w v_uncond``
-for ``t`` inside ``cfg_interval`` and ``v_cond`` outside it.
+for ``t`` inside ``cfg_interval`` and ``v_cond`` outside it. ``sigma_min`` shapes the path but not
+the Euler step (a straight-line update needs only ``v``), so sampling does not read it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -34,17 +35,15 @@ def rescaled_timesteps(steps: int, rescale_t: float = 1.0) -> Tensor:
 
 @dataclass
 class FlowEulerSampler:
-    """Released ``FlowEulerGuidanceIntervalSampler`` settings (``pipeline.json``: steps 25, cfg
-    strength 5, interval [0.5, 1], rescale_t 3; TRELLIS's examples use 12 steps)."""
+    """One stage's sampler settings, ``pipeline.json``'s per stage. The defaults are the
+    released image pipeline's ``FlowEulerGuidanceIntervalSampler`` (sigma_min 1e-5, steps 25,
+    cfg strength 5, interval [0.5, 1], rescale_t 3; TRELLIS's examples use 12 steps)."""
 
-    sigma_min: float = 1e-5
+    sigma_min: float = 1e-5  # the flow's, as pipeline.json states it (see the module docstring)
     steps: int = 25
     cfg_strength: float = 5.0
-    cfg_interval: Tuple[float, float] = (0.0, 1.0)
-    rescale_t: float = 1.0
-
-    def x0_from_velocity(self, x_t: Tensor, t: float, v: Tensor) -> Tensor:
-        return (1 - self.sigma_min) * x_t - (self.sigma_min + (1 - self.sigma_min) * t) * v
+    cfg_interval: Tuple[float, float] = (0.5, 1.0)
+    rescale_t: float = 3.0
 
     def guided_velocity(self, model: VelocityModel, x_t: Tensor, t: float, cond: Tensor,
                         neg_cond: Tensor) -> Tensor:
@@ -61,17 +60,12 @@ class FlowEulerSampler:
 
     @torch.no_grad()
     def sample(self, model: VelocityModel, noise: Tensor, cond: Tensor, neg_cond: Tensor,
-               progress: bool = False, callback: Optional[Callable[[int, float, Tensor], None]]
-               = None) -> Tensor:
+               progress: bool = False) -> Tensor:
         """Integrate from ``noise`` (t = 1) to a sample (t = 0). ``cond`` and ``neg_cond`` are
-        the model's condition inputs for the batch. ``callback(i, t, x0_pred)`` sees each step's
-        clean prediction."""
+        the model's condition inputs for the batch."""
         times: Sequence[float] = rescaled_timesteps(self.steps, self.rescale_t).tolist()
         x = noise
         for i in tqdm(range(self.steps), desc="flow sampling", disable=not progress):
             t, t_next = times[i], times[i + 1]
-            v = self.guided_velocity(model, x, t, cond, neg_cond)
-            if callback is not None:
-                callback(i, t, self.x0_from_velocity(x, t, v))
-            x = x - (t - t_next) * v
+            x = x - (t - t_next) * self.guided_velocity(model, x, t, cond, neg_cond)
         return x

@@ -105,5 +105,14 @@ def test_camera_validation_errors():
         Cameras(vm * float("nan"), K, 8, 8)
     with pytest.raises(ValueError, match=r"\[B,3,3\]"):
         Cameras(vm, K[0], 8, 8)
+    with pytest.raises(ValueError, match="whole pixels"):
+        Cameras(vm, K, 8.5, 8)
+    for axis, value in ((0, 0.0), (1, -K[0, 1, 1].item())):  # fx = 0; fy < 0 (a mirror)
+        bad = K.clone()
+        bad[0, axis, axis] = value
+        with pytest.raises(ValueError, match="focal lengths fx, fy must be > 0"):
+            Cameras(vm, bad, 8, 8)
+    with pytest.raises(ValueError, match="n_views >= 1.*eval_views and video_frames"):
+        fixed_orbit_cameras(0, 8, 8)
     with pytest.raises(ValueError, match="low <= high"):
         sample_orbit_cameras(2, 8, 8, elevation_range=(30.0, 10.0))

@@ -73,3 +73,24 @@ def test_every_shipped_config_loads(path):
     module_name, schema = run.JOBS[OmegaConf.load(path).get("job", "distill")]
     cfg = load_config(getattr(importlib.import_module(module_name), schema), path)
     assert cfg.name == path.stem
+
+
+def test_resume_takes_no_overrides(tmp_path, capsys):
+    """A resumed run continues as configured: an override would change it unrecorded."""
+    import run
+
+    (tmp_path / "config.yaml").write_text("job: distill\nsteps: 10\n")
+    assert run.main(["--resume", str(tmp_path), "steps=20"]) == 2
+    err = capsys.readouterr().err
+    assert "error: --resume takes no overrides (got steps=20)" in err
+    assert "start a new run to change settings" in err
+
+
+def test_fit_splats_refuses_bad_counts_and_devices_before_making_a_run_folder(tmp_path, capsys):
+    import run
+
+    for override, message in (("eval_views=0", "eval_views must be >= 1"),
+                              ("backend=gsplat", "backend=gsplat with device=cpu")):
+        assert run.main(["--config", str(CONFIG), f"output_dir={tmp_path}", override]) == 2
+        assert f"error: {message}" in capsys.readouterr().err
+    assert not (tmp_path / "demo-fit-splats").exists()

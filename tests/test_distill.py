@@ -28,8 +28,7 @@ def small_overrides(tmp_path, cache_dir, **extra):
         "init.n_splats": 300, "guidance.dataset.views_per_object": 8,
         "guidance.dataset.resolution": 32, "guidance.dataset.cache_dir": str(cache_dir),
         "checkpoint_every": 2, "log_every": 3, "video_frames": 4, "video_size": 32,
-        "eval_views": 4, "densify.refine_start_iter": 2, "densify.refine_every": 2,
-        "densify.refine_stop_iter": 5,
+        "eval_views": 4,
     }
     items.update(extra)
     return [f"{k}={v}" for k, v in items.items()]
@@ -52,6 +51,17 @@ def test_timestep_schedules():
     assert 0.2 <= min(draws) and max(draws) <= 0.4 and max(draws) - min(draws) > 0.15
     with pytest.raises(ValueError, match="cover progress"):
         TimestepSchedule(TimestepConfig(knots=[[0.2, 0.9], [1, 0.1]]), 10)
+
+
+@pytest.mark.parametrize("settings, key", [
+    ({"knots": [[0, 1.0], [1, 0.02]]}, "timesteps.knots"),  # infinite weight at t = 1
+    ({"knots": [[0, 0.98], [1, 0.0]]}, "timesteps.knots"),  # NaN noise at t = 0
+    ({"kind": "uniform", "t_min": 0.0}, "timesteps.t_min and t_max"),
+    ({"kind": "uniform", "t_max": 1.0}, "timesteps.t_min and t_max"),
+])
+def test_timesteps_must_lie_strictly_between_0_and_1(settings, key):
+    with pytest.raises(ValueError, match=f"{key}.*between 0 and 1|{key}.*0 < t_min"):
+        TimestepSchedule(TimestepConfig(**settings), 10)
 
 
 def _floater_opacity(tmp_path, cache_dir, **overrides):
@@ -94,7 +104,7 @@ def test_scheduled_values_ramp_and_reject_bad_values(tmp_path, cache_dir):
         distill.Distillation(cfg, tmp_path)
 
 
-def test_short_run_writes_everything(tmp_path, cache_dir):
+def test_short_run_writes_everything(tmp_path, cache_dir, capsys):
     cfg = load_config(DistillConfig, CONFIG, small_overrides(tmp_path, cache_dir))
     result = distill.run(cfg)
     (run_dir,) = list((tmp_path / "cfd-splats-embedded").iterdir())
@@ -109,6 +119,12 @@ def test_short_run_writes_everything(tmp_path, cache_dir):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert {"psnr", "mask_iou", "wall_s", "steps"} <= set(metrics) and metrics["steps"] == 6
     assert metrics["psnr"] == result["psnr"] and 0.0 <= metrics["mask_iou"] <= 1.0
+    # Resuming the finished run says so and leaves its outputs alone.
+    written = {name: (run_dir / name).read_bytes() for name in ("splats.ply", "metrics.jsonl")}
+    again = distill.run(cfg, resume_dir=run_dir)
+    assert again["psnr"] == result["psnr"] and again["run_dir"] == str(run_dir)
+    assert all((run_dir / name).read_bytes() == data for name, data in written.items())
+    assert "finished all 6 steps already" in capsys.readouterr().out
 
 
 def test_same_seed_same_result(tmp_path, cache_dir):
@@ -164,7 +180,11 @@ def test_killed_run_resumes_bitwise(tmp_path, cache_dir):
     assert steps_logged == list(range(steps))
 
 
-def test_nan_gradients_skip_then_stop_with_checkpoint_intact(tmp_path, cache_dir, monkeypatch):
+def test_nan_gradients_skip_then_stop_with_checkpoint_intact(tmp_path, cache_dir, monkeypatch,
+                                                              capsys):
+    """The loop stops itself after max_bad_steps; the command line says why in one line."""
+    import run as cli
+
     real_build = distill.build_guidance
 
     def poisoned(cfg, device, view_config):
@@ -184,10 +204,12 @@ def test_nan_gradients_skip_then_stop_with_checkpoint_intact(tmp_path, cache_dir
 
     distill_step = {"n": 0}
     monkeypatch.setattr(distill, "build_guidance", poisoned)
-    cfg = load_config(DistillConfig, CONFIG, small_overrides(tmp_path, cache_dir, steps=20,
-                                                             max_bad_steps=3))
-    with pytest.raises(RuntimeError, match="NaN/Inf gradients.*last good checkpoint"):
-        distill.run(cfg)
+    code = cli.main(["--config", str(CONFIG),
+                     *small_overrides(tmp_path, cache_dir, steps=20, max_bad_steps=3)])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert "error: 3 consecutive steps had NaN/Inf gradients" in err
+    assert "last good checkpoint" in err
     (run_dir,) = list((tmp_path / "cfd-splats-embedded").iterdir())
     state = torch.load(run_dir / "ckpt" / "last.pt", weights_only=False)
     assert all(torch.isfinite(v).all() for v in state["scene"]["splats"].values())
@@ -213,7 +235,7 @@ def nerf_overrides(tmp_path, cache_dir, **extra):
              "occupancy.resolution": 16, "occupancy.update_every": 4}
     items.update(extra)
     base = [o for o in small_overrides(tmp_path, cache_dir)
-            if not o.startswith(("init.", "densify."))]  # splat settings
+            if not o.startswith("init.")]  # splat settings
     return base + [f"{k}={v}" for k, v in items.items()]  # later entries win
 
 
@@ -281,6 +303,12 @@ def test_nerf_run_resumes_exactly_from_its_checkpoint(tmp_path, cache_dir, extra
     ("splats", {"background_kind": "mlp"}, "guidance.kind=stable-diffusion"),
     ("splats", {"background_kind": "sky"}, "'solid' or 'mlp'"),
     ("splats", {"init.lock_visible": True}, "init.lock_visible needs scene=splats, init.kind=ply"),
+    ("splats", {"init.n_splats": 0}, "init.n_splats must be >= 1"),
+    ("splats", {"backend": "gsplat"}, "backend=gsplat with device=cpu.*backend='torch'"),
+    ("nerf", {"backend": "gsplat"}, "set backend=auto or backend=torch"),
+    ("splats", {"eval_views": 0}, "eval_views must be >= 1"),
+    ("splats", {"video_frames": 0}, "video_frames must be >= 1"),
+    ("splats", {"timesteps.knots": [[0, 1.0], [1, 0.02]]}, "timesteps.knots"),
 ])
 def test_settings_that_do_not_fit_the_scene_are_clear_errors(tmp_path, cache_dir, config, extra,
                                                               message):
@@ -289,6 +317,54 @@ def test_settings_that_do_not_fit_the_scene_are_clear_errors(tmp_path, cache_dir
     cfg = load_config(DistillConfig, NERF_CONFIG if config == "nerf" else CONFIG, overrides)
     with pytest.raises(ValueError, match=message):
         distill.Distillation(cfg, tmp_path)
+
+
+def test_bad_settings_fail_before_a_run_folder_exists(tmp_path, cache_dir):
+    cfg = load_config(DistillConfig, CONFIG, small_overrides(tmp_path, cache_dir,
+                                                             backend="gsplat"))
+    with pytest.raises(ValueError, match="backend=gsplat"):
+        distill.run(cfg)
+    assert not (tmp_path / "cfd-splats-embedded").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_cuda_is_a_clear_error(tmp_path, cache_dir):
+    cfg = load_config(DistillConfig, CONFIG, small_overrides(tmp_path, cache_dir, device="cuda"))
+    with pytest.raises(ValueError, match="device=cuda but this machine has no usable CUDA "
+                                         "device; set device=cpu"):
+        distill.Distillation(cfg, tmp_path)
+
+
+def test_an_empty_ply_is_refused(tmp_path, cache_dir):
+    Splats.empty().save_ply(tmp_path / "empty.ply")
+    cfg = load_config(DistillConfig, CONFIG, small_overrides(
+        tmp_path, cache_dir, **{"init.kind": "ply", "init.path": tmp_path / "empty.ply"}))
+    with pytest.raises(ValueError, match="holds no splats"):
+        distill.Distillation(cfg, tmp_path)
+
+
+def test_splat_run_resumes_exactly_mid_densification(tmp_path, cache_dir):
+    """Densification grows the scene and resets opacities around the step-6 checkpoint; the
+    resumed system ends with the same splats, bit for bit, as one run straight through."""
+    densify = {"densify.enabled": True, "densify.refine_start_iter": 1,
+               "densify.refine_every": 2, "densify.refine_stop_iter": 11,
+               "densify.reset_every": 4, "densify.grow_grad2d": 1e-6}
+    cfg = load_config(DistillConfig, CONFIG, small_overrides(tmp_path, cache_dir, steps=12,
+                                                             **densify))
+    straight, second = straight_and_resumed(cfg, tmp_path, 12)
+    at_checkpoint = len(torch.load(tmp_path / "ckpt" / "last.pt",
+                                   weights_only=False)["scene"]["splats"]["means"])
+    assert 300 < at_checkpoint < len(second.scene)  # it grew before and after the checkpoint
+    for k in straight.scene.params:
+        assert torch.equal(straight.scene.params[k], second.scene.params[k]), k
+
+
+def test_metrics_log_drops_a_torn_last_line_and_redone_steps(tmp_path):
+    """A kill can leave half a line at the end of metrics.jsonl; resuming must still work."""
+    lines = "".join(json.dumps({"step": i, "loss": 1.0}) + "\n" for i in range(5))
+    (tmp_path / "metrics.jsonl").write_text(lines + '{"step": 5, "lo')
+    path = distill._metrics_log(tmp_path, keep_below=3)
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [0, 1, 2]
 
 
 def test_learned_background_trains_and_resumes_with_an_image_model(tmp_path, cache_dir):

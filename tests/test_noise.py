@@ -122,3 +122,23 @@ def test_deterministic_state_round_trip_and_errors():
         a(points, opacity, (3, 24, 24))
     with pytest.raises(ValueError, match="unknown noise mode"):
         make_noise(NoiseConfig(mode="pink"), 3, "cpu")
+
+
+@pytest.mark.parametrize("smooth", [True, False])
+@pytest.mark.parametrize("latent", [32, 16])
+def test_a_wall_filling_the_view_leaves_no_background_cells(smooth, latent):
+    """Every cell of a view filled by a wall owns texels, the border row and column included:
+    footprint corners lie on pixel edges, so the last cells are as large as the others."""
+    from cfd.cameras import Cameras, intrinsics_from_fov, look_at
+
+    res = 32
+    viewmat = look_at(torch.tensor([[0.0, 0.0, 2.5]]), torch.zeros(1, 3),
+                      up=torch.tensor([0.0, 1.0, 0.0]))
+    cams = Cameras(viewmat, intrinsics_from_fov(torch.tensor([30.0]), res, res), res, res)
+    points = cams.centers[:, None, None] + 2.0 * cams.ray_directions()  # the plane z = 0.5
+    noise = make_noise(NoiseConfig(texture_resolution=256, n_maps=6, n_shells=1,
+                                   smooth_footprints=smooth), 3, "cpu", 0)
+    z = noise(points, torch.ones(1, res, res), (3, latent, latent))
+    background = (z[0] == noise.background).all(0)
+    assert not background[-1].any() and not background[:, -1].any()
+    assert not background.any()

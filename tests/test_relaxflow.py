@@ -4,6 +4,7 @@ alpha schedule, prior pooling, and the dual-branch sampler against single-branch
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from relaxflow.dual_branch import RelaxFlowSampler, alpha_schedule, pool_priors
 from relaxflow.models import build
@@ -35,6 +36,36 @@ def test_blurred_queries_and_keys_equal_the_blurred_logits(topology, sigmas):
     assert (torch.einsum("bqhd,bkhd->bhqk", bq, bk) / 8 ** 0.5 - logits).abs().max() <= 1e-5
     reference = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(logits, -1), v)
     assert (attention(bq, bk, v) - reference).abs().max() <= 1e-5
+
+
+def released_flat_blur(logits, sigma_query, sigma_key):
+    """The released code's blur, written out independently: the ``[Lq, Lk]`` logit matrix of
+    each head as an image, a 2D convolution with the query kernel ``[K, 1]`` and then the key
+    kernel ``[1, K]``, zero padding, ``K = 2 round(3 sigma) + 1``."""
+    B, H, Lq, Lk = logits.shape
+    image = logits.reshape(B * H, 1, Lq, Lk).double()
+    for sigma, shape in ((sigma_query, (-1, 1)), (sigma_key, (1, -1))):
+        if sigma <= 0:
+            continue
+        size = 2 * round(3 * sigma) + 1
+        x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+        weights = torch.exp(-x ** 2 / (2 * sigma ** 2))
+        kernel = (weights / weights.sum()).reshape(1, 1, *shape)
+        image = F.conv2d(image, kernel, padding=(kernel.shape[2] // 2, kernel.shape[3] // 2))
+    return image.reshape(B, H, Lq, Lk)
+
+
+@pytest.mark.parametrize("sigmas", [(0.7, 1.3), (1.5, 0.0), (2.5, 2.5), (1.0, 2.5)])
+def test_flat_query_and_key_blur_equals_the_released_2d_logit_blur(sigmas):
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 40, 3, 8, generator=g)
+    k = torch.randn(2, 30, 3, 8, generator=g)
+    relax = AttentionRelaxation(*sigmas, topology="flat", query_grid=None)
+    bq, bk = relax.apply(q, k)
+    want = released_flat_blur(torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double())
+                              / 8 ** 0.5, *sigmas)
+    got = torch.einsum("bqhd,bkhd->bhqk", bq, bk) / 8 ** 0.5
+    assert (got.double() - want).abs().max() <= 1e-5
 
 
 def sparse_cells(n_items=2, n_cells=20, grid=5, seed=0):
@@ -90,6 +121,14 @@ def test_alpha_schedule_values():
     assert a25[:11] == pytest.approx([1 - k / 25 for k in range(11)]) and set(a25[11:]) == {0.0}
     with pytest.raises(ValueError, match="unknown alpha schedule"):
         alpha_schedule(12, "steep")
+    with pytest.raises(ValueError, match="unknown alpha schedule"):
+        alpha_schedule(12, "constant")  # not a released schedule
+    # two_stage at K = 25: ramp over int(2.5) = 2 steps, hold int(5) = 5, linear over the last 18
+    expected25 = [0.5, 1.0] + [1.0] * 5 + [1 - j / 18 for j in range(18)]
+    assert alpha_schedule(25, "two_stage") == pytest.approx(expected25)
+    assert alpha_schedule(12, "two_stage") == pytest.approx([1.0] * 3 + [1 - j / 9 for j in range(9)])
+    assert alpha_schedule(12, "inverse_sqrt") == pytest.approx(
+        [(1 + 5 * k / 12) ** -0.5 for k in range(12)])
 
 
 def test_prior_pooling_modes():
@@ -208,10 +247,11 @@ def test_visibility_hides_voxels_behind_an_occluder():
 def test_embedded_prior_draws_views_of_a_prompt_with_their_alpha(tmp_path):
     from cfd.shapes.dataset import ShapeDatasetConfig
     from relaxflow.conditioning import preprocess_image
-    from relaxflow.priors import PriorImagesConfig, prior_images
+    from relaxflow.priors import PriorImagesConfig, PriorModelConfig, prior_images
 
     dataset = ShapeDatasetConfig(views_per_object=12, resolution=32, cache_dir=str(tmp_path))
-    rgba = prior_images("a lamp", 0, PriorImagesConfig(steps=20), dataset=dataset)
+    rgba = prior_images("a lamp", 0, PriorImagesConfig(steps=20,
+                                                       model=PriorModelConfig(dataset=dataset)))
     assert rgba.shape == (3, 32, 32, 4) and rgba.dtype == np.uint8
     alpha = rgba[..., 3] / 255.0
     assert (alpha > 0.5).mean(axis=(1, 2)).min() > 0.05  # an object in every view
@@ -269,15 +309,15 @@ def test_an_image_model_draws_prior_images_through_the_same_path(tmp_path):
     ``decode`` is diffusers' own VAE decode and post-processing."""
     from diffusers.image_processor import VaeImageProcessor
 
-    from cfd.systems.prior import GuidanceConfig
     from guidance.stable_diffusion import StableDiffusionGuidance
-    from relaxflow.priors import PriorImagesConfig, prior_images
+    from relaxflow.priors import PriorImagesConfig, PriorModelConfig, prior_images
 
     from .tiny_models import build_tiny_sd
 
     folder = build_tiny_sd(tmp_path / "sd")
-    cfg = PriorImagesConfig(n_images=2, steps=3, size=32, guidance_scale=5.0, model=GuidanceConfig(
-        kind="stable-diffusion", model_id=str(folder), half_precision=False))
+    cfg = PriorImagesConfig(n_images=2, steps=3, size=32, guidance_scale=5.0,
+                            model=PriorModelConfig(kind="stable-diffusion", model_id=str(folder),
+                                                   half_precision=False))
     rgba = prior_images("a chair", 0, cfg)
     assert rgba.shape == (2, 32, 32, 4) and rgba.dtype == np.uint8
     assert np.array_equal(rgba, prior_images("a chair", 0, cfg))
@@ -287,3 +327,31 @@ def test_an_image_model_draws_prior_images_through_the_same_path(tmp_path):
     want = VaeImageProcessor().postprocess(
         sd.vae.decode(z / sd.vae.config.scaling_factor).sample, output_type="pt")
     assert torch.allclose(sd.decode(z), want.permute(0, 2, 3, 1), atol=1e-6)
+
+
+def test_prior_image_settings_are_checked_before_a_model_loads():
+    from relaxflow.priors import PriorImagesConfig, PriorModelConfig, prior_images
+
+    with pytest.raises(ValueError, match="generate_priors.n_images is 0: draw at least one"):
+        prior_images("a lamp", 0, PriorImagesConfig(n_images=0))
+    with pytest.raises(ValueError, match="generate_priors.model.kind is one of"):
+        prior_images("a lamp", 0, PriorImagesConfig(model=PriorModelConfig(kind="dall-e")))
+
+
+def test_prior_model_settings_are_only_those_sampling_reads():
+    """Distillation-only settings (guidance_scale, weighting, latent_sampling) are not settings
+    of the prior model: the sampling's own guidance_scale is the only one."""
+    from cfd.config import ConfigError, load_config, to_object
+    from relaxflow.complete import RelaxFlowConfig
+
+    cfg = to_object(load_config(RelaxFlowConfig, "configs/relaxflow-trellis.yaml",
+                                ["generate_priors.model.kind=stable-diffusion",
+                                 "generate_priors.model.model_id=sd",
+                                 "generate_priors.guidance_scale=4"]))
+    assert cfg.generate_priors.guidance_scale == 4
+    guidance = cfg.generate_priors.model.guidance_config(64)
+    assert (guidance.kind, guidance.model_id, guidance.resolution) == ("stable-diffusion", "sd", 64)
+    for ignored in ("guidance_scale=9", "weighting=uniform", "latent_sampling=mean"):
+        with pytest.raises(ConfigError):
+            load_config(RelaxFlowConfig, "configs/relaxflow-trellis.yaml",
+                        [f"generate_priors.model.{ignored}"])

@@ -168,14 +168,37 @@ def test_bad_input_errors():
         rasterization(*scene, viewmats, Ks, 0, 8)
     with pytest.raises(ValueError, match="shape"):
         rasterization(scene[0], scene[1][:3], *scene[2:], viewmats, Ks, 8, 8)
-    with pytest.raises(RuntimeError, match="backend='torch'"):
+    with pytest.raises(ValueError, match="backend='torch'"):
         rasterization(*scene, viewmats, Ks, 8, 8, backend="gsplat")
+    with pytest.raises(ValueError, match=r"viewmats must be \[B,4,4\].*\(4, 4\)"):
+        rasterization(*scene, viewmats[0], Ks[0], 8, 8)
+    with pytest.raises(ValueError, match=r"Ks must be \[B,3,3\] with B=2"):
+        rasterization(*scene, viewmats.repeat(2, 1, 1), Ks, 8, 8)
+    broken_pose = viewmats.clone()
+    broken_pose[0, 0, 3] = math.nan
+    with pytest.raises(ValueError, match="viewmats contains NaN.*camera poses"):
+        rasterization(*scene, broken_pose, Ks, 8, 8)
     splats = Splats.from_activated(scene[0], scene[2], scene[1], scene[3], scene[4])
     with torch.no_grad():
         splats.params["scales"][0, 0] = math.inf
     cams = Cameras(viewmats, Ks, 8, 8)
-    with pytest.raises(ValueError, match="'scales' contains NaN or Inf"):
+    with pytest.raises(ValueError, match="scales contains NaN or Inf"):
         render(splats, cams)
+
+
+def test_sh_degree_must_fit_the_colours_given():
+    """One contract for both backends: SH coefficients need a degree whose (degree+1)^2 bands
+    they hold; RGB colours take no degree."""
+    means, quats, scales, opacities, rgb = random_scene(5, dtype=torch.float32)
+    viewmats, Ks = random_cameras(1, 8, 8, dtype=torch.float32)
+    dc_only = rgb[:, None, :]  # [N,1,3]: degree 0 coefficients
+    rasterization(means, quats, scales, opacities, dc_only, viewmats, Ks, 8, 8, sh_degree=0)
+    for degree in (1, 3, None):  # more bands than given, or none named
+        with pytest.raises(ValueError, match=r"1 SH coefficients.*\(sh_degree\+1\)\^2 <= K"):
+            rasterization(means, quats, scales, opacities, dc_only, viewmats, Ks, 8, 8,
+                          sh_degree=degree)
+    with pytest.raises(ValueError, match=r"sh_degree=0 is set but colors are RGB \[N,3\]"):
+        rasterization(means, quats, scales, opacities, rgb, viewmats, Ks, 8, 8, sh_degree=0)
 
 
 def test_sh_colours_match_gsplat_reference():

@@ -27,6 +27,14 @@ def test_ply_round_trip(tmp_path, degree):
         assert torch.equal(s.params[k], t.params[k]), k
 
 
+@pytest.mark.parametrize("degree", [0, 1, 3])
+def test_empty_scene_ply_round_trip(tmp_path, degree):
+    Splats.empty(degree).save_ply(tmp_path / "empty.ply")
+    t = Splats.load_ply(tmp_path / "empty.ply")
+    assert len(t) == 0 and t.sh_degree == degree
+    assert t.params["shN"].shape == (0, (degree + 1) ** 2 - 1, 3)
+
+
 def test_ply_uses_the_standard_3dgs_layout(tmp_path):
     from plyfile import PlyData
 
@@ -65,8 +73,17 @@ def test_from_activated_round_trips_activations():
     assert torch.allclose(s.opacities, opac, atol=1e-6)
     assert torch.allclose(s.quats, quats, atol=1e-6)
     assert torch.allclose(s.base_colors, colors, atol=1e-6)
-    with pytest.raises(ValueError, match="scales must be > 0"):
+    with pytest.raises(ValueError, match="scales must be finite and > 0"):
         Splats.from_activated(means, -scales, quats, opac, colors)
+    nan_scales = scales.clone()
+    nan_scales[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="scales must be finite and > 0"):
+        Splats.from_activated(means, nan_scales, quats, opac, colors)
+    with pytest.raises(ValueError, match=r"colors must be \[N,3\] RGB with N=10, got \(10, 4\)"):
+        Splats.from_activated(means, scales, quats, opac, torch.rand(10, 4))
+    with pytest.raises(ValueError, match="quats must be non-zero"):
+        Splats.from_activated(means, scales, quats * (torch.arange(10) != 2)[:, None], opac,
+                              colors)
 
 
 def test_point_cloud_initialiser_scales_by_neighbour_distance():
@@ -125,6 +142,22 @@ def test_densification_grows_and_prunes():
     assert len(s) > 300  # grown by clones and splits
     assert s.opacities.min() > 0.005  # the transparent ones are gone
     assert all(o.param_groups[0]["params"][0] is s.params[k] for k, o in opts.items())
+
+
+def test_densification_that_prunes_every_splat_stops_with_the_settings_to_change():
+    from cfd.utils.runtime import TrainingStopped
+
+    s = random_ball(40, opacity=0.5, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        s.params["opacities"][:] = -10.0  # all below prune_opa
+    opts = s.make_optimizers({k: 1e-3 for k in s.params})
+    cfg = DensifyConfig(refine_start_iter=0, refine_every=1, reset_every=10_000,
+                        refine_stop_iter=100)
+    d = Densifier(cfg, 1.0)
+    with pytest.raises(TrainingStopped, match="pruned every splat.*densify.prune_opa=0.005"):
+        for step in range(3):
+            _densify_step(s, opts, d, step, 1.0)
+    assert len(s) == 0
 
 
 def test_extra_ply_properties_round_trip_and_leave_the_splats_readable(tmp_path):

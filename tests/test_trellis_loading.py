@@ -57,12 +57,41 @@ def pipeline_dir(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def text_pipeline_dir(pipeline_dir, tmp_path_factory):
+    """The same tiny models as a text pipeline (the tiny CLIP's 32 channels fit them)."""
+    root = tmp_path_factory.mktemp("trellis-tiny-text")
+    shutil.copytree(pipeline_dir, root, dirs_exist_ok=True)
+    spec = json.loads((root / "pipeline.json").read_text())
+    spec["name"] = "TrellisTextTo3DPipeline"
+    del spec["args"]["image_cond_model"]
+    spec["args"]["text_cond_model"] = "openai/clip-vit-large-patch14"
+    (root / "pipeline.json").write_text(json.dumps(spec))
+    return root
+
+
 def test_pipeline_json_gives_models_and_samplers(pipeline_dir):
     spec = read_pipeline(pipeline_dir)
     assert spec.name == "TrellisImageTo3DPipeline" and spec.cond_model == "dinov2_vitl14_reg"
+    assert spec.condition == "image"
     sampler = spec.samplers["sparse_structure_sampler"]
     assert (sampler.steps, sampler.cfg_strength, sampler.cfg_interval, sampler.rescale_t) == (
         3, 5.0, (0.5, 1.0), 3.0)
+
+
+def test_samplers_take_pipeline_json_settings_and_the_released_defaults_for_the_rest():
+    from relaxflow.loading import sampler_from_spec
+
+    full = sampler_from_spec({**SAMPLER, "args": {"sigma_min": 1e-4}})
+    assert (full.sigma_min, full.steps, full.cfg_strength, full.cfg_interval, full.rescale_t) == (
+        1e-4, 3, 5.0, (0.5, 1.0), 3.0)
+    bare = sampler_from_spec({"name": "FlowEulerGuidanceIntervalSampler", "params": {}})
+    assert (bare.steps, bare.cfg_strength, bare.cfg_interval, bare.rescale_t) == (
+        50, 3.0, (0.0, 1.0), 1.0)
+    cfg_only = sampler_from_spec({"name": "FlowEulerCfgSampler",
+                                  "params": {"steps": 4, "cfg_interval": [0.5, 1.0]}})
+    assert cfg_only.cfg_interval == (0.0, 1.0)  # no interval: guidance at every step
+    assert sampler_from_spec({"name": "FlowEulerSampler", "params": {}}).cfg_strength == 0
 
 
 def test_loaded_model_equals_the_saved_one(pipeline_dir):
@@ -160,8 +189,7 @@ def test_empty_structure_is_a_clear_error():
 
 
 @pytest.mark.parametrize("variant, precision", [("image", "auto"), ("text", "bfloat16")])
-def test_generate_job_writes_splats_video_and_occupancy(pipeline_dir, tmp_path, variant,
-                                                        precision):
+def test_generate_job_writes_splats_video_and_occupancy(request, tmp_path, variant, precision):
     import numpy as np
     from PIL import Image
 
@@ -177,6 +205,7 @@ def test_generate_job_writes_splats_video_and_occupancy(pipeline_dir, tmp_path, 
     else:
         inputs = ["prompt=a red chair",
                   f"text_cond_model={build_tiny_clip_text(tmp_path / 'clip')}"]
+    pipeline_dir = request.getfixturevalue(f"{'text_' if variant == 'text' else ''}pipeline_dir")
     code = run.main(["generate", "--config", f"configs/trellis-{variant}.yaml",
                      f"model={pipeline_dir}", f"output_dir={tmp_path / 'out'}", "video_frames=2",
                      "video_size=32", "sparse_structure_sampler.steps=2", "slat_sampler.steps=2",
@@ -193,25 +222,72 @@ def test_generate_job_writes_splats_video_and_occupancy(pipeline_dir, tmp_path, 
 
 
 def test_generate_rejects_bad_inputs_with_clear_errors(pipeline_dir, tmp_path, capsys):
+    """Each bad input is named with its fix, and before anything is written: no run folder."""
     import numpy as np
     from PIL import Image
 
     import run
 
+    out = tmp_path / "out"
     args = ["generate", "--config", "configs/trellis-image.yaml", f"model={pipeline_dir}",
-            f"output_dir={tmp_path}", f"image_cond_model={tmp_path / 'no-model'}"]
+            f"output_dir={out}", f"image_cond_model={tmp_path / 'no-model'}"]
+    assert run.main(args) == 2
+    assert "give exactly one of image=path.png" in capsys.readouterr().err
     assert run.main([*args, f"image={tmp_path / 'nothing.png'}"]) == 2
     assert "nothing.png does not exist" in capsys.readouterr().err
-    Image.fromarray(np.zeros((8, 8, 4), dtype=np.uint8) + 255).save(tmp_path / "object.png")
-    assert run.main([*args, "image=" + str(tmp_path / "object.png")]) == 2
-    assert "no transparency" in capsys.readouterr().err
+    opaque = tmp_path / "opaque.png"
+    Image.fromarray(np.zeros((8, 8, 4), dtype=np.uint8) + 255).save(opaque)
+    assert run.main([*args, f"image={opaque}"]) == 2
+    err = capsys.readouterr().err
+    assert f"image {opaque} has no transparency" in err and "mask=path.png" in err
+    Image.fromarray(np.full((8, 8), 255, dtype=np.uint8)).save(tmp_path / "white.png")
+    assert run.main([*args, f"image={opaque}", f"mask={tmp_path / 'white.png'}"]) == 2
+    assert f"mask {tmp_path / 'white.png'} is white everywhere" in capsys.readouterr().err
+    assert run.main([*args, "prompt=a chair", f"mask={tmp_path / 'white.png'}"]) == 2
+    assert "a prompt takes no mask" in capsys.readouterr().err
     rgba = np.zeros((8, 8, 4), dtype=np.uint8)
     rgba[2:6, 2:6] = 255
     Image.fromarray(rgba).save(tmp_path / "object.png")
     assert run.main([*args, "image=" + str(tmp_path / "object.png")]) == 2
     assert "image_cond_model=<folder>" in capsys.readouterr().err
+    assert not out.exists()
     assert run.main(["generate", "--config", "configs/cfd-splats-embedded.yaml"]) == 2
     assert "is a 'distill' config, not 'generate'" in capsys.readouterr().err
+
+
+def test_pipeline_kind_is_checked_before_anything_runs(pipeline_dir, text_pipeline_dir,
+                                                       tmp_path, capsys):
+    """An image for a text pipeline, a prompt for an image pipeline, RelaxFlow on a text
+    pipeline: each a clear error naming the pipeline's kind and its input, nothing written."""
+    import run
+
+    image = _rgba_file(tmp_path / "obs.png", (16, 16, 40, 48), (200, 50, 50))
+    out = tmp_path / "out"
+    generate = ["generate", "--config", "configs/trellis-image.yaml", f"output_dir={out}"]
+    assert run.main([*generate, f"model={text_pipeline_dir}", f"image={image}"]) == 2
+    err = capsys.readouterr().err
+    assert "the generate job needs an image-to-3D pipeline for image=path.png" in err
+    assert "is a text-to-3D pipeline (TrellisTextTo3DPipeline), which takes prompt=" in err
+    assert run.main([*generate, f"model={pipeline_dir}", "prompt=a chair"]) == 2
+    err = capsys.readouterr().err
+    assert "the generate job needs a text-to-3D pipeline" in err
+    assert "is an image-to-3D pipeline (TrellisImageTo3DPipeline), which takes image=" in err
+    assert "dinov2" not in err  # the image model's id is no text model
+    assert run.main(["relaxflow", "--config", "configs/relaxflow-trellis.yaml",
+                     f"model={text_pipeline_dir}", f"image={image}", f"priors=[{image}]",
+                     f"output_dir={out}"]) == 2
+    assert "the relaxflow job needs an image-to-3D pipeline" in capsys.readouterr().err
+    assert not out.exists()
+    unnamed = tmp_path / "unnamed"
+    shutil.copytree(pipeline_dir, unnamed)
+    spec = json.loads((unnamed / "pipeline.json").read_text())
+    del spec["name"]
+    (unnamed / "pipeline.json").write_text(json.dumps(spec))
+    assert read_pipeline(unnamed).condition == "image"  # from its image_cond_model
+    del spec["args"]["image_cond_model"]
+    (unnamed / "pipeline.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match="does not say whether the pipeline takes images or text"):
+        read_pipeline(unnamed)
 
 
 def _rgba_file(path, box, colour):
@@ -225,9 +301,30 @@ def _rgba_file(path, box, colour):
     return path
 
 
-def test_relaxflow_job_writes_the_completion_and_both_single_branches(pipeline_dir, tmp_path):
+def test_relaxflow_job_writes_the_completion_and_both_single_branches(pipeline_dir, tmp_path,
+                                                                       monkeypatch):
+    """... and holds one stage's models at a time: when a stage starts, no model of an earlier
+    stage is alive (offload=reload)."""
+    import gc
+    import weakref
+    from contextlib import contextmanager
+
     import run
+    from relaxflow.pipeline import TrellisPipeline
     from tests.tiny_models import build_tiny_dinov2
+
+    loaded, alive_at_start = [], {}
+    stage = TrellisPipeline.stage
+
+    @contextmanager
+    def watched_stage(self, name):
+        gc.collect()
+        alive_at_start[name] = [key for key, ref in loaded if ref() is not None]
+        with stage(self, name) as models:
+            loaded.extend((key, weakref.ref(model)) for key, model in models.items())
+            yield models
+
+    monkeypatch.setattr(TrellisPipeline, "stage", watched_stage)
 
     image = _rgba_file(tmp_path / "obs.png", (16, 16, 40, 48), (200, 50, 50))
     priors = [_rgba_file(tmp_path / f"prior{i}.png", (10 + i, 12, 50, 52), (50, 50, 200))
@@ -245,6 +342,7 @@ def test_relaxflow_job_writes_the_completion_and_both_single_branches(pipeline_d
         assert (run_dir / name).is_file(), name
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["priors"] == 2 and 0.0 <= metrics["visible_fraction"] <= 1.0
+    assert alive_at_start == {"structure": [], "latent": [], "decode": []}
 
 
 def test_refine_job_keeps_what_the_observation_showed(pipeline_dir, tmp_path):
@@ -311,6 +409,42 @@ def test_relaxflow_job_rejects_bad_inputs(pipeline_dir, tmp_path, capsys):
     assert run.main([*args, f"image={image}", f"mask={tmp_path / 'mask.png'}",
                      f"priors=[{image}]"]) == 2
     assert "no object found" in capsys.readouterr().err
+    Image.fromarray(np.full((64, 64), 255, dtype=np.uint8)).save(tmp_path / "white.png")
+    assert run.main([*args, f"image={image}", f"mask={tmp_path / 'white.png'}",
+                     f"priors=[{image}]"]) == 2
+    err = capsys.readouterr().err
+    assert f"mask {tmp_path / 'white.png'} is white everywhere" in err
+    assert "give an RGBA image or a mask" not in err  # a mask was given
+    rgb = tmp_path / "rgb_prior.png"
+    Image.fromarray(np.asarray(Image.open(image))[..., :3]).save(rgb)
+    assert run.main([*args, f"image={image}", f"priors=[{image},{rgb}]"]) == 2
+    err = capsys.readouterr().err
+    assert f"image {rgb} has no transparency" in err and "priors take no masks" in err
+    assert "mask=" not in err
+    assert run.main([*args, f"image={image}", "generate_priors.n_images=0"]) == 2
+    assert "generate_priors.n_images is 0" in capsys.readouterr().err
+    # a distillation setting, not one of the prior model's: the sampling's own is meant
+    assert run.main([*args, f"image={image}", "generate_priors.model.guidance_scale=9"]) == 2
+    assert "did you mean generate_priors.guidance_scale" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # nothing written for rejected inputs
+
+
+def test_refine_hands_each_input_to_relaxflow_once(pipeline_dir, tmp_path, capsys):
+    """An input set only as relaxflow.<name> reaches RelaxFlow; set at both levels, an error."""
+    import run
+
+    image = _rgba_file(tmp_path / "obs.png", (16, 16, 40, 48), (200, 50, 50))
+    args = ["refine", "--config", "configs/relaxflow-cfd.yaml", f"image={image}",
+            "prompt=a chair", f"output_dir={tmp_path / 'out'}", f"relaxflow.model={pipeline_dir}"]
+    assert run.main([*args, f"relaxflow.priors=[{tmp_path / 'absent.png'}]"]) == 2
+    assert f"{tmp_path / 'absent.png'} does not exist" in capsys.readouterr().err
+    assert run.main([*args, f"priors=[{image}]", f"relaxflow.priors=[{image}]"]) == 2
+    assert ("priors is set twice, as priors= and relaxflow.priors=: set it once"
+            in capsys.readouterr().err)
+    # the prompt given only as relaxflow.prompt is the prompt of both paths
+    nested = [a if a != "prompt=a chair" else "relaxflow.prompt=a chair" for a in args]
+    assert run.main([*nested, f"relaxflow.priors=[{tmp_path / 'absent.png'}]"]) == 2
+    assert f"{tmp_path / 'absent.png'} does not exist" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("offload, held", [("reload", 0), ("cpu", 2), ("none", 2)])

@@ -163,3 +163,11 @@ def test_guidance_is_one_batched_forward_inside_its_interval():
     assert torch.allclose(sampler.guided_velocity(velocity, x, 0.25, cond, neg),
                           torch.ones(3, 2))
     assert calls == [6, 3]
+
+
+def test_sampler_defaults_are_the_released_image_pipeline_settings():
+    """``pipeline.json`` of TRELLIS-image-large: sigma_min 1e-5, 25 steps, strength 5, guidance
+    interval [0.5, 1], rescale_t 3."""
+    s = FlowEulerSampler()
+    assert (s.sigma_min, s.steps, s.cfg_strength, s.cfg_interval, s.rescale_t) == (
+        1e-5, 25, 5.0, (0.5, 1.0), 3.0)

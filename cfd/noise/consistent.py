@@ -188,21 +188,21 @@ class ConsistentNoise:
         return torch.where(empty, self._background(latent_shape)[None], noise)
 
     def _corners(self, points: Tensor, opacity: Tensor, stride: int):
-        """Footprint corners ``[B,h+1,w+1,3]`` and their opacities ``[B,h+1,w+1]``."""
-        B, H, W = opacity.shape
-        if self.cfg.smooth_footprints:
-            k = 2 * ((stride + 1) // 2)
-            mask = (opacity > self.cfg.opacity_threshold).float()[:, None]
-            pts = points.permute(0, 3, 1, 2)
-            pool = lambda x: F.avg_pool2d(x, k, stride, padding=k // 2)  # noqa: E731
-            weight = pool(mask)
-            corners = pool(pts * mask) / weight.clamp(min=1e-8)
-            corner_opacity = F.avg_pool2d(opacity[:, None], k, stride, padding=k // 2,
-                                          count_include_pad=False)
-            return corners.permute(0, 2, 3, 1), corner_opacity[:, 0]
-        ys = torch.arange(0, H + 1, stride, device=points.device).clamp(max=H - 1)
-        xs = torch.arange(0, W + 1, stride, device=points.device).clamp(max=W - 1)
-        return points[:, ys][:, :, xs], opacity[:, ys][:, :, xs]
+        """Footprint corners ``[B,h+1,w+1,3]`` and their opacities ``[B,h+1,w+1]``.
+
+        Corner ``(i, j)`` sits on the pixel edges at ``(i * stride, j * stride)``: it is the mean
+        of the opaque surface points in a window centred there, the 2x2 pixels that share the
+        corner, or with ``smooth_footprints`` about a cell's width of them. Windows are cut at the
+        image border, so the border cells keep their full footprint.
+        """
+        k = 2 * ((stride + 1) // 2) if self.cfg.smooth_footprints else 2
+        mask = (opacity > self.cfg.opacity_threshold).float()[:, None]
+        pts = points.permute(0, 3, 1, 2)
+        pool = lambda x: F.avg_pool2d(x, k, stride, padding=k // 2)  # noqa: E731
+        corners = pool(pts * mask) / pool(mask).clamp(min=1e-8)
+        corner_opacity = F.avg_pool2d(opacity[:, None], k, stride, padding=k // 2,
+                                      count_include_pad=False)
+        return corners.permute(0, 2, 3, 1), corner_opacity[:, 0]
 
     def _triangles(self, corner_opacity: Tensor):
         """Two triangles per cell over the corner grid; those with all corners opaque.

@@ -75,12 +75,6 @@ def render(
         raise ValueError(
             f"scene is on {scene.device} but cameras are on {cameras.device}; move one with .to()"
         )
-    bad = scene.check_finite()
-    if bad is not None:
-        raise ValueError(
-            f"splat parameter '{bad}' contains NaN or Inf; the optimisation diverged (lower the "
-            "learning rates) or the scene was loaded from a broken file"
-        )
     viewmats = cameras.viewmats.to(scene.means.dtype)
     background = _background(background, cameras, viewmats)
     per_pixel = background is not None and background.ndim == 4

@@ -23,7 +23,8 @@ def rasterize_gsplat(
     far_plane: float,
     eps2d: float,
 ):
-    """Same arguments and result as ``rasterization(..., backend="torch")``; CUDA tensors only."""
+    """Same arguments and result as ``rasterization(..., backend="torch")``; CUDA tensors only,
+    already checked by ``rasterization``."""
     try:
         import gsplat
     except ImportError as err:  # pragma: no cover - depends on the installation
@@ -33,8 +34,6 @@ def rasterize_gsplat(
         ) from err
     from .rasterize import RenderOutput
 
-    if colors.ndim == 2 and sh_degree is not None:
-        raise ValueError("sh_degree is set but colors are RGB [N,3]; pass SH [N,K,3] or no degree")
     render, alphas, meta = gsplat.rasterization(
         means, quats, scales, opacities, colors, viewmats, Ks, width, height,
         near_plane=near_plane, far_plane=far_plane, eps2d=eps2d, sh_degree=sh_degree,

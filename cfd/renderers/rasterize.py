@@ -15,6 +15,7 @@ from typing import Any, Dict, Literal, Optional
 import torch
 from torch import Tensor
 
+from ..cameras import camera_centers
 from ..scene.sh import sh_to_rgb
 from .composite import composite, tiles_to_images
 from .projection import project_gaussians
@@ -63,14 +64,17 @@ def resolve_backend(backend: Backend, device: torch.device) -> str:
             log.info("render backend auto -> %s (device %s)", chosen, device)
         return chosen
     if backend == "gsplat" and device.type != "cuda":
-        raise RuntimeError(
+        raise ValueError(
             f"backend='gsplat' needs CUDA tensors, but the scene is on {device}: gsplat has no "
             "CPU rasteriser. Use backend='torch' (or 'auto'), or move the scene to a CUDA device."
         )
     return backend
 
 
-def _check_inputs(means, quats, scales, opacities, colors, width, height) -> None:
+def _check_inputs(means, quats, scales, opacities, colors, viewmats, Ks, width, height,
+                  sh_degree) -> None:
+    """The contract both backends share: shapes, SH degree against the coefficients given, and
+    finite values (the one finiteness check of a splat render)."""
     if width <= 0 or height <= 0:
         raise ValueError(f"image size must be positive, got {width}x{height}")
     N = means.shape[0]
@@ -79,14 +83,34 @@ def _check_inputs(means, quats, scales, opacities, colors, width, height) -> Non
     for name, value in named.items():
         if tuple(value.shape) != expected[name]:
             raise ValueError(f"{name} must have shape {expected[name]}, got {tuple(value.shape)}")
-    if colors.shape[0] != N or colors.shape[-1] != 3 or colors.ndim not in (2, 3):
+    if colors.ndim not in (2, 3) or colors.shape[0] != N or colors.shape[-1] != 3:
         raise ValueError(f"colors must be [N,3] RGB or [N,K,3] SH, got {tuple(colors.shape)}")
-    for name, value in {**named, "colors": colors}.items():
-        if not torch.isfinite(value).all():
-            raise ValueError(
-                f"{name} contains NaN or Inf; the scene diverged or was loaded from a broken "
-                "file (lower the learning rate or re-initialise the splats)"
-            )
+    if colors.ndim == 2 and sh_degree is not None:
+        raise ValueError(f"sh_degree={sh_degree} is set but colors are RGB [N,3]; pass SH "
+                         "coefficients [N,K,3] or sh_degree=None")
+    if colors.ndim == 3:
+        K = colors.shape[1]
+        if sh_degree is None or not 0 <= sh_degree <= 3 or (sh_degree + 1) ** 2 > K:
+            raise ValueError(f"colors are {K} SH coefficients per splat [N,K,3]: pass sh_degree "
+                             f"in 0..3 with (sh_degree+1)^2 <= K, got sh_degree={sh_degree}")
+    if viewmats.ndim != 3 or viewmats.shape[1:] != (4, 4):
+        raise ValueError(f"viewmats must be [B,4,4] (a batch, even of one camera), got "
+                         f"{tuple(viewmats.shape)}")
+    if tuple(Ks.shape) != (viewmats.shape[0], 3, 3):
+        raise ValueError(f"Ks must be [B,3,3] with B={viewmats.shape[0]} as viewmats, got "
+                         f"{tuple(Ks.shape)}")
+    checked = {**named, "colors": colors, "viewmats": viewmats, "Ks": Ks}
+    # one host read for all of them: each read waits for the GPU
+    finite = torch.stack([torch.isfinite(v).all() for v in checked.values()]).tolist()
+    for name, ok in zip(checked, finite):
+        if ok:
+            continue
+        if name in ("viewmats", "Ks"):
+            raise ValueError(f"{name} contains NaN or Inf; check the camera poses you built")
+        raise ValueError(
+            f"{name} contains NaN or Inf; the scene diverged or was loaded from a broken "
+            "file (lower the learning rate or re-initialise the splats)"
+        )
 
 
 def rasterization(
@@ -113,12 +137,14 @@ def rasterization(
     Args:
         means ``[N,3]``; quats ``[N,4]`` wxyz (normalised inside); scales ``[N,3]`` > 0;
         opacities ``[N]`` in (0,1); colors ``[N,3]`` RGB, or ``[N,K,3]`` SH coefficients with
-        ``sh_degree`` set (``K >= (sh_degree+1)^2``; colour ``= max(SH + 0.5, 0)``);
-        viewmats ``[B,4,4]`` world-to-camera (OpenCV); Ks ``[B,3,3]``;
+        ``sh_degree`` set (``K >= (sh_degree+1)^2``; colour ``= max(SH + 0.5, 0)``; leave
+        ``sh_degree`` None with RGB); viewmats ``[B,4,4]`` world-to-camera (OpenCV); Ks
+        ``[B,3,3]``;
         backgrounds ``[B,3]`` or ``[3]`` RGB composited behind (default black).
         tile_size, chunk_size: torch-backend tiling (results do not depend on them).
     """
-    _check_inputs(means, quats, scales, opacities, colors, width, height)
+    _check_inputs(means, quats, scales, opacities, colors, viewmats, Ks, width, height,
+                  sh_degree)
     B = viewmats.shape[0]
     if backgrounds is not None:
         backgrounds = torch.as_tensor(backgrounds, dtype=means.dtype, device=means.device)
@@ -138,10 +164,7 @@ def rasterization(
         means, quats, scales, opacities, viewmats, Ks, width, height, near_plane, far_plane, eps2d
     )
     if colors.ndim == 3:
-        if sh_degree is None:
-            raise ValueError("colors are SH coefficients [N,K,3]: pass sh_degree")
-        centers = -(viewmats[:, :3, :3].transpose(1, 2) @ viewmats[:, :3, 3:])[..., 0]
-        rgb = sh_to_rgb(colors, means, centers, sh_degree)
+        rgb = sh_to_rgb(colors, means, camera_centers(viewmats), sh_degree)
     else:
         rgb = colors[None].expand(B, -1, -1)
     features = torch.cat([rgb, proj.depths[..., None]], dim=-1).reshape(-1, 4)
@@ -166,7 +189,8 @@ def rasterization(
 
 
 def _empty(B: int, width: int, height: int, like: Tensor, backgrounds: Optional[Tensor]):
-    """An empty scene renders the background with zero alpha and depth."""
+    """An empty scene renders the background with zero alpha and depth. Nothing in it depends
+    on a parameter, so it has no autograd graph: the training loops refuse empty scenes."""
     zeros = like.new_zeros(B, height, width, 1)
     rgb = like.new_zeros(B, height, width, 3)
     if backgrounds is not None:

@@ -14,6 +14,7 @@ from typing import Any, Dict
 
 import torch
 
+from ..utils.runtime import TrainingStopped
 from .splats import Splats
 
 
@@ -61,6 +62,13 @@ class Densifier:
         if not self.cfg.enabled or step >= self.cfg.refine_stop_iter:
             return
         self.strategy.step_post_backward(splats.params, optimizers, self.state, step, info)
+        if len(splats) == 0:
+            c = self.cfg
+            raise TrainingStopped(
+                f"densification pruned every splat at step {step}, leaving nothing to train "
+                f"(densify.prune_opa={c.prune_opa}, prune_scale3d={c.prune_scale3d}, "
+                f"prune_scale2d={c.prune_scale2d}); start a new run with a lower "
+                "densify.prune_opa or higher prune_scale3d / prune_scale2d")
         if step > 0 and step % self.cfg.reset_every == 0:
             from gsplat.strategy.ops import reset_opa
 

@@ -42,7 +42,8 @@ def save_ply(splats: Splats, path, extra: Optional[Dict[str, torch.Tensor]] = No
         if name in names or values.shape != (N,):
             raise ValueError(f"extra ply property {name!r} must be a new name with one value "
                              f"per splat ({N}), got shape {tuple(values.shape)}")
-    f_rest = p["shN"].transpose(1, 2).reshape(N, -1)  # [N, 3*(K-1)], channel-major
+    n_rest = p["shN"].shape[1]
+    f_rest = p["shN"].transpose(1, 2).reshape(N, 3 * n_rest)  # [N, 3*(K-1)], channel-major
     columns = torch.cat(
         [p["means"], torch.zeros(N, 3), p["sh0"].reshape(N, 3), f_rest,
          p["opacities"][:, None], p["scales"], p["quats"]],
@@ -81,11 +82,14 @@ def load_ply(path) -> Splats:
         return torch.from_numpy(np.stack([np.asarray(vertex[k], dtype=np.float32) for k in keys], 1))
 
     N = len(vertex.data)
+    shN = torch.zeros(N, 0, 3)
+    if n_rest:  # channel-major on file: [N, 3, K-1]
+        rest = cols([f"f_rest_{i}" for i in range(n_rest)])
+        shN = rest.reshape(N, 3, n_rest // 3).transpose(1, 2)
     params = {
         "means": cols(["x", "y", "z"]),
         "sh0": cols([f"f_dc_{i}" for i in range(3)]).reshape(N, 1, 3),
-        "shN": cols([f"f_rest_{i}" for i in range(n_rest)]).reshape(N, 3, -1).transpose(1, 2)
-        if n_rest else torch.zeros(N, 0, 3),
+        "shN": shN,
         "opacities": cols(["opacity"])[:, 0],
         "scales": cols([f"scale_{i}" for i in range(3)]),
         "quats": cols([f"rot_{i}" for i in range(4)]),

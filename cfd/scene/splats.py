@@ -67,14 +67,21 @@ class Splats(nn.Module):
         """Build from the activated values gsplat's ``rasterization`` takes.
 
         Args:
-            means ``[N,3]``; scales ``[N,3]`` > 0; quats ``[N,4]`` wxyz; opacities ``[N]`` in
-            (0, 1); colors ``[N,3]`` RGB in [0, 1] (higher SH bands start at zero).
+            means ``[N,3]``; scales ``[N,3]`` > 0; quats ``[N,4]`` wxyz, non-zero; opacities
+            ``[N]`` in (0, 1); colors ``[N,3]`` RGB in [0, 1] (higher SH bands start at zero).
         """
-        if (scales <= 0).any():
-            raise ValueError("scales must be > 0 (activated values); pass exp(log_scales)")
-        if ((opacities <= 0) | (opacities >= 1)).any():
-            raise ValueError("opacities must lie strictly in (0, 1) (activated values)")
         N = means.shape[0]
+        if tuple(colors.shape) != (N, 3):
+            raise ValueError(f"colors must be [N,3] RGB with N={N}, got {tuple(colors.shape)}; "
+                             "pass the DC colour (an alpha channel goes in opacities)")
+        if not (torch.isfinite(scales) & (scales > 0)).all():
+            raise ValueError("scales must be finite and > 0 (activated values); pass "
+                             "exp(log_scales)")
+        if not ((opacities > 0) & (opacities < 1)).all():  # also refuses NaN
+            raise ValueError("opacities must lie strictly in (0, 1) (activated values)")
+        if not (quats.norm(dim=-1) > 0).all():
+            raise ValueError("quats must be non-zero wxyz quaternions (a zero one has no "
+                             "rotation); use [1, 0, 0, 0] for no rotation")
         params = {
             "means": means,
             "scales": torch.log(scales),
@@ -144,13 +151,6 @@ class Splats(nn.Module):
                                 eps=eps)
             for k in PARAM_KEYS
         }
-
-    def check_finite(self) -> Optional[str]:
-        """Name of the first parameter holding NaN/Inf, or None."""
-        for k in PARAM_KEYS:
-            if not torch.isfinite(self.params[k]).all():
-                return k
-        return None
 
     # -- I/O ----------------------------------------------------------------------------------
     def scaled(self, factor: float) -> "Splats":

@@ -1,14 +1,18 @@
 """Multi-view renders of the shape world: the data of the embedded prior.
 
-Built once per (world, settings) on first use with a progress bar, then cached under
-``<cache_dir>/shape_world/<fingerprint>/`` (an atomic rename of a finished folder), so a changed
-world or setting builds a new one. The folder holds ``images.safetensors`` (uint8 RGB on the
+Built once per (code, settings) on first use with a progress bar, then cached under
+``<cache_dir>/shape_world/<fingerprint>/`` (an atomic rename of a finished folder). The
+fingerprint hashes the settings and the source of everything that draws the images (the shape
+world, the renderer, the cameras, the splat conversions), so a changed object, sampler, renderer
+or setting builds a new one. The folder holds ``images.safetensors`` (uint8 RGB on the
 settings' background, grey by default; alpha; per-view labels and angles) and ``meta.json``
 (prompts, object names, settings): the layout ``ClosedFormPrior.from_pretrained`` reads.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -24,7 +28,10 @@ from guidance.loading import cache_root
 
 from ..cameras import sample_orbit_cameras
 from ..renderers import render
-from .world import SHAPE_WORLD, object_splats, prompts, world_fingerprint
+from .world import SHAPE_WORLD, object_splats, prompts
+
+# The code that turns the settings into images: packages (every .py file) and modules.
+IMAGE_SOURCES = ("cfd.shapes", "cfd.renderers", "cfd.cameras", "cfd.scene.splats", "cfd.scene.sh")
 
 
 @dataclass
@@ -42,10 +49,29 @@ class ShapeDatasetConfig:
     cache_dir: Optional[str] = None
 
 
+def image_source_files() -> List[Path]:
+    """The source files of ``IMAGE_SOURCES``, in a fixed order."""
+    files = []
+    for name in IMAGE_SOURCES:
+        path = Path(importlib.import_module(name).__file__)
+        files += sorted(path.parent.glob("*.py")) if path.name == "__init__.py" else [path]
+    return files
+
+
+def dataset_fingerprint(cfg: ShapeDatasetConfig) -> str:
+    """Hash of the settings (bar ``cache_dir``) and the bytes of every image source file."""
+    settings = sorted((k, repr(v)) for k, v in asdict(cfg).items() if k != "cache_dir")
+    h = hashlib.sha256(repr(settings).encode())
+    for path in image_source_files():
+        h.update(f"\n{path.parent.name}/{path.name}\n".encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def dataset_dir(cfg: ShapeDatasetConfig) -> Path:
-    settings = {k: v for k, v in asdict(cfg).items() if k != "cache_dir"}
+    """``<cache_dir>/shape_world/<fingerprint>``: where the dataset of ``cfg`` is cached."""
     root = Path(cfg.cache_dir) if cfg.cache_dir else cache_root()
-    return root / "shape_world" / world_fingerprint(**{k: repr(v) for k, v in settings.items()})
+    return root / "shape_world" / dataset_fingerprint(cfg)
 
 
 @torch.no_grad()

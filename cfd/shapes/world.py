@@ -18,8 +18,6 @@ import torch
 from ..scene import Splats
 from . import primitives
 
-SHAPE_WORLD_VERSION = 1
-
 
 @dataclass(frozen=True)
 class Part:
@@ -227,11 +225,4 @@ def objects_for(prompt: str) -> List[ShapeObject]:
     return found
 
 
-def world_fingerprint(**settings) -> str:
-    """Hash of the world's definition and the given render settings (the dataset cache key)."""
-    text = repr((SHAPE_WORLD_VERSION, SHAPE_WORLD, sorted(settings.items())))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-__all__ = ["SHAPE_WORLD", "ShapeObject", "Part", "object_splats", "prompts", "objects_for",
-           "world_fingerprint"]
+__all__ = ["SHAPE_WORLD", "ShapeObject", "Part", "object_splats", "prompts", "objects_for"]

@@ -1,16 +1,44 @@
 """Config pieces every optimisation system shares: learning rates, training-camera ranges,
-training lights and scheduled loss weights."""
+training lights, scheduled loss weights, and the checks of settings every run has."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 
 from ..cameras import Cameras, sample_orbit_cameras
+from ..renderers.rasterize import resolve_backend
 from ..renderers.shading import Lighting
+
+
+def check_device(device: str, backend: str) -> None:
+    """Refuse, before a run starts, a ``device`` this machine lacks or a render ``backend``
+    that cannot run on it, naming the setting to change."""
+    try:
+        where = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"device={device!r} is not a torch device (cpu, cuda, cuda:1): "
+                         f"{err}") from None
+    if where.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device} but this machine has no usable CUDA device; "
+                         "set device=cpu")
+    if where.type == "cuda" and (where.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device={device} but this machine has {torch.cuda.device_count()} "
+                         "CUDA device(s); pick one of them or set device=cpu")
+    try:
+        resolve_backend(backend, where)
+    except ValueError as err:
+        raise ValueError(f"backend={backend} with device={device}: {err}") from None
+
+
+def check_counts(counts: Dict[str, int]) -> None:
+    """Refuse counts below 1 (``{"eval_views": 8, ...}``), naming the key."""
+    for key, value in counts.items():
+        if value < 1:
+            raise ValueError(f"{key} must be >= 1, got {value}")
 
 
 def scheduled(value: Any, step: int) -> float:

@@ -32,11 +32,13 @@ from ..scene.background import BackgroundMLPConfig, MLPBackground
 from ..scene.mesh import extract_mesh, write_glb, write_obj
 from ..scene.ply import read_ply_property
 from ..utils.media import save_grid
-from ..utils.runtime import atomic_write, make_run_dir, seed_everything, write_json
+from ..utils.runtime import (TrainingStopped, atomic_write, make_run_dir, seed_everything,
+                             write_json)
 from ..visualize import write_orbit_video
 from .checkpoint import load_checkpoint, save_checkpoint
 from .prior import GuidanceConfig, build_guidance
-from .common import LearningRates, OrbitConfig, ShadingConfig, scheduled
+from .common import (LearningRates, OrbitConfig, ShadingConfig, check_counts, check_device,
+                     scheduled)
 from .timesteps import TimestepConfig, TimestepSchedule
 
 log = logging.getLogger(__name__)
@@ -68,7 +70,9 @@ class InitConfig:
 @dataclass
 class LossWeights:
     """Weight of each ``loss_<name>`` term: a number, or a ramp ``[start_step, start_value,
-    end_value, end_step]`` (see ``common.scheduled``); a term whose weight is 0 is not computed.
+    end_value, end_step]`` (see ``common.scheduled``). The regularisers (``sparsity``,
+    ``normal_smooth``) are not computed while their weight is 0; the guidance runs every step
+    whatever ``lambda_sds`` is (0 leaves the regularisers alone to move the scene).
 
     ``sds``: the guidance's distillation loss. ``sparsity``: mean ``sqrt(alpha^2 + 0.01)`` of the
     renders (the sparsity term of the official CFD code). It removes splats no view needs: a
@@ -157,6 +161,12 @@ def check_settings(c: DistillConfig) -> None:
             raise ValueError(f"{key}: {err}") from None
     if c.scene not in ("splats", "nerf"):
         raise ValueError(f"scene is 'splats' or 'nerf', got {c.scene!r}")
+    if c.scene == "nerf" and c.backend not in ("auto", "torch"):
+        raise ValueError(f"backend={c.backend} renders splats; a NeRF renders with nerfacc: set "
+                         "backend=auto or backend=torch")
+    if c.scene == "splats" and c.init.kind == "ball" and c.init.n_splats < 1:
+        raise ValueError(f"init.n_splats must be >= 1, got {c.init.n_splats}: an empty scene has "
+                         "nothing to train (densification only splits and clones splats)")
     if c.init.lock_visible and (c.init.kind != "ply" or c.scene != "splats"
                                 or c.densify.enabled):
         raise ValueError("init.lock_visible needs scene=splats, init.kind=ply and "
@@ -172,6 +182,12 @@ def check_settings(c: DistillConfig) -> None:
         raise ValueError("shading, loss.lambda_normal_smooth and max_grad_samples are for "
                          "scene=nerf (splats have no normals, and their backward is "
                          "already bounded by the tiles)")
+    check_device(c.device, c.backend)
+    check_counts({"batch_size": c.batch_size, "resolution": c.resolution,
+                  "checkpoint_every": c.checkpoint_every, "log_every": c.log_every,
+                  "eval_views": c.eval_views, "video_frames": c.video_frames,
+                  "video_size": c.video_size})
+    TimestepSchedule(c.timesteps, c.steps)  # its knots and ranges
 
 
 class Distillation:
@@ -183,8 +199,7 @@ class Distillation:
         check_settings(c)
         self.run_dir = run_dir
         self.device = torch.device(c.device)
-        seed_everything(c.seed)
-        self.generator = torch.Generator().manual_seed(c.seed)
+        self.generator = seed_everything(c.seed)
         self.guidance = build_guidance(c.guidance, self.device, c.prompt_processor)
         self.prompt = PromptProcessor(c.prompt_processor, self.guidance)
         self.latent_shape = self.guidance.latent_shape(c.resolution, c.resolution)
@@ -245,7 +260,10 @@ class Distillation:
             if not init.path:
                 raise ValueError("init.kind=ply needs init.path=<file.ply>")
             splats = Splats.load_ply(init.path)
-            if init.fit_radius is not None and len(splats):
+            if not len(splats):
+                raise ValueError(f"init.path={init.path} holds no splats; a run needs at least "
+                                 "one to train")
+            if init.fit_radius is not None:
                 extent = torch.quantile(splats.means.detach().norm(dim=-1), 0.99).item()
                 splats = splats.scaled(init.fit_radius / max(extent, 1e-6))
             return splats.turned(init.turn_deg) if init.turn_deg else splats
@@ -350,13 +368,14 @@ class Distillation:
         c = self.cfg
         self.update_occupancy()
         cams = c.camera.sample(c.batch_size, c.resolution, self.generator, self.device)
-        out, background = self.render_views(cams)
+        out, colours_for_guidance = self.render_views(cams)
         if isinstance(self.scene, Splats):
             self.densifier.before_backward(self.scene, self.optimizers, self.step, out.info)
         t = self.schedule(self.step, self.generator)
         points = cams.centers[:, None, None, :] + out.depth.detach() * cams.ray_directions()
         noise = self.noise(points, out.alpha.detach(), self.latent_shape)
-        losses = self.guidance(out.rgb, cams, self.prompt, t, noise, background=background)
+        losses = self.guidance(out.rgb, cams, self.prompt, t, noise,
+                               background=colours_for_guidance)
         if scheduled(c.loss.lambda_sparsity, self.step) > 0:
             losses["loss_sparsity"] = torch.sqrt(out.alpha ** 2 + 0.01).mean()
         if scheduled(c.loss.lambda_normal_smooth, self.step) > 0:
@@ -393,18 +412,26 @@ class Distillation:
 
 
 def _metrics_log(run_dir: Path, keep_below: int) -> Path:
-    """metrics.jsonl without the lines of steps a resumed run will redo."""
+    """metrics.jsonl without the lines of steps a resumed run will redo, rewritten atomically.
+    A killed run can leave a torn last line (the log is flushed in blocks); it is dropped."""
     path = run_dir / "metrics.jsonl"
     if path.is_file():
-        lines = [ln for ln in path.read_text().splitlines()
-                 if ln and json.loads(ln)["step"] < keep_below]
-        path.write_text("".join(ln + "\n" for ln in lines))
+        *complete, _torn = path.read_text().split("\n")
+        kept = "".join(ln + "\n" for ln in complete if json.loads(ln)["step"] < keep_below)
+        atomic_write(path, lambda f: f.write(kept.encode()))
     return path
 
 
 def run(cfg, resume_dir: Optional[Path] = None) -> dict:
-    """Run (or resume) a distillation; returns the final metrics."""
+    """Run (or resume) a distillation; returns the final metrics. Resuming a finished run (its
+    metrics.json written) only says so and returns them."""
     c: DistillConfig = to_object(cfg)
+    if resume_dir is not None and (Path(resume_dir) / "metrics.json").is_file():
+        print(f"{resume_dir} finished all {c.steps} steps already; nothing to resume (start a "
+              "new run to train again)")
+        return {**json.loads((Path(resume_dir) / "metrics.json").read_text()),
+                "run_dir": str(resume_dir)}
+    check_settings(c)  # before a run folder exists
     if resume_dir is None:
         run_dir = make_run_dir(c.output_dir, c.name, c.prompt_processor.prompt)
         save_config(cfg, run_dir / "config.yaml")
@@ -429,10 +456,11 @@ def run(cfg, resume_dir: Optional[Path] = None) -> dict:
                 log.warning("step %d: non-finite gradient, step skipped", record["step"])
                 if system.bad_steps >= c.max_bad_steps:
                     metrics_file.flush()
-                    raise RuntimeError(
+                    raise TrainingStopped(
                         f"{system.bad_steps} consecutive steps had NaN/Inf gradients; stopped. "
-                        f"The last good checkpoint is in {run_dir / 'ckpt'}; lower the learning "
-                        "rates or the guidance scale and resume with --resume")
+                        f"The last good checkpoint is in {run_dir / 'ckpt'} (--resume would "
+                        "repeat the same steps); start a new run with lower learning rates or "
+                        "guidance scale")
             bar.set_postfix(t=f"{record['t']:.3f}", loss=f"{record['loss']:.3g}",
                             **({"splats": record["n_splats"]} if "n_splats" in record else {}))
             bar.update(1)

@@ -22,7 +22,7 @@ from ..shapes import object_splats, objects_for
 from ..utils.media import save_grid
 from ..utils.runtime import make_run_dir, seed_everything, write_json
 from ..visualize import write_orbit_video
-from .common import LearningRates, OrbitConfig
+from .common import LearningRates, OrbitConfig, check_counts, check_device
 from .ground_truth import psnr
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,11 @@ class FitSplatsConfig:
 def run(cfg) -> dict:
     """Run the fit described by ``cfg`` (an OmegaConf ``FitSplatsConfig``); returns the metrics."""
     c: FitSplatsConfig = to_object(cfg)
+    check_device(c.device, c.backend)
+    check_counts({"init_splats": c.init_splats, "batch_size": c.batch_size,
+                  "resolution": c.resolution, "log_every": c.log_every,
+                  "eval_views": c.eval_views, "video_frames": c.video_frames,
+                  "video_size": c.video_size})
     device = torch.device(c.device)
     gen = seed_everything(c.seed)
     run_dir = make_run_dir(c.output_dir, c.name, c.tag)

@@ -22,14 +22,23 @@ class TimestepConfig:
 
 
 class TimestepSchedule:
+    """t for each step. Every t lies in the open interval (0, 1): the guidance's noise is
+    undefined at t = 0 (NaN) and its weight infinite at t = 1."""
+
     def __init__(self, cfg: TimestepConfig, total_steps: int):
         if cfg.kind not in ("anneal", "uniform"):
             raise ValueError(f"unknown timestep schedule {cfg.kind!r}; use 'anneal' or 'uniform'")
         knots = sorted((float(p), float(t)) for p, t in cfg.knots)
-        if cfg.kind == "anneal" and (len(knots) < 2 or knots[0][0] > 0 or knots[-1][0] < 1):
-            raise ValueError("anneal knots must cover progress 0..1, e.g. [[0, 0.98], [1, 0.02]]")
-        if not all(0.0 <= t <= 1.0 for _, t in knots) or not 0 <= cfg.t_min <= cfg.t_max <= 1:
-            raise ValueError("timesteps must lie in [0, 1] with t_min <= t_max")
+        if cfg.kind == "anneal":
+            if len(knots) < 2 or knots[0][0] > 0 or knots[-1][0] < 1:
+                raise ValueError("timesteps.knots must cover progress 0..1, e.g. "
+                                 "[[0, 0.98], [1, 0.02]]")
+            if not all(0.0 < t < 1.0 for _, t in knots):
+                raise ValueError(f"timesteps.knots: every t must lie strictly between 0 and 1 "
+                                 f"(e.g. 0.02 .. 0.98), got {[t for _, t in knots]}")
+        elif not 0.0 < cfg.t_min <= cfg.t_max < 1.0:
+            raise ValueError(f"timesteps.t_min and t_max must satisfy 0 < t_min <= t_max < 1 "
+                             f"(e.g. 0.02 and 0.98), got {cfg.t_min} and {cfg.t_max}")
         self.cfg, self.knots, self.total = cfg, knots, max(total_steps, 1)
 
     def __call__(self, step: int, generator: torch.Generator) -> float:

@@ -1,4 +1,5 @@
-"""Process-level set-up: seeding, run folders, atomic writes and allocator tuning."""
+"""Process-level set-up: seeding, run folders, atomic writes, allocator tuning, and the error a
+run stops itself with."""
 
 from __future__ import annotations
 
@@ -14,6 +15,11 @@ from typing import Any, BinaryIO, Callable
 
 import numpy as np
 import torch
+
+
+class TrainingStopped(RuntimeError):
+    """A training loop stopped itself because its state cannot go on (the gradients diverged,
+    densification left no splat); the message says why and which settings to change."""
 
 
 def seed_everything(seed: int) -> torch.Generator:
