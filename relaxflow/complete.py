@@ -46,6 +46,17 @@ class BranchSettings:
     topology: str = "grid"  # "flat": the released code's blur along the raw token index
     sampler: StageOverrides = field(default_factory=StageOverrides)
 
+    def check(self, key: str) -> None:
+        """Refuse what this stage's sampler would refuse, before anything loads or runs
+        (``key``: the config key, ``stage1`` or ``stage2``)."""
+        from .dual_branch import SCHEDULES
+
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"{key}.schedule is one of {', '.join(SCHEDULES)}, got "
+                             f"{self.schedule!r}")
+        if self.topology not in ("grid", "flat"):
+            raise ValueError(f"{key}.topology is 'grid' or 'flat', got {self.topology!r}")
+
 
 @dataclass
 class ObservationCamera:
@@ -159,15 +170,23 @@ def _three_runs(sampler, obs, prior, visibility=None, progress=False):
             "observation_only": guided(sampler.base, *obs), "prior_only": prior_only}
 
 
+def check_settings(c: RelaxFlowConfig) -> None:
+    """Refuse settings that cannot run, naming the fix, before a model loads or a file is
+    written (the inputs' files are read and checked by ``run``)."""
+    if c.image is None:
+        raise ValueError("give the occluded observation: image=path.png [mask=path.png]")
+    c.stage1.check("stage1")
+    c.stage2.check("stage2")
+
+
 def run(cfg) -> Dict[str, Any]:
     from .conditioning import load_object
     from .pipeline import TrellisPipeline
 
     c: RelaxFlowConfig = to_object(cfg)
-    device = resolve_device(c.device)
     # every input is checked before a model loads or a file is written
-    if c.image is None:
-        raise ValueError("give the occluded observation: image=path.png [mask=path.png]")
+    check_settings(c)
+    device = resolve_device(c.device)
     observation = load_object(c.image, c.mask)
     pipe = TrellisPipeline.from_pretrained(c.model, device=device,
                                            half_dtype=resolve_precision(c.precision),
@@ -188,8 +207,8 @@ def run(cfg) -> Dict[str, Any]:
                   for name in ("relaxflow", "observation_only", "prior_only")}
     timings: Dict[str, float] = {}
 
-    # One function per stage: its models are locals there, so they are released when the stage
-    # ends and only one stage's weights are held at a time.
+    # One function per stage: its models are locals there, so when the stage ends nothing but
+    # the pipeline holds them (with offload=reload, the default, it lets them go).
     def structures():
         from .stages import group_by_item, sample_structure
 

@@ -84,15 +84,20 @@ def run(cfg) -> Dict[str, Any]:
                          "distill.init.lock_visible=true (run the distill job on the "
                          "completion's splats.ply to refine everything)")
     device = resolve_device(c.device)
+    relaxflow_cfg = OmegaConf.merge(cfg.relaxflow, {"device": str(device), **inputs})
+    distill_cfg = OmegaConf.merge(cfg.distill, {
+        "device": str(device), "prompt_processor": {"prompt": inputs["prompt"]},
+        "init": {"kind": "ply", "turn_deg": c.distill.init.turn_deg - c.relaxflow.camera.azimuth}})
+    # both paths' settings are checked before the run folder exists and RelaxFlow runs
+    complete.check_settings(to_object(relaxflow_cfg))
+    distill.check_settings(to_object(distill_cfg))
     image = inputs["image"]
-    run_dir = make_run_dir(c.output_dir, c.name, Path(image).stem if image else "refine")
+    run_dir = make_run_dir(c.output_dir, c.name, Path(image).stem)
     save_config(cfg, run_dir / "config.yaml")
-    shared = {"output_dir": str(run_dir), "device": str(device)}
-    completion = complete.run(OmegaConf.merge(cfg.relaxflow, {**shared, **inputs}))
-    refined = distill.run(OmegaConf.merge(cfg.distill, {
-        **shared, "prompt_processor": {"prompt": inputs["prompt"]},
-        "init": {"kind": "ply", "path": str(Path(completion["run_dir"]) / "splats.ply"),
-                 "turn_deg": c.distill.init.turn_deg - c.relaxflow.camera.azimuth}}))
+    completion = complete.run(OmegaConf.merge(relaxflow_cfg, {"output_dir": str(run_dir)}))
+    refined = distill.run(OmegaConf.merge(distill_cfg, {
+        "output_dir": str(run_dir),
+        "init": {"path": str(Path(completion["run_dir"]) / "splats.ply")}}))
     result = {"relaxflow": completion, "cfd": refined}
     write_json(run_dir / "metrics.json", result)
     print(f"refined the completion of {image}; results in {run_dir}")

@@ -52,6 +52,12 @@ def test_demo_job_end_to_end(tmp_path):
     assert (run_dir / "orbit.mp4").is_file() or (run_dir / "orbit.gif").is_file()
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["steps"] == 60 and metrics["psnr"] > 18.0  # a blob start scores about 12 dB
+    # files written atomically are as readable as any other the run wrote (not mkstemp's 0600)
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    modes = {name: (run_dir / name).stat().st_mode & 0o777
+             for name in ("config.yaml", "metrics.json", "splats.ply")}
+    assert set(modes.values()) == {plain.stat().st_mode & 0o777}, modes
 
 
 def test_cli_rejects_bad_keys_with_a_clear_message(tmp_path):
@@ -90,7 +96,7 @@ def test_fit_splats_refuses_bad_counts_and_devices_before_making_a_run_folder(tm
     import run
 
     for override, message in (("eval_views=0", "eval_views must be >= 1"),
-                              ("backend=gsplat", "backend=gsplat with device=cpu")):
+                              ("backend=gsplat", "backend=gsplat needs device=cuda")):
         assert run.main(["--config", str(CONFIG), f"output_dir={tmp_path}", override]) == 2
         assert f"error: {message}" in capsys.readouterr().err
     assert not (tmp_path / "demo-fit-splats").exists()

@@ -304,7 +304,7 @@ def test_nerf_run_resumes_exactly_from_its_checkpoint(tmp_path, cache_dir, extra
     ("splats", {"background_kind": "sky"}, "'solid' or 'mlp'"),
     ("splats", {"init.lock_visible": True}, "init.lock_visible needs scene=splats, init.kind=ply"),
     ("splats", {"init.n_splats": 0}, "init.n_splats must be >= 1"),
-    ("splats", {"backend": "gsplat"}, "backend=gsplat with device=cpu.*backend='torch'"),
+    ("splats", {"backend": "gsplat"}, "backend=gsplat needs device=cuda.*backend=torch"),
     ("nerf", {"backend": "gsplat"}, "set backend=auto or backend=torch"),
     ("splats", {"eval_views": 0}, "eval_views must be >= 1"),
     ("splats", {"video_frames": 0}, "video_frames must be >= 1"),

@@ -184,6 +184,14 @@ def test_bad_input_errors():
     cams = Cameras(viewmats, Ks, 8, 8)
     with pytest.raises(ValueError, match="scales contains NaN or Inf"):
         render(splats, cams)
+    # an infinite stored value whose activation is finite (log-scale -inf: scale 0; opacity
+    # logit inf: opacity 1) is refused where splats are made, as from a broken file
+    for key, value in (("scales", -math.inf), ("opacities", math.inf)):
+        fresh = Splats.from_activated(scene[0], scene[2], scene[1], scene[3], scene[4])
+        params = {k: v.detach().clone() for k, v in fresh.params.items()}
+        params[key].view(-1)[0] = value
+        with pytest.raises(ValueError, match=rf"\['{key}'\] contain NaN or Inf"):
+            Splats(params)
 
 
 def test_sh_degree_must_fit_the_colours_given():

@@ -436,6 +436,12 @@ def test_refine_hands_each_input_to_relaxflow_once(pipeline_dir, tmp_path, capsy
     image = _rgba_file(tmp_path / "obs.png", (16, 16, 40, 48), (200, 50, 50))
     args = ["refine", "--config", "configs/relaxflow-cfd.yaml", f"image={image}",
             "prompt=a chair", f"output_dir={tmp_path / 'out'}", f"relaxflow.model={pipeline_dir}"]
+    # both paths' settings are refused before a run folder exists or RelaxFlow runs
+    assert run.main([*args, "relaxflow.stage2.schedule=steep"]) == 2
+    assert "stage2.schedule is one of linear_cutoff" in capsys.readouterr().err
+    assert run.main([*args, "distill.eval_views=0"]) == 2
+    assert "eval_views must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
     assert run.main([*args, f"relaxflow.priors=[{tmp_path / 'absent.png'}]"]) == 2
     assert f"{tmp_path / 'absent.png'} does not exist" in capsys.readouterr().err
     assert run.main([*args, f"priors=[{image}]", f"relaxflow.priors=[{image}]"]) == 2

@@ -48,6 +48,13 @@ class Splats(nn.Module):
         for key, shape in expected.items():
             if tuple(params[key].shape) != shape:
                 raise ValueError(f"Splats.{key} must be {shape}, got {tuple(params[key].shape)}")
+        # Checked here, on the stored (pre-activation) values: the renderer sees only their
+        # activations, which turn an infinite log-scale or opacity logit into a finite value.
+        finite = torch.stack([torch.isfinite(params[k]).all() for k in PARAM_KEYS]).tolist()
+        broken = [k for k, ok in zip(PARAM_KEYS, finite) if not ok]
+        if broken:
+            raise ValueError(f"Splats parameters {broken} contain NaN or Inf (a broken file or "
+                             "a diverged optimisation); re-initialise the splats")
         self.sh_degree = sh_degree
         self.params = nn.ParameterDict(
             {k: nn.Parameter(params[k].detach().clone().float()) for k in PARAM_KEYS}

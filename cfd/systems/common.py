@@ -28,10 +28,10 @@ def check_device(device: str, backend: str) -> None:
     if where.type == "cuda" and (where.index or 0) >= torch.cuda.device_count():
         raise ValueError(f"device={device} but this machine has {torch.cuda.device_count()} "
                          "CUDA device(s); pick one of them or set device=cpu")
-    try:
-        resolve_backend(backend, where)
-    except ValueError as err:
-        raise ValueError(f"backend={backend} with device={device}: {err}") from None
+    if backend == "gsplat" and where.type != "cuda":
+        raise ValueError(f"backend=gsplat needs device=cuda (gsplat has no CPU rasteriser); "
+                         f"with device={device} use backend=torch or backend=auto")
+    resolve_backend(backend, where)  # an unknown backend: its error lists the known ones
 
 
 def check_counts(counts: Dict[str, int]) -> None:

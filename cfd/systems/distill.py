@@ -72,7 +72,8 @@ class LossWeights:
     """Weight of each ``loss_<name>`` term: a number, or a ramp ``[start_step, start_value,
     end_value, end_step]`` (see ``common.scheduled``). The regularisers (``sparsity``,
     ``normal_smooth``) are not computed while their weight is 0; the guidance runs every step
-    whatever ``lambda_sds`` is (0 leaves the regularisers alone to move the scene).
+    whatever ``lambda_sds`` is: at 0 the regularisers alone move the scene, and a step whose
+    guidance gradient is not finite is still skipped.
 
     ``sds``: the guidance's distillation loss. ``sparsity``: mean ``sqrt(alpha^2 + 0.01)`` of the
     renders (the sparsity term of the official CFD code). It removes splats no view needs: a

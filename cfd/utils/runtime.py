@@ -61,6 +61,12 @@ def make_run_dir(output_dir: str, config_name: str, tag: str) -> Path:
     return path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> Path:
     """Write a file through ``write(f)`` into a temporary sibling, then rename it into place, so
     a reader (or a resumed run) sees the old file or the new one, never half of one."""
@@ -68,6 +74,7 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide results from other users
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
