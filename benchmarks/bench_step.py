@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -44,7 +43,7 @@ def main() -> None:
     args = parser.parse_args()
     tune_malloc()
     cfg = load_config(DistillConfig, Path(args.config), args.overrides)
-    system = Distillation(cfg, Path(tempfile.mkdtemp()))
+    system = Distillation(cfg)
     c, dev, g = system.cfg, system.device, system.guidance
     phases = {k: [] for k in ("render", "noise", "encode", "guidance", "backward", "optimizer",
                               "floor")}

@@ -68,7 +68,7 @@ def _floater_opacity(tmp_path, cache_dir, **overrides):
     """Opacity of a grey splat (the background's colour) above the object after 10 steps."""
     cfg = load_config(DistillConfig, CONFIG, small_overrides(tmp_path, cache_dir, steps=10,
                                                               **overrides))
-    system = distill.Distillation(cfg, tmp_path)
+    system = distill.Distillation(cfg)
     with torch.no_grad():  # splat 0: grey, just above the object, inside the training views
         system.scene.params["means"][0] = torch.tensor([0.0, 0.0, 0.9])
         system.scene.params["sh0"][0] = 0.0
@@ -97,11 +97,11 @@ def test_scheduled_values_ramp_and_reject_bad_values(tmp_path, cache_dir):
     cfg = load_config(DistillConfig, CONFIG, small_overrides(
         tmp_path, cache_dir, **{"loss.lambda_sparsity": [200, 1.0, 5.0, 100]}))
     with pytest.raises(ValueError, match="loss.lambda_sparsity.*start_step < end_step"):
-        distill.Distillation(cfg, tmp_path)
+        distill.Distillation(cfg)
     cfg = load_config(DistillConfig, CONFIG, small_overrides(
         tmp_path, cache_dir, **{"noise.gamma": [10, 0.01]}))
     with pytest.raises(ValueError, match="noise.gamma.*end_step"):
-        distill.Distillation(cfg, tmp_path)
+        distill.Distillation(cfg)
 
 
 def test_short_run_writes_everything(tmp_path, cache_dir, capsys):
@@ -246,7 +246,7 @@ def test_nerf_run_improves_held_out_views_and_writes_a_mesh(tmp_path, cache_dir)
 
     cfg = load_config(DistillConfig, NERF_CONFIG, nerf_overrides(tmp_path, cache_dir, steps=40,
                                                                  log_every=20))
-    start = distill.Distillation(cfg, tmp_path)
+    start = distill.Distillation(cfg)
     before = evaluate_against_shape_world(start.scene, "a mug", resolution=32, background=0.5,
                                           render_options=start.render_options())
     result = distill.run(cfg)
@@ -265,14 +265,14 @@ def straight_and_resumed(cfg, tmp_path, steps: int):
     checkpoint a third system wrote halfway."""
     from cfd.systems.checkpoint import load_checkpoint, save_checkpoint
 
-    straight = distill.Distillation(cfg, tmp_path)
+    straight = distill.Distillation(cfg)
     for _ in range(steps):
         straight.train_step()
-    first = distill.Distillation(cfg, tmp_path)
+    first = distill.Distillation(cfg)
     for _ in range(steps // 2):
         first.train_step()
     save_checkpoint(tmp_path / "ckpt", first.state_dict())
-    second = distill.Distillation(cfg, tmp_path)
+    second = distill.Distillation(cfg)
     second.load_state_dict(load_checkpoint(tmp_path / "ckpt"))
     for _ in range(steps - steps // 2):
         second.train_step()
@@ -316,7 +316,7 @@ def test_settings_that_do_not_fit_the_scene_are_clear_errors(tmp_path, cache_dir
                  else small_overrides(tmp_path, cache_dir, **extra))
     cfg = load_config(DistillConfig, NERF_CONFIG if config == "nerf" else CONFIG, overrides)
     with pytest.raises(ValueError, match=message):
-        distill.Distillation(cfg, tmp_path)
+        distill.Distillation(cfg)
 
 
 def test_bad_settings_fail_before_a_run_folder_exists(tmp_path, cache_dir):
@@ -332,7 +332,7 @@ def test_cuda_device_without_cuda_is_a_clear_error(tmp_path, cache_dir):
     cfg = load_config(DistillConfig, CONFIG, small_overrides(tmp_path, cache_dir, device="cuda"))
     with pytest.raises(ValueError, match="device=cuda but this machine has no usable CUDA "
                                          "device; set device=cpu"):
-        distill.Distillation(cfg, tmp_path)
+        distill.Distillation(cfg)
 
 
 def test_an_empty_ply_is_refused(tmp_path, cache_dir):
@@ -340,7 +340,7 @@ def test_an_empty_ply_is_refused(tmp_path, cache_dir):
     cfg = load_config(DistillConfig, CONFIG, small_overrides(
         tmp_path, cache_dir, **{"init.kind": "ply", "init.path": tmp_path / "empty.ply"}))
     with pytest.raises(ValueError, match="holds no splats"):
-        distill.Distillation(cfg, tmp_path)
+        distill.Distillation(cfg)
 
 
 def test_splat_run_resumes_exactly_mid_densification(tmp_path, cache_dir):
@@ -379,7 +379,7 @@ def test_learned_background_trains_and_resumes_with_an_image_model(tmp_path, cac
                                 "guidance.latent_sampling": "mean", "background_kind": "mlp",
                                 "random_background": 0.5, "densify.enabled": False,
                                 "prompt_processor.cache_dir": tmp_path / "embeddings"}))
-    start = distill.Distillation(cfg, tmp_path).background.state_dict()
+    start = distill.Distillation(cfg).background.state_dict()
     straight, second = straight_and_resumed(cfg, tmp_path, 4)
     assert any(not torch.equal(start[k], v) for k, v in straight.background.state_dict().items())
     for want, got in ((straight.background.state_dict(), second.background.state_dict()),
@@ -401,7 +401,7 @@ def test_lock_visible_scales_each_splats_step_by_its_hidden_share(tmp_path, cach
         cfg = load_config(DistillConfig, CONFIG, small_overrides(
             tmp_path, cache_dir, **{"init.kind": "ply", "init.path": tmp_path / "start.ply",
                                     "init.lock_visible": lock, "densify.enabled": False}))
-        system = distill.Distillation(cfg, tmp_path)
+        system = distill.Distillation(cfg)
         system.train_step()
         runs[lock] = {k: v.detach() - splats.params[k].detach()
                       for k, v in system.scene.params.items()}

@@ -36,9 +36,9 @@ from ..utils.runtime import (TrainingStopped, atomic_write, make_run_dir, seed_e
                              write_json)
 from ..visualize import write_orbit_video
 from .checkpoint import load_checkpoint, save_checkpoint
-from .prior import GuidanceConfig, build_guidance
 from .common import (LearningRates, OrbitConfig, ShadingConfig, check_counts, check_device,
                      scheduled)
+from .prior import GuidanceConfig, build_guidance
 from .timesteps import TimestepConfig, TimestepSchedule
 
 log = logging.getLogger(__name__)
@@ -194,11 +194,10 @@ def check_settings(c: DistillConfig) -> None:
 class Distillation:
     """One run: its scene, optimisers, noise, RNG streams and the step loop."""
 
-    def __init__(self, cfg, run_dir: Path):
+    def __init__(self, cfg):
         self.cfg: DistillConfig = to_object(cfg)
         c = self.cfg
         check_settings(c)
-        self.run_dir = run_dir
         self.device = torch.device(c.device)
         self.generator = seed_everything(c.seed)
         self.guidance = build_guidance(c.guidance, self.device, c.prompt_processor)
@@ -432,13 +431,12 @@ def run(cfg, resume_dir: Optional[Path] = None) -> dict:
               "new run to train again)")
         return {**json.loads((Path(resume_dir) / "metrics.json").read_text()),
                 "run_dir": str(resume_dir)}
-    check_settings(c)  # before a run folder exists
+    system = Distillation(cfg)  # checks the settings and loads the models before a folder exists
     if resume_dir is None:
         run_dir = make_run_dir(c.output_dir, c.name, c.prompt_processor.prompt)
         save_config(cfg, run_dir / "config.yaml")
     else:
         run_dir = Path(resume_dir)
-    system = Distillation(cfg, run_dir)
     state = load_checkpoint(run_dir / "ckpt") if resume_dir is not None else None
     if state is not None:
         system.load_state_dict(state)
