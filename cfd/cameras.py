@@ -17,10 +17,12 @@ Conventions
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 # diag(1, -1, -1, 1): flips camera y and z, mapping OpenGL camera axes to OpenCV camera axes.
@@ -35,8 +37,12 @@ class Cameras:
         viewmats: world-to-camera matrices, OpenCV convention. ``[B, 4, 4]``.
         Ks: intrinsics in pixels, pixel centres at +0.5. ``[B, 3, 3]``.
         width, height: image size in pixels (positive).
-        elevation, azimuth: degrees, ``[B]``, for view-dependent prompts; ``None`` when unknown.
-        distance: camera distance to the orbit centre, ``[B]``, or ``None``.
+        elevation, azimuth: degrees, ``[B]``, for view-dependent prompts.
+        distance: camera distance to the orbit centre (the world origin), ``[B]``.
+
+    Angles and distance not given are derived from the camera centres (``orbit_angles``), so
+    every batch carries them, whether built on an orbit, with ``look_at`` or from OpenGL poses.
+    Indexing with an int keeps the batch dimension (a batch of one); iterating yields those.
     """
 
     viewmats: Tensor
@@ -70,6 +76,12 @@ class Cameras:
             value = getattr(self, name)
             if value is not None and value.shape != (B,):
                 raise ValueError(f"Cameras.{name} must be [B]={B}, got {tuple(value.shape)}")
+        missing = [name for name in ("elevation", "azimuth", "distance")
+                   if getattr(self, name) is None]
+        if missing:
+            derived = dict(zip(("elevation", "azimuth", "distance"), orbit_angles(self.centers)))
+            for name in missing:
+                setattr(self, name, derived[name])
 
     def __len__(self) -> int:
         return self.viewmats.shape[0]
@@ -84,25 +96,31 @@ class Cameras:
         return camera_centers(self.viewmats)
 
     def to(self, device: torch.device | str) -> "Cameras":
-        def move(x: Optional[Tensor]) -> Optional[Tensor]:
-            return None if x is None else x.to(device)
-
         return Cameras(
             self.viewmats.to(device), self.Ks.to(device), self.width, self.height,
-            move(self.elevation), move(self.azimuth), move(self.distance),
+            self.elevation.to(device), self.azimuth.to(device), self.distance.to(device),
         )
 
     def __getitem__(self, index) -> "Cameras":
-        """Select cameras by index, slice or mask; keeps the batch dimension."""
-        if isinstance(index, int):
-            index = slice(index, index + 1 if index != -1 else None)
+        """Select cameras by index, slice, index tensor or mask; keeps the batch dimension.
 
-        def pick(x: Optional[Tensor]) -> Optional[Tensor]:
-            return None if x is None else x[index]
-
+        Any integer (Python, NumPy, a 0-d tensor) selects one camera and must be in range:
+        iteration, which Python runs through this method, stops at the ``IndexError``.
+        """
+        if not (isinstance(index, Tensor) and index.ndim > 0):
+            try:
+                i = operator.index(index)
+            except TypeError:
+                pass  # a slice or a sequence: tensor indexing checks it
+            else:
+                n = len(self)
+                if not -n <= i < n:
+                    raise IndexError(f"camera index {i} is out of range for a batch of {n} "
+                                     f"cameras (valid: -{n} to {n - 1})")
+                index = slice(i % n, i % n + 1)
         return Cameras(
             self.viewmats[index], self.Ks[index], self.width, self.height,
-            pick(self.elevation), pick(self.azimuth), pick(self.distance),
+            self.elevation[index], self.azimuth[index], self.distance[index],
         )
 
     def ray_directions(self) -> Tensor:
@@ -134,8 +152,38 @@ def camera_centers(viewmats: Tensor) -> Tensor:
     return -(R.transpose(1, 2) @ t[:, :, None])[:, :, 0]
 
 
+def orbit_angles(centers: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Elevation and azimuth (degrees) and distance of camera centres about the origin: the
+    inverse of ``spherical_to_position``, azimuth wrapped to [-180, 180) as the samplers do
+    (on the z axis it is whatever the rounding of x and y gives). ``[B, 3] -> 3 x [B]``."""
+    x, y, z = centers.unbind(-1)
+    elevation = torch.rad2deg(torch.atan2(z, torch.hypot(x, y)))
+    azimuth = _wrap_azimuth(torch.rad2deg(torch.atan2(y, x)))
+    return elevation, azimuth, centers.norm(dim=-1)
+
+
+def _wrap_azimuth(azimuth_deg: Tensor) -> Tensor:
+    return torch.remainder(azimuth_deg + 180.0, 360.0) - 180.0
+
+
+def _check_values(name: str, values: Tensor, ok: Tensor, rule: str) -> None:
+    """Raise naming the argument, the rule and (a few of) the values that break it."""
+    if not ok.all():
+        bad = values[~ok].flatten()
+        raise ValueError(f"{name} must be {rule}, got {bad[:5].tolist()}"
+                         f"{f' (and {bad.numel() - 5} more)' if bad.numel() > 5 else ''}")
+
+
+def _check_fov(name: str, fov_deg: Tensor) -> None:
+    fov = torch.as_tensor(fov_deg)
+    _check_values(name, fov, (fov > 0) & (fov < 180),
+                  "a field of view strictly between 0 and 180 degrees")
+
+
 def intrinsics_from_fov(fov_y_deg: Tensor, width: int, height: int) -> Tensor:
-    """Pinhole intrinsics for a vertical field of view (degrees), square pixels. ``[B] -> [B,3,3]``."""
+    """Pinhole intrinsics for a vertical field of view (degrees, in (0, 180)), square pixels.
+    ``[B] -> [B,3,3]``."""
+    _check_fov("fov_y_deg", fov_y_deg)
     fov_y = torch.deg2rad(fov_y_deg)
     focal = 0.5 * height / torch.tan(0.5 * fov_y)
     Ks = torch.zeros(fov_y.shape + (3, 3), dtype=fov_y.dtype, device=fov_y.device)
@@ -153,7 +201,8 @@ def look_at(eye: Tensor, target: Tensor, up: Optional[Tensor] = None) -> Tensor:
     Args:
         eye, target: ``[B, 3]``.
         up: world up ``[3]`` or ``[B, 3]``; default +z. Where the view direction is parallel to
-            ``up`` (a camera straight above), world +y is used instead so the result stays finite.
+            ``up`` (a camera straight above), the world axis least aligned with the view is used
+            instead, so the result stays finite whatever ``up`` is.
     Returns:
         ``[B, 4, 4]``.
     """
@@ -169,9 +218,17 @@ def look_at(eye: Tensor, target: Tensor, up: Optional[Tensor] = None) -> Tensor:
     forward = forward / norm
     right = torch.cross(forward, up, dim=-1)
     degenerate = right.norm(dim=-1, keepdim=True) < 1e-6
-    alt_up = torch.tensor([0.0, 1.0, 0.0], dtype=eye.dtype, device=eye.device).expand_as(eye)
-    right = torch.where(degenerate, torch.cross(forward, alt_up, dim=-1), right)
+    # At least one axis is at most 1/sqrt(3) aligned with any direction, so this cross product
+    # has norm >= sqrt(2/3).
+    least_aligned = F.one_hot(forward.abs().argmin(-1), 3).to(forward.dtype)
+    right = torch.where(degenerate, torch.cross(forward, least_aligned, dim=-1), right)
     right = right / right.norm(dim=-1, keepdim=True)
+    return _viewmats(right, forward, eye)
+
+
+def _viewmats(right: Tensor, forward: Tensor, eye: Tensor) -> Tensor:
+    """World-to-camera matrices (OpenCV) from unit camera axes in world coordinates and the
+    camera centres. ``3 x [B, 3] -> [B, 4, 4]``."""
     down = torch.cross(forward, right, dim=-1)  # OpenCV camera +y points down
     R = torch.stack([right, down, forward], dim=-2)  # rows: camera axes in world coordinates
     viewmats = torch.zeros(eye.shape[:-1] + (4, 4), dtype=eye.dtype, device=eye.device)
@@ -211,9 +268,21 @@ def orbit_cameras(
     width: int,
     height: int,
 ) -> Cameras:
-    """Cameras looking at the origin from the given spherical positions (all ``[B]``)."""
+    """Cameras looking at the origin from the given spherical positions (all ``[B]``):
+    ``distance > 0``, ``-90 <= elevation_deg <= 90``, ``0 < fov_y_deg < 180``.
+
+    The image's right is the direction of increasing azimuth, ``(-sin az, cos az, 0)``, at every
+    elevation: the camera does not roll as it passes over the pole (there, ``look_at`` with up
+    +z is degenerate and would pick an arbitrary roll).
+    """
+    _check_values("distance", distance, distance > 0, "> 0 (the orbit radius)")
+    _check_values("elevation_deg", elevation_deg, (elevation_deg >= -90) & (elevation_deg <= 90),
+                  "within [-90, 90] degrees (past a pole the camera would be upside down)")
+    az = torch.deg2rad(azimuth_deg)
+    forward = -spherical_to_position(elevation_deg, azimuth_deg, torch.ones_like(az))
+    right = torch.stack([-torch.sin(az), torch.cos(az), torch.zeros_like(az)], dim=-1)
     eye = spherical_to_position(elevation_deg, azimuth_deg, distance)
-    viewmats = look_at(eye, torch.zeros_like(eye))
+    viewmats = _viewmats(right, forward, eye)
     Ks = intrinsics_from_fov(fov_y_deg, width, height)
     return Cameras(viewmats, Ks, width, height, elevation_deg, azimuth_deg, distance)
 
@@ -250,13 +319,17 @@ def sample_orbit_cameras(
         "distance_range": distance_range, "fov_range": fov_range,
     }
     lo_hi = [_check_range(k, v) for k, v in ranges.items()]
+    if lo_hi[0][0] < -90 or lo_hi[0][1] > 90:
+        raise ValueError(f"elevation_range must lie within [-90, 90] degrees, got "
+                         f"{list(elevation_range)}")
     if lo_hi[2][0] <= 0:
         raise ValueError(f"distance_range must be positive, got {list(distance_range)}")
+    _check_fov("fov_range", torch.tensor(lo_hi[3]))
     u = torch.rand(4, batch_size, generator=generator, dtype=torch.float64)
     if batch_uniform_azimuth:
         u[1] = (torch.arange(batch_size, dtype=torch.float64) + u[1]) / batch_size
     el, az, dist, fov = (lo + (hi - lo) * u[i] for i, (lo, hi) in enumerate(lo_hi))
-    az = torch.remainder(az + 180.0, 360.0) - 180.0
+    az = _wrap_azimuth(az)
     return orbit_cameras(
         el.float(), az.float(), dist.float(), fov.float(), width, height
     ).to(device)

@@ -3,7 +3,10 @@
 A guidance model works in a latent space (``latent_shape``), maps images into it (``encode``,
 differentiable), defines a noise schedule ``x_t = alpha(t) x + sigma(t) eps`` on continuous
 ``t`` in [0, 1], and predicts the noise with classifier-free guidance (``predict_eps``).
-``predict_eps`` takes the closed interval (for samplers), the distillation loss only ``0 < t < 1``.
+``predict_eps`` takes the closed interval (for samplers), except ``t = 0`` for a model that
+predicts the clean sample: with no noise in ``x_t`` there is none to infer (``eps = (x_t - a x0)
+/ sigma`` is 0/0; ``model_output`` still gives the clean sample there). The distillation loss
+takes only ``0 < t < 1``.
 
 Conditions are dicts of tensors with a leading batch dimension (whatever the model's text encoder
 produces: CLIP hidden states, SD3's pooled embeddings, the embedded prior's prompt ids), so the
@@ -105,10 +108,16 @@ class Guidance(ABC):
     @torch.no_grad()
     def predict_eps(self, x_t: Tensor, t: Union[float, Tensor], cond: Condition,
                     uncond: Condition, guidance_scale: Optional[float] = None) -> Tensor:
-        """Classifier-free-guided noise estimate; cond and uncond are evaluated in one batch."""
+        """Classifier-free-guided noise estimate; cond and uncond are evaluated in one batch.
+        ``x_t [B,C,h,w]``, ``t`` scalar or ``[B]`` in [0, 1] (not 0 for a sample-predicting
+        model) -> ``[B,C,h,w]``."""
         scale = self.guidance_scale if guidance_scale is None else float(guidance_scale)
         B = x_t.shape[0]
         t = self._batch_t(t, B, x_t.device)
+        if self.prediction_type == "sample" and (t == 0).any():
+            raise ValueError("the noise is undefined at t = 0 for a model that predicts the "
+                             "clean sample (sigma = 0: eps = (x_t - a x0) / sigma is 0/0); call "
+                             "model_output for the clean sample there, or keep t > 0")
         if scale == 1.0:
             x_in, t_in, c_in = x_t, t, cond
         elif scale == 0.0:
@@ -145,6 +154,9 @@ class Guidance(ABC):
                 ``cond["background"]``: the embedded prior re-composites its images on it;
                 image models, which see the background in the pixels, ignore it.
         """
+        if rgb.shape[0] < 1:
+            raise ValueError(f"guidance needs at least one rendered view, got an empty batch "
+                             f"(rgb {tuple(rgb.shape)}); render B >= 1 cameras")
         latents = self.encode(rgb)
         if noise.shape != latents.shape:
             raise ValueError(f"noise must match the latents {tuple(latents.shape)}, "

@@ -60,6 +60,9 @@ class ClosedFormPrior(Guidance):
                  model_id: str = "embedded", view_config: Optional[PromptConfig] = None,
                  opacity: Optional[Tensor] = None, data_background: float = 0.5):
         super().__init__(guidance_scale, weighting)
+        if isinstance(chunk_size, bool) or int(chunk_size) != chunk_size or chunk_size < 1:
+            raise ValueError(f"chunk_size (images per streamed chunk) must be a whole number "
+                             f">= 1, got {chunk_size!r}")
         self.device = torch.device(device)
         self.schedule = CosineSchedule()
         self.model_id = model_id
@@ -83,7 +86,7 @@ class ClosedFormPrior(Guidance):
         self.prompt_index = prompt_index.long().to(self.device)
         self.direction = view_directions(elevation, azimuth, view_config or PromptConfig()).to(
             self.device)
-        self.chunk_size = chunk_size
+        self.chunk_size = int(chunk_size)
         # Longest first, so ", left side view" is not read as ", side view".
         self._suffixes = sorted(((s, i) for i, s in enumerate(
             (view_config or PromptConfig()).suffixes())), key=lambda item: -len(item[0]))
@@ -154,11 +157,18 @@ class ClosedFormPrior(Guidance):
     @torch.no_grad()
     def model_output(self, x_t: Tensor, t: Tensor, cond: Condition) -> Tensor:
         """``x0_hat`` per item, each over its condition's images (re-composited on the item's
-        ``cond["background"]`` when given). ``[B,3,R,R]``."""
+        ``cond["background"]`` when given); at ``t = 0`` (no noise) the softmax's limit, the
+        nearest image (ties averaged). ``x_t [B,3,R,R]``, ``t [B]`` -> ``[B,3,R,R]``."""
         B = x_t.shape[0]
         flat = x_t.reshape(B, -1).double()
         a = self.schedule.alpha(t).to(flat)[:, None]
         s2 = self.schedule.sigma(t).to(flat)[:, None] ** 2
+
+        def softmax_numerator(gap: Tensor) -> Tensor:
+            """``exp(gap / s^2)`` of score gaps ``gap <= 0`` to the running maximum, and its
+            ``s -> 0`` limit (1 at the maximum, else 0), where dividing would give 0/0."""
+            return torch.where(s2 > 0, torch.exp(gap / s2), (gap == 0).to(gap.dtype))
+
         keys = torch.stack([cond["prompt"], cond["direction"]], -1)
         unique, inverse = torch.unique(keys, dim=0, return_inverse=True)
         masks = torch.stack([self.subset_mask(int(p), int(d)) for p, d in unique])[inverse]
@@ -175,18 +185,19 @@ class ClosedFormPrior(Guidance):
         for start in range(0, self.data.shape[0], self.chunk_size):
             chunk = slice(start, start + self.chunk_size)
             X = self.data[chunk]
-            # -|x - aX|^2 / 2s^2 up to a per-row constant: (a x.X - a^2 |X|^2 / 2) / s^2
+            # -|x - aX|^2 / 2s^2 up to a per-row constant is score / s^2, with
+            # score = a x.X - a^2 |X|^2 / 2; the division waits for the gaps to the maximum.
             dot, sq = flat @ X.T, self.sq_norms[chunk]
             if shift is not None:
                 T = self.transparency[chunk]
                 dot = dot + shifted_x @ T.T
                 sq = (sq + 2 * shift @ self.data_dot_transparency[chunk].T
                       + shift_sq * self.transparency_sq[chunk])
-            logits = (a * dot - 0.5 * a * a * sq) / s2
-            logits.masked_fill_(~masks[:, chunk], -torch.inf)
-            new_max = torch.maximum(running_max, logits.max(-1, keepdim=True).values)
-            rescale = torch.exp(running_max - new_max)
-            weights = torch.exp(logits - new_max)
+            score = a * dot - 0.5 * a * a * sq
+            score.masked_fill_(~masks[:, chunk], -torch.inf)
+            new_max = torch.maximum(running_max, score.max(-1, keepdim=True).values)
+            rescale = softmax_numerator(running_max - new_max)
+            weights = softmax_numerator(score - new_max)
             total = total * rescale + weights.sum(-1, keepdim=True)
             update = weights @ X
             if shift is not None:

@@ -69,6 +69,20 @@ def _relaxflow_inputs(c: RefineConfig) -> Dict[str, Any]:
     return inputs
 
 
+def _check_inputs(c: RelaxFlowConfig) -> None:
+    """Read what RelaxFlow reads first, the way it reads them (the observation, the pipeline's
+    ``pipeline.json``, the prior images), so that a missing or unusable one is an error before
+    the run folder exists."""
+    from .complete import PRIOR_FIX
+    from .conditioning import load_object
+    from .loading import read_pipeline
+
+    load_object(c.image, c.mask)
+    read_pipeline(c.model).require("image", "relaxflow")
+    for prior in c.priors:
+        load_object(prior, opaque_fix=PRIOR_FIX)
+
+
 def run(cfg) -> Dict[str, Any]:
     from cfd.systems import distill
 
@@ -88,9 +102,11 @@ def run(cfg) -> Dict[str, Any]:
     distill_cfg = OmegaConf.merge(cfg.distill, {
         "device": str(device), "prompt_processor": {"prompt": inputs["prompt"]},
         "init": {"kind": "ply", "turn_deg": c.distill.init.turn_deg - c.relaxflow.camera.azimuth}})
-    # both paths' settings are checked before the run folder exists and RelaxFlow runs
+    # both paths' settings and RelaxFlow's inputs are checked before the run folder exists and
+    # RelaxFlow runs
     complete.check_settings(to_object(relaxflow_cfg))
     distill.check_settings(to_object(distill_cfg))
+    _check_inputs(to_object(relaxflow_cfg))
     image = inputs["image"]
     run_dir = make_run_dir(c.output_dir, c.name, Path(image).stem)
     save_config(cfg, run_dir / "config.yaml")

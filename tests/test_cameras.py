@@ -1,5 +1,7 @@
+import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -116,3 +118,103 @@ def test_camera_validation_errors():
         fixed_orbit_cameras(0, 8, 8)
     with pytest.raises(ValueError, match="low <= high"):
         sample_orbit_cameras(2, 8, 8, elevation_range=(30.0, 10.0))
+
+
+def test_int_indexing_checks_the_range_and_iteration_ends():
+    cams = fixed_orbit_cameras(5, 8, 8)
+    for index in (5, -6):
+        with pytest.raises(IndexError, match="out of range for a batch of 5"):
+            cams[index]
+    # Iteration runs through __getitem__; an out-of-range index must end it (islice bounds the
+    # loop, which never ended when such an index gave an empty batch).
+    views = list(itertools.islice(iter(cams), 7))
+    assert [len(v) for v in views] == [1] * 5
+    assert torch.equal(torch.cat([v.azimuth for v in views]), cams.azimuth)
+    for index in (np.int64(3), torch.tensor(3), -2):
+        one = cams[index]
+        assert len(one) == 1 and torch.equal(one.viewmats, cams.viewmats[3:4])
+    assert torch.equal(cams[torch.tensor([True, False, True, False, False])].azimuth,
+                       cams.azimuth[[0, 2]])
+
+
+def test_orbit_cameras_match_look_at_and_do_not_roll_over_the_poles():
+    el = torch.tensor([0.0, 30.0, -10.0, 45.0, 89.0, -89.0, 60.0])
+    az = torch.tensor([0.0, 90.0, -135.0, 170.0, 20.0, -60.0, -180.0])
+    d = torch.tensor([3.0, 2.5, 3.2, 4.0, 3.0, 3.0, 2.0])
+    cams = orbit_cameras(el, az, d, torch.full((7,), 40.0), 8, 8)
+    # Away from the poles: the OpenCV look_at camera with world up +z (right = forward x up).
+    expected = look_at(spherical_to_position(el, az, d), torch.zeros(7, 3))
+    assert torch.allclose(cams.viewmats, expected, atol=1e-5)
+    # At a pole the camera keeps the roll it has just below it, for every azimuth.
+    az = torch.tensor([0.0, 45.0, 90.0, -120.0])
+    for pole in (90.0, -90.0):
+        near = pole - math.copysign(1e-4, pole)
+        at, below = (orbit_cameras(torch.full((4,), e), az, torch.full((4,), 3.0),
+                                   torch.full((4,), 40.0), 8, 8).viewmats for e in (pole, near))
+        assert torch.isfinite(at).all()
+        assert torch.allclose(at, below, atol=1e-5), pole
+
+
+def test_orbit_arguments_are_checked():
+    one = lambda v: torch.tensor([float(v)])  # noqa: E731
+    with pytest.raises(ValueError, match=r"distance must be > 0.*-3\.0"):
+        orbit_cameras(one(0), one(0), one(-3), one(40), 8, 8)
+    with pytest.raises(ValueError, match=r"distance must be > 0"):
+        fixed_orbit_cameras(4, 8, 8, distance=0.0)
+    with pytest.raises(ValueError, match=r"elevation_deg must be within \[-90, 90\].*100\.0"):
+        orbit_cameras(one(100), one(0), one(3), one(40), 8, 8)
+    with pytest.raises(ValueError, match=r"elevation_deg must be within"):
+        fixed_orbit_cameras(4, 8, 8, elevation_deg=-95.0)
+    with pytest.raises(ValueError, match=r"elevation_range must lie within \[-90, 90\]"):
+        sample_orbit_cameras(2, 8, 8, elevation_range=(80.0, 100.0))
+    assert torch.isfinite(orbit_cameras(one(-90), one(0), one(3), one(40), 8, 8).viewmats).all()
+
+
+def test_look_at_stays_finite_when_up_lies_along_the_view():
+    for eye, up in (([0.0, 3.0, 0.0], [0.0, 1.0, 0.0]), ([0.0, 0.0, -2.0], None),
+                    ([1.0, 0.0, 0.0], [-1.0, 0.0, 0.0])):
+        vm = look_at(torch.tensor([eye]), torch.zeros(1, 3),
+                     None if up is None else torch.tensor(up))
+        assert torch.isfinite(vm).all(), (eye, up)
+        R = vm[0, :3, :3]
+        assert torch.allclose(R @ R.T, torch.eye(3), atol=1e-6)
+        assert torch.det(R) == pytest.approx(1.0, abs=1e-6)
+        assert torch.allclose(vm[0] @ torch.tensor([0.0, 0.0, 0.0, 1.0]),
+                              torch.tensor([0.0, 0.0, torch.tensor(eye).norm().item(), 1.0]),
+                              atol=1e-6)
+
+
+def test_field_of_view_is_checked():
+    for fov in (0.0, 180.0, 200.0, -10.0, float("nan")):
+        with pytest.raises(ValueError, match=r"fov_y_deg must be a field of view strictly "
+                                             r"between 0 and 180"):
+            intrinsics_from_fov(torch.tensor([40.0, fov]), 8, 8)
+    for fov in (0.0, 180.0, 200.0, -10.0):
+        with pytest.raises(ValueError, match=r"fov_range must be a field of view"):
+            sample_orbit_cameras(2, 8, 8, fov_range=(min(fov, 40.0), max(fov, 40.0)))
+    assert torch.isfinite(intrinsics_from_fov(torch.tensor([1e-3, 179.9]), 8, 8)).all()
+
+
+def test_cameras_without_angles_derive_them_from_their_centres():
+    """Cameras built from poses alone (look_at, OpenGL c2w) carry the elevation, azimuth and
+    distance an orbit camera at the same place records, azimuth in [-180, 180) as sampled."""
+    sampled = sample_orbit_cameras(256, 8, 8, elevation_range=(-80.0, 80.0),
+                                   generator=torch.Generator().manual_seed(0))
+    fixed = fixed_orbit_cameras(8, 8, 8, elevation_deg=-30.0)  # its first azimuth is -180
+    for cams in (sampled, fixed):
+        bare = Cameras(opengl_c2w_to_viewmats(viewmats_to_opengl_c2w(cams.viewmats)), cams.Ks,
+                       8, 8)
+        assert torch.allclose(bare.elevation, cams.elevation, atol=1e-4)
+        assert torch.allclose(bare.distance, cams.distance, atol=1e-5)
+        assert (bare.azimuth >= -180.0).all() and (bare.azimuth < 180.0).all()
+        # -180 and +179.99999 are the same direction: compare around the circle.
+        turn = torch.remainder(bare.azimuth - cams.azimuth + 180.0, 360.0) - 180.0
+        assert turn.abs().max() < 1e-4
+    eye = torch.tensor([[0.0, 2.0, 2.0], [-3.0, 0.0, 0.0]])
+    built = Cameras(look_at(eye, torch.zeros(2, 3)),
+                    intrinsics_from_fov(torch.tensor([40.0, 40.0]), 8, 8), 8, 8)
+    assert torch.allclose(built.elevation, torch.tensor([45.0, 0.0]))
+    assert torch.allclose(built.azimuth.abs(), torch.tensor([90.0, 180.0]))
+    # Given angles are kept, and indexing and moving keep them.
+    assert torch.equal(sampled[3:5].azimuth, sampled.azimuth[3:5])
+    assert torch.equal(sampled.to("cpu").elevation, sampled.elevation)

@@ -1,4 +1,4 @@
-"""Config loading and the command line (the renderer demo job, shortened)."""
+"""Config loading and overrides, run folders, the command line (the demo job, shortened)."""
 
 import json
 import subprocess
@@ -100,3 +100,130 @@ def test_fit_splats_refuses_bad_counts_and_devices_before_making_a_run_folder(tm
         assert run.main(["--config", str(CONFIG), f"output_dir={tmp_path}", override]) == 2
         assert f"error: {message}" in capsys.readouterr().err
     assert not (tmp_path / "demo-fit-splats").exists()
+
+
+DISTILL_CONFIG = ROOT / "configs" / "cfd-splats-embedded.yaml"
+
+
+@pytest.mark.parametrize("value, text", [
+    ("a mug #2", "a mug #2"),  # YAML: a comment
+    ("a mug: blue", "a mug: blue"),  # YAML: a mapping
+    ("yes", "yes"), ("on", "on"),  # YAML: True
+    ("1e3", "1e3"),  # YAML: 1000.0
+    ("*star", "*star"),  # YAML: an alias
+    ("'a mug'", "a mug"), ('"a # b"', "a # b"), ("'yes'", "yes"),  # one pair of quotes dropped
+    ("it's", "it's"), ("", ""),
+])
+def test_text_overrides_are_taken_as_written(value, text):
+    from cfd.systems.distill import DistillConfig
+
+    cfg = load_config(DistillConfig, DISTILL_CONFIG, [f"prompt_processor.prompt={value}"])
+    assert cfg.prompt_processor.prompt == text
+
+
+def test_other_overrides_are_yaml_and_null_unsets_optional_text():
+    from cfd.systems.distill import DistillConfig
+
+    cfg = load_config(DistillConfig, DISTILL_CONFIG, [
+        "steps=7", "camera.elevation_range=[1,2]", "loss.lambda_sds=[0, 1.0, 2.0, 10]",
+        "densify.enabled=no", "init.path=a.ply", "init.path=null", "name=${job}-x"])
+    assert cfg.steps == 7 and list(cfg.camera.elevation_range) == [1.0, 2.0]
+    assert list(cfg.loss.lambda_sds) == [0, 1.0, 2.0, 10] and cfg.densify.enabled is False
+    assert cfg.init.path is None and cfg.name == "distill-x"
+    assert load_config(DistillConfig, DISTILL_CONFIG, ["init.path='null'"]).init.path == "null"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("camera.elevation_range=[1,2,3", r"the value of override 'camera.elevation_range=\[1,2,3' "
+                                      r"is not valid YAML .*close its brackets, and quote"),
+    ("steps=*star", "override 'steps=\\*star' is not valid YAML .*undefined alias"),
+    ("steps=${oops}", r"invalid config value of steps in the override 'steps=\$\{oops\}': "
+                      "Interpolation key 'oops' not found"),
+    ("steps=${name}", "invalid config value of steps.*could not be converted to Integer"),
+    ("prompt_processor.prompt=a ${oops}", "prompt_processor.prompt in the override"),
+    ("prompt_processor.prompt=a ${", r"override 'prompt_processor.prompt=a \$\{': .*"
+                                     r"a literal \$\{ is written \\\$\{"),
+])
+def test_bad_override_values_are_config_errors_naming_the_override(override, message):
+    from cfd.systems.distill import DistillConfig
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(DistillConfig, DISTILL_CONFIG, [override])
+
+
+@pytest.mark.parametrize("text, message", [
+    ("job: distill\nsteps: [1\n", r"bad.yaml is not valid YAML: while parsing a flow sequence: "
+                                  r"did not find expected ',' or '\]' \(line 3, column 1\)"),
+    ("job: distill\nsteps: 3\nsteps: 4\n", "bad.yaml is not valid YAML: .*duplicate key steps"),
+    ("- a\n- b\n", "bad.yaml must hold a YAML mapping at the top level"),
+    ("job: distill\nsteps: ${oops}\n", "invalid config value of steps in .*bad.yaml: "
+                                        "Interpolation key 'oops' not found"),
+    ("job: ${oops}\n", r"unknown job '\$\{oops\}' in .*bad.yaml"),
+])
+def test_bad_config_files_are_errors_naming_the_file(tmp_path, capsys, text, message):
+    import run
+
+    (tmp_path / "bad.yaml").write_text(text)
+    assert run.main(["--config", str(tmp_path / "bad.yaml"), f"output_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    assert __import__("re").search(message, err), err
+
+
+def test_bad_override_on_the_command_line_is_exit_code_2(tmp_path, capsys):
+    import run
+
+    assert run.main(["--config", str(DISTILL_CONFIG), f"output_dir={tmp_path}",
+                     "steps=${oops}"]) == 2
+    assert "error: invalid config value of steps" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_help_lists_every_command_and_a_mistyped_one_is_named(tmp_path, capsys):
+    import run
+
+    with pytest.raises(SystemExit) as done:
+        run.main(["--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("generate", "relaxflow", "refine", "fit-splats", "prompts", "--resume"):
+        assert command in out, command
+    assert run.main(["relax", "--config", "configs/relaxflow-trellis.yaml"]) == 2
+    assert ("error: unknown command 'relax'; known: distill, fit-splats, generate, relaxflow, "
+            "refine, prompts") in capsys.readouterr().err
+
+
+def test_runs_started_at_the_same_moment_get_their_own_folders(tmp_path):
+    """Checking for a folder and then making it races with another run doing the same."""
+    import threading
+
+    from cfd.utils.runtime import make_run_dir
+
+    for trial in range(30):
+        root, made, errors = tmp_path / str(trial), [], []
+        barrier = threading.Barrier(8)
+
+        def start():
+            barrier.wait()
+            try:
+                made.append(make_run_dir(str(root), "cfg", "a mug"))
+            except OSError as err:
+                errors.append(err)
+
+        threads = [threading.Thread(target=start) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors and len(set(made)) == 8 and all(p.is_dir() for p in made), errors
+
+
+def test_run_folder_names_keep_letters_of_any_script():
+    from cfd.utils.runtime import slugify
+
+    assert slugify("チェア") == "チェア" and slugify("un café") == "un_café"
+    assert slugify("cafe\u0301") == "café"  # a combining accent, composed
+    assert slugify("a/b\\c\x00d\ne 🍵") == "a_b_c_d_e" and slugify("../..") == ".._.."
+    assert slugify(" 🍵 ") == "run"
+    long = slugify("\U00020000" * 100)  # 4 bytes each in UTF-8
+    assert len(long) <= 60 and len(long.encode()) <= 180

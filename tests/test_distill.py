@@ -217,13 +217,29 @@ def test_nan_gradients_skip_then_stop_with_checkpoint_intact(tmp_path, cache_dir
     assert [r["skipped"] for r in lines] == [False] * 3 + [True] * 3
 
 
-def test_unknown_prompt_is_a_clear_error(tmp_path, cache_dir):
+def test_unknown_prompt_is_a_clear_error(tmp_path):
+    """... before the prior's dataset is rendered (a minute at full size) or a folder exists."""
     proc = subprocess.run(
         [sys.executable, str(ROOT / "run.py"), "--config", str(CONFIG),
-         *small_overrides(tmp_path, cache_dir, **{"prompt_processor.prompt": "a dragon"})],
+         *small_overrides(tmp_path / "out", tmp_path / "cache",
+                          **{"prompt_processor.prompt": "a dragon"})],
         capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 2
     assert "unknown prompt 'a dragon'" in proc.stderr and "a snowman" in proc.stderr
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
+
+
+def test_empty_prompt_is_unconditional_and_has_no_ground_truth(tmp_path, cache_dir, capsys):
+    cfg = load_config(DistillConfig, CONFIG, small_overrides(
+        tmp_path, cache_dir, steps=2, **{"prompt_processor.prompt": ""}))
+    result = distill.run(cfg)
+    (run_dir,) = list((tmp_path / "cfd-splats-embedded").iterdir())
+    assert run_dir.name.startswith("run@")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["steps"] == 2 and "psnr" not in metrics and result["prompt"] == ""
+    assert metrics["ground_truth"].startswith("none: the empty prompt is unconditional")
+    assert "no held-out PSNR or mask IoU" in capsys.readouterr().out
+    assert (run_dir / "splats.ply").is_file() and not (run_dir / "vs_truth.png").exists()
 
 
 NERF_CONFIG = ROOT / "configs" / "cfd-nerf-embedded.yaml"
@@ -309,6 +325,12 @@ def test_nerf_run_resumes_exactly_from_its_checkpoint(tmp_path, cache_dir, extra
     ("splats", {"eval_views": 0}, "eval_views must be >= 1"),
     ("splats", {"video_frames": 0}, "video_frames must be >= 1"),
     ("splats", {"timesteps.knots": [[0, 1.0], [1, 0.02]]}, "timesteps.knots"),
+    ("splats", {"steps": 0}, "steps must be >= 1, got 0"),
+    ("splats", {"steps": -1}, "steps must be >= 1, got -1"),
+    ("nerf", {"n_samples": 0}, "n_samples must be >= 1"),
+    ("nerf", {"occupancy.resolution": 0}, "occupancy.resolution must be >= 1"),
+    ("nerf", {"occupancy.update_every": 0}, "occupancy.update_every must be >= 1"),
+    ("nerf", {"mesh_resolution": 1}, "mesh_resolution must be >= 2"),
 ])
 def test_settings_that_do_not_fit_the_scene_are_clear_errors(tmp_path, cache_dir, config, extra,
                                                               message):
@@ -410,3 +432,111 @@ def test_lock_visible_scales_each_splats_step_by_its_hidden_share(tmp_path, cach
         assert torch.allclose(runs[True][key], share * free, atol=1e-6), key
         assert torch.equal(runs[True][key][visibility == 1], torch.zeros_like(free[:100]))
     assert runs[False]["means"].abs().max() > 0
+
+
+def _interrupted_run(tmp_path, cache_dir, monkeypatch, at_step, **extra):
+    """A run stopped by Ctrl-C while step ``at_step`` is under way; its folder."""
+    from cfd.utils.runtime import RunInterrupted
+
+    step = distill.Distillation.train_step
+
+    def interrupted(self):
+        if self.step == at_step:
+            raise KeyboardInterrupt
+        return step(self)
+
+    monkeypatch.setattr(distill.Distillation, "train_step", interrupted)
+    cfg = load_config(DistillConfig, CONFIG, small_overrides(tmp_path, cache_dir, **extra))
+    with pytest.raises(RunInterrupted) as stop:
+        distill.run(cfg)
+    monkeypatch.setattr(distill.Distillation, "train_step", step)
+    (run_dir,) = list((tmp_path / "cfd-splats-embedded").iterdir())
+    assert (stop.value.run_dir, stop.value.step) == (run_dir, at_step)
+    return run_dir, stop.value.checkpoint_step
+
+
+def test_resumed_run_counts_the_time_before_the_resume(tmp_path, cache_dir, monkeypatch, capsys):
+    from cfd.systems.checkpoint import load_checkpoint, save_checkpoint
+
+    run_dir, checkpoint_step = _interrupted_run(tmp_path, cache_dir, monkeypatch, at_step=3,
+                                                steps=4, checkpoint_every=2)
+    state = load_checkpoint(run_dir / "ckpt")
+    assert checkpoint_step == state["step"] == 2 and state["wall_s"] > 0
+    state["wall_s"] += 1000.0  # the first part, made long enough to see
+    save_checkpoint(run_dir / "ckpt", state)
+    capsys.readouterr()
+    cfg = load_config(DistillConfig, run_dir / "config.yaml")
+    result = distill.run(cfg, resume_dir=run_dir)
+    assert result["wall_s"] > 1000.0
+    assert json.loads((run_dir / "metrics.json").read_text())["wall_s"] == result["wall_s"]
+    assert f"s of them before the resume); results in {run_dir}" in capsys.readouterr().out
+
+
+def test_ctrl_c_stops_a_run_with_the_command_that_resumes_it(tmp_path, cache_dir):
+    """A real SIGINT: no traceback, exit status 130, the step it stopped at and the command."""
+    import re
+
+    victim = _cli(["--config", str(CONFIG), *small_overrides(tmp_path, cache_dir, steps=200,
+                                                             checkpoint_every=3,
+                                                             log_every=1000)], tmp_path)
+    ckpt = None
+    deadline = time.time() + 300
+    while ckpt is None and time.time() < deadline and victim.poll() is None:
+        found = list(tmp_path.glob("*/*/ckpt/last.pt"))
+        if found and torch.load(found[0], weights_only=False)["step"] >= 3:
+            ckpt = found[0]
+        time.sleep(0.05)
+    assert ckpt is not None, "no checkpoint appeared"
+    victim.send_signal(signal.SIGINT)
+    _, err = victim.communicate(timeout=120)
+    assert victim.returncode == 130 and "Traceback" not in err, err[-2000:]
+    said = re.search(r"interrupted at step (\d+) \(its checkpoint holds step (\d+)\); "
+                     r"continue with: python run.py --resume (\S+)$", err, re.MULTILINE)
+    assert said, err[-2000:]
+    assert Path(said[3]) == ckpt.parent.parent
+    state = torch.load(ckpt, weights_only=False)  # whole: the step under way was not saved
+    assert 3 <= state["step"] == int(said[2]) <= int(said[1]) < 200
+
+
+@pytest.mark.parametrize("damage", ["empty", "cut short", "not a checkpoint"])
+def test_a_damaged_checkpoint_is_a_clear_error(tmp_path, cache_dir, capsys, damage):
+    import io
+
+    import run as cli
+    from cfd.config import save_config
+
+    run_dir = tmp_path / "run"
+    save_config(load_config(DistillConfig, CONFIG, small_overrides(tmp_path, cache_dir)),
+                run_dir / "config.yaml")
+    whole = io.BytesIO()
+    torch.save({"step": 2, "scene": {"splats": {"means": torch.zeros(300, 3)}}}, whole)
+    data = {"empty": b"", "cut short": whole.getvalue()[: len(whole.getvalue()) // 2],
+            "not a checkpoint": bytes(range(256))}[damage]
+    (run_dir / "ckpt").mkdir()
+    (run_dir / "ckpt" / "last.pt").write_bytes(data)
+    assert cli.main(["--resume", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: checkpoint {run_dir / 'ckpt' / 'last.pt'} is damaged" in err, err
+    assert f"delete {run_dir / 'ckpt'} to restart that run folder from step 0" in err
+
+
+def test_a_checkpoint_of_other_scene_settings_is_a_clear_error(tmp_path, cache_dir, capsys):
+    """config.yaml edited after the run started: the checkpoint's parts no longer fit it."""
+    import run as cli
+    from cfd.config import save_config
+    from cfd.systems.checkpoint import save_checkpoint
+
+    splats = distill.Distillation(load_config(DistillConfig, CONFIG,
+                                              small_overrides(tmp_path, cache_dir)))
+    run_dir = tmp_path / "run"
+    save_checkpoint(run_dir / "ckpt", splats.state_dict())
+    nerf_cfg = load_config(DistillConfig, NERF_CONFIG, nerf_overrides(tmp_path, cache_dir))
+    save_config(nerf_cfg, run_dir / "config.yaml")
+    assert cli.main(["--resume", str(run_dir)]) == 2
+    assert ("error: this checkpoint was written with scene=splats, but the config has "
+            "scene=nerf: the run folder's config.yaml was changed") in capsys.readouterr().err
+    no_grid = distill.Distillation(load_config(DistillConfig, NERF_CONFIG, nerf_overrides(
+        tmp_path, cache_dir, **{"occupancy.enabled": False})))
+    with pytest.raises(ValueError, match="written with occupancy.enabled=true, but the config "
+                                         "has occupancy.enabled=false"):
+        no_grid.load_state_dict(distill.Distillation(nerf_cfg).state_dict())

@@ -1,6 +1,8 @@
 """The shape world, its cached dataset and the closed-form embedded prior."""
 
 import math
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cfd.cameras import fixed_orbit_cameras
+from cfd.cameras import Cameras, fixed_orbit_cameras, intrinsics_from_fov, look_at
 from cfd.renderers import render
 from cfd.shapes import (SHAPE_WORLD, ShapeDatasetConfig, build_shape_dataset, dataset_dir,
                         object_splats, prompts)
@@ -311,3 +313,122 @@ def test_ddim_sampler_lands_on_the_only_image():
     x = sample_latents(prior, cond, uncond, (2, 3, 4, 4), steps=8,
                        generator=torch.Generator().manual_seed(3))
     assert torch.allclose(x, prior.encode(image).expand(2, -1, -1, -1), atol=1e-4)
+
+
+@torch.no_grad()
+def test_every_object_fits_in_the_view_of_the_nearest_dataset_camera():
+    """Every splat, out to where the renderer stops drawing it, lies in the ball that a dataset
+    camera at its nearest distance and narrowest field of view always sees whole."""
+    from cfd.renderers.projection import ALPHA_THRESHOLD, MAX_EXTENT_SIGMAS, quat_to_rotmat
+
+    cfg = ShapeDatasetConfig()
+    visible = min(cfg.distance_range) * math.sin(math.radians(min(cfg.fov_range)) / 2)
+    for obj in SHAPE_WORLD:
+        splats = object_splats(obj)
+        scales = splats.scales
+        # How many standard deviations out the renderer draws each splat (alpha >= 1/255).
+        drawn = torch.sqrt(2 * torch.log(splats.opacities / ALPHA_THRESHOLD))
+        drawn = drawn.clamp(max=MAX_EXTENT_SIGMAS)
+        # The drawn ellipsoid lies in a cylinder along its thinnest axis; bound the reach of the
+        # cylinder from the splat's centre, split along that axis and across it.
+        local = torch.einsum("nji,nj->ni", quat_to_rotmat(splats.quats), splats.means)
+        thin = scales.argmin(-1, keepdim=True)
+        along = local.gather(-1, thin)[:, 0].abs()
+        across = (local.square().sum(-1) - along.square()).clamp(min=0).sqrt()
+        reach = torch.hypot(along + drawn * scales.gather(-1, thin)[:, 0],
+                            across + drawn * scales.max(-1).values)
+        assert reach.max() <= visible, (obj.name, reach.max().item(), visible)
+
+
+def test_equal_settings_spelled_differently_share_a_dataset(tmp_path):
+    base = ShapeDatasetConfig(cache_dir=str(tmp_path))
+    for spelled in (dict(elevation_range=[-10, 45]), dict(elevation_range=(-10.0, 45.0)),
+                    dict(fov_range=(40, 40)), dict(resolution=64.0), dict(seed=0.0),
+                    dict(background=1 / 2)):
+        assert dataset_dir(ShapeDatasetConfig(cache_dir=str(tmp_path), **spelled)) == \
+            dataset_dir(base), spelled
+    assert dataset_dir(ShapeDatasetConfig(cache_dir=str(tmp_path), resolution=32)) != \
+        dataset_dir(base)
+    with pytest.raises(ValueError, match=r"resolution must be a whole number, got 64\.5"):
+        dataset_dir(ShapeDatasetConfig(resolution=64.5))
+
+
+def _one_object_config(tmp_path, monkeypatch):
+    """A one-view, one-object dataset: the cheapest real build."""
+    monkeypatch.setattr(shape_dataset, "SHAPE_WORLD", SHAPE_WORLD[:1])
+    return ShapeDatasetConfig(views_per_object=1, resolution=8, cache_dir=str(tmp_path))
+
+
+def test_a_broken_dataset_folder_is_rebuilt(tmp_path, monkeypatch):
+    """A folder without meta.json (an interrupted copy, a writer that was not atomic) is no
+    dataset: the build replaces it rather than returning it; a complete one is kept."""
+    cfg = _one_object_config(tmp_path, monkeypatch)
+    folder = dataset_dir(cfg)
+    folder.mkdir(parents=True)
+    (folder / "images.safetensors").write_bytes(b"partial")
+    assert build_shape_dataset(cfg) == folder
+    assert ClosedFormPrior.from_pretrained(folder).data.shape == (1, 3 * 8 * 8)
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # nothing left aside
+    # Another process's complete build, found at the rename: theirs stays, ours goes.
+    ours = tmp_path / "shape_world" / "ours.tmp"
+    ours.mkdir()
+    (ours / "meta.json").write_text("{}")
+    before = (folder / "meta.json").read_text()
+    shape_dataset._publish(ours, folder)
+    assert (folder / "meta.json").read_text() == before and not ours.exists()
+
+
+def test_dataset_files_follow_the_umask(tmp_path, monkeypatch):
+    cfg = _one_object_config(tmp_path, monkeypatch)
+    umask = os.umask(0o027)
+    try:
+        folder = build_shape_dataset(cfg)
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o750
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()}
+    assert modes == {"images.safetensors": 0o640, "meta.json": 0o640}
+
+
+def test_chunk_size_must_be_a_positive_whole_number():
+    images = torch.rand(3, 4, 4, 3)
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError, match=r"chunk_size \(images per streamed chunk\) must be "
+                                             r"a whole number >= 1"):
+            ClosedFormPrior(images, torch.zeros(3), torch.zeros(3), torch.zeros(3), ["a"],
+                            chunk_size=bad)
+
+
+def test_t_zero_gives_the_nearest_image_and_no_noise_estimate():
+    """At t = 0 the denoiser's limit is the nearest image of the condition; the noise, which
+    a sample-predicting prior infers by dividing by sigma = 0, is undefined and an error."""
+    prior = _tiny_prior()
+    images = prior.data[[1, 4]].float().reshape(2, 3, 4, 4)  # prompts "b" and "a"
+    x = images + 0.01 * torch.randn(images.shape, generator=torch.Generator().manual_seed(5))
+    cond = prior.encode_text(["", "a"])
+    assert torch.allclose(prior.model_output(x, torch.zeros(2), cond), images, atol=1e-6)
+    mixed = prior.model_output(x, torch.tensor([0.0, 0.5]), cond)
+    assert torch.isfinite(mixed).all() and torch.allclose(mixed[0], images[0], atol=1e-6)
+    with pytest.raises(ValueError, match=r"noise is undefined at t = 0.*model_output"):
+        prior.predict_eps(x, 0.0, cond, prior.encode_text(["", ""]))
+
+
+def test_an_empty_batch_is_a_clear_error():
+    prior = _tiny_prior()
+    with pytest.raises(ValueError, match=r"at least one rendered view, got an empty batch"):
+        prior(torch.rand(0, 4, 4, 3), _Views(torch.zeros(0), torch.zeros(0)),
+              _constant_prompt(prior), 0.5, torch.randn(0, 3, 4, 4))
+
+
+def test_guidance_takes_cameras_built_from_poses_alone(tmp_path):
+    """Cameras built with look_at (or from OpenGL poses) carry no recorded angles; the view
+    prompts still see where they are."""
+    prior = _tiny_prior()
+    processor = PromptProcessor(PromptConfig(prompt="a", cache_dir=str(tmp_path)), prior)
+    eye = torch.tensor([[3.0, 0.0, 0.5], [0.0, 3.0, 0.5], [-3.0, 0.0, 0.5]])
+    cams = Cameras(look_at(eye, torch.zeros(3, 3)),
+                   intrinsics_from_fov(torch.full((3,), 40.0), 4, 4), 4, 4)
+    cond, _ = prior.conditions(processor, cams)
+    assert cond["direction"].tolist() == [0, 1, 2]  # front, side, back
+    out = prior(torch.rand(3, 4, 4, 3), cams, processor, 0.5, torch.randn(3, 3, 4, 4))
+    assert torch.isfinite(out["loss_sds"])

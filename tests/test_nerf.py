@@ -380,10 +380,279 @@ def test_normal_orbit_frames_show_the_normal_facing_the_camera():
 
 
 def test_gradient_budget_shares_alike_whatever_each_chunk_queries():
-    """10 of 100 samples: each chunk gets a tenth of what it queries, rounding carried over,
-    empty chunks nothing, and the render exactly its total."""
+    """10 of 100 queried samples: each chunk gets a tenth of what it queries, rounding carried
+    over, empty chunks nothing, and the render exactly its total; a budget above what the
+    render queries grants every sample."""
     from cfd.renderers.volume import GradientBudget
 
     budget = GradientBudget(10, 100)
     assert [budget.take(n) for n in (50, 0, 25, 25)] == [5, 0, 2, 3]
-    assert GradientBudget(500, 100).unlimited and not GradientBudget(99, 100).unlimited
+    budget = GradientBudget(500, 100)
+    assert [budget.take(n) for n in (60, 40)] == [60, 40]
+
+
+def blob_occupancy(field, n_samples):
+    """An occupancy grid of the blob after one update (about a tenth of the box occupied)."""
+    from cfd.renderers.occupancy import OccupancyConfig, OccupancyGrid
+
+    grid = OccupancyGrid(field.cfg.radius, OccupancyConfig(resolution=16))
+    fraction = grid.update(lambda p: field.query(p)[0], 2 * field.cfg.radius / n_samples,
+                           torch.Generator().manual_seed(1))
+    assert 0.02 < fraction < 0.5
+    return grid
+
+
+@pytest.mark.parametrize("chunk_rays", [1024, 20])
+def test_gradient_budget_counts_only_the_samples_the_occupancy_grid_lets_through(chunk_rays):
+    """With empty space skipped, ``max_grad_samples`` samples carry gradients whenever the
+    render queries that many, and every queried sample when it queries fewer: the budget is
+    shared over the queried samples, not over all of the render's. The draws stay seeded."""
+    from cfd.renderers.volume import render_field
+
+    cams = camera_on_x(3.0, size=9)
+    occupancy = blob_occupancy(blob_field(), 16)
+
+    def counted(budget):
+        field = CountingField(blob_field())
+        out = render_field(field, cams, n_samples=16, chunk_rays=chunk_rays,
+                           occupancy=occupancy, max_grad_samples=budget,
+                           generator=torch.Generator().manual_seed(0))
+        return field, out
+
+    full, _ = counted(None)
+    assert full.without_grad == 0 and full.with_grad < 81 * 16 // 2
+    for budget in (full.with_grad // 2, full.with_grad + 100):
+        field, out = counted(budget)
+        # the budget's draws shift the later chunks' stratified positions, so a chunked
+        # render queries a few samples more or fewer than the unbudgeted one
+        queried = field.with_grad + field.without_grad
+        assert abs(queried - full.with_grad) < 20
+        assert field.with_grad == min(budget, queried)
+        again, out_again = counted(budget)
+        assert again.with_grad == field.with_grad and torch.equal(out.rgb, out_again.rgb)
+
+
+def test_gradient_budget_above_the_queried_samples_gives_the_full_gradient():
+    """A budget between the queried and the total sample count: every queried sample carries
+    gradients, so the render and the parameters' gradients are the full render's."""
+    from cfd.renderers.volume import render_field
+
+    cams = camera_on_x(3.0, size=9)
+    occupancy = blob_occupancy(blob_field(), 16)
+    grads = []
+    for budget in (None, 81 * 16 - 1):
+        field = blob_field()
+        out = render_field(field, cams, n_samples=16, occupancy=occupancy,
+                           max_grad_samples=budget, generator=torch.Generator().manual_seed(0))
+        (out.rgb.square().sum() + out.depth.sum()).backward()
+        grads.append([out.rgb] + [p.grad for p in field.parameters()])
+    for full, budgeted in zip(*grads):
+        assert torch.equal(full, budgeted)
+
+
+def kept_for_backward(fn) -> int:
+    """Bytes of the tensors autograd keeps saved for the backward of ``fn()``'s result, each
+    storage once (not those of graphs already freed, as the normals' inner one without
+    autograd). For measuring only: what it saves comes back detached."""
+    import gc
+    import weakref
+
+    saved = []
+
+    def pack(tensor):
+        # a detached view: the tensor itself would tie a saved output to its own graph in a
+        # cycle that keeps freed graphs alive
+        view = tensor.detach()
+        saved.append(weakref.ref(view))
+        return view
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        result = fn()
+    gc.collect()
+    storages = {}
+    for ref in saved:
+        tensor = ref()
+        if tensor is not None:
+            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+    del result
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("lit", [False, True])
+def test_gradient_budget_memory_does_not_grow_with_the_image(lit):
+    """Under a fixed budget, four times the pixels keep about the same bytes for the backward:
+    samples without gradients and rays without such samples keep nothing per sample."""
+    from cfd.renderers.shading import Lighting
+    from cfd.renderers.volume import render_field
+
+    field = blob_field()
+    lighting = (Lighting(torch.tensor([[1.0, 0.0, 0.0]]), torch.tensor([0.1]),
+                         torch.tensor([0.9]), torch.tensor([False])) if lit else None)
+
+    def kept(size):
+        return kept_for_backward(lambda: render_field(
+            field, camera_on_x(3.0, size=size), n_samples=16, max_grad_samples=200,
+            lighting=lighting, generator=torch.Generator().manual_seed(0)))
+
+    small, large = kept(24), kept(48)
+    assert large < 1.2 * small
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"n_samples": 0}, "n_samples .* at least 1"),
+    ({"n_samples": -3}, "n_samples .* at least 1"),
+    ({"chunk_rays": 0}, "chunk_rays .* at least 1"),
+    ({"max_grad_samples": 0}, "max_grad_samples must be a positive"),
+])
+def test_render_field_refuses_bad_settings(options, match):
+    from cfd.renderers.volume import render_field
+
+    with pytest.raises(ValueError, match=match):
+        render_field(Slab(1.0, 0.2, [1.0, 0.0, 0.0]), camera_on_x(), **options)
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"radius": 0.0}, "nerf.radius .* must be positive"),
+    ({"radius": -1.0}, "nerf.radius .* must be positive"),
+    ({"blob_radius": 0.0}, "nerf.blob_radius must be positive.*nerf.blob_density=0"),
+    ({"blob_radius": -0.5}, "nerf.blob_radius must be positive"),
+])
+def test_nerf_field_refuses_an_empty_box_or_blob(options, match):
+    with pytest.raises(ValueError, match=match):
+        NeRFField(NeRFConfig(grid=SMALL, **options))
+
+
+def test_a_field_without_blob_is_blob_density_zero():
+    """``blob_density = 0`` is the field with no starting blob: the density is the head's
+    alone, finite everywhere."""
+    field = NeRFField(NeRFConfig(grid=SMALL, blob_density=0.0),
+                      generator=torch.Generator().manual_seed(0))
+    points = torch.tensor([[0.0, 0.0, 0.0], [0.3, -0.2, 0.1], [0.9, 0.9, 0.9]])
+    with torch.no_grad():
+        density, _ = field.query(points)
+        head = field.density_net(field.encoding(field.contract(points)))[:, 0]
+    assert torch.equal(density, torch.exp(head))
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"resolution": 0}, "occupancy.resolution .* at least 1"),
+    ({"update_every": 0}, "occupancy.update_every .* at least 1"),
+])
+def test_occupancy_grid_refuses_bad_settings(options, match):
+    from cfd.renderers.occupancy import OccupancyConfig, OccupancyGrid
+
+    with pytest.raises(ValueError, match=match):
+        OccupancyGrid(1.0, OccupancyConfig(**options))
+
+
+def test_occupancy_state_of_another_resolution_is_refused():
+    """A checkpoint's 32^3 grid does not load into a 16^3 one (it would index the wrong cells);
+    one of the same resolution round-trips."""
+    from cfd.renderers.occupancy import OccupancyConfig, OccupancyGrid
+
+    saved = OccupancyGrid(1.0, OccupancyConfig(resolution=32))
+    saved.update(lambda p: (p.norm(dim=-1) < 0.5).float() * 100, 0.1)
+    with pytest.raises(ValueError, match=r"\(32, 32, 32\).*occupancy.resolution=16"):
+        OccupancyGrid(1.0, OccupancyConfig(resolution=16)).load_state_dict(saved.state_dict())
+    same = OccupancyGrid(1.0, OccupancyConfig(resolution=32))
+    same.load_state_dict(saved.state_dict())
+    assert torch.equal(same.occupied, saved.occupied) and not same.occupied.all()
+
+
+def test_density_grid_is_the_dense_grid_chunk_by_chunk():
+    """Chunked from flat indices (a chunk that does not divide R^3), the grid is bitwise the
+    one sampled at all of ``meshgrid``'s points at once, in the field's dtype."""
+    from cfd.scene.mesh import density_grid
+
+    field = blob_field()
+    R = 9
+    axis = torch.linspace(-1.0, 1.0, R)
+    points = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3)
+    with torch.no_grad():
+        want = field.query(points)[0].reshape(R, R, R)
+    got = density_grid(lambda p: field.query(p)[0], 1.0, R, chunk=100)
+    assert torch.equal(got, want)
+    double = density_grid(lambda p: p.double().norm(dim=-1), 1.0, R, chunk=100)
+    assert double.dtype == torch.float64
+
+
+def test_mesh_resolution_below_two_is_refused():
+    from cfd.scene.mesh import extract_mesh
+
+    with pytest.raises(ValueError, match="mesh_resolution .* at least 2"):
+        extract_mesh(Ball(), resolution=1)
+
+
+def test_nan_density_is_refused_and_infinite_density_meshes_finitely(tmp_path):
+    """NaN density has no surface (a clear error, not NaN vertices); +inf is very dense: the
+    mesh is finite, sits where the finite ball's does, and its .glb is valid JSON."""
+    import json
+
+    from cfd.scene.mesh import extract_mesh, read_glb, write_glb
+
+    class NaNBall(Ball):
+        def query(self, points):
+            density, rgb = super().query(points)
+            return torch.where(points[:, 0] > 0.5, torch.nan, density), rgb
+
+    class InfBall(Ball):
+        def query(self, points):
+            density, rgb = super().query(points)
+            return torch.where(density > 0, torch.inf, 0.0), rgb
+
+    with pytest.raises(ValueError, match="density is NaN"):
+        extract_mesh(NaNBall(), resolution=16)
+    mesh = extract_mesh(InfBall(), resolution=32, threshold=10.0)
+    assert np.isfinite(mesh.vertices).all()
+    assert np.abs(np.linalg.norm(mesh.vertices, axis=1) - 0.6).max() < 2 * 2.0 / 31
+    write_glb(mesh, tmp_path / "inf.glb")
+
+    def refuse(constant):
+        raise ValueError(constant)
+
+    gltf, _ = read_glb(tmp_path / "inf.glb")
+    json.loads(json.dumps(gltf), parse_constant=refuse)
+    assert np.isfinite(gltf["accessors"][0]["min"]).all()
+
+
+def test_write_glb_refuses_non_finite_vertices(tmp_path):
+    from cfd.scene.mesh import Mesh, write_glb
+
+    vertices = np.array([[0, 0, 0], [1, 0, 0], [0, np.nan, 0]], np.float32)
+    with pytest.raises(ValueError, match="vertices hold NaN or Inf"):
+        write_glb(Mesh(vertices, np.array([[0, 1, 2]])), tmp_path / "bad.glb")
+    assert not (tmp_path / "bad.glb").exists()
+
+
+def test_glb_colours_are_linear_and_obj_colours_srgb(tmp_path):
+    """glTF's COLOR_0 is linear: a rendered (sRGB) 0.5 is stored as 0.214, which a viewer
+    shows as 0.5 again; 0 and 1 stay. The .obj keeps the rendered values."""
+    from cfd.scene.mesh import Mesh, read_glb, write_glb, write_obj
+
+    vertices = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0]], np.float32)
+    colours = np.array([[0.5, 0.5, 0.5], [0.0, 1.0, 0.02], [0.2, 0.8, 1.0]], np.float32)
+    mesh = Mesh(vertices, np.array([[0, 1, 2]]), colours)
+    write_glb(mesh, tmp_path / "m.glb")
+    gltf, binary = read_glb(tmp_path / "m.glb")
+    view = gltf["bufferViews"][gltf["meshes"][0]["primitives"][0]["attributes"]["COLOR_0"]]
+    stored = np.frombuffer(binary, "<f4", 9, view["byteOffset"]).reshape(3, 3)
+    assert stored[0] == pytest.approx([0.21404] * 3, abs=1e-5)
+    assert stored[1] == pytest.approx([0.0, 1.0, 0.02 / 12.92], abs=1e-7)
+    shown = np.where(stored <= 0.0031308, 12.92 * stored, 1.055 * stored ** (1 / 2.4) - 0.055)
+    assert np.allclose(shown, colours, atol=1e-5)
+    write_obj(mesh, tmp_path / "m.obj")
+    first = (tmp_path / "m.obj").read_text().splitlines()[0]
+    assert first.split()[4:] == ["0.5000", "0.5000", "0.5000"]
+
+
+def test_no_surface_at_the_threshold_is_a_clear_error(tmp_path):
+    """A threshold below the whole density range (the field and the empty box around it) has
+    no surface: the error names the threshold, the range and ``mesh_threshold``; ``write_glb``
+    refuses an empty mesh rather than failing in NumPy."""
+    from cfd.scene.mesh import Mesh, extract_mesh, write_glb
+
+    with pytest.raises(ValueError, match=r"threshold -1.*\[0, 20\].*mesh_threshold"):
+        extract_mesh(Ball(), resolution=16, threshold=-1.0)
+    empty = Mesh(np.zeros((0, 3), np.float32), np.zeros((0, 3), np.int64))
+    with pytest.raises(ValueError, match="empty mesh"):
+        write_glb(empty, tmp_path / "empty.glb")

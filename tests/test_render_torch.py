@@ -77,8 +77,10 @@ def test_tiling_does_not_change_the_image(tile_size, chunk_size):
     base = rasterization(*scene, viewmats, Ks, 50, 31, tile_size=8, chunk_size=16)
     other = rasterization(*scene, viewmats, Ks, 50, 31, tile_size=tile_size,
                           chunk_size=chunk_size)
-    assert torch.allclose(base.rgb, other.rgb, atol=1e-5)
-    assert torch.allclose(base.alpha, other.alpha, atol=1e-5)
+    # a pixel stops before the splat that takes its transmittance below 1e-4; the running sum
+    # is rounded per chunk, and chunks follow the tiling, so the stop can move by one splat
+    assert torch.allclose(base.rgb, other.rgb, atol=1e-4)
+    assert torch.allclose(base.alpha, other.alpha, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["means", "quats", "scales", "opacities", "colors"])

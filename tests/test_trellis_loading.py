@@ -444,6 +444,13 @@ def test_refine_hands_each_input_to_relaxflow_once(pipeline_dir, tmp_path, capsy
     assert not (tmp_path / "out").exists()
     assert run.main([*args, f"relaxflow.priors=[{tmp_path / 'absent.png'}]"]) == 2
     assert f"{tmp_path / 'absent.png'} does not exist" in capsys.readouterr().err
+    # so are its inputs' files and model
+    assert run.main([*args, f"image={tmp_path / 'absent.png'}"]) == 2
+    assert f"image {tmp_path / 'absent.png'} does not exist" in capsys.readouterr().err
+    assert run.main([*args, f"relaxflow.model={tmp_path / 'no-model'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"model weights for '{tmp_path / 'no-model'}' are not available" in err
+    assert not (tmp_path / "out").exists()
     assert run.main([*args, f"priors=[{image}]", f"relaxflow.priors=[{image}]"]) == 2
     assert ("priors is set twice, as priors= and relaxflow.priors=: set it once"
             in capsys.readouterr().err)

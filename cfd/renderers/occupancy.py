@@ -32,6 +32,13 @@ class OccupancyGrid:
     """Occupancy of ``resolution^3`` cells over ``[-radius, radius]^3``."""
 
     def __init__(self, radius: float, cfg: OccupancyConfig, device="cpu"):
+        if cfg.resolution < 1:
+            raise ValueError(f"occupancy.resolution (cells per axis) must be at least 1, got "
+                             f"{cfg.resolution}; the default is 32")
+        if cfg.update_every < 1:
+            raise ValueError(f"occupancy.update_every (steps between updates) must be at least "
+                             f"1, got {cfg.update_every}; to skip no empty space at all, set "
+                             "occupancy.enabled=false instead")
         self.radius, self.cfg = float(radius), cfg
         G = cfg.resolution
         self.density = torch.full((G, G, G), torch.inf, device=device)
@@ -66,5 +73,12 @@ class OccupancyGrid:
         return {"density": self.density.clone(), "occupied": self.occupied.clone()}
 
     def load_state_dict(self, state: dict) -> None:
+        G = self.cfg.resolution
+        for key in ("density", "occupied"):
+            if tuple(state[key].shape) != (G, G, G):
+                raise ValueError(f"the occupancy state's {key} has shape "
+                                 f"{tuple(state[key].shape)} but this grid is {(G, G, G)} "
+                                 f"(occupancy.resolution={G}); set occupancy.resolution to "
+                                 "the value the state was saved with")
         self.density = state["density"].to(self.density.device)
         self.occupied = state["occupied"].to(self.occupied.device)

@@ -53,43 +53,77 @@ def in_chunks(fn: Callable[[Tensor], Tensor], points: Tensor, chunk: int = 65536
 def density_grid(density_fn: Callable[[Tensor], Tensor], radius: float, resolution: int,
                  device="cpu", chunk: int = 65536) -> Tensor:
     """``density_fn`` sampled on ``resolution^3`` points spanning ``[-radius, radius]^3``,
-    ``[R,R,R]`` indexed (x, y, z)."""
+    ``[R,R,R]`` indexed (x, y, z), ``chunk`` points at a time.
+
+    Each chunk's points are made from their flat indices, so beside the grid itself memory
+    holds one chunk, not all ``R^3`` points (12 bytes each: 200 MB at R = 256)."""
     axis = torch.linspace(-radius, radius, resolution, device=device)
-    points = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3)
-    values = in_chunks(density_fn, points, chunk)
+    n = resolution ** 3
+    values = None
+    for start in range(0, n, chunk):
+        index = torch.arange(start, min(start + chunk, n), device=device)
+        ijk = torch.stack([index // resolution ** 2, index // resolution % resolution,
+                           index % resolution], -1)
+        density = density_fn(axis[ijk])
+        if values is None:  # the field's dtype, known once it answers
+            values = density.new_empty(n)
+        values[start:start + len(index)] = density
     return values.reshape(resolution, resolution, resolution)
 
 
 def extract_mesh(field, resolution: int = 128, threshold: Optional[float] = None) -> Mesh:
-    """Iso-surface of a field's density (``field.query``, ``field.cfg.radius``).
+    """Iso-surface of a field's density (``field.query``, ``field.cfg.radius``) on a
+    ``resolution^3`` grid (at least 2 per axis).
 
     ``threshold``: a density; None picks it from the opacity distribution (module docstring).
-    The grid is padded with empty cells so the surface closes at the box.
+    The grid is padded with empty cells so the surface closes at the box. A density of NaN
+    anywhere, or no surface at the threshold, is a ``ValueError``.
     """
     import mcubes
 
+    if resolution < 2:
+        raise ValueError(f"mesh_resolution (grid points per axis) must be at least 2, got "
+                         f"{resolution}; the default is 128")
     radius = field.cfg.radius
     grid = density_grid(lambda p: field.query(p)[0], radius, resolution, field.device)
+    nan = int(torch.isnan(grid).sum())
+    if nan:
+        raise ValueError(f"the field's density is NaN at {nan} of {grid.numel()} grid points, "
+                         "so it has no surface to mesh; the field diverged (lower the learning "
+                         "rates)")
+    # An infinite density is an overflowed, very large one; marching cubes would interpolate
+    # NaN vertices from it, and the largest finite value puts the surface where inf would.
+    grid = torch.nan_to_num(grid)
     cell = 2 * radius / (resolution - 1)
     if threshold is None:
         opacity = 1 - torch.exp(-grid * cell)
         level = otsu_threshold(opacity.flatten())
         threshold = -math.log(1 - min(level, 1 - 1e-6)) / cell
-    if not (grid > threshold).any():
-        raise ValueError(f"the field has no density above {threshold:.4g}: nothing to mesh "
-                         "(train longer, or pass a lower threshold)")
     padded = np.pad(grid.cpu().numpy().astype(np.float64), 1, constant_values=0.0)
     vertices, faces = mcubes.marching_cubes(padded, float(threshold))
+    if not len(faces):
+        raise ValueError(f"no surface at density threshold {threshold:.4g}: nothing to mesh, "
+                         f"as the density on the {resolution}^3 grid spans "
+                         f"[{grid.min().item():.4g}, {grid.max().item():.4g}] (and 0 outside "
+                         "the box); set mesh_threshold inside that range, or train longer")
     vertices = ((vertices - 1) * cell - radius).astype(np.float32)
     faces = faces.astype(np.int64)  # counter-clockwise seen from the low-density side
     with torch.no_grad():
         points = torch.from_numpy(vertices).to(field.device)
-        colours = in_chunks(lambda p: field.query(p)[1], points) if len(points) else None
-    return Mesh(vertices, faces, None if colours is None else colours.float().cpu().numpy())
+        colours = in_chunks(lambda p: field.query(p)[1], points)
+    return Mesh(vertices, faces, colours.float().cpu().numpy())
+
+
+def srgb_to_linear(colours: np.ndarray) -> np.ndarray:
+    """sRGB-encoded values in [0, 1] -> linear light (the inverse sRGB transfer function)."""
+    return np.where(colours <= 0.04045, colours / 12.92, ((colours + 0.055) / 1.055) ** 2.4)
 
 
 def write_obj(mesh: Mesh, path) -> None:
-    """Wavefront OBJ with per-vertex colours (``v x y z r g b``), 1-based faces."""
+    """Wavefront OBJ with per-vertex colours (``v x y z r g b``), 1-based faces.
+
+    The colours are written as rendered, sRGB-encoded: OBJ's vertex colours are an informal
+    extension that viewers (MeshLab, Blender) show as stored, with no conversion."""
     lines = []
     for i, v in enumerate(mesh.vertices):
         c = "" if mesh.colours is None else " %.4f %.4f %.4f" % tuple(mesh.colours[i])
@@ -101,11 +135,22 @@ def write_obj(mesh: Mesh, path) -> None:
 
 def write_glb(mesh: Mesh, path) -> None:
     """Binary glTF 2.0: one mesh with POSITION, COLOR_0 (when coloured) and uint32 indices.
-    glTF is y-up; the engine is z-up, so points are turned (x, y, z) -> (x, z, -y)."""
+    glTF is y-up; the engine is z-up, so points are turned (x, y, z) -> (x, z, -y). The
+    colours (sRGB, as rendered) are stored linear, as glTF defines COLOR_0, so a viewer shows
+    the rendered colours. An empty mesh, or NaN/Inf in it, is a ``ValueError`` (glTF has no
+    form for either)."""
+    if not len(mesh.vertices) or not len(mesh.faces):
+        raise ValueError(f"cannot write an empty mesh ({len(mesh.vertices)} vertices, "
+                         f"{len(mesh.faces)} faces) to {path}: glTF accessors hold at least one "
+                         "element")
+    for name, values in (("vertices", mesh.vertices), ("colours", mesh.colours)):
+        if values is not None and not np.isfinite(values).all():
+            raise ValueError(f"the mesh's {name} hold NaN or Inf, which glTF cannot store; "
+                             "mesh a field with a finite density and colour")
     positions = np.stack([mesh.vertices[:, 0], mesh.vertices[:, 2], -mesh.vertices[:, 1]], -1)
     blobs = [positions.astype("<f4").tobytes()]
     if mesh.colours is not None:
-        blobs.append(mesh.colours.clip(0, 1).astype("<f4").tobytes())
+        blobs.append(srgb_to_linear(mesh.colours.clip(0, 1)).astype("<f4").tobytes())
     blobs.append(mesh.faces.astype("<u4").tobytes())
     offsets = np.cumsum([0] + [len(b) for b in blobs]).tolist()
     views = [{"buffer": 0, "byteOffset": offsets[i], "byteLength": len(b)}
@@ -126,7 +171,7 @@ def write_glb(mesh: Mesh, path) -> None:
                                         "indices": len(accessors) - 1}]}],
             "accessors": accessors, "bufferViews": views,
             "buffers": [{"byteLength": offsets[-1]}]}
-    text = json.dumps(gltf).encode()
+    text = json.dumps(gltf, allow_nan=False).encode()
     text += b" " * (-len(text) % 4)
     binary = b"".join(blobs)
     binary += b"\0" * (-len(binary) % 4)

@@ -73,6 +73,14 @@ class NeRFField(nn.Module):
         if cfg.density_activation not in DENSITY_ACTIVATIONS:
             raise ValueError(f"density_activation is one of {sorted(DENSITY_ACTIVATIONS)}, got "
                              f"{cfg.density_activation!r}")
+        if not cfg.radius > 0:
+            raise ValueError(f"nerf.radius (half the side of the scene box) must be positive, "
+                             f"got {cfg.radius}")
+        # A zero blob radius divides by zero (density -inf, NaN at the centre) rather than
+        # meaning "no blob", which is blob_density = 0.
+        if not cfg.blob_radius > 0:
+            raise ValueError(f"nerf.blob_radius must be positive, got {cfg.blob_radius}; to "
+                             "start without a blob set nerf.blob_density=0 instead")
         self.cfg = cfg
         self.encoding = hash_grid(cfg.grid, device, generator)
         self.density_net = nn.Sequential(

@@ -1,12 +1,14 @@
 """Multi-view renders of the shape world: the data of the embedded prior.
 
 Built once per (code, settings) on first use with a progress bar, then cached under
-``<cache_dir>/shape_world/<fingerprint>/`` (an atomic rename of a finished folder). The
-fingerprint hashes the settings and the source of everything that draws the images (the shape
-world, the renderer, the cameras, the splat conversions), so a changed object, sampler, renderer
-or setting builds a new one. The folder holds ``images.safetensors`` (uint8 RGB on the
-settings' background, grey by default; alpha; per-view labels and angles) and ``meta.json``
-(prompts, object names, settings): the layout ``ClosedFormPrior.from_pretrained`` reads.
+``<cache_dir>/shape_world/<fingerprint>/`` (an atomic rename of a finished folder, with the
+umask's modes; a folder there without ``meta.json`` is a broken build and is replaced). The
+fingerprint hashes the settings (in a canonical form, so ``[-10, 45]`` and ``(-10.0, 45.0)`` are
+the same dataset) and the source of everything that draws the images (the shape world, the
+renderer, the cameras, the splat conversions), so a changed object, sampler, renderer or setting
+builds a new one. The folder holds ``images.safetensors`` (uint8 RGB on the settings'
+background, grey by default; alpha; per-view labels and angles) and ``meta.json`` (prompts,
+object names, canonical settings): the layout ``ClosedFormPrior.from_pretrained`` reads.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 from tqdm import tqdm
@@ -28,6 +30,7 @@ from guidance.loading import cache_root
 
 from ..cameras import sample_orbit_cameras
 from ..renderers import render
+from ..utils.runtime import _umask
 from .world import SHAPE_WORLD, object_splats, prompts
 
 # The code that turns the settings into images: packages (every .py file) and modules.
@@ -58,9 +61,31 @@ def image_source_files() -> List[Path]:
     return files
 
 
+def canonical_settings(cfg: ShapeDatasetConfig) -> Dict[str, object]:
+    """The settings that draw the images (all but ``cache_dir``), each in the type of its
+    default: ranges as lists of floats, counts as ints, the background as a float."""
+    defaults = ShapeDatasetConfig()
+    settings: Dict[str, object] = {}
+    for f in fields(cfg):
+        if f.name == "cache_dir":
+            continue
+        value, default = getattr(cfg, f.name), getattr(defaults, f.name)
+        if isinstance(default, list):
+            value = [float(v) for v in value]
+        elif isinstance(default, int):
+            if float(value) != int(value):
+                raise ValueError(f"ShapeDatasetConfig.{f.name} must be a whole number, got "
+                                 f"{value!r}")
+            value = int(value)
+        else:
+            value = float(value)
+        settings[f.name] = value
+    return settings
+
+
 def dataset_fingerprint(cfg: ShapeDatasetConfig) -> str:
-    """Hash of the settings (bar ``cache_dir``) and the bytes of every image source file."""
-    settings = sorted((k, repr(v)) for k, v in asdict(cfg).items() if k != "cache_dir")
+    """Hash of the canonical settings and the bytes of every image source file."""
+    settings = sorted((k, repr(v)) for k, v in canonical_settings(cfg).items())
     h = hashlib.sha256(repr(settings).encode())
     for path in image_source_files():
         h.update(f"\n{path.parent.name}/{path.name}\n".encode())
@@ -110,18 +135,47 @@ def build_shape_dataset(cfg: ShapeDatasetConfig, batch: int = 25) -> Path:
     bar.close()
     tensors = {k: torch.cat(v).contiguous() for k, v in data.items()}
     meta = {"prompts": names, "objects": [o.name for o in SHAPE_WORLD],
-            "object_prompts": [o.prompt for o in SHAPE_WORLD], "settings": asdict(cfg),
-            "fingerprint": out_dir.name}
+            "object_prompts": [o.prompt for o in SHAPE_WORLD],
+            "settings": canonical_settings(cfg), "fingerprint": out_dir.name}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=out_dir.name + ".tmp"))
     try:
         save_file(tensors, str(tmp / "images.safetensors"))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        try:
-            os.rename(tmp, out_dir)
-        except OSError:  # another process finished first: keep theirs
-            shutil.rmtree(tmp, ignore_errors=True)
+        # mkdtemp's 0700 (and safetensors' own modes) would hide a shared cache from other users.
+        mask = _umask()
+        os.chmod(tmp, 0o777 & ~mask)
+        for path in tmp.iterdir():
+            os.chmod(path, 0o666 & ~mask)
+        _publish(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _publish(tmp: Path, out_dir: Path, attempts: int = 3) -> None:
+    """Rename the finished folder ``tmp`` to ``out_dir``.
+
+    A complete dataset already there (with ``meta.json``) is another process's build of the same
+    data: it is kept and ``tmp`` dropped. Anything else there is a broken build (interrupted, or
+    from a writer that was not atomic); it is renamed aside in one step, so no reader sees it
+    half-deleted, then deleted, and the rename retried.
+    """
+    for _ in range(attempts):
+        try:
+            os.rename(tmp, out_dir)
+            return
+        except OSError as error:
+            failure = error
+        if (out_dir / "meta.json").is_file():
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        aside = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=out_dir.name + ".stale"))
+        try:
+            os.rename(out_dir, aside / out_dir.name)
+        except FileNotFoundError:
+            pass  # another process moved it first
+        shutil.rmtree(aside, ignore_errors=True)
+    raise OSError(f"could not move the built shape-world dataset {tmp} to {out_dir} "
+                  f"({failure}); delete {out_dir} and run again") from failure

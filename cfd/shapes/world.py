@@ -1,8 +1,10 @@
 """A procedural shape world: coloured objects built from analytic parts, rendered as splats.
 
-Each object faces +x (its front; azimuth 0 in ``cfd.cameras``) with +z up, fits in a ball of
-radius ~0.8, and is turned into flat splats lying on its surfaces (``object_splats``), so the
-splat renderer draws it exactly and deterministically. Prompts group objects: several prompts
+Each object faces +x (its front; azimuth 0 in ``cfd.cameras``) with +z up and is turned into
+flat splats lying on its surfaces (``object_splats``), so the splat renderer draws it exactly and
+deterministically. Its splats, out to where the renderer stops drawing them, stay within radius
+0.8 of the origin: inside the view of the dataset's nearest camera (distance 2.4, 40 degree field
+of view: 2.4 sin 20 = 0.82), so no image cuts an object off. Prompts group objects: several prompts
 have 2-3 variants (other proportions or colours), which makes the embedded prior multimodal.
 """
 
@@ -120,23 +122,25 @@ def _mug(name, body, tall, stripe):
 
 
 def _chair(name, wood, seat, tall_back):
-    back_h = 0.8 if tall_back else 0.5
-    legs = tuple(part("box", wood, (x, y, -0.45), size=(0.07, 0.07, 0.6))
-                 for x in (-0.25, 0.25) for y in (-0.25, 0.25))
+    back_h = 0.68 if tall_back else 0.43
+    legs = tuple(part("box", wood, (x, y, -0.385), size=(0.06, 0.06, 0.51))
+                 for x in (-0.21, 0.21) for y in (-0.21, 0.21))
     return ShapeObject(name, "a chair", legs + (
-        part("box", seat, (0, 0, -0.12), size=(0.62, 0.62, 0.08)),
-        part("box", wood, (-0.28, 0, -0.08 + back_h / 2), size=(0.07, 0.62, back_h)),
+        part("box", seat, (0, 0, -0.1), size=(0.53, 0.53, 0.07)),
+        part("box", wood, (-0.24, 0, -0.07 + back_h / 2), size=(0.06, 0.53, back_h)),
     ))
 
 
 def _house(name, walls, roof, wide):
-    w = 0.9 if wide else 0.7
+    # The wide variant is wide across its front (y) but shallow (x): a deep one would not fit
+    # in the dataset cameras' view.
+    depth, frontage = (0.5, 0.9) if wide else (0.7, 0.7)
     return ShapeObject(name, "a house with a door", (
-        part("box", walls, (0, 0, -0.3), size=(w, w, 0.6)),
-        part("prism", roof, (0, 0, 0.0), rz=0.0, width=w + 0.1, depth=w + 0.1, height=0.4),
-        part("box", (0.45, 0.25, 0.1), (w / 2 + 0.01, 0, -0.42), size=(0.02, 0.2, 0.36)),
-        part("box", (0.6, 0.8, 0.95), (w / 2 + 0.01, 0.25, -0.2), size=(0.02, 0.15, 0.15)),
-        part("box", (0.5, 0.2, 0.15), (-0.15, 0.2, 0.25), size=(0.12, 0.12, 0.3)),
+        part("box", walls, (0, 0, -0.2), size=(depth, frontage, 0.6)),
+        part("prism", roof, (0, 0, 0.1), width=depth + 0.1, depth=frontage + 0.1, height=0.4),
+        part("box", (0.45, 0.25, 0.1), (depth / 2 + 0.01, 0, -0.32), size=(0.02, 0.2, 0.36)),
+        part("box", (0.6, 0.8, 0.95), (depth / 2 + 0.01, 0.25, -0.1), size=(0.02, 0.15, 0.15)),
+        part("box", (0.5, 0.2, 0.15), (-0.15, 0.2, 0.35), size=(0.12, 0.12, 0.3)),
     ))
 
 

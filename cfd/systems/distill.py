@@ -32,12 +32,13 @@ from ..scene.background import BackgroundMLPConfig, MLPBackground
 from ..scene.mesh import extract_mesh, write_glb, write_obj
 from ..scene.ply import read_ply_property
 from ..utils.media import save_grid
-from ..utils.runtime import (TrainingStopped, atomic_write, make_run_dir, seed_everything,
-                             write_json)
+from ..utils.runtime import (RunInterrupted, TrainingStopped, atomic_write, make_run_dir,
+                             seed_everything, write_json)
 from ..visualize import write_orbit_video
 from .checkpoint import load_checkpoint, save_checkpoint
 from .common import (LearningRates, OrbitConfig, ShadingConfig, check_counts, check_device,
                      scheduled)
+from .ground_truth import NO_GROUND_TRUTH, evaluate_against_shape_world, has_ground_truth
 from .prior import GuidanceConfig, build_guidance
 from .timesteps import TimestepConfig, TimestepSchedule
 
@@ -184,11 +185,22 @@ def check_settings(c: DistillConfig) -> None:
                          "scene=nerf (splats have no normals, and their backward is "
                          "already bounded by the tiles)")
     check_device(c.device, c.backend)
-    check_counts({"batch_size": c.batch_size, "resolution": c.resolution,
+    check_counts({"steps": c.steps, "batch_size": c.batch_size, "resolution": c.resolution,
                   "checkpoint_every": c.checkpoint_every, "log_every": c.log_every,
                   "eval_views": c.eval_views, "video_frames": c.video_frames,
                   "video_size": c.video_size})
+    if c.scene == "nerf":
+        check_counts({"n_samples": c.n_samples, **({
+            "occupancy.resolution": c.occupancy.resolution,
+            "occupancy.update_every": c.occupancy.update_every} if c.occupancy.enabled else {})})
+        if c.mesh_resolution < 2:
+            raise ValueError(f"mesh_resolution must be >= 2 (marching cubes needs two grid points "
+                             f"along each axis), got {c.mesh_resolution}")
     TimestepSchedule(c.timesteps, c.steps)  # its knots and ranges
+    if c.guidance.kind == "embedded":
+        # the end of the run compares with the prompt's objects; an unknown prompt fails now,
+        # before the prior's dataset is rendered or a run folder exists
+        has_ground_truth(c.prompt_processor.prompt)
 
 
 class Distillation:
@@ -221,6 +233,7 @@ class Distillation:
             self.densifier.check(self.scene, self.optimizers)
         self.step = 0
         self.bad_steps = 0
+        self.wall_s = 0.0  # training time up to ``step``, across resumes (``run`` keeps it)
 
     def _make_optimizers(self) -> dict:
         """The scene's optimisers, one per parameter group."""
@@ -280,6 +293,7 @@ class Distillation:
         return {
             "step": self.step,
             "bad_steps": self.bad_steps,
+            "wall_s": self.wall_s,
             "scene": self._scene_state(),
             "background": None if self.background is None else {
                 "model": self.background.state_dict(),
@@ -298,11 +312,33 @@ class Distillation:
                     "sh_degree": self.scene.sh_degree}
         return {"nerf": {k: v.detach().clone() for k, v in self.scene.state_dict().items()}}
 
+    def _layout(self) -> dict:
+        """The settings that decide which parts a checkpoint holds, as this run has them."""
+        return {"scene": self.cfg.scene, "background_kind": self.cfg.background_kind,
+                "occupancy.enabled": self.occupancy is not None}
+
+    @staticmethod
+    def _checkpoint_layout(state: dict) -> dict:
+        """The same settings, read off the parts a checkpoint holds."""
+        return {"scene": "splats" if "splats" in state["scene"] else "nerf",
+                "background_kind": "solid" if state.get("background") is None else "mlp",
+                "occupancy.enabled": state.get("occupancy") is not None}
+
     def load_state_dict(self, state: dict) -> None:
         if "scene" not in state:
             raise ValueError("this checkpoint predates NeRF scenes (cfd3d 0.1 layout, splats "
                              "at the top level) and cannot be resumed by this version; start "
                              "a new run")
+        stored, wanted = self._checkpoint_layout(state), self._layout()
+        differ = (["scene"] if stored["scene"] != wanted["scene"]  # the rest follows from it
+                  else [k for k in wanted if stored[k] != wanted[k]])
+        if differ:
+            def settings(layout):
+                return ", ".join(f"{k}={str(layout[k]).lower()}" for k in differ)
+
+            raise ValueError(f"this checkpoint was written with {settings(stored)}, but the "
+                             f"config has {settings(wanted)}: the run folder's config.yaml was "
+                             "changed after the run started; set it back, or start a new run")
         scene = state["scene"]
         if "splats" in scene:
             self.scene = Splats(scene["splats"], scene["sh_degree"]).to(self.device)
@@ -310,9 +346,6 @@ class Distillation:
             self.scene.load_state_dict(scene["nerf"])
         self.optimizers = self._make_optimizers()
         if self.background is not None:
-            if state.get("background") is None:
-                raise ValueError("this checkpoint has no learned background; resume it with "
-                                 "background_kind=solid")
             self.background.load_state_dict(state["background"]["model"])
             self.background_optimizer.load_state_dict(state["background"]["optimizer"])
         if self.occupancy is not None:
@@ -324,6 +357,8 @@ class Distillation:
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         self.step, self.bad_steps = state["step"], state["bad_steps"]
+        # checkpoints from before it was kept: the time before the resume is not known
+        self.wall_s = state.get("wall_s", 0.0)
 
     # -- one step -------------------------------------------------------------------------------
     def render_views(self, cams):
@@ -431,49 +466,68 @@ def run(cfg, resume_dir: Optional[Path] = None) -> dict:
               "new run to train again)")
         return {**json.loads((Path(resume_dir) / "metrics.json").read_text()),
                 "run_dir": str(resume_dir)}
+    # a damaged checkpoint is refused before any model loads
+    state = load_checkpoint(Path(resume_dir) / "ckpt") if resume_dir is not None else None
     system = Distillation(cfg)  # checks the settings and loads the models before a folder exists
+    if state is not None:
+        system.load_state_dict(state)
     if resume_dir is None:
         run_dir = make_run_dir(c.output_dir, c.name, c.prompt_processor.prompt)
         save_config(cfg, run_dir / "config.yaml")
     else:
         run_dir = Path(resume_dir)
-    state = load_checkpoint(run_dir / "ckpt") if resume_dir is not None else None
-    if state is not None:
-        system.load_state_dict(state)
         log.info("resumed %s at step %d", run_dir, system.step)
-    metrics_path = _metrics_log(run_dir, system.step)
-    eval_cams = fixed_orbit_cameras(c.eval_views, c.resolution, c.resolution, 20.0, 2.5, 40.0,
-                                    device=system.device)
-    start = time.perf_counter()
-    bar = tqdm(total=c.steps, initial=system.step, desc=c.prompt_processor.prompt,
-               dynamic_ncols=True)
-    with open(metrics_path, "a") as metrics_file:
-        while system.step < c.steps:
-            record = system.train_step()
-            metrics_file.write(json.dumps(record) + "\n")
-            if record["skipped"]:
-                log.warning("step %d: non-finite gradient, step skipped", record["step"])
-                if system.bad_steps >= c.max_bad_steps:
+    checkpoint_step = None if state is None else system.step
+    try:
+        metrics_path = _metrics_log(run_dir, system.step)
+        eval_cams = fixed_orbit_cameras(c.eval_views, c.resolution, c.resolution, 20.0, 2.5,
+                                        40.0, device=system.device)
+        wall_before, start = system.wall_s, time.perf_counter()
+        bar = tqdm(total=c.steps, initial=system.step, desc=c.prompt_processor.prompt,
+                   dynamic_ncols=True)
+        with open(metrics_path, "a") as metrics_file:
+            while system.step < c.steps:
+                record = system.train_step()
+                metrics_file.write(json.dumps(record) + "\n")
+                if record["skipped"]:
+                    log.warning("step %d: non-finite gradient, step skipped", record["step"])
+                    if system.bad_steps >= c.max_bad_steps:
+                        metrics_file.flush()
+                        raise TrainingStopped(
+                            f"{system.bad_steps} consecutive steps had NaN/Inf gradients; "
+                            f"stopped. The last good checkpoint is in {run_dir / 'ckpt'} "
+                            "(--resume would repeat the same steps); start a new run with lower "
+                            "learning rates or guidance scale")
+                bar.set_postfix(t=f"{record['t']:.3f}", loss=f"{record['loss']:.3g}",
+                                **({"splats": record["n_splats"]} if "n_splats" in record
+                                   else {}))
+                bar.update(1)
+                if system.step % c.checkpoint_every == 0 or system.step == c.steps:
                     metrics_file.flush()
-                    raise TrainingStopped(
-                        f"{system.bad_steps} consecutive steps had NaN/Inf gradients; stopped. "
-                        f"The last good checkpoint is in {run_dir / 'ckpt'} (--resume would "
-                        "repeat the same steps); start a new run with lower learning rates or "
-                        "guidance scale")
-            bar.set_postfix(t=f"{record['t']:.3f}", loss=f"{record['loss']:.3g}",
-                            **({"splats": record["n_splats"]} if "n_splats" in record else {}))
-            bar.update(1)
-            if system.step % c.checkpoint_every == 0 or system.step == c.steps:
-                metrics_file.flush()
-                save_checkpoint(run_dir / "ckpt", system.state_dict())
-            if system.step % c.log_every == 0 or system.step == c.steps:
-                with torch.no_grad():
-                    pred = render(system.scene, eval_cams, c.backend, c.background,
-                                  **system.render_options())
-                save_grid([pred.rgb, pred.alpha], run_dir / f"progress_{system.step:05d}.png")
-    bar.close()
-    wall = time.perf_counter() - start
-    result = {"steps": c.steps, "wall_s": wall, "prompt": c.prompt_processor.prompt}
+                    system.wall_s = wall_before + time.perf_counter() - start
+                    save_checkpoint(run_dir / "ckpt", system.state_dict())
+                    checkpoint_step = system.step
+                if system.step % c.log_every == 0 or system.step == c.steps:
+                    with torch.no_grad():
+                        pred = render(system.scene, eval_cams, c.backend, c.background,
+                                      **system.render_options())
+                    save_grid([pred.rgb, pred.alpha],
+                              run_dir / f"progress_{system.step:05d}.png")
+        bar.close()
+        result = {"steps": c.steps, "wall_s": wall_before + time.perf_counter() - start,
+                  "prompt": c.prompt_processor.prompt}
+        _write_outputs(system, run_dir, result)
+    except KeyboardInterrupt:  # the last checkpoint is whole; a half-done step is not saved
+        raise RunInterrupted(run_dir, system.step, checkpoint_step) from None
+    before = f" ({wall_before:.1f} s of them before the resume)" if wall_before else ""
+    print(f"{c.steps} steps in {result['wall_s']:.1f} s{before}; results in {run_dir}")
+    return {**result, "run_dir": str(run_dir)}
+
+
+def _write_outputs(system: Distillation, run_dir: Path, result: dict) -> None:
+    """The trained scene, its orbit videos, the ground-truth metrics (embedded prior) and
+    ``metrics.json`` (``result`` and what this adds to it)."""
+    c = system.cfg
     if isinstance(system.scene, Splats):
         system.scene.save_ply(run_dir / "splats.ply")
         result["n_splats"] = len(system.scene)
@@ -486,9 +540,7 @@ def run(cfg, resume_dir: Optional[Path] = None) -> dict:
         write_orbit_video(system.scene, run_dir / name, n_frames=c.video_frames,
                           size=c.video_size, distance=2.5, background=c.background,
                           render_options=system.render_options(), show=show)
-    if c.guidance.kind == "embedded":
-        from .ground_truth import evaluate_against_shape_world
-
+    if c.guidance.kind == "embedded" and has_ground_truth(c.prompt_processor.prompt):
         result.update(evaluate_against_shape_world(system.scene, c.prompt_processor.prompt,
                                                     resolution=c.resolution,
                                                     background=c.background,
@@ -496,9 +548,10 @@ def run(cfg, resume_dir: Optional[Path] = None) -> dict:
                                                     render_options=system.render_options()))
         print(f"held-out PSNR {result['psnr']:.2f} dB, mask IoU {result['mask_iou']:.3f} "
               f"(best: {result['variant']} rotated {result['rotation_deg']:.0f} deg)")
+    elif c.guidance.kind == "embedded":
+        result["ground_truth"] = NO_GROUND_TRUTH
+        print(f"no held-out PSNR or mask IoU: ground truth {NO_GROUND_TRUTH}")
     write_json(run_dir / "metrics.json", result)
-    print(f"{c.steps} steps in {wall:.1f} s; results in {run_dir}")
-    return {**result, "run_dir": str(run_dir)}
 
 
 def save_nerf_outputs(field: NeRFField, run_dir: Path, mesh_resolution: int,

@@ -2,7 +2,8 @@
 
 Held-out views on a fixed orbit are compared with every variant of the prompt, under every
 global azimuth rotation (the prior cannot fix the absolute azimuth of a symmetric object, and a
-run may settle on any rotation); the best PSNR is reported with its mask IoU.
+run may settle on any rotation); the best PSNR is reported with its mask IoU. The empty prompt
+(unconditional: the prior draws from every object) has no ground truth to compare with.
 """
 
 from __future__ import annotations
@@ -28,6 +29,20 @@ def mask_iou(alpha_pred: torch.Tensor, alpha_target: torch.Tensor, threshold: fl
     a, b = alpha_pred > threshold, alpha_target > threshold
     union = (a | b).sum().item()
     return (a & b).sum().item() / union if union else 1.0
+
+
+NO_GROUND_TRUTH = ("none: the empty prompt is unconditional (the prior draws from every "
+                   "object), so there is no one object to compare the result with")
+
+
+def has_ground_truth(prompt: str) -> bool:
+    """Whether a result for ``prompt`` can be measured against the shape world: False for the
+    empty (unconditional) prompt, True for a known one; an unknown prompt is an error that lists
+    the known ones."""
+    if not prompt.strip():  # as the embedded prior reads it: blank is unconditional
+        return False
+    objects_for(prompt)
+    return True
 
 
 @torch.no_grad()

@@ -1,5 +1,5 @@
-"""Process-level set-up: seeding, run folders, atomic writes, allocator tuning, and the error a
-run stops itself with."""
+"""Process-level set-up: seeding, run folders, atomic writes, allocator tuning, the error a run
+stops itself with, and the interruption of a run that can be resumed."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import random
 import re
 import tempfile
 import time
+import unicodedata
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO, Callable, Optional
 
 import numpy as np
 import torch
@@ -20,6 +21,17 @@ import torch
 class TrainingStopped(RuntimeError):
     """A training loop stopped itself because its state cannot go on (the gradients diverged,
     densification left no splat); the message says why and which settings to change."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run whose folder can be resumed: where it stopped, and from what.
+
+    ``step``: the steps done when it stopped; ``checkpoint_step``: the step its checkpoint
+    holds, where ``--resume`` continues (None: no checkpoint yet, it starts again at 0)."""
+
+    def __init__(self, run_dir: Path, step: int, checkpoint_step: Optional[int]):
+        super().__init__(str(run_dir))
+        self.run_dir, self.step, self.checkpoint_step = Path(run_dir), step, checkpoint_step
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -46,19 +58,29 @@ def tune_malloc() -> bool:
 
 
 def slugify(text: str, max_len: int = 60) -> str:
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", text.strip()).strip("_")
-    return slug[:max_len] or "run"
+    """A folder name for ``text``: its letters and digits in any script (``チェア`` stays), ``.``
+    and ``-``; every other run of characters (``/``, spaces, controls, emoji) becomes ``_``.
+    At most ``max_len`` characters and ``3 * max_len`` bytes of UTF-8 (file systems limit a name to
+    255 bytes; the time stamp follows), ``run`` if nothing is left."""
+    # composed form: an accent typed as a separate combining mark would otherwise become "_"
+    text = unicodedata.normalize("NFC", text.strip())
+    slug = re.sub(r"[^\w.-]+", "_", text).strip("_")
+    # a cut through a character's bytes drops that character
+    return slug[:max_len].encode()[:3 * max_len].decode(errors="ignore") or "run"
 
 
 def make_run_dir(output_dir: str, config_name: str, tag: str) -> Path:
-    """``<output_dir>/<config_name>/<tag>@<YYYYmmdd-HHMMSS>/``, made unique if it exists."""
+    """``<output_dir>/<config_name>/<tag>@<YYYYmmdd-HHMMSS>/``, with ``-1``, ``-2``... added when
+    that folder exists (also when another run makes it at the same moment)."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     base = Path(output_dir) / config_name / f"{slugify(tag)}@{stamp}"
     path, i = base, 1
-    while path.exists():
-        path, i = base.with_name(f"{base.name}-{i}"), i + 1
-    path.mkdir(parents=True)
-    return path
+    while True:
+        try:
+            path.mkdir(parents=True)  # creating is the test: a separate exists() check races
+            return path
+        except FileExistsError:
+            path, i = base.with_name(f"{base.name}-{i}"), i + 1
 
 
 def _umask() -> int:
