@@ -33,11 +33,11 @@ class OccupancyGrid:
 
     def __init__(self, radius: float, cfg: OccupancyConfig, device="cpu"):
         if cfg.resolution < 1:
-            raise ValueError(f"occupancy.resolution (cells per axis) must be at least 1, got "
-                             f"{cfg.resolution}; the default is 32")
+            raise ValueError(f"occupancy.resolution must be >= 1, got {cfg.resolution}: at "
+                             "least 1 cell per axis (the default is 32)")
         if cfg.update_every < 1:
-            raise ValueError(f"occupancy.update_every (steps between updates) must be at least "
-                             f"1, got {cfg.update_every}; to skip no empty space at all, set "
+            raise ValueError(f"occupancy.update_every must be >= 1, got {cfg.update_every}: at "
+                             "least 1 step between updates; to skip no empty space at all, set "
                              "occupancy.enabled=false instead")
         self.radius, self.cfg = float(radius), cfg
         G = cfg.resolution

@@ -81,9 +81,7 @@ def extract_mesh(field, resolution: int = 128, threshold: Optional[float] = None
     """
     import mcubes
 
-    if resolution < 2:
-        raise ValueError(f"mesh_resolution (grid points per axis) must be at least 2, got "
-                         f"{resolution}; the default is 128")
+    check_mesh_resolution(resolution)
     radius = field.cfg.radius
     grid = density_grid(lambda p: field.query(p)[0], radius, resolution, field.device)
     nan = int(torch.isnan(grid).sum())
@@ -112,6 +110,13 @@ def extract_mesh(field, resolution: int = 128, threshold: Optional[float] = None
         points = torch.from_numpy(vertices).to(field.device)
         colours = in_chunks(lambda p: field.query(p)[1], points)
     return Mesh(vertices, faces, colours.float().cpu().numpy())
+
+
+def check_mesh_resolution(resolution: int) -> None:
+    """Refuse a marching-cubes grid of fewer than 2 points per axis (``mesh_resolution``)."""
+    if resolution < 2:
+        raise ValueError(f"mesh_resolution must be >= 2, got {resolution}: marching cubes needs "
+                         "at least 2 grid points per axis (the default is 128)")
 
 
 def srgb_to_linear(colours: np.ndarray) -> np.ndarray:

@@ -29,7 +29,7 @@ from ..renderers.occupancy import OccupancyConfig, OccupancyGrid
 from ..scene import (Densifier, DensifyConfig, NeRFConfig, NeRFField, NeRFLearningRates, Splats,
                      random_ball)
 from ..scene.background import BackgroundMLPConfig, MLPBackground
-from ..scene.mesh import extract_mesh, write_glb, write_obj
+from ..scene.mesh import check_mesh_resolution, extract_mesh, write_glb, write_obj
 from ..scene.ply import read_ply_property
 from ..utils.media import save_grid
 from ..utils.runtime import (RunInterrupted, TrainingStopped, atomic_write, make_run_dir,
@@ -190,12 +190,9 @@ def check_settings(c: DistillConfig) -> None:
                   "eval_views": c.eval_views, "video_frames": c.video_frames,
                   "video_size": c.video_size})
     if c.scene == "nerf":
-        check_counts({"n_samples": c.n_samples, **({
-            "occupancy.resolution": c.occupancy.resolution,
-            "occupancy.update_every": c.occupancy.update_every} if c.occupancy.enabled else {})})
-        if c.mesh_resolution < 2:
-            raise ValueError(f"mesh_resolution must be >= 2 (marching cubes needs two grid points "
-                             f"along each axis), got {c.mesh_resolution}")
+        # the occupancy grid checks its own sizes when the system builds it, before a run folder
+        check_counts({"n_samples": c.n_samples})
+        check_mesh_resolution(c.mesh_resolution)  # used only at the end: refused now
     TimestepSchedule(c.timesteps, c.steps)  # its knots and ranges
     if c.guidance.kind == "embedded":
         # the end of the run compares with the prompt's objects; an unknown prompt fails now,
