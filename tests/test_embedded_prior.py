@@ -5,6 +5,8 @@ import os
 import stat
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -368,7 +370,8 @@ def test_a_broken_dataset_folder_is_rebuilt(tmp_path, monkeypatch):
     (folder / "images.safetensors").write_bytes(b"partial")
     assert build_shape_dataset(cfg) == folder
     assert ClosedFormPrior.from_pretrained(folder).data.shape == (1, 3 * 8 * 8)
-    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # nothing left aside
+    left = sorted(p.name for p in folder.parent.iterdir())
+    assert left == [folder.name, f"{folder.name}.lock"]  # nothing left aside
     # Another process's complete build, found at the rename: theirs stays, ours goes.
     ours = tmp_path / "shape_world" / "ours.tmp"
     ours.mkdir()
@@ -376,6 +379,28 @@ def test_a_broken_dataset_folder_is_rebuilt(tmp_path, monkeypatch):
     before = (folder / "meta.json").read_text()
     shape_dataset._publish(ours, folder)
     assert (folder / "meta.json").read_text() == before and not ours.exists()
+
+
+def test_runs_side_by_side_render_the_dataset_once(tmp_path, monkeypatch, caplog):
+    """A run that finds another one rendering the same dataset waits for it and reads its
+    result instead of rendering it again."""
+    cfg = _one_object_config(tmp_path, monkeypatch)
+    folder = dataset_dir(cfg)
+    render_and_publish = shape_dataset._render_and_publish
+    renders = []
+    monkeypatch.setattr(shape_dataset, "_render_and_publish",
+                        lambda *args: (renders.append(args), render_and_publish(*args)))
+    found = {}
+    with shape_dataset._build_lock(folder):  # the other run, rendering
+        waiter = threading.Thread(target=lambda: found.update(folder=build_shape_dataset(cfg)))
+        waiter.start()
+        deadline = time.monotonic() + 60
+        while "waiting for another process to finish rendering" not in caplog.text:
+            assert time.monotonic() < deadline and waiter.is_alive()
+            time.sleep(0.01)
+        render_and_publish(cfg, folder, 25)
+    waiter.join(60)
+    assert found == {"folder": folder} and renders == []
 
 
 def test_dataset_files_follow_the_umask(tmp_path, monkeypatch):

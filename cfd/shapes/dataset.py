@@ -2,13 +2,15 @@
 
 Built once per (code, settings) on first use with a progress bar, then cached under
 ``<cache_dir>/shape_world/<fingerprint>/`` (an atomic rename of a finished folder, with the
-umask's modes; a folder there without ``meta.json`` is a broken build and is replaced). The
-fingerprint hashes the settings (in a canonical form, so ``[-10, 45]`` and ``(-10.0, 45.0)`` are
-the same dataset) and the source of everything that draws the images (the shape world, the
-renderer, the cameras, the splat conversions), so a changed object, sampler, renderer or setting
-builds a new one. The folder holds ``images.safetensors`` (uint8 RGB on the settings'
-background, grey by default; alpha; per-view labels and angles) and ``meta.json`` (prompts,
-object names, canonical settings): the layout ``ClosedFormPrior.from_pretrained`` reads.
+umask's modes; a folder there without ``meta.json`` is a broken build and is replaced). Runs
+started side by side on a fresh cache render it once: the first holds ``<fingerprint>.lock`` and
+the others wait for its result. The fingerprint hashes the settings (in a canonical form, so
+``[-10, 45]`` and ``(-10.0, 45.0)`` are the same dataset) and the source of everything that
+draws the images (the shape world, the renderer, the cameras, the splat conversions), so a
+changed object, sampler, renderer or setting builds a new one. The folder holds
+``images.safetensors`` (uint8 RGB on the settings' background, grey by default; alpha; per-view
+labels and angles) and ``meta.json`` (prompts, object names, canonical settings): the layout
+``ClosedFormPrior.from_pretrained`` reads.
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import logging
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 import torch
 from tqdm import tqdm
@@ -32,6 +36,13 @@ from ..cameras import sample_orbit_cameras
 from ..renderers import render
 from ..utils.runtime import _umask
 from .world import SHAPE_WORLD, object_splats, prompts
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: parallel first runs each build, and the atomic rename keeps one
+    fcntl = None
+
+log = logging.getLogger(__name__)
 
 # The code that turns the settings into images: packages (every .py file) and modules.
 IMAGE_SOURCES = ("cfd.shapes", "cfd.renderers", "cfd.cameras", "cfd.scene.splats", "cfd.scene.sh")
@@ -99,14 +110,42 @@ def dataset_dir(cfg: ShapeDatasetConfig) -> Path:
     return root / "shape_world" / dataset_fingerprint(cfg)
 
 
-@torch.no_grad()
 def build_shape_dataset(cfg: ShapeDatasetConfig, batch: int = 25) -> Path:
     """Render (or find in the cache) the dataset described by ``cfg``; returns its folder."""
-    from safetensors.torch import save_file
-
     out_dir = dataset_dir(cfg)
     if (out_dir / "meta.json").is_file():
         return out_dir
+    with _build_lock(out_dir):
+        if not (out_dir / "meta.json").is_file():  # the process we waited for built it
+            _render_and_publish(cfg, out_dir, batch)
+    return out_dir
+
+
+@contextmanager
+def _build_lock(out_dir: Path) -> Iterator[None]:
+    """Hold the exclusive lock on building ``out_dir``; released when the process ends, however."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        yield
+        return
+    # Read-only is enough for flock, so a lock file another user made still opens.
+    lock = os.open(out_dir.parent / f"{out_dir.name}.lock", os.O_RDONLY | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("waiting for another process to finish rendering %s", out_dir)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(lock)
+
+
+@torch.no_grad()
+def _render_and_publish(cfg: ShapeDatasetConfig, out_dir: Path, batch: int) -> None:
+    """Render every object of the shape world as ``cfg`` says and publish it at ``out_dir``."""
+    from safetensors.torch import save_file
+
     names = prompts()
     gen = torch.Generator().manual_seed(cfg.seed)
     keys = ("rgb", "alpha", "prompt_index", "object_index", "elevation", "azimuth", "distance",
@@ -137,7 +176,6 @@ def build_shape_dataset(cfg: ShapeDatasetConfig, batch: int = 25) -> Path:
     meta = {"prompts": names, "objects": [o.name for o in SHAPE_WORLD],
             "object_prompts": [o.prompt for o in SHAPE_WORLD],
             "settings": canonical_settings(cfg), "fingerprint": out_dir.name}
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=out_dir.name + ".tmp"))
     try:
         save_file(tensors, str(tmp / "images.safetensors"))
@@ -151,7 +189,6 @@ def build_shape_dataset(cfg: ShapeDatasetConfig, batch: int = 25) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out_dir
 
 
 def _publish(tmp: Path, out_dir: Path, attempts: int = 3) -> None:
