@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -294,6 +294,26 @@ def _check_range(name: str, lo_hi: Sequence[float]) -> Tuple[float, float]:
     return lo, hi
 
 
+def check_orbit_ranges(elevation_range: Sequence[float], azimuth_range: Sequence[float],
+                       distance_range: Sequence[float], fov_range: Sequence[float]
+                       ) -> List[Tuple[float, float]]:
+    """``(lo, hi)`` of each range (degrees; distance in world units), refusing one that is not
+    ``[lo, hi]`` with ``lo <= hi``, elevations outside [-90, 90], distances <= 0 and fields of
+    view outside (0, 180), naming the range."""
+    ranges = {
+        "elevation_range": elevation_range, "azimuth_range": azimuth_range,
+        "distance_range": distance_range, "fov_range": fov_range,
+    }
+    lo_hi = [_check_range(k, v) for k, v in ranges.items()]
+    if lo_hi[0][0] < -90 or lo_hi[0][1] > 90:
+        raise ValueError(f"elevation_range must lie within [-90, 90] degrees, got "
+                         f"{list(elevation_range)}")
+    if lo_hi[2][0] <= 0:
+        raise ValueError(f"distance_range must be positive, got {list(distance_range)}")
+    _check_fov("fov_range", torch.tensor(lo_hi[3]))
+    return lo_hi
+
+
 def sample_orbit_cameras(
     batch_size: int,
     width: int,
@@ -314,17 +334,7 @@ def sample_orbit_cameras(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    ranges = {
-        "elevation_range": elevation_range, "azimuth_range": azimuth_range,
-        "distance_range": distance_range, "fov_range": fov_range,
-    }
-    lo_hi = [_check_range(k, v) for k, v in ranges.items()]
-    if lo_hi[0][0] < -90 or lo_hi[0][1] > 90:
-        raise ValueError(f"elevation_range must lie within [-90, 90] degrees, got "
-                         f"{list(elevation_range)}")
-    if lo_hi[2][0] <= 0:
-        raise ValueError(f"distance_range must be positive, got {list(distance_range)}")
-    _check_fov("fov_range", torch.tensor(lo_hi[3]))
+    lo_hi = check_orbit_ranges(elevation_range, azimuth_range, distance_range, fov_range)
     u = torch.rand(4, batch_size, generator=generator, dtype=torch.float64)
     if batch_uniform_azimuth:
         u[1] = (torch.arange(batch_size, dtype=torch.float64) + u[1]) / batch_size

@@ -162,12 +162,9 @@ class ClosedFormPrior(Guidance):
         B = x_t.shape[0]
         flat = x_t.reshape(B, -1).double()
         a = self.schedule.alpha(t).to(flat)[:, None]
-        s2 = self.schedule.sigma(t).to(flat)[:, None] ** 2
-
-        def softmax_numerator(gap: Tensor) -> Tensor:
-            """``exp(gap / s^2)`` of score gaps ``gap <= 0`` to the running maximum, and its
-            ``s -> 0`` limit (1 at the maximum, else 0), where dividing would give 0/0."""
-            return torch.where(s2 > 0, torch.exp(gap / s2), (gap == 0).to(gap.dtype))
+        # At s = 0 the softmax's limit is 1 at the maximum and 0 elsewhere: the smallest
+        # positive s^2 gives exactly that for score gaps <= 0, where s^2 = 0 would give 0/0.
+        s2 = (self.schedule.sigma(t).to(flat)[:, None] ** 2).clamp_min(torch.finfo(flat.dtype).tiny)
 
         keys = torch.stack([cond["prompt"], cond["direction"]], -1)
         unique, inverse = torch.unique(keys, dim=0, return_inverse=True)
@@ -196,8 +193,8 @@ class ClosedFormPrior(Guidance):
             score = a * dot - 0.5 * a * a * sq
             score.masked_fill_(~masks[:, chunk], -torch.inf)
             new_max = torch.maximum(running_max, score.max(-1, keepdim=True).values)
-            rescale = softmax_numerator(running_max - new_max)
-            weights = softmax_numerator(score - new_max)
+            rescale = torch.exp((running_max - new_max) / s2)
+            weights = torch.exp((score - new_max) / s2)
             total = total * rescale + weights.sum(-1, keepdim=True)
             update = weights @ X
             if shift is not None:

@@ -93,10 +93,10 @@ class PromptProcessor:
         found: Dict[int, Condition] = {}
         missing = []
         for i, text in enumerate(texts):
-            path = self._cache_path(text)
-            if self.cfg.use_cache and path.is_file():
+            if self.cfg.use_cache and self._cache_path(text).is_file():
                 try:
-                    found[i] = torch.load(path, map_location="cpu", weights_only=True)
+                    found[i] = torch.load(self._cache_path(text), map_location="cpu",
+                                          weights_only=True)
                     continue
                 except Exception:  # a truncated or foreign file: recompute it
                     pass

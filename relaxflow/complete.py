@@ -177,6 +177,11 @@ def check_settings(c: RelaxFlowConfig) -> None:
         raise ValueError("give the occluded observation: image=path.png [mask=path.png]")
     c.stage1.check("stage1")
     c.stage2.check("stage2")
+    resolve_precision(c.precision)
+    if not c.priors:
+        from .priors import check_prior_request
+
+        check_prior_request(c.prompt, c.generate_priors)
 
 
 def run(cfg) -> Dict[str, Any]:

@@ -48,10 +48,10 @@ class PriorModelConfig:
 
     def guidance_config(self, size: int) -> GuidanceConfig:
         """The guidance builder's settings for this model drawing ``size``-pixel images (the
-        embedded prior draws at its dataset's resolution)."""
+        embedded prior ignores ``size``: it draws at its dataset's resolution)."""
         return GuidanceConfig(kind=self.kind, model_id=self.model_id,
                               half_precision=self.half_precision, dataset=self.dataset,
-                              resolution=None if self.kind == "embedded" else size)
+                              resolution=size)
 
 
 @dataclass
@@ -95,10 +95,8 @@ def key_out_background(images: Tensor, low: float = 0.06, high: float = 0.18) ->
     return torch.where(reached[:, 0].bool() | (distance >= low), alpha, 1.0)[..., None]
 
 
-def prior_images(prompt: Optional[str], seed: int, cfg: Optional[PriorImagesConfig] = None,
-                 device="cpu") -> np.ndarray:
-    """``[n, R, R, 4]`` uint8 RGBA views of ``prompt`` (``cfg.n_images`` of them)."""
-    cfg = cfg or PriorImagesConfig()
+def check_prior_request(prompt: Optional[str], cfg: PriorImagesConfig) -> None:
+    """Refuse a request for prior images that cannot be drawn, before a model loads."""
     if not prompt:
         raise ValueError("no prior images: give priors=[a.png,b.png] showing what the hidden "
                          "part should be, or a prompt to draw them from")
@@ -109,13 +107,20 @@ def prior_images(prompt: Optional[str], seed: int, cfg: Optional[PriorImagesConf
     if cfg.model.kind not in MODEL_KINDS:
         raise ValueError(f"generate_priors.model.kind is one of {', '.join(MODEL_KINDS)}, got "
                          f"{cfg.model.kind!r}")
-    embedded = cfg.model.kind == "embedded"
-    if embedded and prompt not in prompts():
+    if cfg.model.kind == "embedded" and prompt not in prompts():
         raise ValueError(f"the embedded prior cannot draw {prompt!r} (it knows: "
                          f"{', '.join(prompts())}); give your own prior images: "
                          "priors=[a.png,b.png], or an image model: "
                          "generate_priors.model.kind=stable-diffusion "
                          "generate_priors.model.model_id=<folder>")
+
+
+def prior_images(prompt: Optional[str], seed: int, cfg: Optional[PriorImagesConfig] = None,
+                 device="cpu") -> np.ndarray:
+    """``[n, R, R, 4]`` uint8 RGBA views of ``prompt`` (``cfg.n_images`` of them)."""
+    cfg = cfg or PriorImagesConfig()
+    check_prior_request(prompt, cfg)
+    embedded = cfg.model.kind == "embedded"
     guidance = build_guidance(cfg.model.guidance_config(cfg.size), torch.device(device),
                               PromptConfig())
     suffixes = PromptConfig().suffixes()

@@ -96,7 +96,8 @@ def test_fit_splats_refuses_bad_counts_and_devices_before_making_a_run_folder(tm
     import run
 
     for override, message in (("eval_views=0", "eval_views must be >= 1"),
-                              ("backend=gsplat", "backend=gsplat needs device=cuda")):
+                              ("backend=gsplat", "backend=gsplat needs device=cuda"),
+                              ("camera.fov_range=[0.0,0.0]", "camera.fov_range")):
         assert run.main(["--config", str(CONFIG), f"output_dir={tmp_path}", override]) == 2
         assert f"error: {message}" in capsys.readouterr().err
     assert not (tmp_path / "demo-fit-splats").exists()
@@ -216,6 +217,22 @@ def test_runs_started_at_the_same_moment_get_their_own_folders(tmp_path):
         for t in threads:
             t.join()
         assert not errors and len(set(made)) == 8 and all(p.is_dir() for p in made), errors
+
+
+def test_atomic_writes_have_the_mode_a_plain_write_would(tmp_path):
+    """Results written through a private temporary file still follow the umask, so other users
+    can read them (a checkpoint, metrics.json)."""
+    import os
+    import stat
+
+    from cfd.utils.runtime import atomic_write
+
+    umask = os.umask(0o027)
+    try:
+        path = atomic_write(tmp_path / "metrics.json", lambda f: f.write(b"{}"))
+    finally:
+        os.umask(umask)
+    assert path.read_bytes() == b"{}" and stat.S_IMODE(path.stat().st_mode) == 0o640
 
 
 def test_run_folder_names_keep_letters_of_any_script():

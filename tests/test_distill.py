@@ -217,6 +217,19 @@ def test_nan_gradients_skip_then_stop_with_checkpoint_intact(tmp_path, cache_dir
     assert [r["skipped"] for r in lines] == [False] * 3 + [True] * 3
 
 
+def test_camera_ranges_are_checked_before_anything_is_written(tmp_path, capsys):
+    import run as cli
+
+    for key, value, message in (
+            ("camera.distance_range", "[0.0, 1.0]", "camera.distance_range must be positive"),
+            ("camera.elevation_range", "[0.0, 100.0]", "camera.elevation_range must lie within"),
+            ("camera.fov_range", "[40.0, 30.0]", "camera.fov_range must be a finite [low, high]")):
+        code = cli.main(["--config", str(CONFIG), *small_overrides(
+            tmp_path / "out", tmp_path / "cache", **{key: value})])
+        assert code == 2 and f"error: {message}" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
+
+
 def test_unknown_prompt_is_a_clear_error(tmp_path):
     """... before the prior's dataset is rendered (a minute at full size) or a folder exists."""
     proc = subprocess.run(

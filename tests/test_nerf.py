@@ -168,6 +168,16 @@ def test_nerf_field_starts_as_a_blob_and_learns():
     assert losses[-1] < 0.5 * losses[0]
 
 
+def test_a_field_holding_nan_is_refused_naming_the_parameter():
+    field = NeRFField(NeRFConfig(grid=SMALL, radius=1.0),
+                      generator=torch.Generator().manual_seed(0))
+    names = [name for name, _ in field.named_parameters()]
+    with torch.no_grad():
+        dict(field.named_parameters())[names[-1]].view(-1)[0] = float("nan")
+    with pytest.raises(ValueError, match=f"NeRF parameter '{names[-1]}' contains NaN or Inf"):
+        render(field, camera_on_x(3.0, size=5), n_samples=8)
+
+
 def test_stratified_samples_are_seeded():
     field = NeRFField(NeRFConfig(grid=SMALL), generator=torch.Generator().manual_seed(0))
     cams = camera_on_x(3.0, size=7)
@@ -432,9 +442,11 @@ def test_gradient_budget_counts_only_the_samples_the_occupancy_grid_lets_through
         assert again.with_grad == field.with_grad and torch.equal(out.rgb, out_again.rgb)
 
 
-def test_gradient_budget_above_the_queried_samples_gives_the_full_gradient():
+@pytest.mark.parametrize("chunk_rays", [8192, 20])
+def test_gradient_budget_above_the_queried_samples_gives_the_full_gradient(chunk_rays):
     """A budget between the queried and the total sample count: every queried sample carries
-    gradients, so the render and the parameters' gradients are the full render's."""
+    gradients, so the render and the parameters' gradients are the full render's, over one
+    chunk or several (the budget draws nothing from the generator then)."""
     from cfd.renderers.volume import render_field
 
     cams = camera_on_x(3.0, size=9)
@@ -443,7 +455,8 @@ def test_gradient_budget_above_the_queried_samples_gives_the_full_gradient():
     for budget in (None, 81 * 16 - 1):
         field = blob_field()
         out = render_field(field, cams, n_samples=16, occupancy=occupancy,
-                           max_grad_samples=budget, generator=torch.Generator().manual_seed(0))
+                           max_grad_samples=budget, generator=torch.Generator().manual_seed(0),
+                           chunk_rays=chunk_rays)
         (out.rgb.square().sum() + out.depth.sum()).backward()
         grads.append([out.rgb] + [p.grad for p in field.parameters()])
     for full, budgeted in zip(*grads):

@@ -263,7 +263,8 @@ def render_field(field, cameras: Cameras, n_samples: int = 64,
         queried = (n_rays * n_samples if occupancy is None else
                    _count_queried(origins, directions, radius, steps, chunk_rays, occupancy,
                                   generator))
-        budget = GradientBudget(max_grad_samples, queried)
+        if queried > max_grad_samples:  # else every queried sample carries gradients anyway
+            budget = GradientBudget(max_grad_samples, queried)
     chunks = {"rgb": [], "alpha": [], "depth": [], "normal": []}
     for start in range(0, n_rays, chunk_rays):
         d, o = directions[start:start + chunk_rays], origins[start:start + chunk_rays]

@@ -110,11 +110,11 @@ class NeRFField(nn.Module):
                 for name, params in groups.items()}
 
     def check_finite(self) -> Optional[str]:
-        """Name of the first parameter holding NaN/Inf, or None."""
-        for name, p in self.named_parameters():
-            if not torch.isfinite(p).all():
-                return name
-        return None
+        """Name of the first parameter holding NaN/Inf, or None (one device sync per call: it
+        runs before every render)."""
+        names, params = zip(*self.named_parameters())
+        finite = torch.stack([torch.isfinite(p).all() for p in params]).tolist()
+        return next((name for name, ok in zip(names, finite) if not ok), None)
 
     def contract(self, points: Tensor) -> Tensor:
         """World points ``[N,3]`` -> the grid's unit cube ``[N,3]`` (clamped to it)."""

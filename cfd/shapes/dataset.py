@@ -34,7 +34,7 @@ from guidance.loading import cache_root
 
 from ..cameras import sample_orbit_cameras
 from ..renderers import render
-from ..utils.runtime import _umask
+from ..utils.runtime import share_as_created
 from .world import SHAPE_WORLD, object_splats, prompts
 
 try:
@@ -180,11 +180,8 @@ def _render_and_publish(cfg: ShapeDatasetConfig, out_dir: Path, batch: int) -> N
     try:
         save_file(tensors, str(tmp / "images.safetensors"))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        # mkdtemp's 0700 (and safetensors' own modes) would hide a shared cache from other users.
-        mask = _umask()
-        os.chmod(tmp, 0o777 & ~mask)
-        for path in tmp.iterdir():
-            os.chmod(path, 0o666 & ~mask)
+        for path in (tmp, *tmp.iterdir()):  # mkdtemp's and safetensors' own modes
+            share_as_created(path)
         _publish(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

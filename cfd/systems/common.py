@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from ..cameras import Cameras, sample_orbit_cameras
+from ..cameras import Cameras, check_orbit_ranges, sample_orbit_cameras
 from ..renderers.rasterize import resolve_backend
 from ..renderers.shading import Lighting
 
@@ -76,6 +76,14 @@ class OrbitConfig:
     # One camera per equal slice of the azimuth range in every batch (threestudio's option of the
     # same name): each step then pulls on all sides of the object at once.
     batch_uniform_azimuth: bool = False
+
+    def check(self) -> None:
+        """Refuse ranges that cannot be sampled, naming the ``camera.`` key."""
+        try:
+            check_orbit_ranges(self.elevation_range, self.azimuth_range, self.distance_range,
+                               self.fov_range)
+        except ValueError as err:
+            raise ValueError(f"camera.{err}") from None
 
     def sample(self, batch: int, resolution: int, generator: Optional[torch.Generator],
                device) -> Cameras:

@@ -185,6 +185,7 @@ def check_settings(c: DistillConfig) -> None:
                          "scene=nerf (splats have no normals, and their backward is "
                          "already bounded by the tiles)")
     check_device(c.device, c.backend)
+    c.camera.check()
     check_counts({"steps": c.steps, "batch_size": c.batch_size, "resolution": c.resolution,
                   "checkpoint_every": c.checkpoint_every, "log_every": c.log_every,
                   "eval_views": c.eval_views, "video_frames": c.video_frames,

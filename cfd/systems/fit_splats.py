@@ -59,6 +59,7 @@ def run(cfg) -> dict:
     """Run the fit described by ``cfg`` (an OmegaConf ``FitSplatsConfig``); returns the metrics."""
     c: FitSplatsConfig = to_object(cfg)
     check_device(c.device, c.backend)
+    c.camera.check()
     check_counts({"init_splats": c.init_splats, "batch_size": c.batch_size,
                   "resolution": c.resolution, "log_every": c.log_every,
                   "eval_views": c.eval_views, "video_frames": c.video_frames,

@@ -6,11 +6,12 @@ renders of the shape world (``cfd.shapes``); ``guidance`` itself only reads the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Optional
 
 import torch
 
+from guidance.latent import LatentModelConfig
 from guidance.prompts import PromptConfig
 
 from ..shapes import ShapeDatasetConfig, build_shape_dataset
@@ -42,10 +43,9 @@ def build_guidance(cfg: GuidanceConfig, device: torch.device, view_config: Promp
                                                guidance_scale=cfg.guidance_scale,
                                                weighting=cfg.weighting,
                                                view_config=view_config)
-    options = {"guidance_scale": cfg.guidance_scale, "weighting": cfg.weighting,
-               "half_precision": cfg.half_precision, "latent_sampling": cfg.latent_sampling}
-    options.update({k: v for k, v in (("model_id", cfg.model_id), ("resolution", cfg.resolution))
-                    if v is not None})
+    # unset (None) options keep the model config's defaults
+    options = {f.name: getattr(cfg, f.name) for f in fields(LatentModelConfig)
+               if getattr(cfg, f.name) is not None}
     if cfg.kind == "stable-diffusion":
         from guidance.stable_diffusion import StableDiffusionConfig, StableDiffusionGuidance
 

@@ -83,10 +83,13 @@ def make_run_dir(output_dir: str, config_name: str, tag: str) -> Path:
             path, i = base.with_name(f"{base.name}-{i}"), i + 1
 
 
-def _umask() -> int:
-    mask = os.umask(0)
+def share_as_created(path: Path) -> None:
+    """Give ``path`` the mode a plain ``open`` or ``mkdir`` would have (0666 / 0777 less the
+    umask): temporary files and folders start private (0600 / 0700), which would hide results
+    and shared caches from other users once renamed into place."""
+    mask = os.umask(0)  # the only way to read the umask
     os.umask(mask)
-    return mask
+    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~mask)
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> Path:
@@ -96,7 +99,7 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide results from other users
+        share_as_created(tmp)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
