@@ -22,15 +22,15 @@ import logging
 import sys
 from pathlib import Path
 
-JOBS = {
-    "distill": ("cfd.systems.distill", "DistillConfig"),
-    "fit-splats": ("cfd.systems.fit_splats", "FitSplatsConfig"),
-    "generate": ("relaxflow.generate", "GenerateConfig"),
-    "relaxflow": ("relaxflow.complete", "RelaxFlowConfig"),
-    "refine": ("relaxflow.refine", "RefineConfig"),
-}
-RESUMABLE = {"distill"}
-COMMANDS = [*JOBS, "prompts"]
+from omegaconf import OmegaConf
+
+import jobs
+from cfd.config import ConfigError, load_config, read_yaml
+from cfd.shapes import prompts
+from core.errors import UserError
+from core.runtime import RunInterrupted, TrainingStopped, tune_malloc
+
+COMMANDS = [*jobs.JOBS, "prompts"]
 USAGE = ("run.py [job] (--config CONFIG | --resume RUN_FOLDER) [key=value ...]\n"
          "       run.py prompts")
 INTERRUPTED = 130  # the shell's status for a process stopped by SIGINT
@@ -39,15 +39,14 @@ INTERRUPTED = 130  # the shell's status for a process stopped by SIGINT
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["prompts"]:
-        from cfd.shapes import prompts
-
         print("\n".join(prompts()))
         return 0
-    if argv[:1] and not argv[0].startswith("-") and "=" not in argv[0] and argv[0] not in JOBS:
+    if (argv[:1] and not argv[0].startswith("-") and "=" not in argv[0]
+            and argv[0] not in jobs.JOBS):
         print(f"error: unknown command '{argv[0]}'; known: {', '.join(COMMANDS)} (or none: "
               "run.py --config <file> runs the file's job)", file=sys.stderr)
         return 2
-    named_job = argv.pop(0) if argv[:1] and argv[0] in JOBS else None
+    named_job = argv.pop(0) if argv[:1] and argv[0] in jobs.JOBS else None
     parser = argparse.ArgumentParser(description=__doc__, usage=USAGE,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
@@ -56,66 +55,60 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return _run(args, named_job)
-    except KeyboardInterrupt as stop:
-        from cfd.utils.runtime import RunInterrupted
-
-        if isinstance(stop, RunInterrupted):
-            saved = ("no checkpoint yet: it starts again at step 0" if stop.checkpoint_step is None
-                     else f"its checkpoint holds step {stop.checkpoint_step}")
-            print(f"\ninterrupted at step {stop.step} ({saved}); continue with: "
-                  f"python run.py --resume {stop.run_dir}", file=sys.stderr)
-        else:
-            print("\ninterrupted", file=sys.stderr)
-        return INTERRUPTED
-
-
-def _run(args, named_job) -> int:
-    """Load the config, run its job; the exit status (2: a bad config or input, named)."""
-    import importlib
-
-    from omegaconf import OmegaConf
-
-    from cfd.config import ConfigError, load_config, read_yaml
-    from cfd.utils.runtime import TrainingStopped, tune_malloc
-
     tune_malloc()
-    config_path = args.config if args.resume is None else args.resume / "config.yaml"
     try:
-        if args.resume is not None and args.overrides:
-            raise ConfigError(f"--resume takes no overrides (got {' '.join(args.overrides)}): a "
-                              "resumed run continues as configured, to give the same result as "
-                              "one that was never stopped; start a new run to change settings")
-        if not config_path.is_file():
-            where = "see configs/" if args.resume is None else "is this a run folder?"
-            raise ConfigError(f"config file {config_path} does not exist ({where})")
-        # unresolved: an interpolation here is not a job name, and says so
-        job = OmegaConf.to_container(read_yaml(config_path)).get("job", "distill")
-        if not isinstance(job, str) or job not in JOBS:
-            raise ConfigError(f"unknown job '{job}' in {config_path}; known jobs: {sorted(JOBS)}")
-        if named_job is not None and job != named_job:
-            raise ConfigError(f"{config_path} is a '{job}' config, not '{named_job}'")
-        if args.resume is not None and job not in RESUMABLE:
-            raise ConfigError(f"job '{job}' cannot be resumed; resumable jobs: {sorted(RESUMABLE)}")
-        module_name, schema_name = JOBS[job]
-        module = importlib.import_module(module_name)
-        cfg = load_config(getattr(module, schema_name), config_path, args.overrides)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    try:
-        if args.resume is not None:
-            module.run(cfg, resume_dir=args.resume)
-        else:
-            module.run(cfg)
-    except (ValueError, FileNotFoundError) as err:  # bad input: say what and how to fix it
+        _run(args, named_job)
+    except UserError as err:  # bad input: what and how to fix it (a bug keeps its traceback)
         print(f"error: {err}", file=sys.stderr)
         return 2
     except TrainingStopped as err:  # the run stopped itself; the message says what to change
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except RunInterrupted as stop:
+        saved = ("no checkpoint yet: it starts again at step 0" if stop.checkpoint_step is None
+                 else f"its checkpoint holds step {stop.checkpoint_step}")
+        print(f"\ninterrupted at step {stop.step} ({saved}); continue with: "
+              f"python run.py --resume {stop.run_dir}", file=sys.stderr)
+        return INTERRUPTED
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return INTERRUPTED
     return 0
+
+
+def _job_of(config_path: Path, named_job) -> str:
+    """The job a config file holds (its ``job`` key; ``distill`` without one), checked against
+    the one named on the command line."""
+    # unresolved: an interpolation here is not a job name, and says so
+    job = OmegaConf.to_container(read_yaml(config_path)).get("job", "distill")
+    if not isinstance(job, str) or job not in jobs.JOBS:
+        raise ConfigError(f"unknown job '{job}' in {config_path}; known jobs: "
+                          f"{sorted(jobs.JOBS)}")
+    if named_job is not None and job != named_job:
+        raise ConfigError(f"{config_path} is a '{job}' config, not '{named_job}'")
+    return job
+
+
+def _run(args, named_job) -> None:
+    """Load the config and run its job, or resume a run folder."""
+    if args.resume is None:
+        job = jobs.load(_job_of(args.config, named_job))
+        job.run(load_config(job.Config, args.config, args.overrides))
+        return
+    if args.overrides:
+        raise ConfigError(f"--resume takes no overrides (got {' '.join(args.overrides)}): a "
+                          "resumed run continues as configured, to give the same result as "
+                          "one that was never stopped; start a new run to change settings")
+    config_path = args.resume / "config.yaml"
+    if not config_path.is_file():
+        raise ConfigError(f"{args.resume} holds no config.yaml: is it a run folder? (give the "
+                          "folder a run printed, e.g. outputs/<name>/<prompt>@<time>)")
+    name = _job_of(config_path, named_job)
+    job = jobs.load(name)
+    if not jobs.resumable(job):
+        raise ConfigError(f"job '{name}' cannot be resumed; resumable jobs: "
+                          f"{sorted(n for n in jobs.JOBS if jobs.resumable(jobs.load(n)))}")
+    job.resume(args.resume)
 
 
 if __name__ == "__main__":

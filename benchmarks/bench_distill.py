@@ -30,7 +30,7 @@ from cfd.renderers import render  # noqa: E402
 from cfd.scene import Splats  # noqa: E402
 from cfd.shapes import objects_for, prompts  # noqa: E402
 from cfd.systems.distill import DistillConfig, run  # noqa: E402
-from cfd.utils.runtime import tune_malloc  # noqa: E402
+from core.runtime import tune_malloc  # noqa: E402
 
 CONFIGS = {"cfd": ROOT / "configs" / "cfd-splats-embedded.yaml",
            "sds": ROOT / "configs" / "sds-splats-embedded.yaml"}

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cfd.cameras import sample_orbit_cameras  # noqa: E402
 from cfd.renderers import rasterization  # noqa: E402
-from cfd.utils.runtime import tune_malloc  # noqa: E402
+from core.runtime import tune_malloc  # noqa: E402
 from benchmarks.timing import peak_memory_mb, reset_peak_memory, rss_mb, time_call  # noqa: E402
 
 CONFIGS = [(5_000, 64), (20_000, 128), (100_000, 256)]

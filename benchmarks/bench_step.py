@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from cfd.config import load_config  # noqa: E402
 from cfd.systems.distill import DistillConfig, Distillation  # noqa: E402
-from cfd.utils.runtime import tune_malloc  # noqa: E402
+from core.runtime import tune_malloc  # noqa: E402
 
 
 def _sync(device):

@@ -20,10 +20,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from omegaconf.nodes import StringNode
 
-from .utils.runtime import atomic_write
+from core.errors import UserError
+from core.runtime import atomic_write
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration file or override that does not fit the schema."""
 
 

@@ -17,10 +17,12 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
+from core.devices import model_dtype
+
 from .base import Condition
 from .latent import (LatentDiffusersGuidance, LatentModelConfig, config_from_kwargs, freeze,
                      warn_truncated)
-from .loading import load_pipeline, model_dtype
+from .loading import load_pipeline
 from .schedules import FlowMatchingSchedule
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")

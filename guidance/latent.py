@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from core.devices import model_dtype
+
 from .base import Guidance
 from .fingerprint import module_digest, tokenizer_digest
-from .loading import model_dtype
 
 logger = logging.getLogger(__name__)
 

@@ -16,24 +16,19 @@ from typing import Optional, Union
 
 import torch
 
+from core.errors import InputFileError
+
 PIPELINE_INDEX = "model_index.json"
 
 
-def cache_root() -> Path:
-    """Where cfd3d keeps what it computes once (text embeddings, the embedded prior's data):
-    ``$CFD3D_CACHE``, else ``$XDG_CACHE_HOME/cfd3d``, else ``~/.cache/cfd3d``."""
-    return Path(os.environ.get("CFD3D_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "cfd3d"))
-
-
-class ModelWeightsNotFound(FileNotFoundError):
+class ModelWeightsNotFound(InputFileError):
     """The weights of a model are not on this machine (and will not be downloaded). ``option``:
     the setting that points at them; ``hint``: a last line, such as where the model is hosted."""
 
     def __init__(self, model_id: str, searched: str, reason: str = "",
                  option: str = "guidance.model_id", hint: str = ""):
-        self.model_id = model_id
-        self.searched = searched
+        self.model_id, self.searched = model_id, searched
+        self.reason, self.option, self.hint = reason, option, hint
         lines = [f"model weights for {model_id!r} are not available offline."]
         if reason:
             lines.append(f"  Reason: {reason}")
@@ -50,6 +45,11 @@ class ModelWeightsNotFound(FileNotFoundError):
         if hint:
             lines.append(f"  {hint}")
         super().__init__("\n".join(lines))
+
+    def for_option(self, option: str) -> "ModelWeightsNotFound":
+        """The same error naming another setting (a job's nested key, e.g. ``distill.`` +
+        ``guidance.model_id``)."""
+        return ModelWeightsNotFound(self.model_id, self.searched, self.reason, option, self.hint)
 
 
 def hf_cache_dir() -> str:
@@ -177,7 +177,3 @@ def load_pipeline(pipeline_cls, model_id: Union[str, os.PathLike],
                                    f"loading {str(path)!r} failed: {err}", hint=hint) from err
 
 
-def model_dtype(device: Union[str, torch.device], half_precision: bool = True) -> torch.dtype:
-    """float16 on CUDA when ``half_precision`` is set; float32 otherwise (always on CPU)."""
-    device = torch.device(device)
-    return torch.float16 if (half_precision and device.type == "cuda") else torch.float32

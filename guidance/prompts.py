@@ -13,7 +13,6 @@ changed model or text re-encodes and an unchanged one loads from disk.
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -21,8 +20,9 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from core.runtime import atomic_write, cache_root
+
 from .base import Condition, Guidance, select
-from .loading import cache_root
 
 def default_cache_dir() -> Path:
     return cache_root() / "text_embeddings"
@@ -107,7 +107,7 @@ class PromptProcessor:
             for j, text in enumerate(unique):
                 entry = {k: v[j : j + 1].detach().cpu() for k, v in fresh.items()}
                 if self.cfg.use_cache:
-                    _atomic_torch_save(entry, self._cache_path(text))
+                    atomic_write(self._cache_path(text), lambda f: torch.save(entry, f))
                 for i in missing:
                     if texts[i] == text:
                         found[i] = entry
@@ -123,10 +123,3 @@ class PromptProcessor:
         index = self.directions(elevation, azimuth).to(self.cond[next(iter(self.cond))].device)
         B = index.shape[0]
         return select(self.cond, index), select(self.uncond, torch.zeros(B, dtype=torch.long))
-
-
-def _atomic_torch_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)

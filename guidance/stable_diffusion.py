@@ -14,10 +14,12 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
+from core.devices import model_dtype
+
 from .base import Condition
 from .latent import (LatentDiffusersGuidance, LatentModelConfig, config_from_kwargs, freeze,
                      warn_truncated)
-from .loading import load_pipeline, model_dtype
+from .loading import load_pipeline
 from .schedules import DiscreteVPSchedule
 
 # Where the weights live since the original repositories were deleted (runwayml's SD 1.5,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from enum import Enum
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -33,7 +34,28 @@ from tqdm.auto import tqdm
 from .relaxation import AttentionRelaxation
 from .sampler import FlowEulerSampler, rescaled_timesteps
 
-SCHEDULES = ("linear_cutoff", "cosine", "exponential", "sigmoid", "two_stage", "inverse_sqrt")
+
+
+class Schedule(Enum):
+    """The prior branch's weight over the steps (``alpha_schedule``)."""
+
+    linear_cutoff = "linear_cutoff"
+    cosine = "cosine"
+    exponential = "exponential"
+    sigmoid = "sigmoid"
+    two_stage = "two_stage"
+    inverse_sqrt = "inverse_sqrt"
+
+
+class Pooling(Enum):
+    """How N prior images' tokens become one condition (``pool_priors``)."""
+
+    concat = "concat"
+    mean = "mean"
+    consensus = "consensus"
+
+
+SCHEDULES = tuple(s.value for s in Schedule)
 
 
 def alpha_schedule(steps: int, kind: str = "linear_cutoff", alpha0: float = 1.0,

@@ -75,8 +75,7 @@ def load_model(root: Union[str, Path], ref: str, device: Union[str, torch.device
         raise ModelWeightsNotFound(str(root), hf_cache_dir(),
                                    f"the checkpoint weights {weights} are missing", "model")
     device = torch.device(device)
-    model = build(spec["name"], spec["args"], device="meta", half_dtype=half_dtype
-                  or (torch.float16 if device.type == "cuda" else None))
+    model = build(spec["name"], spec["args"], device="meta", half_dtype=half_dtype)
     state = load_file(str(weights), device=str(device))
     mismatch = key_report(model, state)
     if mismatch:

@@ -16,11 +16,15 @@
 from __future__ import annotations
 
 import os
+import time
 from contextlib import contextmanager
-from typing import Dict, Iterator, Optional, Union
+from enum import Enum
+from typing import Dict, Iterator, Union
 
 import torch
 from torch import nn
+
+from core.devices import Precision, half_dtype
 
 from .loading import PipelineSpec, load_model, read_pipeline
 
@@ -29,21 +33,29 @@ STAGES = {
     "latent": ("slat_flow_model",),
     "decode": ("slat_decoder_gs",),
 }
-OFFLOAD = ("reload", "cpu", "none")
+
+
+class Offload(Enum):
+    reload = "reload"
+    cpu = "cpu"
+    none = "none"
 
 
 class TrellisPipeline:
+    """``precision``: of the models' fp16-capable torsos (``core.devices``: ``auto`` is float16
+    on CUDA, float32 on the CPU)."""
+
     def __init__(self, spec: PipelineSpec, device: Union[str, torch.device] = "cpu",
-                 half_dtype: Optional[torch.dtype] = None, offload: str = "reload"):
-        if offload not in OFFLOAD:
-            raise ValueError(f"offload is one of {', '.join(OFFLOAD)}, got {offload!r}")
+                 precision: Union[Precision, str] = Precision.auto,
+                 offload: Union[Offload, str] = Offload.reload):
+        offload = Offload(offload)
         for stage, keys in STAGES.items():
             for key in keys:
                 if key not in spec.models:
                     raise ValueError(f"{spec.root}/pipeline.json names no '{key}' model "
                                      f"(needed by the {stage} stage)")
         self.spec, self.device = spec, torch.device(device)
-        self.half_dtype, self.offload = half_dtype, offload
+        self.half_dtype, self.offload = half_dtype(self.device, precision), offload
         self._held: Dict[str, nn.Module] = {}
 
     @classmethod
@@ -58,11 +70,9 @@ class TrellisPipeline:
     def _model(self, key: str) -> nn.Module:
         if key in self._held:
             return self._held[key].to(self.device)
-        home = torch.device("cpu") if self.offload == "cpu" else self.device
-        model = load_model(self.spec.root, self.spec.models[key], home,
-                           self.half_dtype or (torch.float16 if self.device.type == "cuda"
-                                               else None))
-        if self.offload != "reload":
+        home = torch.device("cpu") if self.offload is Offload.cpu else self.device
+        model = load_model(self.spec.root, self.spec.models[key], home, self.half_dtype)
+        if self.offload is not Offload.reload:
             self._held[key] = model
         return model.to(self.device)
 
@@ -75,9 +85,26 @@ class TrellisPipeline:
         try:
             yield models
         finally:
-            if self.offload == "cpu":
+            if self.offload is Offload.cpu:
                 for model in models.values():
                     model.to("cpu")
             models.clear()
-            if self.device.type == "cuda" and self.offload != "none":
+            if self.device.type == "cuda" and self.offload is not Offload.none:
                 torch.cuda.empty_cache()
+
+
+class Stopwatch:
+    """Wall times of the named parts of a run, ``{"<name>_s": seconds}``. On CUDA it waits for
+    the part's kernels before reading the clock, so each part is charged its own work."""
+
+    def __init__(self, device: Union[str, torch.device]):
+        self.device = torch.device(device)
+        self.seconds: Dict[str, float] = {}
+
+    @contextmanager
+    def time(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.seconds[f"{name}_s"] = time.perf_counter() - start

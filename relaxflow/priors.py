@@ -25,12 +25,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cfd.shapes import ShapeDatasetConfig, prompts
-from cfd.systems.prior import GuidanceConfig, build_guidance
+from cfd.systems.prior import GuidanceConfig, GuidanceKind, build_guidance
+from core.errors import UserError
 from guidance.prompts import PromptConfig
 from guidance.sampling import sample_images
-
-
-MODEL_KINDS = ("embedded", "stable-diffusion", "flow-matching")
 
 
 @dataclass
@@ -41,7 +39,7 @@ class PriorModelConfig:
     ``stable-diffusion`` or ``flow-matching`` (diffusers weights from ``model_id``: a local
     folder or a cached hub id; ``half_precision`` on CUDA)."""
 
-    kind: str = "embedded"
+    kind: GuidanceKind = GuidanceKind.embedded
     model_id: Optional[str] = None
     half_precision: bool = True
     dataset: ShapeDatasetConfig = field(default_factory=ShapeDatasetConfig)
@@ -98,17 +96,14 @@ def key_out_background(images: Tensor, low: float = 0.06, high: float = 0.18) ->
 def check_prior_request(prompt: Optional[str], cfg: PriorImagesConfig) -> None:
     """Refuse a request for prior images that cannot be drawn, before a model loads."""
     if not prompt:
-        raise ValueError("no prior images: give priors=[a.png,b.png] showing what the hidden "
+        raise UserError("no prior images: give priors=[a.png,b.png] showing what the hidden "
                          "part should be, or a prompt to draw them from")
     if cfg.n_images < 1:
-        raise ValueError(f"generate_priors.n_images is {cfg.n_images}: draw at least one prior "
+        raise UserError(f"generate_priors.n_images is {cfg.n_images}: draw at least one prior "
                          "image (generate_priors.n_images=3), or give your own "
                          "priors=[a.png,b.png]")
-    if cfg.model.kind not in MODEL_KINDS:
-        raise ValueError(f"generate_priors.model.kind is one of {', '.join(MODEL_KINDS)}, got "
-                         f"{cfg.model.kind!r}")
-    if cfg.model.kind == "embedded" and prompt not in prompts():
-        raise ValueError(f"the embedded prior cannot draw {prompt!r} (it knows: "
+    if cfg.model.kind is GuidanceKind.embedded and prompt not in prompts():
+        raise UserError(f"the embedded prior cannot draw {prompt!r} (it knows: "
                          f"{', '.join(prompts())}); give your own prior images: "
                          "priors=[a.png,b.png], or an image model: "
                          "generate_priors.model.kind=stable-diffusion "
@@ -120,7 +115,7 @@ def prior_images(prompt: Optional[str], seed: int, cfg: Optional[PriorImagesConf
     """``[n, R, R, 4]`` uint8 RGBA views of ``prompt`` (``cfg.n_images`` of them)."""
     cfg = cfg or PriorImagesConfig()
     check_prior_request(prompt, cfg)
-    embedded = cfg.model.kind == "embedded"
+    embedded = cfg.model.kind is GuidanceKind.embedded
     guidance = build_guidance(cfg.model.guidance_config(cfg.size), torch.device(device),
                               PromptConfig())
     suffixes = PromptConfig().suffixes()

@@ -25,11 +25,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+
+class Topology(Enum):
+    """Which tokens are neighbours when the logits are blurred (the module docstring)."""
+
+    grid = "grid"
+    flat = "flat"
 
 
 def kernel_size(sigma: float) -> int:

@@ -10,8 +10,8 @@ the Euler step (a straight-line update needs only ``v``), so sampling does not r
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Sequence, Tuple
+from dataclasses import dataclass, replace
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -69,3 +69,16 @@ class FlowEulerSampler:
             t, t_next = times[i], times[i + 1]
             x = x - (t - t_next) * self.guided_velocity(model, x, t, cond, neg_cond)
         return x
+
+
+@dataclass
+class StageOverrides:
+    """Sampler settings that replace ``pipeline.json``'s for one stage (null: keep)."""
+
+    steps: Optional[int] = None
+    cfg_strength: Optional[float] = None
+
+
+def with_overrides(sampler: FlowEulerSampler, overrides: StageOverrides) -> FlowEulerSampler:
+    """``pipeline.json``'s sampler with the config's non-null overrides."""
+    return replace(sampler, **{k: v for k, v in vars(overrides).items() if v is not None})

@@ -198,7 +198,7 @@ def test_runs_started_at_the_same_moment_get_their_own_folders(tmp_path):
     """Checking for a folder and then making it races with another run doing the same."""
     import threading
 
-    from cfd.utils.runtime import make_run_dir
+    from core.runtime import make_run_dir
 
     for trial in range(30):
         root, made, errors = tmp_path / str(trial), [], []
@@ -225,7 +225,7 @@ def test_atomic_writes_have_the_mode_a_plain_write_would(tmp_path):
     import os
     import stat
 
-    from cfd.utils.runtime import atomic_write
+    from core.runtime import atomic_write
 
     umask = os.umask(0o027)
     try:
@@ -236,7 +236,7 @@ def test_atomic_writes_have_the_mode_a_plain_write_would(tmp_path):
 
 
 def test_run_folder_names_keep_letters_of_any_script():
-    from cfd.utils.runtime import slugify
+    from core.runtime import slugify
 
     assert slugify("チェア") == "チェア" and slugify("un café") == "un_café"
     assert slugify("cafe\u0301") == "café"  # a combining accent, composed

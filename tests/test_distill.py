@@ -11,21 +11,28 @@ from pathlib import Path
 import pytest
 import torch
 
-from cfd.config import load_config
+from cfd.config import load_config, to_object
 from cfd.scene import Splats
-from cfd.systems import distill
+from cfd.systems import distill as distillation
 from cfd.systems.common import scheduled
-from cfd.systems.distill import DistillConfig
+from cfd.systems.distill import Distillation
+from jobs import distill
+from jobs.distill import DistillConfig
 from cfd.systems.timesteps import TimestepConfig, TimestepSchedule
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "cfd-splats-embedded.yaml"
 
 
+def system_of(cfg) -> Distillation:
+    """The distillation system of a loaded config."""
+    return Distillation(to_object(cfg))
+
+
 def small_overrides(tmp_path, cache_dir, **extra):
     items = {
         "output_dir": str(tmp_path), "steps": 6, "batch_size": 2, "resolution": 32,
-        "init.n_splats": 300, "guidance.dataset.views_per_object": 8,
+        "splats.init.n_splats": 300, "guidance.dataset.views_per_object": 8,
         "guidance.dataset.resolution": 32, "guidance.dataset.cache_dir": str(cache_dir),
         "checkpoint_every": 2, "log_every": 3, "video_frames": 4, "video_size": 32,
         "eval_views": 4,
@@ -68,14 +75,14 @@ def _floater_opacity(tmp_path, cache_dir, **overrides):
     """Opacity of a grey splat (the background's colour) above the object after 10 steps."""
     cfg = load_config(DistillConfig, CONFIG, small_overrides(tmp_path, cache_dir, steps=10,
                                                               **overrides))
-    system = distill.Distillation(cfg)
+    system = system_of(cfg)
     with torch.no_grad():  # splat 0: grey, just above the object, inside the training views
-        system.scene.params["means"][0] = torch.tensor([0.0, 0.0, 0.9])
-        system.scene.params["sh0"][0] = 0.0
-        system.scene.params["opacities"][0] = 0.0
+        system.scene.scene.params["means"][0] = torch.tensor([0.0, 0.0, 0.9])
+        system.scene.scene.params["sh0"][0] = 0.0
+        system.scene.scene.params["opacities"][0] = 0.0
     for _ in range(10):
         system.train_step()
-    return torch.sigmoid(system.scene.params["opacities"][0]).item()
+    return torch.sigmoid(system.scene.scene.params["opacities"][0]).item()
 
 
 def test_background_coloured_floater_fades_by_sparsity_or_random_backgrounds(tmp_path, cache_dir):
@@ -97,11 +104,11 @@ def test_scheduled_values_ramp_and_reject_bad_values(tmp_path, cache_dir):
     cfg = load_config(DistillConfig, CONFIG, small_overrides(
         tmp_path, cache_dir, **{"loss.lambda_sparsity": [200, 1.0, 5.0, 100]}))
     with pytest.raises(ValueError, match="loss.lambda_sparsity.*start_step < end_step"):
-        distill.Distillation(cfg)
+        system_of(cfg)
     cfg = load_config(DistillConfig, CONFIG, small_overrides(
         tmp_path, cache_dir, **{"noise.gamma": [10, 0.01]}))
     with pytest.raises(ValueError, match="noise.gamma.*end_step"):
-        distill.Distillation(cfg)
+        system_of(cfg)
 
 
 def test_short_run_writes_everything(tmp_path, cache_dir, capsys):
@@ -121,7 +128,7 @@ def test_short_run_writes_everything(tmp_path, cache_dir, capsys):
     assert metrics["psnr"] == result["psnr"] and 0.0 <= metrics["mask_iou"] <= 1.0
     # Resuming the finished run says so and leaves its outputs alone.
     written = {name: (run_dir / name).read_bytes() for name in ("splats.ply", "metrics.jsonl")}
-    again = distill.run(cfg, resume_dir=run_dir)
+    again = distill.resume(run_dir)
     assert again["psnr"] == result["psnr"] and again["run_dir"] == str(run_dir)
     assert all((run_dir / name).read_bytes() == data for name, data in written.items())
     assert "finished all 6 steps already" in capsys.readouterr().out
@@ -185,7 +192,7 @@ def test_nan_gradients_skip_then_stop_with_checkpoint_intact(tmp_path, cache_dir
     """The loop stops itself after max_bad_steps; the command line says why in one line."""
     import run as cli
 
-    real_build = distill.build_guidance
+    real_build = distillation.build_guidance
 
     def poisoned(cfg, device, view_config):
         g = real_build(cfg, device, view_config)
@@ -203,7 +210,7 @@ def test_nan_gradients_skip_then_stop_with_checkpoint_intact(tmp_path, cache_dir
         return g
 
     distill_step = {"n": 0}
-    monkeypatch.setattr(distill, "build_guidance", poisoned)
+    monkeypatch.setattr(distillation, "build_guidance", poisoned)
     code = cli.main(["--config", str(CONFIG),
                      *small_overrides(tmp_path, cache_dir, steps=20, max_bad_steps=3)])
     err = capsys.readouterr().err
@@ -212,7 +219,7 @@ def test_nan_gradients_skip_then_stop_with_checkpoint_intact(tmp_path, cache_dir
     assert "last good checkpoint" in err
     (run_dir,) = list((tmp_path / "cfd-splats-embedded").iterdir())
     state = torch.load(run_dir / "ckpt" / "last.pt", weights_only=False)
-    assert all(torch.isfinite(v).all() for v in state["scene"]["splats"].values())
+    assert all(torch.isfinite(v).all() for v in state["scene"]["params"].values())
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped"] for r in lines] == [False] * 3 + [True] * 3
 
@@ -259,12 +266,12 @@ NERF_CONFIG = ROOT / "configs" / "cfd-nerf-embedded.yaml"
 
 
 def nerf_overrides(tmp_path, cache_dir, **extra):
-    items = {"n_samples": 16, "mesh_resolution": 24, "nerf.grid.n_levels": 4,
+    items = {"nerf.n_samples": 16, "nerf.mesh_resolution": 24, "nerf.grid.n_levels": 4,
              "nerf.grid.log2_hashmap_size": 12, "nerf.grid.max_resolution": 64,
-             "occupancy.resolution": 16, "occupancy.update_every": 4}
+             "nerf.occupancy.resolution": 16, "nerf.occupancy.update_every": 4}
     items.update(extra)
     base = [o for o in small_overrides(tmp_path, cache_dir)
-            if not o.startswith("init.")]  # splat settings
+            if not o.startswith("splats.")]  # splat settings
     return base + [f"{k}={v}" for k, v in items.items()]  # later entries win
 
 
@@ -275,9 +282,10 @@ def test_nerf_run_improves_held_out_views_and_writes_a_mesh(tmp_path, cache_dir)
 
     cfg = load_config(DistillConfig, NERF_CONFIG, nerf_overrides(tmp_path, cache_dir, steps=40,
                                                                  log_every=20))
-    start = distill.Distillation(cfg)
-    before = evaluate_against_shape_world(start.scene, "a mug", resolution=32, background=0.5,
-                                          render_options=start.render_options())
+    start = system_of(cfg)
+    before = evaluate_against_shape_world(start.scene.scene, "a mug", resolution=32,
+                                          background=0.5,
+                                          render_options=start.scene.render_options())
     result = distill.run(cfg)
     assert result["psnr"] > before["psnr"] + 1.0, (before, result)
     (run_dir,) = list((tmp_path / "cfd-nerf-embedded").iterdir())
@@ -294,14 +302,14 @@ def straight_and_resumed(cfg, tmp_path, steps: int):
     checkpoint a third system wrote halfway."""
     from cfd.systems.checkpoint import load_checkpoint, save_checkpoint
 
-    straight = distill.Distillation(cfg)
+    straight = system_of(cfg)
     for _ in range(steps):
         straight.train_step()
-    first = distill.Distillation(cfg)
+    first = system_of(cfg)
     for _ in range(steps // 2):
         first.train_step()
     save_checkpoint(tmp_path / "ckpt", first.state_dict())
-    second = distill.Distillation(cfg)
+    second = system_of(cfg)
     second.load_state_dict(load_checkpoint(tmp_path / "ckpt"))
     for _ in range(steps - steps // 2):
         second.train_step()
@@ -317,22 +325,19 @@ def test_nerf_run_resumes_exactly_from_its_checkpoint(tmp_path, cache_dir, extra
     (also with random lights and a gradient budget, which draw from the run's generator)."""
     cfg = load_config(DistillConfig, NERF_CONFIG, nerf_overrides(tmp_path, cache_dir, **extra))
     straight, second = straight_and_resumed(cfg, tmp_path, 6)
-    want, got = straight.scene.state_dict(), second.scene.state_dict()
+    want, got = straight.scene.scene.state_dict(), second.scene.scene.state_dict()
     for k in want:
         assert torch.equal(want[k], got[k]), k
-    assert torch.equal(straight.occupancy.density, second.occupancy.density)
+    assert torch.equal(straight.scene.occupancy.density, second.scene.occupancy.density)
 
 
 @pytest.mark.parametrize("config, extra, message", [
-    ("nerf", {"densify.enabled": True}, "densify.enabled=false"),
-    ("splats", {"shading.p_shaded": 0.5}, "are for scene=nerf"),
-    ("splats", {"loss.lambda_normal_smooth": 10}, "are for scene=nerf"),
-    ("nerf", {"max_grad_samples": 0}, "positive sample count"),
-    ("splats", {"shading.p_textureless": 2}, r"shading.p_textureless is a probability"),
+        ("splats", {"loss.lambda_normal_smooth": 10}, "is for scene=nerf"),
+    ("nerf", {"nerf.max_grad_samples": 0}, "positive sample count"),
+    ("splats", {"nerf.shading.p_textureless": 2}, r"nerf.shading.p_textureless is a probability"),
     ("splats", {"background_kind": "mlp"}, "guidance.kind=stable-diffusion"),
-    ("splats", {"background_kind": "sky"}, "'solid' or 'mlp'"),
-    ("splats", {"init.lock_visible": True}, "init.lock_visible needs scene=splats, init.kind=ply"),
-    ("splats", {"init.n_splats": 0}, "init.n_splats must be >= 1"),
+        ("splats", {"splats.init.lock_visible": True}, "splats.init.lock_visible needs splats.init.kind=ply"),
+    ("splats", {"splats.init.n_splats": 0}, "splats.init.n_splats must be >= 1"),
     ("splats", {"backend": "gsplat"}, "backend=gsplat needs device=cuda.*backend=torch"),
     ("nerf", {"backend": "gsplat"}, "set backend=auto or backend=torch"),
     ("splats", {"eval_views": 0}, "eval_views must be >= 1"),
@@ -340,10 +345,10 @@ def test_nerf_run_resumes_exactly_from_its_checkpoint(tmp_path, cache_dir, extra
     ("splats", {"timesteps.knots": [[0, 1.0], [1, 0.02]]}, "timesteps.knots"),
     ("splats", {"steps": 0}, "steps must be >= 1, got 0"),
     ("splats", {"steps": -1}, "steps must be >= 1, got -1"),
-    ("nerf", {"n_samples": 0}, "n_samples must be >= 1"),
-    ("nerf", {"occupancy.resolution": 0}, "occupancy.resolution must be >= 1"),
-    ("nerf", {"occupancy.update_every": 0}, "occupancy.update_every must be >= 1"),
-    ("nerf", {"mesh_resolution": 1}, "mesh_resolution must be >= 2"),
+    ("nerf", {"nerf.n_samples": 0}, "nerf.n_samples must be >= 1"),
+    ("nerf", {"nerf.occupancy.resolution": 0}, "occupancy.resolution must be >= 1"),
+    ("nerf", {"nerf.occupancy.update_every": 0}, "occupancy.update_every must be >= 1"),
+    ("nerf", {"nerf.mesh_resolution": 1}, "mesh_resolution must be >= 2"),
 ])
 def test_settings_that_do_not_fit_the_scene_are_clear_errors(tmp_path, cache_dir, config, extra,
                                                               message):
@@ -351,7 +356,7 @@ def test_settings_that_do_not_fit_the_scene_are_clear_errors(tmp_path, cache_dir
                  else small_overrides(tmp_path, cache_dir, **extra))
     cfg = load_config(DistillConfig, NERF_CONFIG if config == "nerf" else CONFIG, overrides)
     with pytest.raises(ValueError, match=message):
-        distill.Distillation(cfg)
+        system_of(cfg)
 
 
 def test_bad_settings_fail_before_a_run_folder_exists(tmp_path, cache_dir):
@@ -366,32 +371,32 @@ def test_bad_settings_fail_before_a_run_folder_exists(tmp_path, cache_dir):
 def test_cuda_device_without_cuda_is_a_clear_error(tmp_path, cache_dir):
     cfg = load_config(DistillConfig, CONFIG, small_overrides(tmp_path, cache_dir, device="cuda"))
     with pytest.raises(ValueError, match="device=cuda but this machine has no usable CUDA "
-                                         "device; set device=cpu"):
-        distill.Distillation(cfg)
+                                         "device; set device=cpu or device=auto"):
+        system_of(cfg)
 
 
 def test_an_empty_ply_is_refused(tmp_path, cache_dir):
     Splats.empty().save_ply(tmp_path / "empty.ply")
     cfg = load_config(DistillConfig, CONFIG, small_overrides(
-        tmp_path, cache_dir, **{"init.kind": "ply", "init.path": tmp_path / "empty.ply"}))
+        tmp_path, cache_dir, **{"splats.init.kind": "ply", "splats.init.path": tmp_path / "empty.ply"}))
     with pytest.raises(ValueError, match="holds no splats"):
-        distill.Distillation(cfg)
+        system_of(cfg)
 
 
 def test_splat_run_resumes_exactly_mid_densification(tmp_path, cache_dir):
     """Densification grows the scene and resets opacities around the step-6 checkpoint; the
     resumed system ends with the same splats, bit for bit, as one run straight through."""
-    densify = {"densify.enabled": True, "densify.refine_start_iter": 1,
-               "densify.refine_every": 2, "densify.refine_stop_iter": 11,
-               "densify.reset_every": 4, "densify.grow_grad2d": 1e-6}
+    densify = {"splats.densify.enabled": True, "splats.densify.refine_start_iter": 1,
+               "splats.densify.refine_every": 2, "splats.densify.refine_stop_iter": 11,
+               "splats.densify.reset_every": 4, "splats.densify.grow_grad2d": 1e-6}
     cfg = load_config(DistillConfig, CONFIG, small_overrides(tmp_path, cache_dir, steps=12,
                                                              **densify))
     straight, second = straight_and_resumed(cfg, tmp_path, 12)
     at_checkpoint = len(torch.load(tmp_path / "ckpt" / "last.pt",
-                                   weights_only=False)["scene"]["splats"]["means"])
+                                   weights_only=False)["scene"]["params"]["means"])
     assert 300 < at_checkpoint < len(second.scene)  # it grew before and after the checkpoint
-    for k in straight.scene.params:
-        assert torch.equal(straight.scene.params[k], second.scene.params[k]), k
+    for k in straight.scene.scene.params:
+        assert torch.equal(straight.scene.scene.params[k], second.scene.scene.params[k]), k
 
 
 def test_metrics_log_drops_a_torn_last_line_and_redone_steps(tmp_path):
@@ -412,13 +417,13 @@ def test_learned_background_trains_and_resumes_with_an_image_model(tmp_path, cac
         tmp_path, cache_dir, **{"guidance.kind": "stable-diffusion", "guidance.model_id": model,
                                 "guidance.resolution": 32, "guidance.half_precision": False,
                                 "guidance.latent_sampling": "mean", "background_kind": "mlp",
-                                "random_background": 0.5, "densify.enabled": False,
+                                "random_background": 0.5, "splats.densify.enabled": False,
                                 "prompt_processor.cache_dir": tmp_path / "embeddings"}))
-    start = distill.Distillation(cfg).background.state_dict()
+    start = system_of(cfg).background.state_dict()
     straight, second = straight_and_resumed(cfg, tmp_path, 4)
     assert any(not torch.equal(start[k], v) for k, v in straight.background.state_dict().items())
     for want, got in ((straight.background.state_dict(), second.background.state_dict()),
-                      (straight.scene.params, second.scene.params)):
+                      (straight.scene.scene.params, second.scene.scene.params)):
         for k in want:
             assert torch.equal(want[k], got[k]), k
 
@@ -434,12 +439,14 @@ def test_lock_visible_scales_each_splats_step_by_its_hidden_share(tmp_path, cach
     runs = {}
     for lock in (False, True):
         cfg = load_config(DistillConfig, CONFIG, small_overrides(
-            tmp_path, cache_dir, **{"init.kind": "ply", "init.path": tmp_path / "start.ply",
-                                    "init.lock_visible": lock, "densify.enabled": False}))
-        system = distill.Distillation(cfg)
+            tmp_path, cache_dir, **{"splats.init.kind": "ply",
+                                    "splats.init.path": tmp_path / "start.ply",
+                                    "splats.init.lock_visible": lock,
+                                    "splats.densify.enabled": False}))
+        system = system_of(cfg)
         system.train_step()
         runs[lock] = {k: v.detach() - splats.params[k].detach()
-                      for k, v in system.scene.params.items()}
+                      for k, v in system.scene.scene.params.items()}
     for key, free in runs[False].items():
         share = (1 - visibility).view(-1, *[1] * (free.ndim - 1))
         assert torch.allclose(runs[True][key], share * free, atol=1e-6), key
@@ -449,7 +456,7 @@ def test_lock_visible_scales_each_splats_step_by_its_hidden_share(tmp_path, cach
 
 def _interrupted_run(tmp_path, cache_dir, monkeypatch, at_step, **extra):
     """A run stopped by Ctrl-C while step ``at_step`` is under way; its folder."""
-    from cfd.utils.runtime import RunInterrupted
+    from core.runtime import RunInterrupted
 
     step = distill.Distillation.train_step
 
@@ -479,7 +486,7 @@ def test_resumed_run_counts_the_time_before_the_resume(tmp_path, cache_dir, monk
     save_checkpoint(run_dir / "ckpt", state)
     capsys.readouterr()
     cfg = load_config(DistillConfig, run_dir / "config.yaml")
-    result = distill.run(cfg, resume_dir=run_dir)
+    result = distill.resume(run_dir)
     assert result["wall_s"] > 1000.0
     assert json.loads((run_dir / "metrics.json").read_text())["wall_s"] == result["wall_s"]
     assert f"s of them before the resume); results in {run_dir}" in capsys.readouterr().out
@@ -539,7 +546,7 @@ def test_a_checkpoint_of_other_scene_settings_is_a_clear_error(tmp_path, cache_d
     from cfd.config import save_config
     from cfd.systems.checkpoint import save_checkpoint
 
-    splats = distill.Distillation(load_config(DistillConfig, CONFIG,
+    splats = system_of(load_config(DistillConfig, CONFIG,
                                               small_overrides(tmp_path, cache_dir)))
     run_dir = tmp_path / "run"
     save_checkpoint(run_dir / "ckpt", splats.state_dict())
@@ -548,8 +555,8 @@ def test_a_checkpoint_of_other_scene_settings_is_a_clear_error(tmp_path, cache_d
     assert cli.main(["--resume", str(run_dir)]) == 2
     assert ("error: this checkpoint was written with scene=splats, but the config has "
             "scene=nerf: the run folder's config.yaml was changed") in capsys.readouterr().err
-    no_grid = distill.Distillation(load_config(DistillConfig, NERF_CONFIG, nerf_overrides(
-        tmp_path, cache_dir, **{"occupancy.enabled": False})))
-    with pytest.raises(ValueError, match="written with occupancy.enabled=true, but the config "
-                                         "has occupancy.enabled=false"):
-        no_grid.load_state_dict(distill.Distillation(nerf_cfg).state_dict())
+    no_grid = system_of(load_config(DistillConfig, NERF_CONFIG, nerf_overrides(
+        tmp_path, cache_dir, **{"nerf.occupancy.enabled": False})))
+    with pytest.raises(ValueError, match="written with nerf.occupancy.enabled=true, but the "
+                                         "config has nerf.occupancy.enabled=false"):
+        no_grid.load_state_dict(system_of(nerf_cfg).state_dict())

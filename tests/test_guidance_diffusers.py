@@ -15,7 +15,8 @@ import torch
 
 from guidance.fingerprint import tokenizer_digest
 from guidance.flow_matching import FlowMatchingConfig, FlowMatchingGuidance
-from guidance.loading import ModelWeightsNotFound, model_dtype, resolve_model_path
+from core.devices import model_dtype
+from guidance.loading import ModelWeightsNotFound, resolve_model_path
 from guidance.parameterization import eps_from_prediction, x0_from_eps
 from guidance.prompts import PromptConfig, PromptProcessor
 from guidance.schedules import DiscreteVPSchedule, FlowMatchingSchedule

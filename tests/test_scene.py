@@ -145,7 +145,7 @@ def test_densification_grows_and_prunes():
 
 
 def test_densification_that_prunes_every_splat_stops_with_the_settings_to_change():
-    from cfd.utils.runtime import TrainingStopped
+    from core.runtime import TrainingStopped
 
     s = random_ball(40, opacity=0.5, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

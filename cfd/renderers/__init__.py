@@ -12,7 +12,8 @@ import torch
 from torch import Tensor
 
 from ..cameras import Cameras
-from .rasterize import Backend, RenderOutput, rasterization, resolve_backend
+from .rasterize import Backend, rasterization, resolve_backend
+from .types import RenderOutput
 from .volume import render_field
 
 BackgroundLike = Union[None, float, Sequence[float], Tensor]

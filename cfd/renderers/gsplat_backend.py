@@ -6,6 +6,8 @@ from typing import Optional
 
 from torch import Tensor
 
+from .types import RenderOutput
+
 
 def rasterize_gsplat(
     means: Tensor,
@@ -32,7 +34,6 @@ def rasterize_gsplat(
             "backend='gsplat' needs the gsplat package (pip install gsplat); "
             "use backend='torch' instead"
         ) from err
-    from .rasterize import RenderOutput
 
     render, alphas, meta = gsplat.rasterization(
         means, quats, scales, opacities, colors, viewmats, Ks, width, height,

@@ -9,8 +9,7 @@ tensors and torch otherwise.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from typing import Any, Dict, Literal, Optional
+from typing import Literal, Optional
 
 import torch
 from torch import Tensor
@@ -20,37 +19,12 @@ from ..scene.sh import sh_to_rgb
 from .composite import composite, tiles_to_images
 from .projection import project_gaussians
 from .tiles import bin_gaussians
+from .types import RenderOutput
 
 log = logging.getLogger(__name__)
 
 Backend = Literal["auto", "torch", "gsplat"]
 _LOGGED_CHOICES: set = set()
-
-
-@dataclass
-class RenderOutput:
-    """What a renderer returns for B views.
-
-    Attributes:
-        rgb: composited colour over the background ``[B,H,W,3]``.
-        alpha: accumulated opacity ``[B,H,W,1]``.
-        depth: expected camera-z depth ``sum w_i z_i / alpha`` (0 where alpha is 0) ``[B,H,W,1]``.
-        means2d: projected centres ``[B,N,2]``; call ``retain_grad()`` before backward to read
-            the screen-space gradients densification needs (``None`` for scenes without splats).
-        radii: per-axis screen radii ``[B,N,2]`` int32, 0 where culled.
-        normal: alpha-weighted world-frame normals ``[B,H,W,3]`` (fields rendered with
-            normals; None otherwise).
-        info: what gsplat's strategies read (``means2d``, ``radii``, ``width``, ``height``,
-            ``n_cameras``) plus backend statistics.
-    """
-
-    rgb: Tensor
-    alpha: Tensor
-    depth: Tensor
-    means2d: Optional[Tensor] = None
-    radii: Optional[Tensor] = None
-    normal: Optional[Tensor] = None
-    info: Dict[str, Any] = field(default_factory=dict)
 
 
 def resolve_backend(backend: Backend, device: torch.device) -> str:

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..cameras import Cameras
 from .occupancy import OccupancyGrid
-from .rasterize import RenderOutput
+from .types import RenderOutput
 from .shading import Lighting
 
 

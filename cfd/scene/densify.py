@@ -14,7 +14,7 @@ from typing import Any, Dict
 
 import torch
 
-from ..utils.runtime import TrainingStopped
+from core.runtime import TrainingStopped
 from .splats import Splats
 
 

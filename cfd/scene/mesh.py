@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..utils.runtime import atomic_write
+from core.runtime import atomic_write
 
 
 @dataclass

@@ -16,7 +16,7 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
-from ..utils.runtime import atomic_write
+from core.runtime import atomic_write
 from .splats import Splats
 
 

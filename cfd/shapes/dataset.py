@@ -30,11 +30,10 @@ from typing import Dict, Iterator, List, Optional
 import torch
 from tqdm import tqdm
 
-from guidance.loading import cache_root
+from core.runtime import cache_root, share_as_created
 
 from ..cameras import sample_orbit_cameras
 from ..renderers import render
-from ..utils.runtime import share_as_created
 from .world import SHAPE_WORLD, object_splats, prompts
 
 try:

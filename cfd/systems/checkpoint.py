@@ -13,7 +13,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from ..utils.runtime import atomic_write
+from core.runtime import atomic_write
 
 LATEST = "last.pt"
 

@@ -9,36 +9,33 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
+from core.errors import UserError
+
 from ..cameras import Cameras, check_orbit_ranges, sample_orbit_cameras
 from ..renderers.rasterize import resolve_backend
 from ..renderers.shading import Lighting
 
 
-def check_device(device: str, backend: str) -> None:
-    """Refuse, before a run starts, a ``device`` this machine lacks or a render ``backend``
-    that cannot run on it, naming the setting to change."""
+def check_backend(device: torch.device, backend: str, splats_only: bool = True) -> None:
+    """Refuse, before a run starts, a render ``backend`` that cannot run on ``device`` (or, with
+    ``splats_only=False``, cannot render a NeRF), naming the setting to change."""
+    if not splats_only and backend not in ("auto", "torch"):
+        raise UserError(f"backend={backend} renders splats; a NeRF renders with nerfacc: set "
+                        "backend=auto or backend=torch")
+    if backend == "gsplat" and device.type != "cuda":
+        raise UserError(f"backend=gsplat needs device=cuda (gsplat has no CPU rasteriser); "
+                        f"with device={device} use backend=torch or backend=auto")
     try:
-        where = torch.device(device)
-    except RuntimeError as err:
-        raise ValueError(f"device={device!r} is not a torch device (cpu, cuda, cuda:1): "
-                         f"{err}") from None
-    if where.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device} but this machine has no usable CUDA device; "
-                         "set device=cpu")
-    if where.type == "cuda" and (where.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"device={device} but this machine has {torch.cuda.device_count()} "
-                         "CUDA device(s); pick one of them or set device=cpu")
-    if backend == "gsplat" and where.type != "cuda":
-        raise ValueError(f"backend=gsplat needs device=cuda (gsplat has no CPU rasteriser); "
-                         f"with device={device} use backend=torch or backend=auto")
-    resolve_backend(backend, where)  # an unknown backend: its error lists the known ones
+        resolve_backend(backend, device)
+    except ValueError as err:  # an unknown backend: its error lists the known ones
+        raise UserError(f"backend: {err}") from None
 
 
 def check_counts(counts: Dict[str, int]) -> None:
     """Refuse counts below 1 (``{"eval_views": 8, ...}``), naming the key."""
     for key, value in counts.items():
         if value < 1:
-            raise ValueError(f"{key} must be >= 1, got {value}")
+            raise UserError(f"{key} must be >= 1, got {value}")
 
 
 def scheduled(value: Any, step: int) -> float:
@@ -83,7 +80,7 @@ class OrbitConfig:
             check_orbit_ranges(self.elevation_range, self.azimuth_range, self.distance_range,
                                self.fov_range)
         except ValueError as err:
-            raise ValueError(f"camera.{err}") from None
+            raise UserError(f"camera.{err}") from None
 
     def sample(self, batch: int, resolution: int, generator: Optional[torch.Generator],
                device) -> Cameras:

@@ -7,14 +7,25 @@ renders of the shape world (``cfd.shapes``); ``guidance`` itself only reads the 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from enum import Enum
 from typing import Optional
 
 import torch
 
+from guidance.embedded import ClosedFormPrior
+from guidance.flow_matching import FlowMatchingConfig, FlowMatchingGuidance
 from guidance.latent import LatentModelConfig
+from guidance.loading import resolve_model_path
 from guidance.prompts import PromptConfig
+from guidance.stable_diffusion import StableDiffusionConfig, StableDiffusionGuidance
 
 from ..shapes import ShapeDatasetConfig, build_shape_dataset
+
+
+class GuidanceKind(Enum):
+    embedded = "embedded"  # the closed-form prior over the shape world
+    stable_diffusion = "stable-diffusion"  # diffusers weights from ``model_id``
+    flow_matching = "flow-matching"  # an SD3-style flow model, from ``model_id``
 
 
 @dataclass
@@ -22,7 +33,7 @@ class GuidanceConfig:
     """``kind``: ``embedded`` (the closed-form prior over the shape world), ``stable-diffusion``
     or ``flow-matching`` (diffusers weights from ``model_id``: a local folder or a cached hub id)."""
 
-    kind: str = "embedded"
+    kind: GuidanceKind = GuidanceKind.embedded
     model_id: Optional[str] = None
     guidance_scale: float = 1.0
     weighting: str = "sigma_over_alpha"
@@ -35,24 +46,29 @@ class GuidanceConfig:
 def build_guidance(cfg: GuidanceConfig, device: torch.device, view_config: PromptConfig):
     """The 2D prior a run distils from. ``view_config``: the run's prompt settings, whose view
     thresholds the embedded prior uses to label its images, so both agree on what "side" means."""
-    if cfg.kind == "embedded":
-        from guidance.embedded import ClosedFormPrior
-
+    if cfg.kind is GuidanceKind.embedded:
         folder = build_shape_dataset(cfg.dataset)
         return ClosedFormPrior.from_pretrained(folder, device=device,
                                                guidance_scale=cfg.guidance_scale,
                                                weighting=cfg.weighting,
                                                view_config=view_config)
-    # unset (None) options keep the model config's defaults
+    model = _model_config(cfg)
+    if cfg.kind is GuidanceKind.stable_diffusion:
+        return StableDiffusionGuidance.from_config(model, device)
+    return FlowMatchingGuidance.from_config(model, device)
+
+
+def _model_config(cfg: GuidanceConfig) -> LatentModelConfig:
+    """A diffusers prior's own config; unset (None) options keep its defaults."""
     options = {f.name: getattr(cfg, f.name) for f in fields(LatentModelConfig)
                if getattr(cfg, f.name) is not None}
-    if cfg.kind == "stable-diffusion":
-        from guidance.stable_diffusion import StableDiffusionConfig, StableDiffusionGuidance
+    if cfg.kind is GuidanceKind.stable_diffusion:
+        return StableDiffusionConfig(**options)
+    return FlowMatchingConfig(**options)
 
-        return StableDiffusionGuidance.from_config(StableDiffusionConfig(**options), device)
-    if cfg.kind == "flow-matching":
-        from guidance.flow_matching import FlowMatchingConfig, FlowMatchingGuidance
 
-        return FlowMatchingGuidance.from_config(FlowMatchingConfig(**options), device)
-    raise ValueError(f"unknown guidance kind {cfg.kind!r}; use 'embedded', 'stable-diffusion' "
-                     "or 'flow-matching'")
+def check_guidance_model(cfg: GuidanceConfig) -> None:
+    """Find a diffusers prior's folder (its ``model_index.json``) without loading it, so that
+    a missing model stops a job before it runs anything (``ModelWeightsNotFound``)."""
+    if cfg.kind is not GuidanceKind.embedded:
+        resolve_model_path(_model_config(cfg).model_id)

@@ -13,6 +13,8 @@ from typing import Any, Dict, Optional, Union
 import torch
 from torch import nn
 
+from core.devices import torso_dtype
+
 from .gaussian_decoder import SLatGaussianDecoder
 from .sparse_structure_flow import SparseStructureFlowModel
 from .sparse_structure_vae import SparseStructureDecoder, SparseStructureEncoder
@@ -34,16 +36,14 @@ def build(name: str, args: Dict[str, Any], device: Union[str, torch.device] = "c
     """The model class ``name`` with ``args``, its parameters created on ``device``.
 
     ``half_dtype`` (float16 or bfloat16) runs the torso of a model whose args say ``use_fp16``
-    in that precision; by default float16 on CUDA for such models and float32 everywhere else
-    (CPUs have no fast float16 kernels).
+    in that precision; by default ``core.devices.torso_dtype(device)``.
     """
     if name not in MODELS:
         raise ValueError(f"unknown model class {name!r}; known: {', '.join(sorted(MODELS))}")
     device = torch.device(device)
     with device:
         model = MODELS[name](**args)
-    if half_dtype is None and device.type == "cuda":
-        half_dtype = torch.float16
+    half_dtype = half_dtype or torso_dtype(device)
     if args.get("use_fp16") and half_dtype is not None:
         model.set_torso_dtype(half_dtype)
     return model.eval()

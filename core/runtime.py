@@ -1,5 +1,6 @@
-"""Process-level set-up: seeding, run folders, atomic writes, allocator tuning, the error a run
-stops itself with, and the interruption of a run that can be resumed."""
+"""Process-level set-up shared by every layer: seeding, the cache folder, run folders, atomic
+writes, allocator tuning, the error a run stops itself with, and the interruption of a run that
+can be resumed."""
 
 from __future__ import annotations
 
@@ -16,6 +17,13 @@ from typing import Any, BinaryIO, Callable, Optional
 
 import numpy as np
 import torch
+
+
+def cache_root() -> Path:
+    """Where cfd3d keeps what it computes once (text embeddings, the embedded prior's data):
+    ``$CFD3D_CACHE``, else ``$XDG_CACHE_HOME/cfd3d``, else ``~/.cache/cfd3d``."""
+    return Path(os.environ.get("CFD3D_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "cfd3d"))
 
 
 class TrainingStopped(RuntimeError):

@@ -1,4 +1,4 @@
-"""Renderer demo: fit splats to multi-view renders of a known object (the shape world's snowman).
+"""The ``fit-splats`` job, a renderer demo: fit splats to multi-view renders of a known object (the shape world's snowman).
 
 A photometric multi-view fit exercises the whole foundation (cameras, splats, the differentiable
 renderer with its backward pass, densification, export) and measures itself: held-out PSNR
@@ -14,16 +14,17 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from ..cameras import fixed_orbit_cameras
-from ..config import save_config, to_object
-from ..renderers import render
-from ..scene import Densifier, DensifyConfig, random_ball
-from ..shapes import object_splats, objects_for
-from ..utils.media import save_grid
-from ..utils.runtime import make_run_dir, seed_everything, write_json
-from ..visualize import write_orbit_video
-from .common import LearningRates, OrbitConfig, check_counts, check_device
-from .ground_truth import psnr
+from cfd.cameras import fixed_orbit_cameras
+from cfd.renderers import render
+from cfd.scene import Densifier, DensifyConfig, random_ball
+from cfd.shapes import object_splats, objects_for
+from cfd.systems.common import LearningRates, OrbitConfig, check_backend, check_counts
+from cfd.systems.ground_truth import psnr
+from cfd.utils.media import save_grid
+from cfd.visualize import write_orbit_video
+from core.devices import resolve_device
+from core.runtime import seed_everything
+from jobs.skeleton import RunFolder, check_output, typed
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ class FitSplatsConfig:
     tag: str = "snowman"
     seed: int = 0
     output_dir: str = "outputs"
-    device: str = "cpu"
+    device: str = "auto"
     backend: str = "auto"
     steps: int = 400
     batch_size: int = 4
@@ -57,17 +58,18 @@ class FitSplatsConfig:
 
 def run(cfg) -> dict:
     """Run the fit described by ``cfg`` (an OmegaConf ``FitSplatsConfig``); returns the metrics."""
-    c: FitSplatsConfig = to_object(cfg)
-    check_device(c.device, c.backend)
+    c: FitSplatsConfig = typed(cfg)
+    device = resolve_device(c.device)
+    check_backend(device, c.backend)
     c.camera.check()
     check_counts({"init_splats": c.init_splats, "batch_size": c.batch_size,
                   "resolution": c.resolution, "log_every": c.log_every,
                   "eval_views": c.eval_views, "video_frames": c.video_frames,
                   "video_size": c.video_size})
-    device = torch.device(c.device)
+    check_output(c.output_dir, c.name)
     gen = seed_everything(c.seed)
-    run_dir = make_run_dir(c.output_dir, c.name, c.tag)
-    save_config(cfg, run_dir / "config.yaml")
+    folder = RunFolder.create(c.output_dir, c.name, c.tag, cfg)
+    run_dir = folder.path
 
     target = object_splats(objects_for("a snowman")[0]).to(device)
     splats = random_ball(c.init_splats, radius=0.6, opacity=0.1, generator=gen).to(device)
@@ -108,7 +110,9 @@ def run(cfg) -> dict:
     splats.save_ply(run_dir / "splats.ply")
     video = write_orbit_video(splats, run_dir / "orbit.mp4", n_frames=c.video_frames,
                               size=c.video_size)
-    write_json(run_dir / "metrics.json", metrics)
-    print(f"held-out PSNR {metrics['psnr']:.2f} dB with {len(splats)} splats in {wall:.1f} s")
-    print(f"wrote {run_dir / 'splats.ply'}, {video.name} and progress grids to {run_dir}")
-    return metrics
+    return folder.finish(metrics, f"held-out PSNR {metrics['psnr']:.2f} dB with {len(splats)} "
+                                  f"splats in {wall:.1f} s; wrote splats.ply, {video.name} and "
+                                  "progress grids")
+
+
+Config = FitSplatsConfig

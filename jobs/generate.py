@@ -1,0 +1,124 @@
+"""The ``generate`` job: a TRELLIS pipeline folder turns an image (or a prompt) into splats.
+
+    python run.py generate --config configs/trellis-image.yaml image=chair.png [mask=mask.png]
+    python run.py generate --config configs/trellis-text.yaml prompt="a red chair"
+
+Writes ``splats.ply``, ``orbit.mp4``, ``occupancy.npz`` (the stage-1 voxels, ``coords [N, 3]``
+at ``resolution``) with a PNG of them, and ``metrics.json`` (stage timings, counts). Stage models
+are loaded when their stage starts and released after it (``offload=reload``), so only one
+stage's weights are in memory at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from cfd.visualize import write_orbit_video
+from core.devices import Precision, resolve_device
+from core.errors import UserError
+from jobs.skeleton import RunFolder, check_output, typed
+from relaxflow.conditioning import ImageConditioner, TextConditioner, load_object
+from relaxflow.loading import PipelineSpec
+from relaxflow.pipeline import Offload, Stopwatch, TrellisPipeline
+from relaxflow.runner import decode, sample_latents, sample_structures, save_voxels
+from relaxflow.sampler import StageOverrides, with_overrides
+from relaxflow.stages import guided
+
+
+@dataclass
+class GenerateConfig:
+    job: str = "generate"
+    name: str = "trellis-image"
+    # A TRELLIS pipeline folder (pipeline.json + ckpts/) or a repo id in the Hugging Face cache.
+    model: str = "microsoft/TRELLIS-image-large"
+    image: Optional[str] = None  # RGBA, or RGB with ``mask``
+    mask: Optional[str] = None  # white = object
+    prompt: Optional[str] = None  # text pipelines
+    image_cond_model: str = "facebook/dinov2-with-registers-large"
+    # null: the pipeline's own text encoder (openai/clip-vit-large-patch14)
+    text_cond_model: Optional[str] = None
+    seed: int = 42
+    device: str = "auto"  # core.devices: auto (CUDA when present, else the CPU), cpu, cuda:<i>
+    # Torso precision of the models whose checkpoints are fp16 (core.devices: auto is float16
+    # on CUDA, float32 on the CPU).
+    precision: Precision = Precision.auto
+    # Between stages: reload (read each stage's models from disk, then free them: least memory),
+    # cpu (keep them in CPU memory, on the device only for their stage) or none (keep them all
+    # on the device). See relaxflow.pipeline.
+    offload: Offload = Offload.reload
+    output_dir: str = "outputs"
+    sparse_structure_sampler: StageOverrides = field(default_factory=StageOverrides)
+    slat_sampler: StageOverrides = field(default_factory=StageOverrides)
+    video_frames: int = 60
+    video_size: int = 256
+
+
+Config = GenerateConfig
+
+
+def _observation(c: GenerateConfig) -> Optional[Tensor]:
+    """The preprocessed image ``[3, S, S]`` of an image run, None for a prompt: the inputs are
+    checked before any model loads or any file is written."""
+    if (c.image is None) == (c.prompt is None):
+        raise UserError("give exactly one of image=path.png (image pipelines) or "
+                        "prompt=\"...\" (text pipelines)")
+    if c.mask is not None and c.image is None:
+        raise UserError("mask= marks the object in image=; a prompt takes no mask")
+    return None if c.image is None else load_object(c.image, c.mask)
+
+
+def _conditions(c: GenerateConfig, image: Optional[Tensor], spec: PipelineSpec,
+                device: torch.device) -> Tuple[Tensor, Tensor]:
+    """(condition, negative condition) of the image or, without one, of the prompt."""
+    if image is not None:
+        conditioner = ImageConditioner.from_pretrained(c.image_cond_model, device)
+        cond = conditioner(image[None])
+        return cond, conditioner.negative(cond)
+    text = TextConditioner.from_pretrained(c.text_cond_model or spec.cond_model
+                                           or "openai/clip-vit-large-patch14", device)
+    cond = text([c.prompt])
+    return cond, text.negative(cond)
+
+
+def run(cfg) -> Dict[str, Any]:
+    c: GenerateConfig = typed(cfg)
+    # 1. every input, the output folder and the pipeline folder, before a model loads
+    device = resolve_device(c.device)
+    image = _observation(c)
+    check_output(c.output_dir, c.name)
+    pipe = TrellisPipeline.from_pretrained(c.model, device=device, precision=c.precision,
+                                           offload=c.offload)
+    pipe.spec.require("text" if image is None else "image", "generate")
+    # 2. the condition (its model loads here), 3. the run folder
+    clock = Stopwatch(device)
+    with clock.time("condition"):
+        cond, neg_cond = _conditions(c, image, pipe.spec, device)
+    folder = RunFolder.create(c.output_dir, c.name, Path(c.image).stem if c.image else c.prompt,
+                              cfg)
+    # 4. both stages and the decoding, one stage's models at a time
+    generators = {"plain": torch.Generator().manual_seed(c.seed)}
+    coords, resolution = sample_structures(
+        pipe, lambda flow: {"plain": guided(with_overrides(pipe.sampler("structure"),
+                                                           c.sparse_structure_sampler),
+                                            cond, neg_cond, True)},
+        generators, device, clock)
+    latents = sample_latents(
+        pipe, {"plain": guided(with_overrides(pipe.sampler("latent"), c.slat_sampler), cond,
+                               neg_cond, True)}, coords, generators, clock)
+    with clock.time("decode"):
+        splats = decode(pipe, latents)[0]["plain"]
+    # 5. the files, and metrics.json
+    splats.save_ply(folder.path / "splats.ply")
+    save_voxels(folder.path, coords["plain"], resolution)
+    write_orbit_video(splats, folder.path / "orbit.mp4", n_frames=c.video_frames,
+                      size=c.video_size, distance=2.0, background=1.0)
+    voxels = len(coords["plain"])
+    return folder.finish({**clock.seconds, "voxels": voxels, "splats": len(splats),
+                          "device": str(device)},
+                         f"{voxels} voxels, {len(splats)} splats; wrote splats.ply, orbit.mp4 "
+                         "and occupancy.npz")

@@ -1,0 +1,109 @@
+"""The ``refine`` job: both paths in one process on one device.
+
+    python run.py refine --config configs/relaxflow-cfd.yaml image=obs.png mask=mask.png \
+        prompt="a chair" [priors=[a.png,b.png,c.png]]
+
+RelaxFlow completes the occluded object (the fast path); its splats, rescaled to the
+distillation's scene size and turned so that the observation faces CFD's front (azimuth 0, where
+the prompts say "front view"), initialise CFD (the slow path), and each splat's visibility from
+the observation camera limits how far CFD may move it (``splats.init.lock_visible``): what the
+image showed stays, what it hid is refined by the 2D prior. Writes ``<run>/relaxflow-*/...``
+(the completion, as the ``relaxflow`` job), ``<run>/<distill name>/...`` (the refined scene, as
+the ``distill`` job; resumable on its own with ``--resume``) and ``<run>/metrics.json``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from cfd.systems.prior import check_guidance_model
+from cfd.systems.scenes import InitConfig, InitKind, SplatSceneConfig
+from core.devices import resolve_device
+from core.errors import UserError
+from jobs import distill, relaxflow
+from jobs.distill import DistillConfig
+from jobs.relaxflow import RelaxFlowConfig
+from jobs.skeleton import RunFolder, check_output, nested, typed
+
+
+def _refine_defaults() -> DistillConfig:
+    # the completion is the start: splats from its file, no densification (the visibility
+    # belongs to those splats)
+    splats = SplatSceneConfig(init=InitConfig(kind=InitKind.ply, fit_radius=0.6,
+                                              lock_visible=True))
+    splats.densify.enabled = False
+    return DistillConfig(name="cfd-refine", splats=splats)
+
+
+@dataclass
+class RefineConfig:
+    job: str = "refine"
+    name: str = "relaxflow-cfd"
+    output_dir: str = "outputs"
+    device: str = "auto"  # both paths run here: CUDA when present, else the CPU
+    # The inputs, handed to both paths (the prompt names the hidden part for RelaxFlow's
+    # prior images and is CFD's text prompt). Each may be set here or as relaxflow.<name>, not
+    # both.
+    image: Optional[str] = None
+    mask: Optional[str] = None
+    prompt: Optional[str] = None
+    priors: List[str] = field(default_factory=list)
+    relaxflow: RelaxFlowConfig = field(default_factory=RelaxFlowConfig)
+    distill: DistillConfig = field(default_factory=_refine_defaults)
+
+
+Config = RefineConfig
+
+SHARED_INPUTS = ("image", "mask", "prompt", "priors")
+
+
+def _relaxflow_inputs(c: RefineConfig) -> Dict[str, Any]:
+    """RelaxFlow's inputs: each from the top level or, when only there, from ``relaxflow``."""
+    inputs = {}
+    for key in SHARED_INPUTS:
+        top, nested = getattr(c, key), getattr(c.relaxflow, key)
+        if top not in (None, []) and nested not in (None, []):
+            raise UserError(f"{key} is set twice, as {key}= and relaxflow.{key}=: set it once "
+                            f"({key}= hands it to both paths)")
+        inputs[key] = nested if top in (None, []) else top
+    return inputs
+
+
+def run(cfg) -> Dict[str, Any]:
+    c: RefineConfig = typed(cfg)
+    # 1. both paths' settings and inputs, before anything loads or is written
+    inputs = _relaxflow_inputs(c)
+    if inputs["prompt"] is None:
+        raise UserError('give the prompt: prompt="a chair" (what the hidden part should be; '
+                        "CFD distils the same text)")
+    if not c.distill.splats.init.lock_visible:
+        raise UserError("the refine job keeps what the observation showed: leave "
+                        "distill.splats.init.lock_visible=true (run the distill job on the "
+                        "completion's splats.ply to refine everything)")
+    device = str(resolve_device(c.device))
+    check_output(c.output_dir, c.name)
+    relaxflow_cfg = replace(c.relaxflow, device=device, **inputs)
+    init = replace(c.distill.splats.init, kind=InitKind.ply,
+                   turn_deg=c.distill.splats.init.turn_deg - c.relaxflow.camera.azimuth)
+    distill_cfg = replace(
+        c.distill, device=device,
+        prompt_processor=replace(c.distill.prompt_processor, prompt=inputs["prompt"]),
+        splats=replace(c.distill.splats, init=init))
+    with nested("relaxflow."):
+        relaxflow.check(relaxflow_cfg)
+    with nested("distill."):
+        # the completion's file does not exist yet: the settings are checked with a stand-in
+        distill.check(replace(distill_cfg, splats=replace(distill_cfg.splats,
+                                                          init=replace(init, path="<completion>"))))
+        check_guidance_model(distill_cfg.guidance)
+    # 2. the run folder; 3. RelaxFlow's completion in it; 4. CFD from the completion
+    folder = RunFolder.create(c.output_dir, c.name, Path(inputs["image"]).stem, cfg)
+    completion = relaxflow.run(replace(relaxflow_cfg, output_dir=str(folder.path)))
+    start = str(Path(completion["run_dir"]) / "splats.ply")
+    refined = distill.run(replace(
+        distill_cfg, output_dir=str(folder.path),
+        splats=replace(distill_cfg.splats, init=replace(init, path=start))))
+    return folder.finish({"relaxflow": completion, "cfd": refined},
+                         f"refined the completion of {inputs['image']}")
