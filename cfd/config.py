@@ -12,6 +12,7 @@ naming the file or the override it is in.
 from __future__ import annotations
 
 import difflib
+import io
 from pathlib import Path
 from typing import Any, Iterable, List, Optional, Sequence, Tuple
 
@@ -81,12 +82,32 @@ def _omegaconf_problem(err: OmegaConfBaseException) -> str:
 
 def read_yaml(path: Path) -> DictConfig:
     """A YAML config file's mapping; a :class:`ConfigError` naming the file when it is missing,
-    is not YAML, or holds something other than a mapping."""
+    a directory, not text, empty, not YAML, or holds something other than a mapping."""
     path = Path(path)
+    if path.is_dir():
+        inside = path / "config.yaml"
+        held = (f" ({path} holds {inside.name}: --resume {path} continues that run, "
+                f"--config {inside} starts a new one with its settings)" if inside.is_file()
+                else "")
+        raise ConfigError(f"config file {path} is a directory, not a YAML file: give the path "
+                          f"of a .yaml config file{held}")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
+    not_text = f"config file {path} is not a YAML text file"
     try:
-        cfg = OmegaConf.load(path)
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{not_text} (byte {err.start} is not UTF-8 text: an image or another "
+                          "binary file?): give a .yaml config file") from None
+    except OSError as err:
+        raise ConfigError(f"config file {path} cannot be read ({err.strerror or err})") from None
+    try:
+        cfg = OmegaConf.load(io.StringIO(text))
+    except yaml.reader.ReaderError as err:  # characters no text file holds (NUL, controls)
+        char = err.character if isinstance(err.character, int) else ord(err.character)
+        raise ConfigError(f"{not_text} (it holds the control character #x{char:02x} at "
+                          f"character {err.position}: a binary file?): give a .yaml config "
+                          "file") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {_yaml_problem(err, True)}") from None
     except OmegaConfBaseException as err:
@@ -94,6 +115,15 @@ def read_yaml(path: Path) -> DictConfig:
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"{path} must hold a YAML mapping at the top level (key: value lines), "
                           "not a list")
+    # Refused rather than warned about: a file without a single setting is almost always a
+    # mistake (a copy cut short, the wrong file, an editor that did not save), and running every
+    # default would hide it behind a long run of something else. ``{}`` says "all defaults" on
+    # purpose and is taken.
+    if len(cfg) == 0 and yaml.compose(text, Loader=yaml.SafeLoader) is None:
+        raise ConfigError(f"config file {path} is empty (no settings, only blank lines or "
+                          "comments), which is almost always a mistake (a copy cut short, the "
+                          "wrong file): write the settings to use, or {} to run the job's "
+                          "defaults on purpose")
     return cfg
 
 

@@ -123,3 +123,50 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> Path:
 def write_json(path: Path, obj: Any) -> None:
     data = (json.dumps(obj, indent=2) + "\n").encode()
     atomic_write(path, lambda f: f.write(data))
+
+
+def write_temporary(path: Path, write: Callable[[BinaryIO], None]) -> Path:
+    """The first half of :func:`atomic_write`: write a file through ``write(f)`` into a
+    temporary sibling of ``path`` (``.<name>.<random>.tmp``, flushed to disk) and return that
+    sibling, for a caller that renames it into place itself (``os.replace``) after other steps.
+    The sibling is removed when ``write`` fails; after that, removing it is the caller's."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        share_as_created(tmp)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return Path(tmp)
+
+
+def stale_temporaries(path: Path) -> list[Path]:
+    """The temporary siblings :func:`atomic_write` and :func:`write_temporary` leave next to
+    ``path`` when the process is killed mid-write (``.<name>.*.tmp``; those of a file whose name
+    starts with ``<name>.``, such as ``<name>.sha256``, included), oldest first."""
+    import glob
+
+    path = Path(path)
+    found = [p for p in path.parent.glob(f".{glob.escape(path.name)}.*.tmp") if p.is_file()]
+    return sorted(found, key=lambda p: p.stat().st_mtime)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the renames done in folder ``path`` durable (a no-op where folders cannot be
+    opened, as on Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -16,7 +16,7 @@ from typing import Optional, Union
 
 import torch
 
-from core.errors import InputFileError
+from core.errors import InputFileError, UserError
 
 PIPELINE_INDEX = "model_index.json"
 
@@ -50,6 +50,29 @@ class ModelWeightsNotFound(InputFileError):
         """The same error naming another setting (a job's nested key, e.g. ``distill.`` +
         ``guidance.model_id``)."""
         return ModelWeightsNotFound(self.model_id, self.searched, self.reason, option, self.hint)
+
+
+class DamagedModelFile(UserError):
+    """A weights file that is on this machine but damaged (cut short by a download or a copy
+    that stopped early); the message names it and says to download or copy it again."""
+
+
+def damaged_safetensors(folder: Path) -> Optional[DamagedModelFile]:
+    """The error for the first ``.safetensors`` file under ``folder`` whose header does not
+    read or whose size does not fit its header (``safe_open`` reads only the header), or
+    None when all are whole."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(Path(folder).rglob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            problem = str(err).splitlines()[0] if str(err) else type(err).__name__
+            return DamagedModelFile(f"{path} is damaged or cut short ({problem}): re-download "
+                                    "or re-copy it (a download or copy that stopped early "
+                                    "leaves such a file)")
+    return None
 
 
 def hf_cache_dir() -> str:
@@ -168,11 +191,20 @@ def load_pipeline(pipeline_cls, model_id: Union[str, os.PathLike],
             f"the pipeline folder has no {', '.join(missing)} (listed in its {PIPELINE_INDEX}; "
             "an incomplete download?)", hint=hint)
     kwargs = {**null_components(path), **dtype_kwargs(dtype), **kwargs}
+    from safetensors import SafetensorError
+
     try:
         return pipeline_cls.from_pretrained(str(path), local_files_only=True, **kwargs)
     except ModelWeightsNotFound:
         raise
-    except (OSError, EnvironmentError) as err:
+    except (OSError, EnvironmentError, SafetensorError) as err:
+        # a weights file cut short fails as diffusers' "Unable to load weights" (an OSError)
+        # or transformers' SafetensorError: name the file, not the whole folder
+        damaged = next(filter(None, (damaged_safetensors(path / name)
+                                     for name, spec in pipeline_components(path).items()
+                                     if spec is not None and name not in kwargs)), None)
+        if damaged is not None:
+            raise damaged from None
         raise ModelWeightsNotFound(model_id, hf_cache_dir(),
                                    f"loading {str(path)!r} failed: {err}", hint=hint) from err
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from core.errors import UserError
 from guidance.loading import resolve_model_path
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -28,23 +29,50 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_SIZE = 518
 
 
-def load_rgba(path: Union[str, os.PathLike], mask: Optional[Union[str, os.PathLike]] = None
-              ) -> np.ndarray:
-    """``[H, W, 4]`` uint8 from an image file, alpha from ``mask`` (white = object) when given."""
+class ImageFileError(UserError):
+    """An input image file that cannot be read (a folder, not an image, damaged, cut short);
+    the message names the file, the setting it was given as and the fix."""
+
+
+def _read_image(path: Union[str, os.PathLike], mode: str, setting: str) -> np.ndarray:
+    """``path``'s pixels in PIL ``mode``; errors name the file and ``setting`` (``image``,
+    ``mask``, ``priors``), the option it was given as."""
     from PIL import Image, UnidentifiedImageError
 
-    def read(p, mode):
-        try:
-            with Image.open(p) as img:
-                return np.asarray(img.convert(mode))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"image {p} does not exist") from None
-        except UnidentifiedImageError:
-            raise ValueError(f"{p} is not an image file PIL can read") from None
+    given = f"(given as {setting}=)"
+    if os.path.isdir(path):
+        raise ImageFileError(f"image {path} {given} is a folder, not an image file: give the "
+                             f"path of a PNG or JPEG file as {setting}=")
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert(mode))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image {path} does not exist {given}: check the path") from None
+    except UnidentifiedImageError:
+        raise ImageFileError(f"{path} is not an image file PIL can read {given}: give a PNG or "
+                             f"JPEG file as {setting}=") from None
+    except OSError as err:
+        if err.errno is not None:  # the system's: permissions, an I/O error
+            raise ImageFileError(f"image {path} {given} cannot be read "
+                                 f"({err.strerror or err})") from None
+        # PIL's own, for data that ends early ("image file is truncated") or does not decode
+        problem = str(err) or type(err).__name__
+        raise ImageFileError(f"image {path} {given} is damaged or cut short ({problem}): save "
+                             f"or copy it again, or give another image as {setting}=") from None
+    except (SyntaxError, EOFError, ValueError) as err:  # PIL's for broken chunks, odd modes
+        problem = str(err) or type(err).__name__
+        raise ImageFileError(f"image {path} {given} is damaged or in a form PIL cannot decode "
+                             f"({problem}): save it again as PNG, or give another image as "
+                             f"{setting}=") from None
 
-    rgba = read(path, "RGBA").copy()
+
+def load_rgba(path: Union[str, os.PathLike], mask: Optional[Union[str, os.PathLike]] = None,
+              setting: str = "image") -> np.ndarray:
+    """``[H, W, 4]`` uint8 from an image file, alpha from ``mask`` (white = object) when given.
+    ``setting``: the option ``path`` was given as (``mask`` is ``mask=``), for the errors."""
+    rgba = _read_image(path, "RGBA", setting).copy()
     if mask is not None:
-        alpha = read(mask, "L")
+        alpha = _read_image(mask, "L", "mask")
         if alpha.shape != rgba.shape[:2]:
             raise ValueError(f"mask {mask} is {alpha.shape[1]}x{alpha.shape[0]}, the image "
                              f"{rgba.shape[1]}x{rgba.shape[0]}: they must match")
@@ -82,11 +110,12 @@ def preprocess_image(rgba: np.ndarray, size: int = IMAGE_SIZE, source: str = "th
 
 
 def load_object(path: Union[str, os.PathLike], mask: Optional[Union[str, os.PathLike]] = None,
-                opaque_fix: str = MASK_FIX) -> Tensor:
+                opaque_fix: str = MASK_FIX, setting: str = "image") -> Tensor:
     """An image file's object, preprocessed: ``[3, S, S]``. The alpha is the image's own or
-    ``mask``'s (white = object); errors name the file the problem is in and the fix for it
+    ``mask``'s (white = object); errors name the file the problem is in, the setting it was
+    given as (``setting``: ``image``, or ``priors`` for a prior image; ``mask``) and the fix
     (``opaque_fix``: for an image without transparency and without a mask)."""
-    rgba = load_rgba(path, mask)
+    rgba = load_rgba(path, mask, setting)
     if mask is None:
         return preprocess_image(rgba, source=f"image {path}", opaque_fix=opaque_fix)
     if rgba[..., 3].min() == 255:

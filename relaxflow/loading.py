@@ -6,6 +6,12 @@ Each model is built on the meta device from its json's ``name`` and ``args`` and
 are assigned straight from the safetensors file, cast to the model's dtypes, so a model never
 exists twice in memory. Keys must match exactly; a mismatch lists what is missing
 and what is unexpected.
+
+A damaged file (``pipeline.json`` or a model's json that is no JSON object, a safetensors file
+cut short) is a :class:`PipelineFileError` naming it; a file missing from a local folder is a
+:class:`PipelineFileMissing` naming it (a folder of the user's is not downloaded again; a cached
+snapshot's error names the hub repo to download). :func:`check_pipeline_files` checks every
+file the stages read, headers only, before a job writes anything.
 """
 
 from __future__ import annotations
@@ -14,17 +20,97 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
+from core.errors import UserError
 from guidance.loading import ModelWeightsNotFound, hf_cache_dir, resolve_model_path
 
 from .models import build
 from .sampler import FlowEulerSampler
 
 PIPELINE_FILE = "pipeline.json"
+RECOPY = "re-download or re-copy it"
+
+
+class PipelineFileError(UserError):
+    """A file of a TRELLIS pipeline folder that is damaged, or does not hold what it must;
+    the message names the file and the fix."""
+
+
+class PipelineFileMissing(ModelWeightsNotFound):
+    """A file that ``pipeline.json`` refers to is missing from a local pipeline folder. Unlike
+    :class:`ModelWeightsNotFound`'s, the message suggests no download of the folder (a local
+    path is nothing to download): it names the file to put back."""
+
+    def __init__(self, root: Path, reason: str):
+        self.model_id, self.searched = str(root), ""
+        FileNotFoundError.__init__(
+            self, f"the pipeline folder {root} is incomplete: {reason}; copy that file into it "
+            "again from where the folder came from (the machine it was copied from, or a "
+            "download of the same model)")
+
+
+def _hub_repo(path: Path) -> Optional[str]:
+    """``owner/name`` when ``path`` lies in a Hugging Face cache snapshot
+    (``.../models--owner--name/snapshots/<revision>/...``), else None."""
+    for folder in (path, *path.parents):
+        if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+            return folder.parent.parent.name[len("models--"):].replace("--", "/")
+    return None
+
+
+def _missing(root: Path, reason: str) -> ModelWeightsNotFound:
+    """The error for a file ``pipeline.json`` names that is not there: a cached snapshot's says
+    how to download its repo, a local folder's names the file."""
+    repo = _hub_repo(root)
+    if repo is not None:
+        return ModelWeightsNotFound(repo, hf_cache_dir(),
+                                    f"{reason} (in the cached snapshot {root}: an incomplete "
+                                    "download?)", "model")
+    return PipelineFileMissing(root, reason)
+
+
+_JSON_TYPES = {list: "a list", str: "a string", int: "a number", float: "a number",
+               bool: "true or false", type(None): "null"}
+
+
+def _read_json_object(path: Path) -> Dict[str, Any]:
+    """``path``'s JSON object; a :class:`PipelineFileError` naming it when it is not one."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise PipelineFileError(f"{path} is not a JSON text file (byte {err.start} is not UTF-8 "
+                                f"text): the file is damaged; {RECOPY}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise PipelineFileError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}, "
+                                f"column {err.colno}): the file is damaged or cut short; "
+                                f"{RECOPY}") from None
+    if not isinstance(data, dict):
+        raise PipelineFileError(f"{path} must hold a JSON object ({{...}}), not "
+                                f"{_JSON_TYPES.get(type(data), type(data).__name__)}: the file "
+                                f"is damaged or not the one expected; {RECOPY}")
+    return data
+
+
+def _model_spec(path: Path) -> Dict[str, Any]:
+    """A model's json, ``{"name": ..., "args": {...}}``, checked."""
+    spec = _read_json_object(path)
+    if not isinstance(spec.get("name"), str) or not isinstance(spec.get("args"), dict):
+        raise PipelineFileError(f"{path} must hold the model's \"name\" (text) and \"args\" (an "
+                                f"object), as TRELLIS's checkpoint files do: it is damaged or "
+                                f"not a model file; {RECOPY}")
+    return spec
+
+
+def _damaged_weights(weights: Path, err: Exception) -> PipelineFileError:
+    problem = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return PipelineFileError(f"{weights} is damaged or cut short ({problem}): {RECOPY} (a "
+                             "download or copy that stopped early leaves such a file)")
 
 
 def resolve_pipeline_folder(path_or_repo: Union[str, os.PathLike],
@@ -45,8 +131,7 @@ def _checkpoint_stem(root: Path, ref: str) -> Path:
         repo = "/".join(parts[:2])
         return resolve_model_path(repo, index_file="/".join(parts[2:]) + ".json",
                                   option="model") / "/".join(parts[2:])
-    raise ModelWeightsNotFound(str(root), hf_cache_dir(),
-                               f"the pipeline's checkpoint {local}.json is missing", "model")
+    raise _missing(root, f"the pipeline's checkpoint {local}.json is missing")
 
 
 def key_report(model: nn.Module, keys) -> Optional[str]:
@@ -63,20 +148,30 @@ def key_report(model: nn.Module, keys) -> Optional[str]:
     return f"missing keys {listing(missing)}; unexpected keys {listing(unexpected)}"
 
 
+def _model_files(root: Path, ref: str):
+    """``(stem, its json's spec, its weights file)`` of ``root/ref``; errors name the file that
+    is missing or damaged."""
+    stem = _checkpoint_stem(root, ref)
+    spec = _model_spec(stem.with_suffix(".json"))
+    weights = stem.with_suffix(".safetensors")
+    if not weights.is_file():
+        raise _missing(root, f"the checkpoint weights {weights} are missing")
+    return stem, spec, weights
+
+
 def load_model(root: Union[str, Path], ref: str, device: Union[str, torch.device] = "cpu",
                half_dtype: Optional[torch.dtype] = None) -> nn.Module:
     """Build ``root/ref.json``'s model and load ``root/ref.safetensors`` into it, strictly."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    stem = _checkpoint_stem(Path(root), ref)
-    spec = json.loads(stem.with_suffix(".json").read_text())
-    weights = stem.with_suffix(".safetensors")
-    if not weights.is_file():
-        raise ModelWeightsNotFound(str(root), hf_cache_dir(),
-                                   f"the checkpoint weights {weights} are missing", "model")
+    _, spec, weights = _model_files(Path(root), ref)
     device = torch.device(device)
     model = build(spec["name"], spec["args"], device="meta", half_dtype=half_dtype)
-    state = load_file(str(weights), device=str(device))
+    try:
+        state = load_file(str(weights), device=str(device))
+    except SafetensorError as err:
+        raise _damaged_weights(weights, err) from None
     mismatch = key_report(model, state)
     if mismatch:
         raise ValueError(f"{weights} does not fit {spec['name']}({spec['args']}): {mismatch}")
@@ -176,12 +271,59 @@ def _condition(root: Path, name: str, args: Dict[str, Any]) -> str:
 
 def read_pipeline(path_or_repo: Union[str, os.PathLike]) -> PipelineSpec:
     root = resolve_pipeline_folder(path_or_repo)
-    spec = json.loads((root / PIPELINE_FILE).read_text())
-    args = spec.get("args", spec)
+    path = root / PIPELINE_FILE
+    spec = _read_json_object(path)
+    args = spec.get("args", spec)  # released files nest everything under "args"
     name = spec.get("name", "")
+    models = args.get("models") if isinstance(args, dict) else None
+    if not isinstance(models, dict) or not models or not all(
+            isinstance(v, str) for v in models.values()):
+        raise PipelineFileError(
+            f"{path} names no models: a TRELLIS pipeline.json holds \"args\": {{\"models\": "
+            "{...}} mapping each model to its checkpoint (\"sparse_structure_flow_model\": "
+            f"\"ckpts/...\", ...); the file is damaged or not a TRELLIS pipeline's: {RECOPY}")
+    if not isinstance(name, str):
+        raise PipelineFileError(f"{path}: \"name\" must be text, the pipeline's class name")
     condition = _condition(root, name, args)
-    samplers = {key: sampler_from_spec(args[key])
-                for key in ("sparse_structure_sampler", "slat_sampler") if key in args}
-    return PipelineSpec(root=root, name=name, models=dict(args["models"]), condition=condition,
+    samplers = {}
+    for key in ("sparse_structure_sampler", "slat_sampler"):
+        if key in args:
+            try:
+                samplers[key] = sampler_from_spec(args[key])
+            except (KeyError, TypeError, AttributeError) as err:
+                raise PipelineFileError(f"{path}: {key} is not a sampler entry "
+                                        f"({{\"name\", \"args\", \"params\"}}; "
+                                        f"{type(err).__name__}: {err})") from None
+    return PipelineSpec(root=root, name=name, models=dict(models), condition=condition,
                         samplers=samplers, slat_normalization=args.get("slat_normalization"),
                         cond_model=args.get(f"{condition}_cond_model"))
+
+
+def check_pipeline_files(path_or_repo: Union[str, os.PathLike],
+                         keys: Optional[Sequence[str]] = None) -> PipelineSpec:
+    """Check, before anything runs or is written, every file the pipeline's stages read:
+    ``pipeline.json``, and each model's json and safetensors *header* (cheap: no weights are
+    read, but a file cut short anywhere is found, its size not fitting the header). ``keys``:
+    the models to check, by default those :data:`relaxflow.pipeline.STAGES` use. Returns the
+    pipeline's spec; raises what loading the stages would, naming the file: a
+    :class:`PipelineFileError` for a damaged file, a :class:`PipelineFileMissing` (a local
+    folder) or :class:`ModelWeightsNotFound` (a cached snapshot) for a missing one."""
+    from safetensors import SafetensorError, safe_open
+
+    spec = read_pipeline(path_or_repo)
+    if keys is None:
+        from .pipeline import STAGES
+
+        keys = [key for stage in STAGES.values() for key in stage]
+    for key in keys:
+        if key not in spec.models:
+            raise PipelineFileError(f"{spec.root / PIPELINE_FILE} names no '{key}' model (a "
+                                    "stage needs it): the file is damaged or not a complete "
+                                    f"TRELLIS pipeline's; {RECOPY}")
+        _, _, weights = _model_files(spec.root, spec.models[key])
+        try:
+            with safe_open(str(weights), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            raise _damaged_weights(weights, err) from None
+    return spec
