@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, fields
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -59,26 +59,82 @@ def config_from_kwargs(config_cls, model_id, overrides: dict):
     return config_cls(**overrides)
 
 
+def fp32_module_names(module: torch.nn.Module, dtype: torch.dtype) -> Tuple[str, ...]:
+    """Names of the submodules that ``module``'s library keeps in float32 when the rest of it is
+    in ``dtype``: transformers' and diffusers' ``_keep_in_fp32_modules`` for float16 (T5's
+    ``wo`` layers, whose outputs overflow float16), and transformers'
+    ``_keep_in_fp32_modules_strict`` for float16 and bfloat16."""
+    names = []
+    if dtype == torch.float16:
+        names += list(getattr(module, "_keep_in_fp32_modules", None) or ())
+    if dtype in (torch.float16, torch.bfloat16):
+        names += list(getattr(module, "_keep_in_fp32_modules_strict", None) or ())
+    return tuple(dict.fromkeys(names))
+
+
+def _kept(name: str, keep: Sequence[str]) -> bool:
+    """Whether the tensor ``name`` (dotted) lies in one of the ``keep`` submodules (each a dotted
+    name matched as whole components, as transformers matches them)."""
+    dotted = f".{name}."
+    return any(f".{k}." in dotted for k in keep)
+
+
+def _target_dtypes(module: torch.nn.Module, dtype: torch.dtype):
+    """``(owner module, "_parameters" or "_buffers", attribute name, tensor, target dtype)`` for
+    each floating parameter and buffer."""
+    keep = fp32_module_names(module, dtype)
+    for name, sub in module.named_modules():
+        for kind in ("_parameters", "_buffers"):
+            for attr, tensor in getattr(sub, kind).items():
+                if tensor is None or not tensor.is_floating_point():
+                    continue
+                full = f"{name}.{attr}" if name else attr
+                yield sub, kind, attr, tensor, torch.float32 if _kept(full, keep) else dtype
+
+
 def freeze(module: Optional[torch.nn.Module], device, dtype) -> Optional[torch.nn.Module]:
-    """The module on ``device`` in ``dtype``, in eval mode, with no parameter requiring grad."""
+    """The module on ``device`` in ``dtype``, in eval mode, with no parameter requiring grad.
+
+    Submodules the model's library keeps in float32 (:func:`fp32_module_names`, e.g. T5's ``wo``
+    in float16) stay in (or go back to) float32, as ``from_pretrained(torch_dtype=...)`` leaves
+    them; the models' forwards cast their inputs to those layers' dtype."""
     if module is None:
         return None
-    # Cast only when needed: diffusers warns about any .to(dtype) on loaded models.
-    if any(p.dtype != dtype for p in module.parameters() if p.is_floating_point()):
-        module.to(dtype=dtype)
+    targets = list(_target_dtypes(module, dtype))
+    # Cast only when a parameter needs it (diffusers warns about any .to(dtype) on loaded
+    # models); buffers computed at construction (positional tables) are left as loaded.
+    if any(t.dtype != want for _, kind, _, t, want in targets if kind == "_parameters"):
+        if all(want == dtype for *_, want in targets):
+            module.to(dtype=dtype)
+        else:
+            for sub, kind, attr, tensor, want in targets:
+                if tensor.dtype != want:
+                    if kind == "_parameters":
+                        tensor.data = tensor.data.to(want)
+                    else:
+                        sub._buffers[attr] = tensor.to(want)
     module.to(device=device)
     module.eval()
     module.requires_grad_(False)
     return module
 
 
+def token_count(tokenizer, text: str) -> int:
+    """Tokens of ``text`` with the tokenizer's special tokens (CLIP's BOS/EOS, T5's EOS)."""
+    return len(tokenizer(text, truncation=False, verbose=False).input_ids)
+
+
 def warn_truncated(tokenizer, texts: Sequence[str], limit: int, what: str) -> None:
     """Log one warning per text whose token count (with BOS/EOS) exceeds ``limit``."""
     for text in texts:
-        n = len(tokenizer(text, truncation=False, verbose=False).input_ids)
+        n = token_count(tokenizer, text)
         if n > limit:
             logger.warning("prompt %r is %d tokens long and is truncated to %d tokens, the "
                            "limit of %s", text, n, limit, what)
+
+
+# (what, tokenizer, limit): one text encoder's token window.
+TextWindow = Tuple[str, object, int]
 
 
 class LatentDiffusersGuidance(Guidance):
@@ -141,6 +197,18 @@ class LatentDiffusersGuidance(Guidance):
 
     def _text_settings(self) -> str:
         return ""
+
+    def text_windows(self) -> List[TextWindow]:
+        """``(what, tokenizer, limit)`` for each text encoder: its tokenizer cuts a text after
+        ``limit`` tokens (with its special tokens). The prompt processor trims long prompts so
+        that the view suffix stays inside every window
+        (:func:`guidance.prompts.fit_view_prompt`)."""
+        raise NotImplementedError
+
+    def warn_truncated(self, texts: Sequence[str]) -> None:
+        """One warning for each text and window that cuts it."""
+        for what, tokenizer, limit in self.text_windows():
+            warn_truncated(tokenizer, texts, limit, what)
 
     def text_fingerprint(self) -> str:
         """Model id, encoding settings, and exact digests of every text encoder's weights and

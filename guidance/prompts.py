@@ -5,7 +5,10 @@ front): ``overhead`` when ``elevation > overhead_threshold``, else ``front`` whe
 ``|azimuth| < front_threshold``, ``back`` when ``|azimuth| > 180 - back_threshold``, ``side``
 otherwise; with ``split_sides``, ``side`` becomes ``left side`` (azimuth > 0: the camera on the
 object's left, +y) and ``right side``. With ``view_dependent`` on, the direction's suffix is
-appended to the prompt ("a mug" -> "a mug, side view"). Embeddings are computed once per text
+appended to the prompt ("a mug" -> "a mug, side view"). A text encoder reads a fixed window of
+tokens (CLIP: 77) and cuts what follows, so for a guidance model that names its windows
+(``text_windows``) a prompt too long to keep the suffixes inside them is cut at its end first,
+token-aware, at a word boundary (:func:`fit_view_prompt`), with one warning. Embeddings are computed once per text
 and cached on disk under ``cache_dir`` keyed by the model's text fingerprint and the text, so a
 changed model or text re-encodes and an unchanged one loads from disk.
 """
@@ -13,9 +16,11 @@ changed model or text re-encodes and an unchanged one loads from disk.
 from __future__ import annotations
 
 import hashlib
+import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -23,6 +28,11 @@ from torch import Tensor
 from core.runtime import atomic_write, cache_root
 
 from .base import Condition, Guidance, select
+from .latent import token_count
+
+logger = logging.getLogger(__name__)
+# Left at the end of a cut prompt before its suffix is appended ("a b," + ", front view").
+_CUT_STRIP = " \t\n,;:"
 
 def default_cache_dir() -> Path:
     return cache_root() / "text_embeddings"
@@ -70,6 +80,54 @@ def view_directions(elevation: Tensor, azimuth: Tensor, cfg: PromptConfig) -> Te
     return direction
 
 
+def _longest(candidates: Sequence[int], fits: Callable[[int], bool]) -> Optional[int]:
+    """The largest candidate (ascending list) that fits, by bisection (fitting is monotone: a
+    shorter start of a text has no more tokens); None when none fits."""
+    lo, hi = 0, len(candidates)  # candidates[:lo] fit, candidates[hi:] do not
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fits(candidates[mid]):
+            lo = mid + 1
+        else:
+            hi = mid
+    return candidates[lo - 1] if lo else None
+
+
+def fit_view_prompt(prompt: str, suffixes: Sequence[str], windows) -> Tuple[str, Optional[str]]:
+    """The start of ``prompt`` that keeps ``prompt + suffix`` inside every window for every
+    suffix, and a warning message (None when ``prompt`` fits as it is).
+
+    ``windows``: ``(what, tokenizer, limit)`` per text encoder (the guidance model's
+    ``text_windows()``): the tokenizer's count with its special tokens must be at most ``limit``.
+    The prompt is cut after its last word that fits (after a character, when not even the first
+    word fits), and the punctuation and spaces left at the cut are dropped. One start serves
+    every view, so the views differ in their suffixes alone. When a suffix does not fit even
+    after an empty prompt the prompt is returned whole (the tokenizer cuts it as before)."""
+    def fits_all(base: str) -> bool:
+        return all(token_count(tok, base + s) <= limit for s in suffixes for _, tok, limit in windows)
+
+    if not windows or not suffixes or fits_all(prompt):
+        return prompt, None
+
+    def counts(base: str) -> str:
+        return "; ".join(f"{max(token_count(tok, base + s) for s in suffixes)} tokens for {what} "
+                         f"(limit {limit})" for what, tok, limit in windows)
+
+    if not fits_all(""):
+        return prompt, (f"the view suffixes {list(suffixes)} do not fit the text encoders' "
+                        f"windows even without the prompt ({counts('')}); the prompt {prompt!r} "
+                        "is left whole and cut by the tokenizer, suffix included")
+    ends = [m.end() for m in re.finditer(r"\S+", prompt)]
+    cut = _longest(ends, lambda e: fits_all(prompt[:e].rstrip(_CUT_STRIP)))
+    if cut is None:  # not even the first word fits: cut inside it
+        cut = _longest(list(range(1, ends[0] if ends else 1)),
+                       lambda e: fits_all(prompt[:e].rstrip(_CUT_STRIP))) or 0
+    base = prompt[:cut].rstrip(_CUT_STRIP)
+    return base, (f"the prompt with its longest view suffix is too long: {counts(prompt)}. Its "
+                  f"end {prompt[len(base):].strip()!r} is cut ({counts(base)} now), so that "
+                  f"every view keeps its suffix; the prompt read is {base!r}")
+
+
 class PromptProcessor:
     """Per-view condition and negative condition for one prompt and one guidance model."""
 
@@ -78,7 +136,16 @@ class PromptProcessor:
         self.guidance = guidance
         self.cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
         suffixes = cfg.suffixes()
-        self.texts = ([cfg.prompt + s for s in suffixes] if cfg.view_dependent
+        self.prompt = cfg.prompt
+        if cfg.view_dependent:
+            # Models with a token window (the diffusers priors) name it; others (the embedded
+            # prior) read the whole text.
+            windows = getattr(guidance, "text_windows", None)
+            if windows is not None:
+                self.prompt, message = fit_view_prompt(cfg.prompt, suffixes, windows())
+                if message:
+                    logger.warning(message)
+        self.texts = ([self.prompt + s for s in suffixes] if cfg.view_dependent
                       else [cfg.prompt] * len(suffixes))
         encoded = self.encode([*self.texts, cfg.negative_prompt])
         self.cond = select(encoded, torch.arange(len(suffixes)))

@@ -17,8 +17,7 @@ from torch import Tensor
 from core.devices import model_dtype
 
 from .base import Condition
-from .latent import (LatentDiffusersGuidance, LatentModelConfig, config_from_kwargs, freeze,
-                     warn_truncated)
+from .latent import LatentDiffusersGuidance, LatentModelConfig, config_from_kwargs, freeze
 from .loading import load_pipeline
 from .schedules import DiscreteVPSchedule
 
@@ -86,13 +85,18 @@ class StableDiffusionGuidance(LatentDiffusersGuidance):
     def _tokenizers(self):
         return {"tokenizer": self.tokenizer}
 
+    def text_windows(self):
+        if self.tokenizer is None:
+            return []
+        return [("the CLIP text encoder", self.tokenizer, self.tokenizer.model_max_length)]
+
     @torch.no_grad()
     def encode_text(self, texts: List[str]) -> Condition:
         if self.tokenizer is None or self.text_encoder is None:
             raise RuntimeError("this StableDiffusionGuidance was built without a text encoder")
         texts = list(texts)
         limit = self.tokenizer.model_max_length
-        warn_truncated(self.tokenizer, texts, limit, "the CLIP text encoder")
+        self.warn_truncated(texts)
         tokens = self.tokenizer(texts, padding="max_length", max_length=limit, truncation=True,
                                 return_tensors="pt")
         mask = None

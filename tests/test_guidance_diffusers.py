@@ -18,11 +18,14 @@ from guidance.flow_matching import FlowMatchingConfig, FlowMatchingGuidance
 from core.devices import model_dtype
 from guidance.loading import ModelWeightsNotFound, resolve_model_path
 from guidance.parameterization import eps_from_prediction, x0_from_eps
-from guidance.prompts import PromptConfig, PromptProcessor
+from guidance.base import Guidance
+from guidance.latent import fp32_module_names, freeze, token_count
+from guidance.prompts import PromptConfig, PromptProcessor, fit_view_prompt
 from guidance.schedules import DiscreteVPSchedule, FlowMatchingSchedule
 from guidance.stable_diffusion import StableDiffusionConfig, StableDiffusionGuidance
 
-from .tiny_models import build_tiny_sd, build_tiny_sd3, make_tokenizer
+from .tiny_models import (build_tiny_sd, build_tiny_sd3, build_tiny_sd3_t5,
+                          build_tiny_t5_encoder, make_tokenizer)
 
 RES = 16  # renders are resized to 16 px; the tiny VAEs downsample by 2 -> 8x8 latents
 
@@ -363,7 +366,8 @@ def test_tokenizer_digest_of_a_python_tokenizer():
 def test_long_prompt_is_truncated_with_warning(sd, tmp_path, caplog):
     long_prompt = " ".join(["teapot"] * 20)  # 7 tokens per word with the tiny byte vocabulary
     with caplog.at_level(logging.WARNING, logger="guidance"):
-        PromptProcessor(PromptConfig(prompt=long_prompt, cache_dir=str(tmp_path)), sd)
+        PromptProcessor(PromptConfig(prompt=long_prompt, view_dependent=False,
+                                     cache_dir=str(tmp_path)), sd)
     messages = [r.getMessage() for r in caplog.records if r.name.startswith("guidance")]
     assert any(long_prompt in m and "77" in m for m in messages), messages
     # Everything past the limit is dropped: the encoding equals that of a longer prompt.
@@ -470,3 +474,189 @@ def test_model_dtype_choice():
     assert model_dtype("cpu", True) == torch.float32
     assert model_dtype("cuda", True) == torch.float16
     assert model_dtype("cuda:0", False) == torch.float32
+
+
+# -- issue 23: T5's float32 layers, view suffixes of long prompts, the flow gradient's form -------
+def _long_prompt(tokenizer, n_tokens):
+    """Words of a real-looking prompt, repeated until the text is ``n_tokens`` tokens or more
+    (the tiny tokenizer: one token per character, plus BOS and EOS)."""
+    words = ("a DSLR photo of a ceramic mug with a handle, glazed, studio light, highly "
+             "detailed").split()
+    out = []
+    while token_count(tokenizer, " ".join(out)) < n_tokens:
+        out.append(words[len(out) % len(words)])
+    return " ".join(out)
+
+
+def test_long_prompt_keeps_its_view_suffix(sd, tmp_path, caplog):
+    prompt = _long_prompt(sd.tokenizer, 89)
+    assert token_count(sd.tokenizer, prompt) >= 89
+    # What happened before: the suffix falls outside CLIP's 77 tokens, front == back.
+    old = sd.encode_text([prompt + ", front view", prompt + ", back view"])
+    assert torch.equal(old["encoder_hidden_states"][0], old["encoder_hidden_states"][1])
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="guidance"):
+        pp = PromptProcessor(PromptConfig(prompt=prompt, cache_dir=str(tmp_path)), sd)
+    records = [r for r in caplog.records if r.name.startswith("guidance")]
+    assert len(records) == 1 and records[0].name == "guidance.prompts", records  # warned once
+    message = records[0].getMessage()
+    longest = max(token_count(sd.tokenizer, prompt + s) for s in PromptConfig().suffixes())
+    assert f"{longest} tokens for the CLIP text encoder (limit 77)" in message, message
+    # One start of the prompt, cut at a word, for every view; each text fits the window, and
+    # the next word would not have.
+    base = pp.prompt
+    assert prompt.startswith(base) and prompt[len(base)] == " " and len(base) > 40
+    assert [t[len(base):] for t in pp.texts] == list(PromptConfig().suffixes())
+    assert max(token_count(sd.tokenizer, t) for t in pp.texts) <= 77
+    longer = prompt[: prompt.index(" ", len(base) + 1)] if " " in prompt[len(base) + 1:] else prompt
+    assert max(token_count(sd.tokenizer, longer + s) for s in PromptConfig().suffixes()) > 77
+    states = pp.cond["encoder_hidden_states"]
+    for i in range(1, states.shape[0]):
+        assert not torch.equal(states[0], states[i])  # the views differ again
+    # A short prompt is not touched.
+    short = PromptProcessor(PromptConfig(prompt="a mug", cache_dir=str(tmp_path)), sd)
+    assert short.texts == ["a mug" + s for s in PromptConfig().suffixes()]
+
+
+def test_fit_view_prompt_cases(tmp_path):
+    tok = make_tokenizer(tmp_path / "tok")
+    window = [("the test encoder", tok, 20)]
+    assert fit_view_prompt("a mug", [", v"], window) == ("a mug", None)
+    # cut after the last fitting word, dropping the comma left at the cut: 2 + 2 + 13 tokens
+    base, msg = fit_view_prompt("ab cd, efg, hijkl, mn", [", v"], window)
+    assert base == "ab cd, efg, hijkl" and "', mn'" in msg and "21 tokens" in msg
+    assert token_count(tok, base + ", v") <= 20
+    # a first word longer than the window is cut inside it
+    base, msg = fit_view_prompt("abcdefghijklmnopqrstuvwxyz", [", v"], window)
+    assert base == "abcdefghijklmnop" and token_count(tok, base + ", v") == 20
+    # the tighter of two windows (e.g. T5's max_sequence_length) decides
+    base, _ = fit_view_prompt("ab cd, efg, hijkl, mn", [", v"], window + [("T5", tok, 12)])
+    assert base == "ab cd, efg"
+    # every suffix must fit: the longest one decides
+    base, _ = fit_view_prompt("ab cd, efg, hijkl, mn", [", v", ", vvvvvv"], window)
+    assert base == "ab cd, efg"
+    # a suffix too long for the window even alone: the prompt is left whole, with the reason
+    prompt = "ab cd"
+    base, msg = fit_view_prompt(prompt, [", " + "v" * 30], window)
+    assert base == prompt and "even without the prompt" in msg
+
+
+def test_prompts_of_models_without_a_token_window_are_untouched(tmp_path):
+    """The embedded prior has no tokenizer (no ``text_windows``): its texts are the prompt and
+    suffix as before, however long."""
+    from guidance.embedded import ClosedFormPrior
+
+    assert not hasattr(ClosedFormPrior, "text_windows")
+    seen = []
+
+    class Stub:
+        device = torch.device("cpu")
+
+        def text_fingerprint(self):
+            return "stub"
+
+        def encode_text(self, texts):
+            seen.extend(texts)
+            return {"ids": torch.arange(len(texts))}
+
+    prompt = "word " * 200
+    pp = PromptProcessor(PromptConfig(prompt=prompt, use_cache=False), Stub())
+    assert pp.texts == [prompt + s for s in PromptConfig().suffixes()]
+    assert sorted(seen) == sorted(pp.texts + [""])
+
+
+def _block_dtypes(model):
+    ff = model.encoder.block[0].layer[1].DenseReluDense
+    return ff.wo.weight.dtype, ff.wi_0.weight.dtype, model.shared.weight.dtype
+
+
+def test_freeze_keeps_t5_wo_layers_in_float32(tmp_path):
+    """transformers keeps T5's ``wo`` in float32 under float16 (``_keep_in_fp32_modules``): its
+    outputs overflow float16. ``freeze`` must leave them there (it used to cast the whole
+    module), and the embeddings then match float32 within float16 rounding even when ``wo``'s
+    outputs are large; the fully-float16 model's are far off. float16 runs on CPU here (tiny
+    matmuls: slow kernels, but supported)."""
+    from transformers import T5EncoderModel
+
+    folder = build_tiny_t5_encoder(tmp_path / "t5", wo_scale=3e4)
+    assert fp32_module_names(T5EncoderModel, torch.float16) == ("wo",)
+    assert fp32_module_names(T5EncoderModel, torch.bfloat16) == ()
+    ids = torch.randint(2, 500, (2, 20), generator=torch.Generator().manual_seed(0))
+    ref = T5EncoderModel.from_pretrained(folder)(ids)[0]
+
+    loaded16 = T5EncoderModel.from_pretrained(folder, dtype=torch.float16)
+    assert _block_dtypes(loaded16)[:2] == (torch.float32, torch.float16)
+    for model in (loaded16, T5EncoderModel.from_pretrained(folder)):  # loaded in 16 or 32 bits
+        frozen = freeze(model, "cpu", torch.float16)
+        assert _block_dtypes(frozen) == (torch.float32, torch.float16, torch.float16)
+        assert not any(p.requires_grad for p in frozen.parameters()) and not frozen.training
+        out = frozen(ids)[0].float()
+        assert ((out - ref).abs().max() / ref.abs().max()) < 1e-2
+    whole16 = T5EncoderModel.from_pretrained(folder).to(torch.float16)(ids)[0].float()
+    assert ((whole16 - ref).abs().max() / ref.abs().max()) > 0.1  # what freeze used to give
+    # float32 and bfloat16 (no overflow there) cast everything, as before
+    assert set(_block_dtypes(freeze(T5EncoderModel.from_pretrained(folder, dtype=torch.float16),
+                                    "cpu", torch.float32))) == {torch.float32}
+    assert set(_block_dtypes(freeze(T5EncoderModel.from_pretrained(folder), "cpu",
+                                    torch.bfloat16))) == {torch.bfloat16}
+
+
+def test_sd3_with_t5_in_float16_keeps_wo_in_float32(tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    folder = build_tiny_sd3_t5(tmp_path / "sd3-t5", seed=3)
+    ref = FlowMatchingGuidance.from_pretrained(str(folder), device="cpu", resolution=RES)
+    pipe16 = StableDiffusion3Pipeline.from_pretrained(str(folder), dtype=torch.float16)
+    g16 = FlowMatchingGuidance(pipe16, ref.cfg, device="cpu", dtype=torch.float16)
+    t5 = g16.pipe.text_encoder_3
+    assert _block_dtypes(t5) == (torch.float32, torch.float16, torch.float16)
+    assert g16.transformer.dtype == torch.float16
+    a, b = ref.encode_text(["a red mug", ""]), g16.encode_text(["a red mug", ""])
+    for key in a:
+        assert a[key].shape == b[key].shape
+        assert ((a[key] - b[key]).abs().max() / a[key].abs().max()) < 1e-2, key
+    # T5's window is the config's max_sequence_length, and trimming honours it.
+    assert [w[2] for w in g16.text_windows()] == [77, 77]
+    short = FlowMatchingGuidance(pipe16, FlowMatchingConfig(
+        model_id=str(folder), resolution=RES, max_sequence_length=40), "cpu", torch.float16)
+    pp = PromptProcessor(PromptConfig(prompt=_long_prompt(short.pipe.tokenizer, 60),
+                                      use_cache=False), short)
+    assert max(token_count(short.pipe.tokenizer_3, t) for t in pp.texts) <= 40
+
+
+@pytest.mark.parametrize("t", [0.3, 0.98, 0.995])
+def test_flow_gradient_form_equals_the_eps_form_and_is_better_conditioned(sd3, t, monkeypatch):
+    """``s (x_0 + u - noise)`` against ``s / a (eps - noise)``: equal to float32 rounding, and
+    near t = 1 closer to the float64 value (the eps form cancels ``x_t - noise``)."""
+    B = 2
+    z0 = torch.randn(B, 16, 8, 8, generator=torch.Generator().manual_seed(3))
+    noise = torch.randn(B, 16, 8, 8, generator=torch.Generator().manual_seed(4))
+    cond, uncond = _conds(sd3)
+    views = _views([0.0, 10.0], [0.0, 90.0])
+
+    def gradient(call):
+        z = z0.clone().requires_grad_()
+        monkeypatch.setattr(sd3, "encode", lambda rgb: z)
+        call(sd3, torch.zeros(B, RES, RES, 3), views, lambda el, az: (cond, uncond), t,
+             noise)["loss_sds"].backward()
+        return z.grad.double()
+
+    new, old = gradient(FlowMatchingGuidance.__call__), gradient(Guidance.__call__)
+    tt = torch.full((B,), t, dtype=torch.float64)
+    x_t = sd3.schedule.add_noise(z0, noise, tt)
+    u = sd3.predict_velocity(x_t, tt, cond, uncond).double()
+    s = sd3.schedule.sigma(tt).reshape(-1, 1, 1, 1)
+    ref = s * (z0.double() + u - noise.double())
+    # predict_eps is x_t + a u
+    a = sd3.schedule.alpha(tt).reshape(-1, 1, 1, 1)
+    eps = sd3.predict_eps(x_t, tt, cond, uncond)
+    assert torch.allclose(eps.double(), x_t.double() + a * u, atol=1e-5)
+
+    def err(g):
+        return ((g - ref).norm() / ref.norm()).item()
+
+    assert err(new) < 2e-6  # float32 rounding of the inputs and of z - (z - g)
+    assert torch.allclose(new, old, rtol=0, atol=1e-3 * ref.abs().max().item())
+    if t >= 0.98:
+        assert err(old) > 10 * err(new), (err(old), err(new))

@@ -159,3 +159,52 @@ def build_tiny_clip_text(folder: Union[str, Path], seed: int = 0) -> Path:
     tokenizer.save_pretrained(str(folder))
     CLIPTextModel(_clip_config(tokenizer)).save_pretrained(str(folder))
     return Path(folder)
+
+
+def _t5_config(vocab_size: int, d_model: int = TEXT_HIDDEN):
+    from transformers import T5Config
+
+    return T5Config(vocab_size=vocab_size, d_model=d_model, d_kv=8, d_ff=64, num_layers=2,
+                    num_heads=4, relative_attention_num_buckets=8, dropout_rate=0.0,
+                    feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False,
+                    pad_token_id=0, eos_token_id=1)
+
+
+def build_tiny_t5_encoder(folder: Union[str, Path], seed: int = 0,
+                          wo_scale: float = 1.0) -> Path:
+    """A T5EncoderModel (gated-gelu, as T5 v1.1 / T5-XXL) with its CLIP-style byte tokenizer,
+    saved together in float32. ``wo_scale`` multiplies the feed-forward output layers (``wo``,
+    which transformers keeps in float32 under float16) to make their outputs large."""
+    from transformers import T5EncoderModel
+
+    folder = Path(folder)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        tokenizer = make_tokenizer(folder)
+        model = T5EncoderModel(_t5_config(len(tokenizer)))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("wo.weight"):
+                    p.mul_(wo_scale)
+    tokenizer.save_pretrained(str(folder))
+    model.save_pretrained(str(folder))
+    return folder
+
+
+def build_tiny_sd3_t5(folder: Union[str, Path], seed: int = 0, shift: float = 3.0) -> Path:
+    """:func:`build_tiny_sd3` with a third, T5 text encoder (``text_encoder_3``; its tokenizer is
+    the byte-level CLIP one, which the pipeline only asks for ids) of the transformer's
+    joint-attention width."""
+    from diffusers import StableDiffusion3Pipeline
+    from transformers import T5EncoderModel
+
+    folder = Path(folder)
+    build_tiny_sd3(folder, seed=seed, shift=shift)
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(folder), text_encoder_3=None,
+                                                    tokenizer_3=None)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed + 1)
+        t5 = T5EncoderModel(_t5_config(len(pipe.tokenizer), d_model=2 * TEXT_HIDDEN))
+    pipe.register_modules(text_encoder_3=t5, tokenizer_3=pipe.tokenizer)
+    pipe.save_pretrained(str(folder))
+    return folder
