@@ -205,6 +205,13 @@ def test_shared_parts_are_built_by_the_same_builder(monkeypatch):
         assert len(seat_parts) == 1 and seat_parts[0].kind in ("box", "cylinder")
 
 
+def test_the_docstring_table_is_shared_parts():
+    lines = C.__doc__.split("Shared parts")[1].splitlines()
+    rules = [i for i, line in enumerate(lines) if line.startswith("==========")]
+    rows = [line.split(None, 1) for line in lines[rules[1] + 1: rules[2]]]
+    assert {role: names.split(", ") for role, names in rows} == C.SHARED_PARTS
+
+
 def test_train_and_held_out_seeds_are_disjoint():
     train, held = C.train_seeds(1000), C.held_out_seeds(1000)
     assert not set(train) & set(held) and len(set(held)) == 1000

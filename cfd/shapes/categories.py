@@ -43,8 +43,8 @@ handle      mug, cup, vase, umbrella
 drum        cup, vase, lamp, lighthouse, snowman
 ball        vase, mushroom, tree, umbrella, snowman
 stem        mushroom, lamp, tree, umbrella
-cap         mushroom, lamp, tree, umbrella, barn
-tall_body   rocket, lighthouse, tower, barn
+cap         barn, mushroom, lamp, tree, umbrella
+tall_body   barn, rocket, lighthouse, tower
 spire       rocket, lighthouse, tower
 walls       house, barn
 gable_roof  house, barn
@@ -810,7 +810,7 @@ def render_views(obj: ShapeObject, n_views: int, resolution: int, seed: int,
     Returns ``(rgba [V, H, W, 4] in [0, 1], cameras)``: RGB composited over the background,
     alpha the splats' coverage.
     """
-    cfg = ShapeDatasetConfig(views_per_object=n_views, resolution=resolution, seed=seed)
+    cfg = ShapeDatasetConfig(resolution=resolution)
     cameras = dataset_cameras(cfg, n_views, torch.Generator().manual_seed(seed))
     splats = object_splats(obj)
     rgba = []
