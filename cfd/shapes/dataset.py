@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from core.runtime import cache_root, share_as_created
 
-from ..cameras import sample_orbit_cameras
+from ..cameras import Cameras, sample_orbit_cameras
 from ..renderers import render
 from .world import SHAPE_WORLD, object_splats, prompts
 
@@ -140,6 +140,14 @@ def _build_lock(out_dir: Path) -> Iterator[None]:
         os.close(lock)
 
 
+def dataset_cameras(cfg: ShapeDatasetConfig, n: int, generator: torch.Generator) -> Cameras:
+    """``n`` cameras drawn from the settings' orbit ranges, ``cfg.resolution`` pixels square:
+    the views of the dataset (and of ``categories.render_views``)."""
+    return sample_orbit_cameras(n, cfg.resolution, cfg.resolution, cfg.elevation_range,
+                                cfg.azimuth_range, cfg.distance_range, cfg.fov_range,
+                                generator=generator)
+
+
 @torch.no_grad()
 def _render_and_publish(cfg: ShapeDatasetConfig, out_dir: Path, batch: int) -> None:
     """Render every object of the shape world as ``cfg`` says and publish it at ``out_dir``."""
@@ -154,9 +162,7 @@ def _render_and_publish(cfg: ShapeDatasetConfig, out_dir: Path, batch: int) -> N
     bar = tqdm(total=len(SHAPE_WORLD) * n, desc="rendering the shape world", unit="view")
     for obj_index, obj in enumerate(SHAPE_WORLD):
         splats = object_splats(obj)
-        cams = sample_orbit_cameras(n, cfg.resolution, cfg.resolution, cfg.elevation_range,
-                                    cfg.azimuth_range, cfg.distance_range, cfg.fov_range,
-                                    generator=gen)
+        cams = dataset_cameras(cfg, n, gen)
         for i in range(0, n, batch):
             part = cams[i : i + batch]
             out = render(splats, part, background=cfg.background)
