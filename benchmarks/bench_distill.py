@@ -29,7 +29,7 @@ from cfd.config import load_config  # noqa: E402
 from cfd.renderers import render  # noqa: E402
 from cfd.scene import Splats  # noqa: E402
 from cfd.shapes import objects_for, prompts  # noqa: E402
-from cfd.systems.distill import DistillConfig, run  # noqa: E402
+from jobs.distill import DistillConfig, run  # noqa: E402
 from core.runtime import tune_malloc  # noqa: E402
 
 CONFIGS = {"cfd": ROOT / "configs" / "cfd-splats-embedded.yaml",

@@ -26,7 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cfd.config import load_config  # noqa: E402
-from cfd.systems.distill import DistillConfig, Distillation  # noqa: E402
+from cfd.config import to_object  # noqa: E402
+from cfd.systems.distill import Distillation  # noqa: E402
+from jobs.distill import DistillConfig  # noqa: E402
 from core.runtime import tune_malloc  # noqa: E402
 
 
@@ -43,7 +45,7 @@ def main() -> None:
     args = parser.parse_args()
     tune_malloc()
     cfg = load_config(DistillConfig, Path(args.config), args.overrides)
-    system = Distillation(cfg)
+    system = Distillation(to_object(cfg))
     c, dev, g = system.cfg, system.device, system.guidance
     phases = {k: [] for k in ("render", "noise", "encode", "guidance", "backward", "optimizer",
                               "floor")}
@@ -56,7 +58,8 @@ def main() -> None:
             return time.perf_counter()
 
         t0 = time.perf_counter()
-        system.update_occupancy()  # a NeRF's grid refreshes on the step count, as in training
+        # a NeRF's grid refreshes on the step count, as in training
+        system.scene.before_render(system.step, system.generator)
         system.step += 1
         cams = c.camera.sample(c.batch_size, c.resolution, system.generator, dev)
         out, background = system.render_views(cams)
@@ -74,9 +77,8 @@ def main() -> None:
         t0 = mark("guidance", t0)
         (0.5 * ((latents - target) ** 2).sum()).backward()
         t0 = mark("backward", t0)
-        for opt in system.optimizers.values():
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        system.scene.step()
+        system.scene.zero_grad()
         t0 = mark("optimizer", t0)
         rgb = out.rgb.detach().requires_grad_()
         latents = g.encode(rgb)
@@ -90,8 +92,8 @@ def main() -> None:
     medians = {k: statistics.median(v) for k, v in phases.items()}
     floor = medians.pop("floor")
     total = sum(medians.values())
-    print(f"device={dev} guidance={c.guidance.kind} batch={c.batch_size} res={c.resolution} "
-          f"scene={c.scene} noise={c.noise.mode} steps={args.steps}")
+    print(f"device={dev} guidance={c.guidance.kind.value} batch={c.batch_size} res={c.resolution} "
+          f"scene={c.scene.value} noise={c.noise.mode} steps={args.steps}")
     print("| phase | median s | share |")
     print("|---|---|---|")
     for k, v in medians.items():

@@ -24,6 +24,7 @@ Loss contract (as threestudio): ``guidance(rgb, views, prompt, t, noise)`` retur
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from enum import Enum
 from typing import Dict, List, Optional, Tuple, Union
 
 import torch
@@ -33,7 +34,13 @@ from .parameterization import eps_from_prediction
 from .schedules import NoiseSchedule
 
 Condition = Dict[str, Tensor]
-WEIGHTINGS = ("sigma_over_alpha", "uniform", "sds")
+class Weighting(Enum):
+    """``w(t)`` of the distillation gradient (:meth:`Guidance.weight`)."""
+
+    sigma_over_alpha = "sigma_over_alpha"  # CFD's official choice
+    uniform = "uniform"
+    sds = "sds"  # sigma^2, DreamFusion's
+
 
 
 def select(cond: Condition, index: Tensor) -> Condition:
@@ -52,11 +59,10 @@ class Guidance(ABC):
     model_id: str
     device: torch.device
 
-    def __init__(self, guidance_scale: float = 7.5, weighting: str = "sigma_over_alpha"):
-        if weighting not in WEIGHTINGS:
-            raise ValueError(f"unknown weighting {weighting!r}; expected one of {WEIGHTINGS}")
+    def __init__(self, guidance_scale: float = 7.5,
+                 weighting: Union[Weighting, str] = Weighting.sigma_over_alpha):
         self.guidance_scale = float(guidance_scale)
-        self.weighting = weighting
+        self.weighting = Weighting(weighting)
 
     # -- what subclasses provide -----------------------------------------------------------
     @abstractmethod
@@ -100,10 +106,10 @@ class Guidance(ABC):
 
     def weight(self, t: Tensor) -> Tensor:
         """``w(t)``: ``sigma/alpha`` (CFD's official choice), ``1``, or ``sigma^2`` (DreamFusion)."""
-        if self.weighting == "uniform":
+        if self.weighting is Weighting.uniform:
             return torch.ones_like(torch.as_tensor(t, dtype=torch.float64))
         a, s = self.schedule.alpha(t), self.schedule.sigma(t)
-        return s / a if self.weighting == "sigma_over_alpha" else s * s
+        return s / a if self.weighting is Weighting.sigma_over_alpha else s * s
 
     @torch.no_grad()
     def predict_eps(self, x_t: Tensor, t: Union[float, Tensor], cond: Condition,
@@ -172,11 +178,8 @@ class Guidance(ABC):
                              "e.g. [0.02, 0.98]")
         cond, uncond = self.conditions(prompt, views, background)
         with torch.no_grad():
-            x_t = self.schedule.add_noise(latents.detach(), noise, t)
-            eps = self.predict_eps(x_t, t, cond, uncond, guidance_scale)
-            w = self.weight(t).to(latents.dtype).reshape((-1,) + (1,) * (latents.ndim - 1))
             # Not sanitised: a non-finite gradient reaches the caller, which skips the step.
-            grad = w * (eps - noise)
+            grad = self.latent_gradient(latents.detach(), noise, t, cond, uncond, guidance_scale)
             target = latents.detach() - grad
         loss = 0.5 * ((latents - target) ** 2).sum()
         return {
@@ -186,3 +189,13 @@ class Guidance(ABC):
             "guidance_scale": torch.tensor(
                 self.guidance_scale if guidance_scale is None else guidance_scale),
         }
+
+    def latent_gradient(self, latents: Tensor, noise: Tensor, t: Tensor, cond: Condition,
+                        uncond: Condition, guidance_scale: Optional[float]) -> Tensor:
+        """The distillation gradient on ``latents [B, ...]`` at ``t [B]``:
+        ``w(t) (eps_cfg - noise)``. A model whose output makes another equal form better
+        conditioned overrides this."""
+        x_t = self.schedule.add_noise(latents, noise, t)
+        eps = self.predict_eps(x_t, t, cond, uncond, guidance_scale)
+        w = self.weight(t).to(latents.dtype).reshape((-1,) + (1,) * (latents.ndim - 1))
+        return w * (eps - noise)

@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from core.errors import InputFileError, UserError
+
 from .base import Condition, Guidance
 from .prompts import PromptConfig, view_directions
 from .schedules import CosineSchedule
@@ -61,8 +63,8 @@ class ClosedFormPrior(Guidance):
                  opacity: Optional[Tensor] = None, data_background: float = 0.5):
         super().__init__(guidance_scale, weighting)
         if isinstance(chunk_size, bool) or int(chunk_size) != chunk_size or chunk_size < 1:
-            raise ValueError(f"chunk_size (images per streamed chunk) must be a whole number "
-                             f">= 1, got {chunk_size!r}")
+            raise UserError(f"chunk_size (images per streamed chunk) must be a whole number "
+                            f">= 1, got {chunk_size!r}")
         self.device = torch.device(device)
         self.schedule = CosineSchedule()
         self.model_id = model_id
@@ -98,7 +100,7 @@ class ClosedFormPrior(Guidance):
 
         folder = Path(folder)
         if not (folder / "meta.json").is_file():
-            raise FileNotFoundError(
+            raise InputFileError(
                 f"no embedded-prior dataset in {folder} (meta.json missing); it is built "
                 "automatically by the main job, or with cfd.shapes.build_shape_dataset")
         meta = json.loads((folder / "meta.json").read_text())
@@ -136,7 +138,7 @@ class ClosedFormPrior(Guidance):
             return UNCONDITIONAL, direction
         if text not in self.prompts:
             known = "\n  ".join(self.prompts)
-            raise ValueError(f"unknown prompt {text!r} for the embedded prior; it knows:\n  {known}")
+            raise UserError(f"unknown prompt {text!r} for the embedded prior; it knows:\n  {known}")
         return self.prompts.index(text), direction
 
     def encode_text(self, texts: List[str]) -> Condition:

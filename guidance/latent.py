@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, fields
+from enum import Enum
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -19,13 +20,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from core.devices import model_dtype
+from core.errors import UserError
 
-from .base import Guidance
+from .base import Guidance, Weighting
 from .fingerprint import module_digest, tokenizer_digest
 
 logger = logging.getLogger(__name__)
 
-LATENT_SAMPLING = ("sample", "mean")
+class LatentSampling(Enum):
+    sample = "sample"  # a draw from the VAE posterior
+    mean = "mean"  # its mean (deterministic)
 # Bumped whenever the way text becomes a condition changes, so old caches are not reused.
 TEXT_ENCODING_VERSION = "1"
 
@@ -40,10 +44,10 @@ class LatentModelConfig:
     guidance_scale: float
     # Renders are resized to this square size before the VAE; None or 0 keeps their size.
     resolution: Optional[int]
-    weighting: str = "sigma_over_alpha"
+    weighting: Weighting = Weighting.sigma_over_alpha
     half_precision: bool = True
     # "sample" draws from the VAE posterior, "mean" takes its mean (deterministic).
-    latent_sampling: str = "sample"
+    latent_sampling: LatentSampling = LatentSampling.sample
 
 
 def config_from_kwargs(config_cls, model_id, overrides: dict):
@@ -142,11 +146,9 @@ class LatentDiffusersGuidance(Guidance):
 
     def __init__(self, vae, cfg: LatentModelConfig, device, dtype: Optional[torch.dtype] = None):
         super().__init__(cfg.guidance_scale, cfg.weighting)
-        if cfg.latent_sampling not in LATENT_SAMPLING:
-            raise ValueError(f"latent_sampling must be one of {LATENT_SAMPLING}, "
-                             f"got {cfg.latent_sampling!r}")
+        LatentSampling(cfg.latent_sampling)  # its error names the known ones
         if cfg.resolution is not None and cfg.resolution < 0:
-            raise ValueError(f"resolution must be positive, 0 or None, got {cfg.resolution}")
+            raise UserError(f"resolution must be positive, 0 or None, got {cfg.resolution}")
         self.cfg = cfg
         self.model_id = str(cfg.model_id)
         self.device = torch.device(device)
@@ -176,7 +178,8 @@ class LatentDiffusersGuidance(Guidance):
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False,
                               antialias=size[0] < x.shape[-2] or size[1] < x.shape[-1])
         posterior = self.vae.encode(x.to(self.dtype)).latent_dist
-        z = posterior.sample() if self.cfg.latent_sampling == "sample" else posterior.mode()
+        z = (posterior.sample() if LatentSampling(self.cfg.latent_sampling) is LatentSampling.sample
+             else posterior.mode())
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return ((z - shift) * self.vae.config.scaling_factor).float()
 

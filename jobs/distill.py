@@ -78,8 +78,10 @@ def resume(run_dir: Path) -> Dict[str, Any]:
     metrics.json written) only says so and returns its metrics."""
     run_dir = Path(run_dir)
     if (run_dir / "metrics.json").is_file():
-        print(f"{run_dir} finished already; nothing to resume (start a new run to train again)")
-        return {**json.loads((run_dir / "metrics.json").read_text()), "run_dir": str(run_dir)}
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        print(f"{run_dir} finished all {metrics['steps']} steps already; nothing to resume "
+              "(start a new run to train again)")
+        return {**metrics, "run_dir": str(run_dir)}
     # a damaged checkpoint is refused before any model loads
     state = load_checkpoint(run_dir / "ckpt")
     try:
@@ -169,7 +171,7 @@ def _write_outputs(system: Distillation, c: DistillConfig, run_dir: Path, result
         write_orbit_video(system.scene.scene, run_dir / name, n_frames=c.video_frames,
                           size=c.video_size, distance=2.5, background=c.background,
                           render_options=system.scene.render_options(), show=show)
-    if c.guidance.kind is GuidanceKind.embedded and has_ground_truth(c.prompt_processor.prompt):
+    if GuidanceKind(c.guidance.kind) is GuidanceKind.embedded and has_ground_truth(c.prompt_processor.prompt):
         result.update(evaluate_against_shape_world(system.scene.scene,
                                                     c.prompt_processor.prompt,
                                                     resolution=c.resolution,
@@ -178,6 +180,6 @@ def _write_outputs(system: Distillation, c: DistillConfig, run_dir: Path, result
                                                     render_options=system.scene.render_options()))
         print(f"held-out PSNR {result['psnr']:.2f} dB, mask IoU {result['mask_iou']:.3f} "
               f"(best: {result['variant']} rotated {result['rotation_deg']:.0f} deg)")
-    elif c.guidance.kind is GuidanceKind.embedded:
+    elif GuidanceKind(c.guidance.kind) is GuidanceKind.embedded:
         result["ground_truth"] = NO_GROUND_TRUTH
         print(f"no held-out PSNR or mask IoU: ground truth {NO_GROUND_TRUTH}")

@@ -91,12 +91,13 @@ def run(cfg) -> Dict[str, Any]:
         c.distill, device=device,
         prompt_processor=replace(c.distill.prompt_processor, prompt=inputs["prompt"]),
         splats=replace(c.distill.splats, init=init))
-    with nested("relaxflow."):
-        relaxflow.check(relaxflow_cfg)
     with nested("distill."):
         # the completion's file does not exist yet: the settings are checked with a stand-in
         distill.check(replace(distill_cfg, splats=replace(distill_cfg.splats,
                                                           init=replace(init, path="<completion>"))))
+    with nested("relaxflow."):
+        relaxflow.check(relaxflow_cfg)
+    with nested("distill."):
         check_guidance_model(distill_cfg.guidance)
     # 2. the run folder; 3. RelaxFlow's completion in it; 4. CFD from the completion
     folder = RunFolder.create(c.output_dir, c.name, Path(inputs["image"]).stem, cfg)

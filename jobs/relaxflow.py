@@ -33,7 +33,7 @@ from guidance.loading import resolve_model_path
 from jobs.skeleton import RunFolder, check_output, typed
 from relaxflow.conditioning import ImageConditioner, load_object, preprocess_image
 from relaxflow.dual_branch import Pooling, RelaxFlowSampler, Schedule, pool_priors
-from relaxflow.loading import read_pipeline
+from relaxflow.loading import check_pipeline_files
 from relaxflow.pipeline import Offload, Stopwatch, TrellisPipeline
 from relaxflow.priors import PriorImagesConfig, check_prior_request, prior_images
 from relaxflow.relaxation import AttentionRelaxation, KeyLayout, Topology
@@ -121,10 +121,10 @@ def check(c: RelaxFlowConfig) -> Tensor:
     resolve_device(c.device)
     check_output(c.output_dir, c.name)
     observation = load_object(c.image, c.mask)
-    read_pipeline(c.model).require("image", "relaxflow")
-    resolve_model_path(c.image_cond_model, index_file="config.json", option="image_cond_model")
+    check_pipeline_files(c.model).require("image", "relaxflow")
     for prior in c.priors:
-        load_object(prior, opaque_fix=PRIOR_FIX)
+        load_object(prior, opaque_fix=PRIOR_FIX, setting="priors")
+    resolve_model_path(c.image_cond_model, index_file="config.json", option="image_cond_model")
     return observation
 
 
@@ -147,7 +147,8 @@ def _prior_images(c: RelaxFlowConfig, device: torch.device
     """The priors preprocessed, ``[N, 3, S, S]``, and the RGBA views ``[N, R, R, 4]`` when they
     are drawn here (None when given)."""
     if c.priors:
-        return torch.stack([load_object(p, opaque_fix=PRIOR_FIX) for p in c.priors]), None
+        return torch.stack([load_object(p, opaque_fix=PRIOR_FIX, setting="priors")
+                            for p in c.priors]), None
     drawn = prior_images(c.prompt, c.seed, c.generate_priors, device)
     return torch.stack([preprocess_image(rgba, source=f"drawn prior view {i}",
                                          opaque_fix=DRAWN_FIX)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from core.errors import UserError
+from core.errors import InputFileError, UserError
 from guidance.loading import resolve_model_path
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -47,7 +47,7 @@ def _read_image(path: Union[str, os.PathLike], mode: str, setting: str) -> np.nd
         with Image.open(path) as img:
             return np.asarray(img.convert(mode))
     except FileNotFoundError:
-        raise FileNotFoundError(f"image {path} does not exist {given}: check the path") from None
+        raise InputFileError(f"image {path} does not exist {given}: check the path") from None
     except UnidentifiedImageError:
         raise ImageFileError(f"{path} is not an image file PIL can read {given}: give a PNG or "
                              f"JPEG file as {setting}=") from None
@@ -74,8 +74,8 @@ def load_rgba(path: Union[str, os.PathLike], mask: Optional[Union[str, os.PathLi
     if mask is not None:
         alpha = _read_image(mask, "L", "mask")
         if alpha.shape != rgba.shape[:2]:
-            raise ValueError(f"mask {mask} is {alpha.shape[1]}x{alpha.shape[0]}, the image "
-                             f"{rgba.shape[1]}x{rgba.shape[0]}: they must match")
+            raise UserError(f"mask {mask} is {alpha.shape[1]}x{alpha.shape[0]}, the image "
+                            f"{rgba.shape[1]}x{rgba.shape[0]}: they must match")
         rgba[..., 3] = alpha
     return rgba
 
@@ -94,11 +94,11 @@ def preprocess_image(rgba: np.ndarray, size: int = IMAGE_SIZE, source: str = "th
         raise ValueError(f"expected an RGBA image [H, W, 4], got shape {rgba.shape}")
     alpha = rgba[..., 3]
     if alpha.min() == 255:
-        raise ValueError(f"{source} has no transparency to tell the object from its "
-                         f"background: {opaque_fix}")
+        raise UserError(f"{source} has no transparency to tell the object from its "
+                        f"background: {opaque_fix}")
     ys, xs = np.nonzero(alpha > 0.8 * 255)
     if len(xs) == 0:
-        raise ValueError(f"no object found in {source}: no pixel has alpha above 0.8")
+        raise UserError(f"no object found in {source}: no pixel has alpha above 0.8")
     cx, cy = (xs.min() + xs.max()) / 2, (ys.min() + ys.max()) / 2
     half = int(1.2 * max(xs.max() - xs.min(), ys.max() - ys.min())) // 2  # TRELLIS's rounding
     box = tuple(int(round(v)) for v in (cx - half, cy - half, cx + half, cy + half))
@@ -119,8 +119,8 @@ def load_object(path: Union[str, os.PathLike], mask: Optional[Union[str, os.Path
     if mask is None:
         return preprocess_image(rgba, source=f"image {path}", opaque_fix=opaque_fix)
     if rgba[..., 3].min() == 255:
-        raise ValueError(f"mask {mask} is white everywhere, so nothing in {path} is background: "
-                         "paint the object's visible pixels white and everything else black")
+        raise UserError(f"mask {mask} is white everywhere, so nothing in {path} is background: "
+                        "paint the object's visible pixels white and everything else black")
     return preprocess_image(rgba, source=f"image {path} with mask {mask}")
 
 

@@ -35,7 +35,6 @@ from .relaxation import AttentionRelaxation
 from .sampler import FlowEulerSampler, rescaled_timesteps
 
 
-
 class Schedule(Enum):
     """The prior branch's weight over the steps (``alpha_schedule``)."""
 

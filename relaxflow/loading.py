@@ -34,6 +34,13 @@ from .sampler import FlowEulerSampler
 PIPELINE_FILE = "pipeline.json"
 RECOPY = "re-download or re-copy it"
 
+# The models each stage of a pipeline runs, by their pipeline.json keys.
+STAGES = {
+    "structure": ("sparse_structure_flow_model", "sparse_structure_decoder"),
+    "latent": ("slat_flow_model",),
+    "decode": ("slat_decoder_gs",),
+}
+
 
 class PipelineFileError(UserError):
     """A file of a TRELLIS pipeline folder that is damaged, or does not hold what it must;
@@ -174,12 +181,12 @@ def load_model(root: Union[str, Path], ref: str, device: Union[str, torch.device
         raise _damaged_weights(weights, err) from None
     mismatch = key_report(model, state)
     if mismatch:
-        raise ValueError(f"{weights} does not fit {spec['name']}({spec['args']}): {mismatch}")
+        raise UserError(f"{weights} does not fit {spec['name']}({spec['args']}): {mismatch}")
     like = model.state_dict()
     for key, tensor in state.items():
         if tensor.shape != like[key].shape:
-            raise ValueError(f"{weights}: {key} has shape {tuple(tensor.shape)}, "
-                             f"{spec['name']} expects {tuple(like[key].shape)}")
+            raise UserError(f"{weights}: {key} has shape {tuple(tensor.shape)}, "
+                            f"{spec['name']} expects {tuple(like[key].shape)}")
         state[key] = tensor.to(like[key].dtype)
     model.load_state_dict(state, assign=True)
     return model.eval()
@@ -206,7 +213,7 @@ def sampler_from_spec(spec: Dict[str, Any]) -> FlowEulerSampler:
     """A ``pipeline.json`` sampler entry ``{name, args, params}`` as a :class:`FlowEulerSampler`."""
     name, params = spec["name"], {**SAMPLE_DEFAULTS, **spec.get("params", {})}
     if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; known: {', '.join(SAMPLERS)}")
+        raise UserError(f"unknown sampler {name!r}; known: {', '.join(SAMPLERS)}")
     if name == "FlowEulerSampler":
         params["cfg_strength"] = 0.0
     if name != "FlowEulerGuidanceIntervalSampler":  # guidance (if any) at every step
@@ -246,7 +253,7 @@ class PipelineSpec:
         ``"text"``); it only reads ``pipeline.json``, so it runs before any model loads."""
         if condition == self.condition:
             return
-        raise ValueError(
+        raise UserError(
             f"the {job} job needs {_a(condition)}-to-3D pipeline for "
             f"{CONDITION_INPUTS[condition]}, but model={self.root} is "
             f"{_a(self.condition)}-to-3D pipeline ({self.name or PIPELINE_FILE}), which takes "
@@ -261,11 +268,11 @@ def _condition(root: Path, name: str, args: Dict[str, Any]) -> str:
         return PIPELINE_CONDITIONS[name]
     named = [kind for kind in ("image", "text") if f"{kind}_cond_model" in args]
     if len(named) != 1:
-        raise ValueError(f"{root}/{PIPELINE_FILE} does not say whether the pipeline takes images "
-                         f"or text: its name {name!r} is not one of "
-                         f"{', '.join(PIPELINE_CONDITIONS)} and it names "
-                         f"{'both' if named else 'neither'} of image_cond_model and "
-                         "text_cond_model")
+        raise UserError(f"{root}/{PIPELINE_FILE} does not say whether the pipeline takes images "
+                        f"or text: its name {name!r} is not one of "
+                        f"{', '.join(PIPELINE_CONDITIONS)} and it names "
+                        f"{'both' if named else 'neither'} of image_cond_model and "
+                        "text_cond_model")
     return named[0]
 
 
@@ -304,7 +311,7 @@ def check_pipeline_files(path_or_repo: Union[str, os.PathLike],
     """Check, before anything runs or is written, every file the pipeline's stages read:
     ``pipeline.json``, and each model's json and safetensors *header* (cheap: no weights are
     read, but a file cut short anywhere is found, its size not fitting the header). ``keys``:
-    the models to check, by default those :data:`relaxflow.pipeline.STAGES` use. Returns the
+    the models to check, by default those :data:`STAGES` use. Returns the
     pipeline's spec; raises what loading the stages would, naming the file: a
     :class:`PipelineFileError` for a damaged file, a :class:`PipelineFileMissing` (a local
     folder) or :class:`ModelWeightsNotFound` (a cached snapshot) for a missing one."""
@@ -312,8 +319,6 @@ def check_pipeline_files(path_or_repo: Union[str, os.PathLike],
 
     spec = read_pipeline(path_or_repo)
     if keys is None:
-        from .pipeline import STAGES
-
         keys = [key for stage in STAGES.values() for key in stage]
     for key in keys:
         if key not in spec.models:

@@ -25,14 +25,10 @@ import torch
 from torch import nn
 
 from core.devices import Precision, half_dtype
+from core.errors import UserError
 
-from .loading import PipelineSpec, load_model, read_pipeline
+from .loading import STAGES, PipelineSpec, check_pipeline_files, load_model
 
-STAGES = {
-    "structure": ("sparse_structure_flow_model", "sparse_structure_decoder"),
-    "latent": ("slat_flow_model",),
-    "decode": ("slat_decoder_gs",),
-}
 
 
 class Offload(Enum):
@@ -48,19 +44,24 @@ class TrellisPipeline:
     def __init__(self, spec: PipelineSpec, device: Union[str, torch.device] = "cpu",
                  precision: Union[Precision, str] = Precision.auto,
                  offload: Union[Offload, str] = Offload.reload):
+        if offload not in [*Offload, *(o.value for o in Offload)]:
+            raise ValueError(f"offload is one of {', '.join(o.value for o in Offload)}, got "
+                             f"{offload!r}")
         offload = Offload(offload)
         for stage, keys in STAGES.items():
             for key in keys:
                 if key not in spec.models:
-                    raise ValueError(f"{spec.root}/pipeline.json names no '{key}' model "
-                                     f"(needed by the {stage} stage)")
+                    raise UserError(f"{spec.root}/pipeline.json names no '{key}' model "
+                                    f"(needed by the {stage} stage)")
         self.spec, self.device = spec, torch.device(device)
         self.half_dtype, self.offload = half_dtype(self.device, precision), offload
         self._held: Dict[str, nn.Module] = {}
 
     @classmethod
     def from_pretrained(cls, path_or_repo: Union[str, os.PathLike], **kwargs) -> "TrellisPipeline":
-        return cls(read_pipeline(path_or_repo), **kwargs)
+        """The pipeline of a folder or cached repo id, every stage's files checked first (a
+        missing or damaged one is an error now, not when its stage starts)."""
+        return cls(check_pipeline_files(path_or_repo), **kwargs)
 
     def sampler(self, stage: str):
         """``pipeline.json``'s sampler settings of ``"structure"`` or ``"latent"``."""

@@ -97,17 +97,20 @@ def check_prior_request(prompt: Optional[str], cfg: PriorImagesConfig) -> None:
     """Refuse a request for prior images that cannot be drawn, before a model loads."""
     if not prompt:
         raise UserError("no prior images: give priors=[a.png,b.png] showing what the hidden "
-                         "part should be, or a prompt to draw them from")
+                        "part should be, or a prompt to draw them from")
     if cfg.n_images < 1:
         raise UserError(f"generate_priors.n_images is {cfg.n_images}: draw at least one prior "
-                         "image (generate_priors.n_images=3), or give your own "
-                         "priors=[a.png,b.png]")
-    if cfg.model.kind is GuidanceKind.embedded and prompt not in prompts():
+                        "image (generate_priors.n_images=3), or give your own "
+                        "priors=[a.png,b.png]")
+    if cfg.model.kind not in [*GuidanceKind, *(k.value for k in GuidanceKind)]:
+        raise UserError(f"generate_priors.model.kind is one of "
+                        f"{', '.join(k.value for k in GuidanceKind)}, got {cfg.model.kind!r}")
+    if GuidanceKind(cfg.model.kind) is GuidanceKind.embedded and prompt not in prompts():
         raise UserError(f"the embedded prior cannot draw {prompt!r} (it knows: "
-                         f"{', '.join(prompts())}); give your own prior images: "
-                         "priors=[a.png,b.png], or an image model: "
-                         "generate_priors.model.kind=stable-diffusion "
-                         "generate_priors.model.model_id=<folder>")
+                        f"{', '.join(prompts())}); give your own prior images: "
+                        "priors=[a.png,b.png], or an image model: "
+                        "generate_priors.model.kind=stable-diffusion "
+                        "generate_priors.model.model_id=<folder>")
 
 
 def prior_images(prompt: Optional[str], seed: int, cfg: Optional[PriorImagesConfig] = None,
@@ -115,7 +118,7 @@ def prior_images(prompt: Optional[str], seed: int, cfg: Optional[PriorImagesConf
     """``[n, R, R, 4]`` uint8 RGBA views of ``prompt`` (``cfg.n_images`` of them)."""
     cfg = cfg or PriorImagesConfig()
     check_prior_request(prompt, cfg)
-    embedded = cfg.model.kind is GuidanceKind.embedded
+    embedded = GuidanceKind(cfg.model.kind) is GuidanceKind.embedded
     guidance = build_guidance(cfg.model.guidance_config(cfg.size), torch.device(device),
                               PromptConfig())
     suffixes = PromptConfig().suffixes()

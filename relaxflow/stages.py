@@ -18,7 +18,6 @@ from cfd.scene import Splats
 from .models.sparse import SparseTensor
 from .sampler import FlowEulerSampler
 
-
 # (model, initial noise) -> sample: a configured sampler with its conditions bound, e.g.
 # ``guided(FlowEulerSampler(...), cond, neg_cond)`` or a RelaxFlow sampler with both branches.
 Integrator = Callable[[Callable, Tensor], Tensor]

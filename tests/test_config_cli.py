@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from cfd.config import ConfigError, load_config
-from cfd.systems.fit_splats import FitSplatsConfig
+from jobs.fit_splats import FitSplatsConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "demo-fit-splats.yaml"
@@ -70,14 +70,12 @@ def test_cli_rejects_bad_keys_with_a_clear_message(tmp_path):
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
-    import importlib
-
     from omegaconf import OmegaConf
 
-    import run
+    import jobs
 
-    module_name, schema = run.JOBS[OmegaConf.load(path).get("job", "distill")]
-    cfg = load_config(getattr(importlib.import_module(module_name), schema), path)
+    job = jobs.load(OmegaConf.load(path).get("job", "distill"))
+    cfg = load_config(job.Config, path)
     assert cfg.name == path.stem
 
 
@@ -116,22 +114,24 @@ DISTILL_CONFIG = ROOT / "configs" / "cfd-splats-embedded.yaml"
     ("it's", "it's"), ("", ""),
 ])
 def test_text_overrides_are_taken_as_written(value, text):
-    from cfd.systems.distill import DistillConfig
+    from jobs.distill import DistillConfig
 
     cfg = load_config(DistillConfig, DISTILL_CONFIG, [f"prompt_processor.prompt={value}"])
     assert cfg.prompt_processor.prompt == text
 
 
 def test_other_overrides_are_yaml_and_null_unsets_optional_text():
-    from cfd.systems.distill import DistillConfig
+    from jobs.distill import DistillConfig
 
     cfg = load_config(DistillConfig, DISTILL_CONFIG, [
         "steps=7", "camera.elevation_range=[1,2]", "loss.lambda_sds=[0, 1.0, 2.0, 10]",
-        "densify.enabled=no", "init.path=a.ply", "init.path=null", "name=${job}-x"])
+        "splats.densify.enabled=no", "splats.init.path=a.ply", "splats.init.path=null",
+        "name=${job}-x"])
     assert cfg.steps == 7 and list(cfg.camera.elevation_range) == [1.0, 2.0]
-    assert list(cfg.loss.lambda_sds) == [0, 1.0, 2.0, 10] and cfg.densify.enabled is False
-    assert cfg.init.path is None and cfg.name == "distill-x"
-    assert load_config(DistillConfig, DISTILL_CONFIG, ["init.path='null'"]).init.path == "null"
+    assert list(cfg.loss.lambda_sds) == [0, 1.0, 2.0, 10] and cfg.splats.densify.enabled is False
+    assert cfg.splats.init.path is None and cfg.name == "distill-x"
+    assert load_config(DistillConfig, DISTILL_CONFIG,
+                       ["splats.init.path='null'"]).splats.init.path == "null"
 
 
 @pytest.mark.parametrize("override, message", [
@@ -146,7 +146,7 @@ def test_other_overrides_are_yaml_and_null_unsets_optional_text():
                                      r"a literal \$\{ is written \\\$\{"),
 ])
 def test_bad_override_values_are_config_errors_naming_the_override(override, message):
-    from cfd.systems.distill import DistillConfig
+    from jobs.distill import DistillConfig
 
     with pytest.raises(ConfigError, match=message):
         load_config(DistillConfig, DISTILL_CONFIG, [override])

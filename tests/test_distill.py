@@ -316,7 +316,8 @@ def straight_and_resumed(cfg, tmp_path, steps: int):
     return straight, second
 
 
-@pytest.mark.parametrize("extra", [{}, {"shading.p_shaded": 0.5, "max_grad_samples": 3000,
+@pytest.mark.parametrize("extra", [{}, {"nerf.shading.p_shaded": 0.5,
+                                         "nerf.max_grad_samples": 3000,
                                          "loss.lambda_normal_smooth": 10}],
                          ids=["albedo", "shaded-with-budget"])
 def test_nerf_run_resumes_exactly_from_its_checkpoint(tmp_path, cache_dir, extra):
@@ -356,6 +357,7 @@ def test_settings_that_do_not_fit_the_scene_are_clear_errors(tmp_path, cache_dir
                  else small_overrides(tmp_path, cache_dir, **extra))
     cfg = load_config(DistillConfig, NERF_CONFIG if config == "nerf" else CONFIG, overrides)
     with pytest.raises(ValueError, match=message):
+        distill.check(to_object(cfg))  # the job's settings, then the system's
         system_of(cfg)
 
 
@@ -394,7 +396,7 @@ def test_splat_run_resumes_exactly_mid_densification(tmp_path, cache_dir):
     straight, second = straight_and_resumed(cfg, tmp_path, 12)
     at_checkpoint = len(torch.load(tmp_path / "ckpt" / "last.pt",
                                    weights_only=False)["scene"]["params"]["means"])
-    assert 300 < at_checkpoint < len(second.scene)  # it grew before and after the checkpoint
+    assert 300 < at_checkpoint < len(second.scene.scene)  # it grew before and after the checkpoint
     for k in straight.scene.scene.params:
         assert torch.equal(straight.scene.scene.params[k], second.scene.scene.params[k]), k
 
@@ -485,7 +487,6 @@ def test_resumed_run_counts_the_time_before_the_resume(tmp_path, cache_dir, monk
     state["wall_s"] += 1000.0  # the first part, made long enough to see
     save_checkpoint(run_dir / "ckpt", state)
     capsys.readouterr()
-    cfg = load_config(DistillConfig, run_dir / "config.yaml")
     result = distill.resume(run_dir)
     assert result["wall_s"] > 1000.0
     assert json.loads((run_dir / "metrics.json").read_text())["wall_s"] == result["wall_s"]

@@ -342,7 +342,8 @@ def test_prior_model_settings_are_only_those_sampling_reads():
     """Distillation-only settings (guidance_scale, weighting, latent_sampling) are not settings
     of the prior model: the sampling's own guidance_scale is the only one."""
     from cfd.config import ConfigError, load_config, to_object
-    from relaxflow.complete import RelaxFlowConfig
+    from cfd.systems.prior import GuidanceKind
+    from jobs.relaxflow import RelaxFlowConfig
 
     cfg = to_object(load_config(RelaxFlowConfig, "configs/relaxflow-trellis.yaml",
                                 ["generate_priors.model.kind=stable-diffusion",
@@ -350,7 +351,8 @@ def test_prior_model_settings_are_only_those_sampling_reads():
                                  "generate_priors.guidance_scale=4"]))
     assert cfg.generate_priors.guidance_scale == 4
     guidance = cfg.generate_priors.model.guidance_config(64)
-    assert (guidance.kind, guidance.model_id, guidance.resolution) == ("stable-diffusion", "sd", 64)
+    assert (guidance.kind, guidance.model_id, guidance.resolution) == (
+        GuidanceKind.stable_diffusion, "sd", 64)
     for ignored in ("guidance_scale=9", "weighting=uniform", "latent_sampling=mean"):
         with pytest.raises(ConfigError):
             load_config(RelaxFlowConfig, "configs/relaxflow-trellis.yaml",

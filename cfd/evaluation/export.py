@@ -41,11 +41,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from core.runtime import write_json
+
 from ..cameras import Cameras, orbit_cameras, viewmats_to_opengl_c2w
 from ..renderers import render
 from ..scene import NeRFField
 from ..utils.media import save_image
-from ..utils.runtime import write_json
 
 GPTEVAL3D_VIEWS = 120
 GPTEVAL3D_RESOLUTION = 512

@@ -6,15 +6,14 @@ multi-view-consistent noise for CFD (``mode: consistent``) or fresh i.i.d. noise
 (``mode: iid``).
 """
 
-from .consistent import ConsistentNoise, IIDNoise, NoiseConfig
+
+from .consistent import ConsistentNoise, IIDNoise, NoiseConfig, NoiseMode
 
 
 def make_noise(cfg: NoiseConfig, channels: int, device, seed: int = 0):
-    if cfg.mode == "consistent":
+    if NoiseMode(cfg.mode) is NoiseMode.consistent:
         return ConsistentNoise(cfg, channels, device, seed)
-    if cfg.mode == "iid":
-        return IIDNoise(cfg, channels, device, seed)
-    raise ValueError(f"unknown noise mode {cfg.mode!r}; use 'consistent' or 'iid'")
+    return IIDNoise(cfg, channels, device, seed)
 
 
-__all__ = ["make_noise", "NoiseConfig", "ConsistentNoise", "IIDNoise"]
+__all__ = ["make_noise", "NoiseConfig", "NoiseMode", "ConsistentNoise", "IIDNoise"]

@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from core.errors import UserError
 
 from .sphere_map import MAP_LAYOUTS, sphere_to_square
 
@@ -35,6 +38,11 @@ from .sphere_map import MAP_LAYOUTS, sphere_to_square
 _BLOCK_SHAPES = ((1, 1), (2, 1), (1, 2), (2, 2), (4, 2), (2, 4), (4, 4))
 
 
+class NoiseMode(Enum):
+    consistent = "consistent"  # CFD: a fixed function of the surface point and the view
+    iid = "iid"  # fresh i.i.d. noise every call: the SDS baseline
+
+
 @dataclass
 class NoiseConfig:
     """``mode``: "consistent" (CFD) or "iid" (fresh noise every call: the SDS baseline).
@@ -42,7 +50,7 @@ class NoiseConfig:
     end_value, end_step]`` that the distillation loop evaluates each step (the official stage 1
     holds 0.01, then ramps to 1e-4)."""
 
-    mode: str = "consistent"
+    mode: NoiseMode = NoiseMode.consistent
     texture_resolution: int = 256
     n_maps: int = 6
     n_shells: int = 4
@@ -110,9 +118,9 @@ class ConsistentNoise:
 
     def __init__(self, cfg: NoiseConfig, channels: int, device, seed: int = 0):
         if not 1 <= cfg.n_maps <= len(MAP_LAYOUTS):
-            raise ValueError(f"n_maps must be in 1..{len(MAP_LAYOUTS)}, got {cfg.n_maps}")
+            raise UserError(f"n_maps must be in 1..{len(MAP_LAYOUTS)}, got {cfg.n_maps}")
         if cfg.texture_resolution < 8 or cfg.n_shells < 1:
-            raise ValueError("texture_resolution must be >= 8 and n_shells >= 1")
+            raise UserError("texture_resolution must be >= 8 and n_shells >= 1")
         self.cfg = cfg
         self.channels = channels
         self.device = torch.device(device)
@@ -129,7 +137,7 @@ class ConsistentNoise:
     def refresh(self, gamma: float) -> None:
         """SDE step of the noise: ``eps <- sqrt(1-gamma) eps + sqrt(gamma) xi``."""
         if not 0.0 <= gamma <= 1.0:
-            raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+            raise UserError(f"gamma must be in [0, 1], got {gamma}")
         if gamma == 0.0:
             return
         keep, add = math.sqrt(1.0 - gamma), math.sqrt(gamma)

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from ..cameras import Cameras
+from ..scene import NeRFField, Splats
 from .rasterize import Backend, rasterization, resolve_backend
 from .types import RenderOutput
 from .volume import render_field
@@ -56,8 +57,6 @@ def render(
         :class:`RenderOutput` with ``rgb [B,H,W,3]``, ``alpha [B,H,W,1]``, ``depth [B,H,W,1]``
         (and a field's ``normal [B,H,W,3]`` when asked for).
     """
-    from ..scene import NeRFField, Splats
-
     if isinstance(scene, NeRFField):
         if scene.device != cameras.device:
             raise ValueError(f"field is on {scene.device} but cameras are on {cameras.device}; "

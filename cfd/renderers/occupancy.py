@@ -18,6 +18,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from core.errors import UserError
+
 
 @dataclass
 class OccupancyConfig:
@@ -33,12 +35,12 @@ class OccupancyGrid:
 
     def __init__(self, radius: float, cfg: OccupancyConfig, device="cpu"):
         if cfg.resolution < 1:
-            raise ValueError(f"occupancy.resolution must be >= 1, got {cfg.resolution}: at "
-                             "least 1 cell per axis (the default is 32)")
+            raise UserError(f"occupancy.resolution must be >= 1, got {cfg.resolution}: at "
+                            "least 1 cell per axis (the default is 32)")
         if cfg.update_every < 1:
-            raise ValueError(f"occupancy.update_every must be >= 1, got {cfg.update_every}: at "
-                             "least 1 step between updates; to skip no empty space at all, set "
-                             "occupancy.enabled=false instead")
+            raise UserError(f"occupancy.update_every must be >= 1, got {cfg.update_every}: at "
+                            "least 1 step between updates; to skip no empty space at all, set "
+                            "occupancy.enabled=false instead")
         self.radius, self.cfg = float(radius), cfg
         G = cfg.resolution
         self.density = torch.full((G, G, G), torch.inf, device=device)

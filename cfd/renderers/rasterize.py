@@ -17,6 +17,7 @@ from torch import Tensor
 from ..cameras import camera_centers
 from ..scene.sh import sh_to_rgb
 from .composite import composite, tiles_to_images
+from .gsplat_backend import rasterize_gsplat
 from .projection import project_gaussians
 from .tiles import bin_gaussians
 from .types import RenderOutput
@@ -127,8 +128,6 @@ def rasterization(
     if means.shape[0] == 0:
         return _empty(B, width, height, means, backgrounds)
     if chosen == "gsplat":
-        from .gsplat_backend import rasterize_gsplat
-
         return rasterize_gsplat(
             means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree,
             backgrounds, near_plane, far_plane, eps2d,

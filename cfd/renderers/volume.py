@@ -22,8 +22,8 @@ from torch import Tensor
 
 from ..cameras import Cameras
 from .occupancy import OccupancyGrid
-from .types import RenderOutput
 from .shading import Lighting
+from .types import RenderOutput
 
 
 def ray_box_interval(origins: Tensor, directions: Tensor, radius: float):

@@ -1,6 +1,6 @@
 """Scenes the engine optimises: 3D Gaussian splats and NeRF fields."""
 
-from .densify import DensifyConfig, Densifier
+from .densify import Densifier, DensifyConfig
 from .hash_grid import HashGrid, HashGridConfig
 from .nerf import NeRFConfig, NeRFField, NeRFLearningRates
 from .splats import PARAM_KEYS, Splats, from_point_cloud, random_ball

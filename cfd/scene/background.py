@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.errors import UserError
+
 from ..cameras import Cameras
 from .sh import sh_basis
 
@@ -35,10 +37,10 @@ class MLPBackground(nn.Module):
                  generator: torch.Generator | None = None):
         super().__init__()
         if not 0 <= cfg.sh_degree <= 3:
-            raise ValueError(f"background sh_degree is 0..3, got {cfg.sh_degree}")
+            raise UserError(f"background sh_degree is 0..3, got {cfg.sh_degree}")
         if not 0.0 <= initial_colour <= 1.0:
-            raise ValueError(f"a learned background starts from a grey level in [0, 1], got "
-                             f"{initial_colour}")
+            raise UserError(f"a learned background starts from a grey level in [0, 1], got "
+                            f"{initial_colour}")
         self.cfg = cfg
         widths = [(cfg.sh_degree + 1) ** 2] + [cfg.hidden] * cfg.n_hidden_layers
         layers = []

@@ -15,6 +15,7 @@ from typing import Any, Dict
 import torch
 
 from core.runtime import TrainingStopped
+
 from .splats import Splats
 
 

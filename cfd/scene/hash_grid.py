@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib.util
 import math
 from dataclasses import dataclass
+from enum import Enum
 from typing import List, Tuple
 
 import torch
@@ -26,6 +27,12 @@ from torch import Tensor, nn
 
 PRIMES = (1, 2654435761, 805459861)
 UINT32 = 0xFFFFFFFF
+
+
+class GridBackend(Enum):
+    auto = "auto"  # tcnn on CUDA when installed, else torch
+    torch = "torch"  # the pure-PyTorch encoding below
+    tcnn = "tcnn"  # tiny-cuda-nn's fused CUDA encoding
 
 
 @dataclass
@@ -38,7 +45,7 @@ class HashGridConfig:
     log2_hashmap_size: int = 16
     base_resolution: int = 16
     max_resolution: int = 512
-    backend: str = "auto"  # "auto" (tcnn on CUDA when installed), "torch" or "tcnn"
+    backend: GridBackend = GridBackend.auto
 
     @property
     def per_level_scale(self) -> float:
@@ -170,10 +177,9 @@ def hash_grid(cfg: HashGridConfig, device, generator: torch.Generator | None = N
     """The encoding for ``cfg.backend`` on ``device``: tcnn when asked for (or ``auto`` on CUDA
     with tinycudann installed), the PyTorch one otherwise."""
     device = torch.device(device)
-    if cfg.backend not in ("auto", "torch", "tcnn"):
-        raise ValueError(f"hash grid backend is 'auto', 'torch' or 'tcnn', got {cfg.backend!r}")
-    use_tcnn = cfg.backend == "tcnn" or (cfg.backend == "auto" and device.type == "cuda"
-                                         and tcnn_available())
+    backend = GridBackend(cfg.backend)
+    use_tcnn = backend is GridBackend.tcnn or (backend is GridBackend.auto
+                                               and device.type == "cuda" and tcnn_available())
     if use_tcnn:
         if device.type != "cuda" or not tcnn_available():
             raise RuntimeError(

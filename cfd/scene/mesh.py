@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from core.errors import UserError
 from core.runtime import atomic_write
 
 
@@ -115,8 +116,8 @@ def extract_mesh(field, resolution: int = 128, threshold: Optional[float] = None
 def check_mesh_resolution(resolution: int) -> None:
     """Refuse a marching-cubes grid of fewer than 2 points per axis (``mesh_resolution``)."""
     if resolution < 2:
-        raise ValueError(f"mesh_resolution must be >= 2, got {resolution}: marching cubes needs "
-                         "at least 2 grid points per axis (the default is 128)")
+        raise UserError(f"mesh_resolution must be >= 2, got {resolution}: marching cubes needs "
+                        "at least 2 grid points per axis (the default is 128)")
 
 
 def srgb_to_linear(colours: np.ndarray) -> np.ndarray:

@@ -10,11 +10,14 @@ empty space (as threestudio's ``density_bias: blob_magic3d``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from core.errors import UserError
 
 from .hash_grid import HashGridConfig, hash_grid
 
@@ -38,7 +41,13 @@ def trunc_exp(x: Tensor) -> Tensor:
     return _TruncExp.apply(x)
 
 
-DENSITY_ACTIVATIONS = {"trunc_exp": trunc_exp, "softplus": F.softplus}
+class DensityActivation(Enum):
+    trunc_exp = "trunc_exp"  # exp with its gradient clamped (instant-ngp, the official CFD)
+    softplus = "softplus"
+
+
+DENSITY_ACTIVATIONS = {DensityActivation.trunc_exp: trunc_exp,
+                       DensityActivation.softplus: F.softplus}
 
 
 @dataclass
@@ -56,7 +65,7 @@ class NeRFConfig:
     grid: HashGridConfig = field(default_factory=HashGridConfig)
     hidden: int = 64
     n_features: int = 15  # geometry features handed from the density head to the colour head
-    density_activation: str = "trunc_exp"
+    density_activation: DensityActivation = DensityActivation.trunc_exp
     blob_density: float = 10.0
     blob_radius: float = 0.5
 
@@ -70,17 +79,14 @@ class NeRFField(nn.Module):
 
     def __init__(self, cfg: NeRFConfig, device="cpu", generator: torch.Generator | None = None):
         super().__init__()
-        if cfg.density_activation not in DENSITY_ACTIVATIONS:
-            raise ValueError(f"density_activation is one of {sorted(DENSITY_ACTIVATIONS)}, got "
-                             f"{cfg.density_activation!r}")
         if not cfg.radius > 0:
-            raise ValueError(f"nerf.radius (half the side of the scene box) must be positive, "
-                             f"got {cfg.radius}")
+            raise UserError(f"nerf.radius (half the side of the scene box) must be positive, "
+                            f"got {cfg.radius}")
         # A zero blob radius divides by zero (density -inf, NaN at the centre) rather than
         # meaning "no blob", which is blob_density = 0.
         if not cfg.blob_radius > 0:
-            raise ValueError(f"nerf.blob_radius must be positive, got {cfg.blob_radius}; to "
-                             "start without a blob set nerf.blob_density=0 instead")
+            raise UserError(f"nerf.blob_radius must be positive, got {cfg.blob_radius}; to "
+                            "start without a blob set nerf.blob_density=0 instead")
         self.cfg = cfg
         self.encoding = hash_grid(cfg.grid, device, generator)
         self.density_net = nn.Sequential(
@@ -126,7 +132,7 @@ class NeRFField(nn.Module):
         inside = (points.abs() <= self.cfg.radius).all(-1)
         head = self.density_net(self.encoding(self.contract(points)))
         blob = self.cfg.blob_density * (1 - points.norm(dim=-1) / self.cfg.blob_radius)
-        density = DENSITY_ACTIVATIONS[self.cfg.density_activation](head[:, 0] + blob)
+        density = DENSITY_ACTIVATIONS[DensityActivation(self.cfg.density_activation)](head[:, 0] + blob)
         rgb = torch.sigmoid(self.colour_net(head[:, 1:]))
         return torch.where(inside, density, torch.zeros_like(density)), rgb
 

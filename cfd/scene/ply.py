@@ -16,7 +16,9 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
+from core.errors import InputFileError, UserError
 from core.runtime import atomic_write
+
 from .splats import Splats
 
 
@@ -63,20 +65,20 @@ def load_ply(path) -> Splats:
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no .ply file at {path}")
+        raise InputFileError(f"no .ply file at {path}")
     try:
         data = PlyData.read(str(path))
         vertex = data["vertex"]
     except Exception as err:
-        raise ValueError(f"{path} is not a readable .ply with a 'vertex' element: {err}") from err
+        raise UserError(f"{path} is not a readable .ply with a 'vertex' element: {err}") from err
     names = [prop.name for prop in vertex.properties]
     n_rest = sum(name.startswith("f_rest_") for name in names)
     degree = int(round(((n_rest // 3) + 1) ** 0.5)) - 1
     if n_rest % 3 or (degree + 1) ** 2 - 1 != n_rest // 3 or not 0 <= degree <= 3:
-        raise ValueError(f"{path}: {n_rest} f_rest fields do not match an SH degree 0..3")
+        raise UserError(f"{path}: {n_rest} f_rest fields do not match an SH degree 0..3")
     missing = [n for n in ply_property_names(degree) if n not in names and not n.startswith("n")]
     if missing:
-        raise ValueError(f"{path} is not in the 3D Gaussian Splatting layout; missing {missing}")
+        raise UserError(f"{path} is not in the 3D Gaussian Splatting layout; missing {missing}")
 
     def cols(keys):
         return torch.from_numpy(np.stack([np.asarray(vertex[k], dtype=np.float32) for k in keys], 1))
@@ -104,5 +106,5 @@ def read_ply_property(path, name: str) -> torch.Tensor:
     vertex = PlyData.read(str(path))["vertex"]
     names = [prop.name for prop in vertex.properties]
     if name not in names:
-        raise ValueError(f"{path} has no per-splat {name!r} property; it has {names}")
+        raise UserError(f"{path} has no per-splat {name!r} property; it has {names}")
     return torch.from_numpy(np.asarray(vertex[name], dtype=np.float32))

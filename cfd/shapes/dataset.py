@@ -30,6 +30,7 @@ from typing import Dict, Iterator, List, Optional
 import torch
 from tqdm import tqdm
 
+from core.errors import UserError
 from core.runtime import cache_root, share_as_created
 
 from ..cameras import Cameras, sample_orbit_cameras
@@ -84,8 +85,8 @@ def canonical_settings(cfg: ShapeDatasetConfig) -> Dict[str, object]:
             value = [float(v) for v in value]
         elif isinstance(default, int):
             if float(value) != int(value):
-                raise ValueError(f"ShapeDatasetConfig.{f.name} must be a whole number, got "
-                                 f"{value!r}")
+                raise UserError(f"ShapeDatasetConfig.{f.name} must be a whole number, got "
+                                f"{value!r}")
             value = int(value)
         else:
             value = float(value)

@@ -17,6 +17,8 @@ from typing import Dict, List, Tuple
 
 import torch
 
+from core.errors import UserError
+
 from ..scene import Splats
 from . import primitives
 
@@ -225,7 +227,7 @@ def objects_for(prompt: str) -> List[ShapeObject]:
     found = [o for o in SHAPE_WORLD if o.prompt == prompt]
     if not found:
         known = "\n  ".join(prompts())
-        raise ValueError(f"unknown prompt {prompt!r} for the embedded prior; it knows:\n  {known}")
+        raise UserError(f"unknown prompt {prompt!r} for the embedded prior; it knows:\n  {known}")
     return found
 
 

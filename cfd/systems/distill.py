@@ -28,8 +28,8 @@ from ..scene.background import BackgroundMLPConfig, MLPBackground
 from .common import OrbitConfig, check_backend, check_counts, scheduled
 from .ground_truth import has_ground_truth
 from .prior import GuidanceConfig, GuidanceKind, build_guidance
-from .scenes import (CHECKPOINT_FORMAT, NeRFSceneConfig, SceneKind, SplatSceneConfig,
-                     build_scene, check_scene)
+from .scenes import (CHECKPOINT_FORMAT, NeRFSceneConfig, SceneKind, SplatSceneConfig, build_scene,
+                     check_scene)
 from .timesteps import TimestepConfig, TimestepSchedule
 
 
@@ -99,7 +99,7 @@ def check_settings(c: DistillationSettings) -> None:
                    "nerf.shading.p_textureless": c.nerf.shading.p_textureless}.items():
         if not 0.0 <= p <= 1.0:
             raise UserError(f"{key} is a probability in [0, 1], got {p}")
-    if c.background_kind is BackgroundKind.mlp and c.guidance.kind is GuidanceKind.embedded:
+    if BackgroundKind(c.background_kind) is BackgroundKind.mlp and GuidanceKind(c.guidance.kind) is GuidanceKind.embedded:
         raise UserError("background_kind=mlp: the embedded prior's images lie on a solid "
                         "background, so a learned one has nothing to learn; use it with "
                         "an image model (guidance.kind=stable-diffusion or flow-matching)")
@@ -109,7 +109,7 @@ def check_settings(c: DistillationSettings) -> None:
             scheduled(value, 0)
         except ValueError as err:
             raise UserError(f"{key}: {err}") from None
-    if c.scene is SceneKind.splats and c.loss.lambda_normal_smooth != 0:
+    if SceneKind(c.scene) is SceneKind.splats and c.loss.lambda_normal_smooth != 0:
         raise UserError("loss.lambda_normal_smooth is for scene=nerf (splats have no normals)")
     for key, value in {"guidance.guidance_scale": c.guidance.guidance_scale,
                        **{f"splats.lr.{k}": v
@@ -119,12 +119,12 @@ def check_settings(c: DistillationSettings) -> None:
         if not torch.isfinite(torch.tensor(float(value))) or value < 0:
             raise UserError(f"{key} must be a finite number >= 0, got {value}")
     check_backend(resolve_device(c.device), c.backend,
-                  splats_only=c.scene is SceneKind.splats)
+                  splats_only=SceneKind(c.scene) is SceneKind.splats)
     check_scene(c.scene, c.splats, c.nerf)
     c.camera.check()
     check_counts({"steps": c.steps, "batch_size": c.batch_size, "resolution": c.resolution})
     TimestepSchedule(c.timesteps, c.steps)  # its knots and ranges
-    if c.guidance.kind is GuidanceKind.embedded:
+    if GuidanceKind(c.guidance.kind) is GuidanceKind.embedded:
         # the end of the run compares with the prompt's objects; an unknown prompt fails now,
         # before the prior's dataset is rendered or a run folder exists
         has_ground_truth(c.prompt_processor.prompt)
@@ -145,7 +145,7 @@ class Distillation:
         self.schedule = TimestepSchedule(c.timesteps, c.steps)
         self.scene = build_scene(c.scene, c.splats, c.nerf, self.device, self.generator)
         self.background = (MLPBackground(c.background_mlp, c.background, self.generator)
-                           .to(self.device) if c.background_kind is BackgroundKind.mlp
+                           .to(self.device) if BackgroundKind(c.background_kind) is BackgroundKind.mlp
                            else None)
         self.background_optimizer = (None if self.background is None
                                      else self.background.make_optimizer())

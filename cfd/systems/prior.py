@@ -12,9 +12,10 @@ from typing import Optional
 
 import torch
 
+from guidance.base import Weighting
 from guidance.embedded import ClosedFormPrior
 from guidance.flow_matching import FlowMatchingConfig, FlowMatchingGuidance
-from guidance.latent import LatentModelConfig
+from guidance.latent import LatentModelConfig, LatentSampling
 from guidance.loading import resolve_model_path
 from guidance.prompts import PromptConfig
 from guidance.stable_diffusion import StableDiffusionConfig, StableDiffusionGuidance
@@ -36,24 +37,24 @@ class GuidanceConfig:
     kind: GuidanceKind = GuidanceKind.embedded
     model_id: Optional[str] = None
     guidance_scale: float = 1.0
-    weighting: str = "sigma_over_alpha"
+    weighting: Weighting = Weighting.sigma_over_alpha
     half_precision: bool = True
     resolution: Optional[int] = None
-    latent_sampling: str = "sample"
+    latent_sampling: LatentSampling = LatentSampling.sample
     dataset: ShapeDatasetConfig = field(default_factory=ShapeDatasetConfig)
 
 
 def build_guidance(cfg: GuidanceConfig, device: torch.device, view_config: PromptConfig):
     """The 2D prior a run distils from. ``view_config``: the run's prompt settings, whose view
     thresholds the embedded prior uses to label its images, so both agree on what "side" means."""
-    if cfg.kind is GuidanceKind.embedded:
+    if GuidanceKind(cfg.kind) is GuidanceKind.embedded:
         folder = build_shape_dataset(cfg.dataset)
         return ClosedFormPrior.from_pretrained(folder, device=device,
                                                guidance_scale=cfg.guidance_scale,
                                                weighting=cfg.weighting,
                                                view_config=view_config)
     model = _model_config(cfg)
-    if cfg.kind is GuidanceKind.stable_diffusion:
+    if GuidanceKind(cfg.kind) is GuidanceKind.stable_diffusion:
         return StableDiffusionGuidance.from_config(model, device)
     return FlowMatchingGuidance.from_config(model, device)
 
@@ -62,7 +63,7 @@ def _model_config(cfg: GuidanceConfig) -> LatentModelConfig:
     """A diffusers prior's own config; unset (None) options keep its defaults."""
     options = {f.name: getattr(cfg, f.name) for f in fields(LatentModelConfig)
                if getattr(cfg, f.name) is not None}
-    if cfg.kind is GuidanceKind.stable_diffusion:
+    if GuidanceKind(cfg.kind) is GuidanceKind.stable_diffusion:
         return StableDiffusionConfig(**options)
     return FlowMatchingConfig(**options)
 
@@ -70,5 +71,5 @@ def _model_config(cfg: GuidanceConfig) -> LatentModelConfig:
 def check_guidance_model(cfg: GuidanceConfig) -> None:
     """Find a diffusers prior's folder (its ``model_index.json``) without loading it, so that
     a missing model stops a job before it runs anything (``ModelWeightsNotFound``)."""
-    if cfg.kind is not GuidanceKind.embedded:
+    if GuidanceKind(cfg.kind) is not GuidanceKind.embedded:
         resolve_model_path(_model_config(cfg).model_id)

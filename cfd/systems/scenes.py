@@ -118,20 +118,20 @@ class SplatScene:
     def check(cfg: SplatSceneConfig) -> None:
         """Refuse settings that cannot work, before anything is built."""
         init = cfg.init
-        if init.kind is InitKind.ball and init.n_splats < 1:
+        if InitKind(init.kind) is InitKind.ball and init.n_splats < 1:
             raise UserError(f"splats.init.n_splats must be >= 1, got {init.n_splats}: an empty "
                             "scene has nothing to train (densification only splits and clones "
                             "splats)")
-        if init.kind is InitKind.ply and not init.path:
+        if InitKind(init.kind) is InitKind.ply and not init.path:
             raise UserError("splats.init.kind=ply needs splats.init.path=<file.ply>")
-        if init.lock_visible and (init.kind is not InitKind.ply or cfg.densify.enabled):
+        if init.lock_visible and (InitKind(init.kind) is not InitKind.ply or cfg.densify.enabled):
             raise UserError("splats.init.lock_visible needs splats.init.kind=ply and "
                             "splats.densify.enabled=false (densification would split and prune "
                             "the splats the visibility belongs to)")
 
     def _initial_splats(self, generator: torch.Generator) -> Splats:
         init = self.cfg.init
-        if init.kind is InitKind.ply:
+        if InitKind(init.kind) is InitKind.ply:
             splats = Splats.load_ply(init.path)
             if not len(splats):
                 raise UserError(f"splats.init.path={init.path} holds no splats; a run needs at "
@@ -325,17 +325,17 @@ SCENES = {SceneKind.splats: SplatScene, SceneKind.nerf: NeRFScene}
 
 def scene_config(kind: SceneKind, splats: SplatSceneConfig, nerf: NeRFSceneConfig):
     """The config section of the scene kind a run trains."""
-    return splats if kind is SceneKind.splats else nerf
+    return splats if SceneKind(kind) is SceneKind.splats else nerf
 
 
 def check_scene(kind: SceneKind, splats: SplatSceneConfig, nerf: NeRFSceneConfig) -> None:
-    SCENES[kind].check(scene_config(kind, splats, nerf))
+    SCENES[SceneKind(kind)].check(scene_config(kind, splats, nerf))
 
 
 def build_scene(kind: SceneKind, splats: SplatSceneConfig, nerf: NeRFSceneConfig,
                 device: torch.device, generator: torch.Generator):
     """The :class:`SplatScene` or :class:`NeRFScene` of ``kind``, built from its section."""
-    return SCENES[kind](scene_config(kind, splats, nerf), device, generator)
+    return SCENES[SceneKind(kind)](scene_config(kind, splats, nerf), device, generator)
 
 
 def save_nerf_outputs(nerf: NeRFField, run_dir: Path, mesh_resolution: int,

@@ -20,8 +20,8 @@ from torch import Tensor
 
 from cfd.scene import Splats
 
-from .layers import (FeedForwardNet, LayerNorm32, MultiHeadAttention,
-                     absolute_position_embedding, convert_to_half)
+from .layers import (FeedForwardNet, LayerNorm32, MultiHeadAttention, absolute_position_embedding,
+                     convert_to_half)
 from .sparse import SparseLinear, SparseTensor
 
 # Order and width (per Gaussian) of the decoder's output channels.
