@@ -55,6 +55,16 @@ same job again: the study continues where it stopped.
 """
 
 from .config import ExecutorKind, JobKeys, MethodConfig, RayConfig, StudyConfig
-from .driver import run_study
+
+
+def __getattr__(name: str):
+    """``study.run_study``, imported on first use: the driver brings torch, scipy and matplotlib,
+    which Ray workers (they import only ``study.launch``) should not load."""
+    if name == "run_study":
+        from .driver import run_study
+
+        return run_study
+    raise AttributeError(f"module 'study' has no attribute '{name}'")
+
 
 __all__ = ["ExecutorKind", "JobKeys", "MethodConfig", "RayConfig", "StudyConfig", "run_study"]

@@ -13,8 +13,8 @@ from cfd.config import save_config
 
 from .config import ExecutorKind, StudyConfig
 from .executors import FINISHED, STARTED, LocalExecutor, RayExecutor
-from .launch import LOG_NAME, RunStatus, finished_run, read_metrics
-from .plan import RunSpec, plan_runs
+from .launch import LOG_NAME, RunSpec, RunStatus, finished_run, read_metrics
+from .plan import plan_runs
 from .report import write_report
 from .state import StudyState
 

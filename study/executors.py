@@ -20,8 +20,7 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence, Tuple
 
 from .config import RayConfig
-from .launch import RunOutcome, RunStatus, execute_run
-from .plan import RunSpec
+from .launch import RunOutcome, RunSpec, RunStatus, execute_run
 
 RunEvent = Tuple[str, RunSpec, Optional[RunOutcome]]
 STARTED, FINISHED = "started", "finished"

@@ -1,6 +1,9 @@
 """Executing one run: find what its folder holds, start or resume the job in a subprocess with
 its output in ``run.log``, and report how it ended. Executors call :func:`execute_run` in a
-thread (local) or in a Ray task; it only reads and writes the run's own folder."""
+thread (local) or in a Ray task; it only reads and writes the run's own folder.
+
+This module imports nothing outside the standard library: Ray workers import it (and only it, of
+this package) to execute runs, so they start fast."""
 
 from __future__ import annotations
 
@@ -13,9 +16,7 @@ import time
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Dict, List, Optional
-
-from .plan import RunSpec
+from typing import Dict, List, Optional, Tuple
 
 LOG_NAME = "run.log"
 LOG_TAIL_LINES = 30
@@ -23,6 +24,29 @@ _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 # loaded here, not in the forked child: a child of a threaded process should run as little
 # Python as possible before exec
 _LIBC = ctypes.CDLL("libc.so.6", use_errno=True) if os.uname().sysname == "Linux" else None
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything a worker needs to start, resume and find one run (plain data: it is pickled
+    to Ray workers)."""
+
+    key: str  # <method>/<prompt slug>/seed<k>: the run's name in the state file and logs
+    method: str
+    prompt: str
+    seed: int
+    output_dir: str  # absolute; the job makes its run folder inside it
+    command: Tuple[str, ...]  # the job program, e.g. (python, run.py)
+    config: str  # the job's config file
+    overrides: Tuple[str, ...]  # the method's, then prompt, seed and output folder
+    workdir: str
+    threads: int
+
+    def start_command(self) -> List[str]:
+        return [*self.command, "--config", self.config, *self.overrides]
+
+    def resume_command(self, run_dir: Path) -> List[str]:
+        return [*self.command, "--resume", str(run_dir)]
 
 
 class RunStatus(Enum):
@@ -51,8 +75,9 @@ class RunOutcome:
 def run_folders(output_dir: Path) -> List[Path]:
     """The run folders a job made in ``output_dir`` (``<name>/<tag>@<time>/`` holding a
     config.yaml), oldest first."""
-    found = [p.parent for p in Path(output_dir).glob("*/*@*/config.yaml")]
-    return sorted(found, key=lambda p: (p.stat().st_mtime, p.name))
+    configs = sorted(Path(output_dir).glob("*/*@*/config.yaml"),
+                     key=lambda p: (p.stat().st_mtime, p.parent.name))
+    return [p.parent for p in configs]
 
 
 def finished_run(output_dir: Path) -> Optional[Path]:

@@ -1,10 +1,9 @@
-"""A study's runs: one :class:`RunSpec` per (method, prompt, seed), each with its own folder and
-the command line that starts it."""
+"""A study's plan: one :class:`~study.launch.RunSpec` per (method, prompt, seed), each with its own
+folder and the command line that starts it."""
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Tuple
 
@@ -12,33 +11,7 @@ from cfd.config import ConfigError
 from cfd.utils.runtime import slugify
 
 from .config import MethodConfig, StudyConfig
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """Everything a worker needs to start, resume and find one run (plain data: it is pickled
-    to Ray workers)."""
-
-    method: str
-    prompt: str
-    seed: int
-    output_dir: str  # absolute; the job makes its run folder inside it
-    command: Tuple[str, ...]  # the job program, e.g. (python, run.py)
-    config: str  # the job's config file
-    overrides: Tuple[str, ...]  # the method's, then prompt, seed and output folder
-    workdir: str
-    threads: int
-
-    @property
-    def key(self) -> str:
-        """The run's name in the study's state file and logs."""
-        return f"{self.method}/{slugify(self.prompt)}/seed{self.seed}"
-
-    def start_command(self) -> List[str]:
-        return [*self.command, "--config", self.config, *self.overrides]
-
-    def resume_command(self, run_dir: Path) -> List[str]:
-        return [*self.command, "--resume", str(run_dir)]
+from .launch import RunSpec
 
 
 def read_prompts(cfg: StudyConfig) -> List[str]:
@@ -82,7 +55,9 @@ def method_run(cfg: StudyConfig, method: MethodConfig, prompt: str, seed: int) -
     keys = method.job_keys
     overrides = (*method.overrides, f"{keys.prompt}={prompt}", f"{keys.seed}={seed}",
                  f"{keys.output_dir}={output_dir}")
-    return RunSpec(method=method.name, prompt=prompt, seed=seed, output_dir=str(output_dir),
+    key = f"{method.name}/{slugify(prompt)}/seed{seed}"
+    return RunSpec(key=key, method=method.name, prompt=prompt, seed=seed,
+                   output_dir=str(output_dir),
                    command=job_command(cfg.command), config=method.config, overrides=overrides,
                    workdir=str(workdir), threads=cfg.threads_per_run)
 

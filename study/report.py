@@ -25,8 +25,7 @@ from matplotlib.figure import Figure
 from scipy import stats
 
 from .config import StudyConfig
-from .launch import RunStatus
-from .plan import RunSpec
+from .launch import RunSpec, RunStatus
 from .state import RunRecord, StudyState
 
 WALL_TIME_METRIC = "wall_s"  # the runs' own training time, preferred over the study's elapsed

@@ -17,8 +17,7 @@ from typing import Dict, Optional
 
 from cfd.utils.runtime import atomic_write
 
-from .launch import RunOutcome, RunStatus
-from .plan import RunSpec
+from .launch import RunOutcome, RunSpec, RunStatus
 
 STATE_NAME = "state.json"
 
