@@ -71,6 +71,8 @@ class StudyConfig:
     the study. ``threads_per_run`` sets OMP_NUM_THREADS and MKL_NUM_THREADS of every run;
     ``max_parallel`` (local executor; null: CPU cores // threads_per_run) caps the runs at once.
     ``retry_failed``: whether running the study again retries runs that failed before.
+    ``output_dir`` and ``prompts_file`` are relative to the current folder, method configs to
+    ``workdir``.
     """
 
     job: str = "study"

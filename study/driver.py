@@ -42,7 +42,8 @@ def runs_to_execute(cfg: StudyConfig, specs: List[RunSpec], state: StudyState) -
     return todo
 
 
-def _progress_postfix(state: StudyState, specs: List[RunSpec]) -> Dict[str, int]:
+def status_counts(state: StudyState, specs: List[RunSpec]) -> Dict[str, int]:
+    """How many of the study's runs are done, running and failed."""
     statuses = [state.record(spec).status for spec in specs]
     return {status: statuses.count(status)
             for status in (RunStatus.done.value, RunStatus.running.value, RunStatus.failed.value)}
@@ -54,7 +55,7 @@ def execute(cfg: StudyConfig, specs: List[RunSpec], state: StudyState) -> None:
     finished_before = len(specs) - len(todo)
     with tqdm(total=len(specs), initial=finished_before, desc=cfg.name, unit="run",
               dynamic_ncols=True) as bar:
-        bar.set_postfix(_progress_postfix(state, specs))
+        bar.set_postfix(status_counts(state, specs))
         if not todo:
             return
         for event, spec, outcome in make_executor(cfg).events(todo):
@@ -65,9 +66,10 @@ def execute(cfg: StudyConfig, specs: List[RunSpec], state: StudyState) -> None:
                 if outcome.status is RunStatus.failed:
                     bar.write(f"run {spec.key} failed: {outcome.error.splitlines()[0]} "
                               f"(log: {Path(spec.output_dir) / LOG_NAME})")
-            bar.set_postfix(_progress_postfix(state, specs), refresh=event == STARTED)
+            bar.set_postfix(status_counts(state, specs), refresh=event == STARTED)
             if event == FINISHED:
                 bar.update(1)
+
 
 def as_study_config(config: Union[StudyConfig, DictConfig]) -> StudyConfig:
     """A loaded config (``cfd.config.load_config(StudyConfig, ...)``) or a ``StudyConfig``, as a
@@ -89,6 +91,6 @@ def run_study(config: Union[StudyConfig, DictConfig]) -> dict:
     metrics = {spec.key: read_metrics(Path(state.record(spec).run_dir))
                for spec in specs if state.record(spec).status == RunStatus.done.value}
     files = write_report(cfg, specs, state, metrics, study_dir)
-    counts = _progress_postfix(state, specs)
+    counts = status_counts(state, specs)
     return {"study_dir": str(study_dir), "runs": len(specs), "done": counts["done"],
             "failed": counts["failed"], **{name: str(path) for name, path in files.items()}}

@@ -87,10 +87,3 @@ class StudyState:
         record.elapsed_s += outcome.elapsed_s
         record.updated = time.strftime("%Y-%m-%dT%H:%M:%S")
         self.save()
-
-    def counts(self) -> Dict[str, int]:
-        """How many runs are in each status."""
-        counts = {status.value: 0 for status in RunStatus}
-        for record in self.records.values():
-            counts[record.status] += 1
-        return counts

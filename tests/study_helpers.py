@@ -61,5 +61,10 @@ def process_alive(pid: int) -> bool:
         return False
 
 
+# a study driver in its own process: python -c DRIVER <study config> [overrides]
+DRIVER = ("import sys; from tests.study_helpers import load_study; from study import run_study; "
+          "run_study(load_study(sys.argv[1], sys.argv[2:]))")
+
+
 def saved_state(tmp: Path) -> dict:
     return json.loads((study_dir(tmp) / "state.json").read_text())["runs"]

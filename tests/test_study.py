@@ -20,8 +20,8 @@ from study import ExecutorKind, run_study
 from study.plan import plan_runs
 from study.report import summarize
 
-from .study_helpers import (REPO, invocations, load_study, process_alive, run_folder, saved_state,
-                            study_dir, write_fake_study)
+from .study_helpers import (DRIVER, REPO, invocations, load_study, process_alive, run_folder,
+                            saved_state, study_dir, write_fake_study)
 
 
 def test_config_is_typed_and_strict(tmp_path):
@@ -122,10 +122,6 @@ def test_rerun_skips_finished_retries_failed_and_resumes_stopped(tmp_path):
     run_study(load_study(path, ["prompts=[a mug, a chair]"]))  # retry_failed: true
     assert len(invocations(run_folder(tmp_path, "alpha", "a_chair", 0))) == 2
     assert saved_state(tmp_path)["alpha/a_chair/seed0"]["attempts"] == 2
-
-
-DRIVER = ("import sys; from tests.study_helpers import load_study; from study import run_study; "
-          "run_study(load_study(sys.argv[1]))")
 
 
 def test_driver_killed_with_sigkill_continues(tmp_path):
