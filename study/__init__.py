@@ -50,9 +50,10 @@ batch job (``sbatch`` with, say, ``--nodes=4 --ntasks-per-node=1 --gpus-per-node
    StudyConfig, run_study; run_study(load_config(StudyConfig, 'configs/study-embedded.yaml',
    ['executor=ray', 'ray.address=auto', 'ray.num_gpus=1', 'threads_per_run=4']))"``.
 
-Ray then spreads the runs over the nodes, one GPU each (give the methods ``device=cuda`` in
-their overrides so that the jobs use it; Ray sets each task's CUDA_VISIBLE_DEVICES). If the allocation ends early, submit the
-same job again: the study continues where it stopped.
+Ray then spreads the runs over the nodes, one GPU each (add ``device=cuda`` to each method's
+overrides in the study's YAML so that the jobs use it; Ray sets each task's
+CUDA_VISIBLE_DEVICES). If the allocation ends early, submit the same job again: the study
+continues where it stopped.
 """
 
 from .config import ExecutorKind, JobKeys, MethodConfig, RayConfig, StudyConfig
