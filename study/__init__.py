@@ -1,0 +1,72 @@
+"""Studies: many runs of cfd3d jobs (methods x prompts x seeds), executed locally or on a Ray
+cluster, resumable, and summarised in a report.
+
+Use
+---
+A study config (``configs/study-embedded.yaml``) names its methods (each a job config file with
+overrides), its prompts, seeds, metrics and executor::
+
+    from cfd.config import load_config
+    from study import StudyConfig, run_study
+
+    cfg = load_config(StudyConfig, "configs/study-embedded-quick.yaml", ["max_parallel=2"])
+    summary = run_study(cfg)   # {"study_dir": ..., "runs": 8, "done": 8, "failed": 0, ...}
+
+Every run is ``python run.py --config <method config> <overrides> <prompt key>=<prompt>
+seed=<k> output_dir=<study>/runs/<method>/<prompt slug>/seed<k>``, in its own folder, with its
+output in ``run.log`` there. Running the same study again continues it: finished runs (a
+``metrics.json``) are skipped, runs stopped after a checkpoint continue with ``run.py --resume``,
+failed runs are retried (``retry_failed``). A failed run is recorded with its exit code and the end
+of its log, and the study goes on. ``state.json`` (rewritten atomically) holds every run's status;
+a driver killed even with SIGKILL loses nothing, and the runs it had started die with it.
+
+The report (``results.csv``, ``report.md``, ``plots/``, ``report.html`` with each run's orbit
+video) is written into ``<output_dir>/<name>/`` at the end of every study run, also a partial one.
+
+Executors
+---------
+``executor: local`` runs ``max_parallel`` subprocesses at once (default: cores //
+``threads_per_run``). ``executor: ray`` submits one Ray task per run (``ray.num_cpus``,
+``ray.num_gpus`` reserved per task); the task starts the run's subprocess on its node, and a task
+whose worker or node died is rerun up to ``ray.max_retries`` times, resuming from the run's last
+checkpoint. ``ray.address``: null starts a local Ray cluster for the study, ``auto`` joins the
+cluster this machine belongs to, ``ray://<head>:10001`` goes through Ray Client. Ray, matplotlib
+and scipy come with ``pip install -e ".[study]"``.
+
+On a Slurm cluster
+------------------
+Every node must see the repository and the study folder at the same path (a shared file system):
+the runs read the configs and write into the study folder from whichever node Ray picks. In one
+batch job (``sbatch`` with, say, ``--nodes=4 --ntasks-per-node=1 --gpus-per-node=4``):
+
+1. take the allocated hosts (``scontrol show hostnames "$SLURM_JOB_NODELIST"``); the first is the
+   head;
+2. on the head, through ``srun --nodes=1 --ntasks=1 -w <head>``, start
+   ``ray start --head --node-ip-address=<head ip> --port=6379 --num-cpus=<cores>
+   --num-gpus=<gpus> --block`` in the background, and wait a few seconds;
+3. on every other node, the same way, ``ray start --address=<head ip>:6379 --num-cpus=<cores>
+   --num-gpus=<gpus> --block`` in the background;
+4. on the head, run the driver: ``python -c "from cfd.config import load_config; from study import
+   StudyConfig, run_study; run_study(load_config(StudyConfig, 'configs/study-embedded.yaml',
+   ['executor=ray', 'ray.address=auto', 'ray.num_gpus=1', 'threads_per_run=4']))"``.
+
+Ray then spreads the runs over the nodes, one GPU each (add ``device=cuda`` to each method's
+overrides in the study's YAML so that the jobs use it; Ray sets each task's
+CUDA_VISIBLE_DEVICES). If the allocation ends early, submit the same job again: the study
+continues where it stopped.
+"""
+
+from .config import ExecutorKind, JobKeys, MethodConfig, RayConfig, StudyConfig
+
+
+def __getattr__(name: str):
+    """``study.run_study``, imported on first use: the driver brings torch, scipy and matplotlib,
+    which Ray workers (they import only ``study.launch``) should not load."""
+    if name == "run_study":
+        from .driver import run_study
+
+        return run_study
+    raise AttributeError(f"module 'study' has no attribute '{name}'")
+
+
+__all__ = ["ExecutorKind", "JobKeys", "MethodConfig", "RayConfig", "StudyConfig", "run_study"]
