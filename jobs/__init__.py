@@ -16,6 +16,7 @@ JOBS = {
     "generate": "jobs.generate",  # TRELLIS: an image or a prompt to splats
     "relaxflow": "jobs.relaxflow",  # RelaxFlow: complete an occluded object
     "refine": "jobs.refine",  # RelaxFlow, then CFD on its completion
+    "study": "jobs.study",  # methods x prompts x seeds of the jobs above, and their report
 }
 
 

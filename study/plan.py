@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import List, Tuple
 
 from cfd.config import ConfigError
-from cfd.utils.runtime import slugify
+from core.runtime import slugify
 
 from .config import MethodConfig, StudyConfig
 from .launch import RunSpec

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, Optional
 
-from cfd.utils.runtime import atomic_write
+from core.runtime import atomic_write
 
 from .launch import RunOutcome, RunSpec, RunStatus
 
