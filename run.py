@@ -3,7 +3,8 @@
     python run.py --config configs/<name>.yaml key=value ...   run the YAML's job (its job key)
     python run.py <job> --config configs/<name>.yaml ...       the same, checking that the YAML
                                                                holds <job>: distill, fit-splats,
-                                                               generate, relaxflow or refine
+                                                               generate, relaxflow, refine or
+                                                               study
     python run.py --resume <run folder>                        continue a stopped distill run
                                                                exactly, as configured (no
                                                                overrides)

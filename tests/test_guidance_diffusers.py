@@ -635,14 +635,16 @@ def test_flow_gradient_form_equals_the_eps_form_and_is_better_conditioned(sd3, t
     cond, uncond = _conds(sd3)
     views = _views([0.0, 10.0], [0.0, 90.0])
 
-    def gradient(call):
+    def gradient(form):
         z = z0.clone().requires_grad_()
         monkeypatch.setattr(sd3, "encode", lambda rgb: z)
-        call(sd3, torch.zeros(B, RES, RES, 3), views, lambda el, az: (cond, uncond), t,
-             noise)["loss_sds"].backward()
+        monkeypatch.setattr(sd3, "latent_gradient", form.__get__(sd3))
+        sd3(torch.zeros(B, RES, RES, 3), views, lambda el, az: (cond, uncond), t,
+            noise)["loss_sds"].backward()
         return z.grad.double()
 
-    new, old = gradient(FlowMatchingGuidance.__call__), gradient(Guidance.__call__)
+    new = gradient(FlowMatchingGuidance.latent_gradient)
+    old = gradient(Guidance.latent_gradient)
     tt = torch.full((B,), t, dtype=torch.float64)
     x_t = sd3.schedule.add_noise(z0, noise, tt)
     u = sd3.predict_velocity(x_t, tt, cond, uncond).double()
