@@ -7,6 +7,10 @@ Writes ``splats.ply``, ``orbit.mp4``, ``occupancy.npz`` (the stage-1 voxels, ``c
 at ``resolution``) with a PNG of them, and ``metrics.json`` (stage timings, counts). Stage models
 are loaded when their stage starts and released after it (``offload=reload``), so only one
 stage's weights are in memory at a time.
+
+A pipeline with stage 1 only (a generator whose stage 2 is not trained yet) gives what it can:
+the run writes the occupancy and ``metrics.json``, and ends normally with a message that no
+splats were made and which stage is absent.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from core.devices import Precision, resolve_device
 from core.errors import UserError
 from jobs.skeleton import RunFolder, check_output, typed
 from relaxflow.conditioning import ImageConditioner, TextConditioner, load_object
-from relaxflow.loading import PipelineSpec
+from relaxflow.loading import STAGE_NAMES, PipelineSpec
 from relaxflow.pipeline import Offload, Stopwatch, TrellisPipeline
 from relaxflow.runner import decode, sample_latents, sample_structures, save_voxels
 from relaxflow.sampler import StageOverrides, with_overrides
@@ -100,13 +104,22 @@ def run(cfg) -> Dict[str, Any]:
         cond, neg_cond = _conditions(c, image, pipe.spec, device)
     folder = RunFolder.create(c.output_dir, c.name, Path(c.image).stem if c.image else c.prompt,
                               cfg)
-    # 4. both stages and the decoding, one stage's models at a time
+    # 4. stage 1, its voxels written; stage 2 and the decoding when the pipeline has them, one
+    # stage's models at a time
     generators = {"plain": torch.Generator().manual_seed(c.seed)}
     coords, resolution = sample_structures(
         pipe, lambda flow: {"plain": guided(with_overrides(pipe.sampler("structure"),
                                                            c.sparse_structure_sampler),
                                             cond, neg_cond, True)},
         generators, device, clock)
+    save_voxels(folder.path, coords["plain"], resolution)
+    voxels = len(coords["plain"])
+    absent = [STAGE_NAMES[stage] for stage in ("latent", "decode") if stage not in pipe.stages]
+    if absent:
+        return folder.finish({**clock.seconds, "voxels": voxels, "stages": list(pipe.stages),
+                              "device": str(device)},
+                             f"{voxels} voxels; wrote occupancy.npz only: the pipeline "
+                             f"{pipe.spec.root} has no {' and no '.join(absent)}, so no splats")
     latents = sample_latents(
         pipe, {"plain": guided(with_overrides(pipe.sampler("latent"), c.slat_sampler), cond,
                                neg_cond, True)}, coords, generators, clock)
@@ -114,10 +127,8 @@ def run(cfg) -> Dict[str, Any]:
         splats = decode(pipe, latents)[0]["plain"]
     # 5. the files, and metrics.json
     splats.save_ply(folder.path / "splats.ply")
-    save_voxels(folder.path, coords["plain"], resolution)
     write_orbit_video(splats, folder.path / "orbit.mp4", n_frames=c.video_frames,
                       size=c.video_size, distance=2.0, background=1.0)
-    voxels = len(coords["plain"])
     return folder.finish({**clock.seconds, "voxels": voxels, "splats": len(splats),
                           "device": str(device)},
                          f"{voxels} voxels, {len(splats)} splats; wrote splats.ply, orbit.mp4 "

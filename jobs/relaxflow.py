@@ -121,7 +121,9 @@ def check(c: RelaxFlowConfig) -> Tensor:
     resolve_device(c.device)
     check_output(c.output_dir, c.name)
     observation = load_object(c.image, c.mask)
-    check_pipeline_files(c.model).require("image", "relaxflow")
+    spec = check_pipeline_files(c.model)
+    spec.require("image", "relaxflow")
+    spec.require_stages("relaxflow")
     for prior in c.priors:
         load_object(prior, opaque_fix=PRIOR_FIX, setting="priors")
     resolve_model_path(c.image_cond_model, index_file="config.json", option="image_cond_model")

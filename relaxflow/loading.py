@@ -11,7 +11,10 @@ A damaged file (``pipeline.json`` or a model's json that is no JSON object, a sa
 cut short) is a :class:`PipelineFileError` naming it; a file missing from a local folder is a
 :class:`PipelineFileMissing` naming it (a folder of the user's is not downloaded again; a cached
 snapshot's error names the hub repo to download). :func:`check_pipeline_files` checks every
-file the stages read, headers only, before a job writes anything.
+file the folder's stages read, headers only, before a job writes anything.
+
+A folder has the stages (:data:`STAGES`) whose models ``pipeline.json`` names: all three for a
+released pipeline, stage 1 only for a generator whose later stages are not trained yet.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -34,12 +37,15 @@ from .sampler import FlowEulerSampler
 PIPELINE_FILE = "pipeline.json"
 RECOPY = "re-download or re-copy it"
 
-# The models each stage of a pipeline runs, by their pipeline.json keys.
+# The models each stage of a pipeline runs, by their pipeline.json keys, in running order.
 STAGES = {
     "structure": ("sparse_structure_flow_model", "sparse_structure_decoder"),
     "latent": ("slat_flow_model",),
     "decode": ("slat_decoder_gs",),
 }
+# what each stage is, for messages ("the pipeline has no ...")
+STAGE_NAMES = {"structure": "stage 1 (the sparse structure)",
+               "latent": "stage 2 (the structured latent)", "decode": "Gaussian decoder"}
 
 
 class PipelineFileError(UserError):
@@ -247,6 +253,23 @@ class PipelineSpec:
     samplers: Dict[str, FlowEulerSampler] = field(default_factory=dict)
     slat_normalization: Optional[Dict[str, Any]] = None
     cond_model: Optional[str] = None
+    stages: Tuple[str, ...] = tuple(STAGES)  # those whose models pipeline.json names
+
+    def absent_stage(self, stage: str) -> UserError:
+        """The error for a stage this pipeline has no models for, naming it and the folder."""
+        return UserError(f"the pipeline {self.root} has no {STAGE_NAMES[stage]}, the '{stage}' "
+                         f"stage: its {PIPELINE_FILE} names no "
+                         f"{' or '.join(repr(key) for key in STAGES[stage])} model (its stages: "
+                         f"{', '.join(self.stages)}); use a pipeline with every stage (e.g. "
+                         f"model={RELEASED_PIPELINES[self.condition]})")
+
+    def require_stages(self, job: str) -> None:
+        """A clear error unless the pipeline has every stage; it only reads ``pipeline.json``,
+        so it runs before any model loads."""
+        for stage in STAGES:
+            if stage not in self.stages:
+                raise UserError(f"the {job} job needs every stage of the pipeline: "
+                                f"{self.absent_stage(stage)}")
 
     def require(self, condition: str, job: str) -> None:
         """A clear error unless the pipeline is conditioned on ``condition`` (``"image"`` or
@@ -276,6 +299,22 @@ def _condition(root: Path, name: str, args: Dict[str, Any]) -> str:
     return named[0]
 
 
+def named_stages(path: Path, models: Dict[str, str]) -> Tuple[str, ...]:
+    """The stages whose models ``models`` (``pipeline.json``'s) names, in running order. Stage 1
+    is needed (a pipeline without it generates nothing); a stage with some of its models named
+    and others not is a damaged file; both are a :class:`PipelineFileError` naming the model."""
+    stages = []
+    for stage, keys in STAGES.items():
+        missing = [key for key in keys if key not in models]
+        if missing and (stage == "structure" or len(missing) < len(keys)):
+            raise PipelineFileError(f"{path} names no '{missing[0]}' model (the {stage} stage "
+                                    "needs it): the file is damaged or not a TRELLIS "
+                                    f"pipeline's; {RECOPY}")
+        if not missing:
+            stages.append(stage)
+    return tuple(stages)
+
+
 def read_pipeline(path_or_repo: Union[str, os.PathLike]) -> PipelineSpec:
     root = resolve_pipeline_folder(path_or_repo)
     path = root / PIPELINE_FILE
@@ -303,7 +342,8 @@ def read_pipeline(path_or_repo: Union[str, os.PathLike]) -> PipelineSpec:
                                         f"{type(err).__name__}: {err})") from None
     return PipelineSpec(root=root, name=name, models=dict(models), condition=condition,
                         samplers=samplers, slat_normalization=args.get("slat_normalization"),
-                        cond_model=args.get(f"{condition}_cond_model"))
+                        cond_model=args.get(f"{condition}_cond_model"),
+                        stages=named_stages(path, models))
 
 
 def check_pipeline_files(path_or_repo: Union[str, os.PathLike],
@@ -311,7 +351,7 @@ def check_pipeline_files(path_or_repo: Union[str, os.PathLike],
     """Check, before anything runs or is written, every file the pipeline's stages read:
     ``pipeline.json``, and each model's json and safetensors *header* (cheap: no weights are
     read, but a file cut short anywhere is found, its size not fitting the header). ``keys``:
-    the models to check, by default those :data:`STAGES` use. Returns the
+    the models to check, by default those of the stages the folder has. Returns the
     pipeline's spec; raises what loading the stages would, naming the file: a
     :class:`PipelineFileError` for a damaged file, a :class:`PipelineFileMissing` (a local
     folder) or :class:`ModelWeightsNotFound` (a cached snapshot) for a missing one."""
@@ -319,7 +359,7 @@ def check_pipeline_files(path_or_repo: Union[str, os.PathLike],
 
     spec = read_pipeline(path_or_repo)
     if keys is None:
-        keys = [key for stage in STAGES.values() for key in stage]
+        keys = [key for stage in spec.stages for key in STAGES[stage]]
     for key in keys:
         if key not in spec.models:
             raise PipelineFileError(f"{spec.root / PIPELINE_FILE} names no '{key}' model (a "

@@ -11,6 +11,9 @@
 * ``"cpu"``: every model stays in CPU memory and moves to the device for its stage: for repeated
   runs on small GPUs (8-12 GB);
 * ``"none"``: every model stays on the device after first use: the fastest repeated runs.
+
+A folder whose ``pipeline.json`` names only stage 1's models (a generator whose later stages are
+not trained yet) is a pipeline with that stage only: ``pipe.stages`` says which it has.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import os
 import time
 from contextlib import contextmanager
 from enum import Enum
-from typing import Dict, Iterator, Union
+from typing import Dict, Iterator, Tuple, Union
 
 import torch
 from torch import nn
@@ -28,7 +31,6 @@ from core.devices import Precision, half_dtype
 from core.errors import UserError
 
 from .loading import STAGES, PipelineSpec, check_pipeline_files, load_model
-
 
 
 class Offload(Enum):
@@ -48,8 +50,8 @@ class TrellisPipeline:
             raise ValueError(f"offload is one of {', '.join(o.value for o in Offload)}, got "
                              f"{offload!r}")
         offload = Offload(offload)
-        for stage, keys in STAGES.items():
-            for key in keys:
+        for stage in spec.stages:
+            for key in STAGES[stage]:
                 if key not in spec.models:
                     raise UserError(f"{spec.root}/pipeline.json names no '{key}' model "
                                     f"(needed by the {stage} stage)")
@@ -59,9 +61,15 @@ class TrellisPipeline:
 
     @classmethod
     def from_pretrained(cls, path_or_repo: Union[str, os.PathLike], **kwargs) -> "TrellisPipeline":
-        """The pipeline of a folder or cached repo id, every stage's files checked first (a
-        missing or damaged one is an error now, not when its stage starts)."""
+        """The pipeline of a folder or cached repo id, the files of every stage it has checked
+        first (a missing or damaged one is an error now, not when its stage starts)."""
         return cls(check_pipeline_files(path_or_repo), **kwargs)
+
+    @property
+    def stages(self) -> Tuple[str, ...]:
+        """The stages this pipeline has, in running order: ``("structure", "latent",
+        "decode")`` for a released one, ``("structure",)`` for one with stage 1 only."""
+        return self.spec.stages
 
     def sampler(self, stage: str):
         """``pipeline.json``'s sampler settings of ``"structure"`` or ``"latent"``."""
@@ -79,9 +87,12 @@ class TrellisPipeline:
 
     @contextmanager
     def stage(self, name: str) -> Iterator[Dict[str, nn.Module]]:
-        """The models of stage ``name`` on the device, for the ``with`` block."""
+        """The models of stage ``name`` on the device, for the ``with`` block; a stage the
+        pipeline does not have is a :class:`UserError` naming it and the folder."""
         if name not in STAGES:
             raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+        if name not in self.stages:
+            raise self.spec.absent_stage(name)
         models = {key: self._model(key) for key in STAGES[name]}
         try:
             yield models

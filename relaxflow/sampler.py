@@ -4,15 +4,17 @@ Convention (t = 1 is noise): ``x_t = (1 - t) x_0 + (sigma_min + (1 - sigma_min) 
 model predicts ``v = (1 - sigma_min) eps - x_0`` from ``(x_t, 1000 t, cond)``. Steps run on the
 rescaled grid ``t <- r t / (1 + (r - 1) t)`` of ``linspace(1, 0, steps + 1)`` (r > 1 spends more
 steps near the noise), ``x_{t'} = x_t - (t - t') v``. Guidance is ``(1 + w) v_cond - w v_uncond``
-for ``t`` inside ``cfg_interval`` and ``v_cond`` outside it. ``sigma_min`` shapes the path but not
-the Euler step (a straight-line update needs only ``v``), so sampling does not read it.
+for ``t`` inside ``cfg_interval`` (both ends included) and ``v_cond`` outside it. ``sigma_min``
+shapes the path but not the Euler step (a straight-line update needs only ``v``); it enters only
+the trajectory's predictions of ``x_0`` (:meth:`FlowEulerSampler.predict_x0`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -24,13 +26,40 @@ VelocityModel = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
 def rescaled_timesteps(steps: int, rescale_t: float = 1.0) -> Tensor:
-    """``[steps + 1]`` times from 1 to 0: ``r t / (1 + (r - 1) t)`` of a uniform grid."""
+    """``[steps + 1]`` float64 times from 1 to 0: ``r t / (1 + (r - 1) t)`` of a uniform grid.
+
+    Built as TRELLIS's ``FlowEulerSampler.sample`` builds it (``np.linspace``, then the same
+    expression in the same order): ``torch.linspace`` rounds some points differently, and the
+    guidance interval includes its ends, so one ulp moves a step in or out of guidance (25
+    steps, rescale 4: TRELLIS's step 20 is at 0.49999999999999994, unguided; a 0.5 is guided).
+    """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if rescale_t <= 0:
         raise ValueError(f"rescale_t must be > 0, got {rescale_t}")
-    t = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
-    return rescale_t * t / (1 + (rescale_t - 1) * t)
+    t = np.linspace(1, 0, steps + 1)
+    return torch.from_numpy(rescale_t * t / (1 + (rescale_t - 1) * t))
+
+
+def condition_for_batch(cond: Tensor, items: int, name: str = "condition") -> Tensor:
+    """``cond [b, ...]`` for a batch of ``items``: as it is when ``b == items``, repeated when
+    ``b == 1`` (TRELLIS's sampler does this: one image, several samples), else a
+    ``ValueError`` naming both sizes."""
+    if cond.shape[0] == items:
+        return cond
+    if cond.shape[0] == 1:
+        return cond.repeat(items, *([1] * (cond.dim() - 1)))
+    raise ValueError(f"the {name} has a batch of {cond.shape[0]} but the noise holds {items} "
+                     "items: give one per item, or one for all")
+
+
+class Trajectory(NamedTuple):
+    """A sampling run step by step, as TRELLIS's sampler returns it (``samples``, ``pred_x_t``,
+    ``pred_x_0``). Each list holds ``steps`` tensors of the noise's shape."""
+
+    samples: Tensor  # the result, the same tensor as ``pred_x_t[-1]``
+    pred_x_t: List[Tensor]  # x after each step (at the step's next time)
+    pred_x_0: List[Tensor]  # each step's x_0 predicted from its x_t and guided velocity
 
 
 @dataclass
@@ -58,17 +87,40 @@ class FlowEulerSampler:
         v_cond, v_uncond = v.chunk(2)
         return (1 + self.cfg_strength) * v_cond - self.cfg_strength * v_uncond
 
+    def predict_x0(self, x_t: Tensor, t: float, v: Tensor) -> Tensor:
+        """The data point ``v`` points at from ``x_t``: ``(1 - sigma_min) x_t - (sigma_min +
+        (1 - sigma_min) t) v``, TRELLIS's ``FlowEulerSampler._v_to_xstart_eps`` (the path's
+        ``x_t`` and ``v`` solved for ``x_0``). Any shape; ``x_t`` and ``v`` alike."""
+        return (1 - self.sigma_min) * x_t - (self.sigma_min + (1 - self.sigma_min) * t) * v
+
     @torch.no_grad()
     def sample(self, model: VelocityModel, noise: Tensor, cond: Tensor, neg_cond: Tensor,
-               progress: bool = False) -> Tensor:
-        """Integrate from ``noise`` (t = 1) to a sample (t = 0). ``cond`` and ``neg_cond`` are
-        the model's condition inputs for the batch."""
+               progress: bool = False, batch_size: Optional[int] = None,
+               return_trajectory: bool = False) -> Union[Tensor, Trajectory]:
+        """Integrate from ``noise`` (t = 1) to a sample (t = 0) of ``noise``'s shape.
+
+        ``cond`` and ``neg_cond`` are the model's condition inputs, one per item or one for all
+        (repeated, as TRELLIS does). ``batch_size``: the items ``noise`` holds; by default the
+        first dimension of a dense latent ``[B, C, ...]`` (more than two dimensions), while for
+        voxel features ``[N, C]``, whose items only the model knows, the conditions are taken
+        as one per item. ``return_trajectory``: a :class:`Trajectory` instead of the sample
+        (the same numbers, with every step's ``x_t`` and predicted ``x_0``)."""
         times: Sequence[float] = rescaled_timesteps(self.steps, self.rescale_t).tolist()
-        x = noise
+        if batch_size is None and noise.dim() > 2:
+            batch_size = noise.shape[0]
+        if batch_size is not None:
+            cond = condition_for_batch(cond, batch_size)
+            neg_cond = condition_for_batch(neg_cond, batch_size, "negative condition")
+        x, pred_x_t, pred_x_0 = noise, [], []
         for i in tqdm(range(self.steps), desc="flow sampling", disable=not progress):
             t, t_next = times[i], times[i + 1]
-            x = x - (t - t_next) * self.guided_velocity(model, x, t, cond, neg_cond)
-        return x
+            v = self.guided_velocity(model, x, t, cond, neg_cond)
+            if return_trajectory:
+                pred_x_0.append(self.predict_x0(x, t, v))
+            x = x - (t - t_next) * v
+            if return_trajectory:
+                pred_x_t.append(x)
+        return Trajectory(x, pred_x_t, pred_x_0) if return_trajectory else x
 
 
 @dataclass

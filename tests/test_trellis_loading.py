@@ -483,13 +483,89 @@ def test_pipeline_holds_models_between_stages_as_asked(pipeline_dir, offload, he
         TrellisPipeline.from_pretrained(pipeline_dir, offload="disk")
 
 
-def test_pipeline_without_a_stage_model_is_a_clear_error(pipeline_dir, tmp_path):
+def test_pipeline_without_a_stage_1_model_is_a_clear_error(pipeline_dir, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(pipeline_dir, broken)
     spec = json.loads((broken / "pipeline.json").read_text())
-    del spec["args"]["models"]["slat_decoder_gs"]
+    del spec["args"]["models"]["sparse_structure_decoder"]
     (broken / "pipeline.json").write_text(json.dumps(spec))
     from relaxflow.pipeline import TrellisPipeline
 
-    with pytest.raises(ValueError, match="names no 'slat_decoder_gs' model"):
+    with pytest.raises(ValueError, match="names no 'sparse_structure_decoder' model"):
         TrellisPipeline.from_pretrained(broken)
+
+
+@pytest.fixture(scope="module")
+def stage1_pipeline_dir(pipeline_dir, tmp_path_factory):
+    """The tiny pipeline with stage 1 only, as a generator in training has it: pipeline.json
+    names the structure models alone and stage 2's files are not there."""
+    root = tmp_path_factory.mktemp("trellis-tiny-stage1")
+    shutil.copytree(pipeline_dir, root, dirs_exist_ok=True)
+    spec = json.loads((root / "pipeline.json").read_text())
+    for key in ("slat_flow_model", "slat_decoder_gs"):
+        ref = spec["args"]["models"].pop(key)
+        for suffix in (".json", ".safetensors"):
+            (root / (ref + suffix)).unlink()
+    for key in ("slat_sampler", "slat_normalization"):
+        del spec["args"][key]
+    (root / "pipeline.json").write_text(json.dumps(spec))
+    return root
+
+
+def test_a_stage_1_pipeline_loads_and_names_the_stages_it_lacks(stage1_pipeline_dir,
+                                                                pipeline_dir):
+    from core.errors import UserError
+    from relaxflow.loading import check_pipeline_files
+    from relaxflow.pipeline import TrellisPipeline
+
+    assert check_pipeline_files(stage1_pipeline_dir).stages == ("structure",)
+    pipe = TrellisPipeline.from_pretrained(stage1_pipeline_dir)
+    assert pipe.stages == ("structure",)
+    assert TrellisPipeline.from_pretrained(pipeline_dir).stages == ("structure", "latent",
+                                                                    "decode")
+    with pipe.stage("structure") as models:
+        assert set(models) == {"sparse_structure_flow_model", "sparse_structure_decoder"}
+    with pytest.raises(UserError, match=rf"the pipeline {stage1_pipeline_dir} has no stage 2 "
+                                        r"\(the structured latent\), the 'latent' stage"):
+        with pipe.stage("latent"):
+            pass
+    with pytest.raises(UserError, match="no Gaussian decoder, the 'decode' stage"):
+        with pipe.stage("decode"):
+            pass
+
+
+def test_generate_with_a_stage_1_pipeline_writes_the_occupancy(stage1_pipeline_dir, tmp_path,
+                                                               capsys):
+    import numpy as np
+
+    import run
+    from tests.tiny_models import build_tiny_dinov2
+
+    image = _rgba_file(tmp_path / "obs.png", (16, 16, 40, 48), (200, 50, 50))
+    code = run.main(["generate", "--config", "configs/trellis-image.yaml",
+                     f"model={stage1_pipeline_dir}", f"output_dir={tmp_path / 'out'}",
+                     f"image={image}", "sparse_structure_sampler.steps=2",
+                     f"image_cond_model={build_tiny_dinov2(tmp_path / 'dinov2')}"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "wrote occupancy.npz only" in out and "has no stage 2 (the structured latent)" in out
+    assert "so no splats" in out
+    (run_dir,) = (tmp_path / "out" / "trellis-image").iterdir()
+    assert np.load(run_dir / "occupancy.npz")["coords"].shape[1] == 3
+    assert (run_dir / "occupancy.png").is_file() and not (run_dir / "splats.ply").exists()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["stages"] == ["structure"] and "splats" not in metrics
+
+
+def test_relaxflow_refuses_a_stage_1_pipeline_before_anything_runs(stage1_pipeline_dir,
+                                                                   tmp_path, capsys):
+    import run
+
+    image = _rgba_file(tmp_path / "obs.png", (16, 16, 40, 48), (200, 50, 50))
+    assert run.main(["relaxflow", "--config", "configs/relaxflow-trellis.yaml",
+                     f"model={stage1_pipeline_dir}", f"output_dir={tmp_path / 'out'}",
+                     f"image={image}", f"priors=[{image}]"]) == 2
+    err = capsys.readouterr().err
+    assert "the relaxflow job needs every stage of the pipeline" in err
+    assert "has no stage 2 (the structured latent)" in err
+    assert not (tmp_path / "out").exists()
