@@ -103,21 +103,13 @@ def share_as_created(path: Path) -> None:
 def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> Path:
     """Write a file through ``write(f)`` into a temporary sibling, then rename it into place, so
     a reader (or a resumed run) sees the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = write_temporary(path, write)
     try:
-        share_as_created(tmp)
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        os.unlink(tmp)
         raise
-    return path
+    return Path(path)
 
 
 def write_json(path: Path, obj: Any) -> None:
