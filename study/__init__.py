@@ -4,7 +4,8 @@ cluster, resumable, and summarised in a report.
 Use
 ---
 A study config (``configs/study-embedded.yaml``) names its methods (each a job config file with
-overrides), its prompts, seeds, metrics and executor::
+overrides), its prompts, seeds, metrics and executor. ``python run.py study --config
+configs/study-embedded-quick.yaml`` runs one; from Python::
 
     from cfd.config import load_config
     from study import StudyConfig, run_study
@@ -46,9 +47,8 @@ batch job (``sbatch`` with, say, ``--nodes=4 --ntasks-per-node=1 --gpus-per-node
    --num-gpus=<gpus> --block`` in the background, and wait a few seconds;
 3. on every other node, the same way, ``ray start --address=<head ip>:6379 --num-cpus=<cores>
    --num-gpus=<gpus> --block`` in the background;
-4. on the head, run the driver: ``python -c "from cfd.config import load_config; from study import
-   StudyConfig, run_study; run_study(load_config(StudyConfig, 'configs/study-embedded.yaml',
-   ['executor=ray', 'ray.address=auto', 'ray.num_gpus=1', 'threads_per_run=4']))"``.
+4. on the head, run the driver: ``python run.py study --config configs/study-embedded.yaml
+   executor=ray ray.address=auto ray.num_gpus=1 threads_per_run=4``.
 
 Ray then spreads the runs over the nodes, one GPU each (add ``device=cuda`` to each method's
 overrides in the study's YAML so that the jobs use it; Ray sets each task's
