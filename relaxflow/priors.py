@@ -16,7 +16,7 @@ Users with other models or prompts pass their own RGBA images (``priors=[...]``)
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Optional
 
 import numpy as np
@@ -24,32 +24,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cfd.shapes import ShapeDatasetConfig, prompts
-from cfd.systems.prior import GuidanceConfig, GuidanceKind, build_guidance
+from cfd.shapes import prompts
+from cfd.systems.prior import GuidanceConfig, GuidanceKind, ModelChoice, build_guidance
 from core.errors import UserError
 from guidance.prompts import PromptConfig
 from guidance.sampling import sample_images
 
 
-@dataclass
-class PriorModelConfig:
-    """The 2D model that draws the prior images: only what sampling reads.
-
-    ``kind``: ``embedded`` (the closed-form prior over the shape world, drawn from ``dataset``),
-    ``stable-diffusion`` or ``flow-matching`` (diffusers weights from ``model_id``: a local
-    folder or a cached hub id; ``half_precision`` on CUDA)."""
-
-    kind: GuidanceKind = GuidanceKind.embedded
-    model_id: Optional[str] = None
-    half_precision: bool = True
-    dataset: ShapeDatasetConfig = field(default_factory=ShapeDatasetConfig)
-
-    def guidance_config(self, size: int) -> GuidanceConfig:
-        """The guidance builder's settings for this model drawing ``size``-pixel images (the
-        embedded prior ignores ``size``: it draws at its dataset's resolution)."""
-        return GuidanceConfig(kind=self.kind, model_id=self.model_id,
-                              half_precision=self.half_precision, dataset=self.dataset,
-                              resolution=size)
+def guidance_config(model: ModelChoice, size: int) -> GuidanceConfig:
+    """The guidance builder's settings for ``model`` drawing ``size``-pixel images (the embedded
+    prior ignores ``size``: it draws at its dataset's resolution)."""
+    return GuidanceConfig(**{f.name: getattr(model, f.name) for f in fields(ModelChoice)},
+                          resolution=size)
 
 
 @dataclass
@@ -57,7 +43,10 @@ class PriorImagesConfig:
     """How prior images are drawn when none are given."""
 
     n_images: int = 3
-    model: PriorModelConfig = field(default_factory=PriorModelConfig)
+    # the model drawing them: only what sampling reads (a distillation's guidance scale,
+    # weighting and latent sampling are not settings here; ``guidance_scale`` below is the
+    # sampling's own)
+    model: ModelChoice = field(default_factory=ModelChoice)
     # CFG of the sampling; None: 3 for the embedded prior, 7.5 for image models
     guidance_scale: Optional[float] = None
     steps: int = 40
@@ -119,7 +108,7 @@ def prior_images(prompt: Optional[str], seed: int, cfg: Optional[PriorImagesConf
     cfg = cfg or PriorImagesConfig()
     check_prior_request(prompt, cfg)
     embedded = GuidanceKind(cfg.model.kind) is GuidanceKind.embedded
-    guidance = build_guidance(cfg.model.guidance_config(cfg.size), torch.device(device),
+    guidance = build_guidance(guidance_config(cfg.model, cfg.size), torch.device(device),
                               PromptConfig())
     suffixes = PromptConfig().suffixes()
     texts = [prompt + suffixes[i % len(suffixes)] + ("" if embedded else cfg.suffix)

@@ -247,11 +247,12 @@ def test_visibility_hides_voxels_behind_an_occluder():
 def test_embedded_prior_draws_views_of_a_prompt_with_their_alpha(tmp_path):
     from cfd.shapes.dataset import ShapeDatasetConfig
     from relaxflow.conditioning import preprocess_image
-    from relaxflow.priors import PriorImagesConfig, PriorModelConfig, prior_images
+    from cfd.systems.prior import ModelChoice
+    from relaxflow.priors import PriorImagesConfig, prior_images
 
     dataset = ShapeDatasetConfig(views_per_object=12, resolution=32, cache_dir=str(tmp_path))
     rgba = prior_images("a lamp", 0, PriorImagesConfig(steps=20,
-                                                       model=PriorModelConfig(dataset=dataset)))
+                                                       model=ModelChoice(dataset=dataset)))
     assert rgba.shape == (3, 32, 32, 4) and rgba.dtype == np.uint8
     alpha = rgba[..., 3] / 255.0
     assert (alpha > 0.5).mean(axis=(1, 2)).min() > 0.05  # an object in every view
@@ -310,13 +311,14 @@ def test_an_image_model_draws_prior_images_through_the_same_path(tmp_path):
     from diffusers.image_processor import VaeImageProcessor
 
     from guidance.stable_diffusion import StableDiffusionGuidance
-    from relaxflow.priors import PriorImagesConfig, PriorModelConfig, prior_images
+    from cfd.systems.prior import ModelChoice
+    from relaxflow.priors import PriorImagesConfig, prior_images
 
     from .tiny_models import build_tiny_sd
 
     folder = build_tiny_sd(tmp_path / "sd")
     cfg = PriorImagesConfig(n_images=2, steps=3, size=32, guidance_scale=5.0,
-                            model=PriorModelConfig(kind="stable-diffusion", model_id=str(folder),
+                            model=ModelChoice(kind="stable-diffusion", model_id=str(folder),
                                                    half_precision=False))
     rgba = prior_images("a chair", 0, cfg)
     assert rgba.shape == (2, 32, 32, 4) and rgba.dtype == np.uint8
@@ -330,12 +332,13 @@ def test_an_image_model_draws_prior_images_through_the_same_path(tmp_path):
 
 
 def test_prior_image_settings_are_checked_before_a_model_loads():
-    from relaxflow.priors import PriorImagesConfig, PriorModelConfig, prior_images
+    from cfd.systems.prior import ModelChoice
+    from relaxflow.priors import PriorImagesConfig, prior_images
 
     with pytest.raises(ValueError, match="generate_priors.n_images is 0: draw at least one"):
         prior_images("a lamp", 0, PriorImagesConfig(n_images=0))
     with pytest.raises(ValueError, match="generate_priors.model.kind is one of"):
-        prior_images("a lamp", 0, PriorImagesConfig(model=PriorModelConfig(kind="dall-e")))
+        prior_images("a lamp", 0, PriorImagesConfig(model=ModelChoice(kind="dall-e")))
 
 
 def test_prior_model_settings_are_only_those_sampling_reads():
@@ -344,16 +347,33 @@ def test_prior_model_settings_are_only_those_sampling_reads():
     from cfd.config import ConfigError, load_config, to_object
     from cfd.systems.prior import GuidanceKind
     from jobs.relaxflow import RelaxFlowConfig
+    from relaxflow.priors import guidance_config
 
     cfg = to_object(load_config(RelaxFlowConfig, "configs/relaxflow-trellis.yaml",
                                 ["generate_priors.model.kind=stable-diffusion",
                                  "generate_priors.model.model_id=sd",
                                  "generate_priors.guidance_scale=4"]))
     assert cfg.generate_priors.guidance_scale == 4
-    guidance = cfg.generate_priors.model.guidance_config(64)
+    guidance = guidance_config(cfg.generate_priors.model, 64)
     assert (guidance.kind, guidance.model_id, guidance.resolution) == (
         GuidanceKind.stable_diffusion, "sd", 64)
     for ignored in ("guidance_scale=9", "weighting=uniform", "latent_sampling=mean"):
         with pytest.raises(ConfigError):
             load_config(RelaxFlowConfig, "configs/relaxflow-trellis.yaml",
                         [f"generate_priors.model.{ignored}"])
+
+
+def test_guidance_options_are_the_model_configs_by_name():
+    """GuidanceConfig hands its options to a diffusers prior's LatentModelConfig by name: every
+    option of the one is an option of the other, with the same default where both have one."""
+    from dataclasses import MISSING, fields
+
+    from cfd.systems.prior import GuidanceConfig, ModelChoice
+    from guidance.latent import LatentModelConfig
+
+    ours = {f.name: f for f in fields(GuidanceConfig)}
+    for f in fields(LatentModelConfig):
+        assert f.name in ours, f.name
+        if f.default is not MISSING:
+            assert ours[f.name].default == f.default, f.name
+    assert {f.name for f in fields(ModelChoice)} <= set(ours)

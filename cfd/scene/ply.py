@@ -11,15 +11,14 @@ ones; viewers ignore them.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
+from plyfile import PlyData, PlyElement
 
 from core.errors import InputFileError, UserError
 from core.runtime import atomic_write
-
-from .splats import Splats
 
 
 def ply_property_names(sh_degree: int) -> list[str]:
@@ -31,15 +30,16 @@ def ply_property_names(sh_degree: int) -> list[str]:
     )
 
 
-def save_ply(splats: Splats, path, extra: Optional[Dict[str, torch.Tensor]] = None) -> None:
-    """Write ``splats`` atomically (a temporary file renamed into place), with ``extra``
-    per-splat values ``{name: [N]}`` as additional properties."""
-    from plyfile import PlyData, PlyElement
-
-    p = {k: v.detach().cpu().float() for k, v in splats.params.items()}
+def write_ply(params: Dict[str, torch.Tensor], sh_degree: int, path,
+              extra: Optional[Dict[str, torch.Tensor]] = None) -> None:
+    """Write splat parameters (pre-activation, under gsplat's keys: ``means [N,3]``,
+    ``scales [N,3]``, ``quats [N,4]``, ``opacities [N]``, ``sh0 [N,1,3]``, ``shN [N,K-1,3]``)
+    atomically (a temporary file renamed into place), with ``extra`` per-splat values
+    ``{name: [N]}`` as additional properties."""
+    p = {k: v.detach().cpu().float() for k, v in params.items()}
     N = p["means"].shape[0]
     extra = extra or {}
-    names = ply_property_names(splats.sh_degree)
+    names = ply_property_names(sh_degree)
     for name, values in extra.items():
         if name in names or values.shape != (N,):
             raise ValueError(f"extra ply property {name!r} must be a new name with one value "
@@ -59,10 +59,9 @@ def save_ply(splats: Splats, path, extra: Optional[Dict[str, torch.Tensor]] = No
     atomic_write(path, PlyData([PlyElement.describe(vertices, "vertex")]).write)
 
 
-def load_ply(path) -> Splats:
-    """Read a 3DGS-layout ``.ply``; the SH degree follows from the number of ``f_rest`` fields."""
-    from plyfile import PlyData
-
+def read_ply(path) -> Tuple[Dict[str, torch.Tensor], int]:
+    """A 3DGS-layout ``.ply``'s splat parameters (as :func:`write_ply` takes them) and SH degree,
+    which follows from the number of ``f_rest`` fields."""
     path = Path(path)
     if not path.is_file():
         raise InputFileError(f"no .ply file at {path}")
@@ -96,12 +95,11 @@ def load_ply(path) -> Splats:
         "scales": cols([f"scale_{i}" for i in range(3)]),
         "quats": cols([f"rot_{i}" for i in range(4)]),
     }
-    return Splats(params, sh_degree=degree)
+    return params, degree
 
 
 def read_ply_property(path, name: str) -> torch.Tensor:
     """One per-splat property of a ``.ply`` (e.g. ``visibility``), ``[N]`` float32."""
-    from plyfile import PlyData
 
     vertex = PlyData.read(str(path))["vertex"]
     names = [prop.name for prop in vertex.properties]

@@ -24,6 +24,7 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor, nn
 
+from .ply import read_ply, write_ply
 from .sh import rgb_to_sh0, sh0_to_rgb
 
 PARAM_KEYS = ("means", "scales", "quats", "opacities", "sh0", "shN")
@@ -190,15 +191,13 @@ class Splats(nn.Module):
 
     def save_ply(self, path, extra: Optional[Dict[str, Tensor]] = None) -> None:
         """Write the 3DGS ``.ply`` layout; ``extra``: more per-splat values ``{name: [N]}``."""
-        from .ply import save_ply
-
-        save_ply(self, path, extra)
+        write_ply(self.params, self.sh_degree, path, extra)
 
     @classmethod
     def load_ply(cls, path) -> "Splats":
-        from .ply import load_ply
-
-        return load_ply(path)
+        """Read a 3DGS-layout ``.ply`` (:func:`cfd.scene.ply.read_ply`)."""
+        params, sh_degree = read_ply(path)
+        return cls(params, sh_degree=sh_degree)
 
 
 def random_ball(

@@ -30,18 +30,29 @@ class GuidanceKind(Enum):
 
 
 @dataclass
-class GuidanceConfig:
-    """``kind``: ``embedded`` (the closed-form prior over the shape world), ``stable-diffusion``
-    or ``flow-matching`` (diffusers weights from ``model_id``: a local folder or a cached hub id)."""
+class ModelChoice:
+    """Which 2D model, and where its weights or data come from: what every use of a model reads
+    (RelaxFlow's prior images take exactly this). ``kind``: ``embedded`` (the closed-form prior
+    over the shape world, drawn from ``dataset``), ``stable-diffusion`` or ``flow-matching``
+    (diffusers weights from ``model_id``: a local folder or a cached hub id; ``half_precision``
+    on CUDA)."""
 
     kind: GuidanceKind = GuidanceKind.embedded
     model_id: Optional[str] = None
+    half_precision: bool = True
+    dataset: ShapeDatasetConfig = field(default_factory=ShapeDatasetConfig)
+
+
+@dataclass
+class GuidanceConfig(ModelChoice):
+    """A model and how it guides a distillation. The options below carry the names of
+    :class:`guidance.latent.LatentModelConfig`'s (``build_guidance`` hands them on by name, and a
+    test keeps the two in step); unset ones keep the model's defaults."""
+
     guidance_scale: float = 1.0
     weighting: Weighting = Weighting.sigma_over_alpha
-    half_precision: bool = True
     resolution: Optional[int] = None
     latent_sampling: LatentSampling = LatentSampling.sample
-    dataset: ShapeDatasetConfig = field(default_factory=ShapeDatasetConfig)
 
 
 def build_guidance(cfg: GuidanceConfig, device: torch.device, view_config: PromptConfig):
