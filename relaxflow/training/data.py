@@ -39,14 +39,14 @@ SPLITS = ("train", "held_out")
 class StructureDataConfig:
     """What the dataset holds. Sizes: see ``configs/train-generator-structure.yaml``."""
 
-    train_seeds: int = 96  # instances per category for training
+    train_seeds: int = 64  # instances per category for training
     held_out_seeds: int = 2  # instances per category for held-out metrics
     categories: List[str] = field(default_factory=list)  # empty: all of them
     occupancy_resolution: int = 32  # cells per side of the occupancy grid
     views: int = 2  # conditioning renders per instance
     # Pixels per side of the stored renders; preprocessing crops the object and resizes it to
     # the conditioner's 518 px, as it does for a user's image of any size.
-    render_resolution: int = 128
+    render_resolution: int = 96
     cache_dir: Optional[str] = None  # null: core.runtime.cache_root()
 
 

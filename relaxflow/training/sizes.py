@@ -25,7 +25,7 @@ class VaeSize:
     """``SparseStructureEncoder`` / ``SparseStructureDecoder`` (the decoder's channels are the
     encoder's reversed)."""
 
-    channels: List[int] = field(default_factory=lambda: [16, 32, 64])  # released [32, 128, 512]
+    channels: List[int] = field(default_factory=lambda: [8, 32, 64])  # released [32, 128, 512]
     latent_channels: int = 8
     num_res_blocks: int = 1  # released 2
     num_res_blocks_middle: int = 1  # released 2
@@ -117,6 +117,18 @@ def initialise_vae(model: nn.Module) -> None:
         if hasattr(block, "conv2") and hasattr(block, "skip_connection"):
             nn.init.zeros_(block.conv2.weight)
             nn.init.zeros_(block.conv2.bias)
+
+
+def initialise_encoder(model: nn.Module, logvar: float = -6.0) -> None:
+    """:func:`initialise_vae`, and the posterior's log-variance starting at ``logvar`` (a
+    standard deviation of 0.05): with TRELLIS's unit start the sampled latent is mostly noise,
+    the decoder learns to ignore it and a short run stalls at the mean occupancy; starting
+    almost deterministic, the decoder reads the latent from the first steps and the KL term
+    widens the posterior as it trains."""
+    initialise_vae(model)
+    out = model.out_layer[-1]
+    with torch.no_grad():
+        out.bias[out.out_channels // 2:] = logvar
 
 
 def initialise_flow(model: nn.Module) -> None:

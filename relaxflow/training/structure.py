@@ -46,7 +46,8 @@ from relaxflow.stages import guided, sample_structure
 
 from .data import StructureDataConfig, load_shape_set
 from .sizes import (ConditionerSize, FlowSize, VaeSize, build_conditioner_model, decoder_args,
-                    encoder_args, flow_args, initialise_flow, initialise_vae, latent_resolution)
+                    encoder_args, flow_args, initialise_encoder, initialise_flow, initialise_vae,
+                    latent_resolution)
 
 CONDITIONER_FOLDER = "dinov2_tiny_reg"  # the exported conditioner, inside the pipeline folder
 
@@ -212,9 +213,9 @@ class StructureTrainer:
             self.encoder = build("SparseStructureEncoder", self.args["encoder"])
             self.decoder = build("SparseStructureDecoder", self.args["decoder"])
             self.flow = build("SparseStructureFlowModel", self.args["flow"])
-        initialise_vae(self.encoder)
-        initialise_vae(self.decoder)
-        initialise_flow(self.flow)
+            initialise_encoder(self.encoder)
+            initialise_vae(self.decoder)
+            initialise_flow(self.flow)
         for model in (self.encoder, self.decoder, self.flow):
             model.to(device).train()
         self.conditioner = ImageConditioner(build_conditioner_model(s.conditioner_size, s.seed),
