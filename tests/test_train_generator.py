@@ -18,7 +18,7 @@ from relaxflow.conditioning import ImageConditioner, load_object
 from relaxflow.loading import check_pipeline_files, load_model, read_pipeline
 from relaxflow.stages import guided, sample_structure
 from relaxflow.training.data import build_structure_data
-from relaxflow.training.structure import CONDITIONER_FOLDER, StructureTrainer
+from relaxflow.training.structure import CONDITIONER_FOLDER, StructureTrainer, fold_latent_scale
 
 STRUCTURE_MODELS = ("sparse_structure_encoder", "sparse_structure_decoder",
                     "sparse_structure_flow_model")
@@ -69,6 +69,25 @@ def test_losses_fall(cache_dir, tmp_path):
     for phase, values in losses.items():
         first, last = np.mean(values[:5]), np.mean(values[-5:])
         assert last < 0.9 * first, f"{phase} loss went from {first:.3f} to {last:.3f}"
+
+
+def test_folding_the_latent_scale_keeps_the_autoencoder_and_gives_unit_latents(cache_dir,
+                                                                               tmp_path):
+    c = config(*micro(tmp_path, cache_dir))
+    trainer = StructureTrainer(c, build_structure_data(c.data), torch.device("cpu"))
+    with torch.no_grad():
+        for p in trainer.encoder.out_layer[-1].parameters():
+            p.mul_(5.0)  # latents far from unit scale
+    grids = trainer.train_set.occupancy[:, None].float()
+    with torch.no_grad():
+        before = trainer.decoder(trainer.encoder(grids))
+        latents = trainer.encode_training_set()
+        fold_latent_scale(trainer.encoder, trainer.decoder,
+                          latents.square().mean((0, 2, 3, 4)).sqrt())
+        after = trainer.decoder(trainer.encoder(grids))
+    rms = trainer.encode_training_set().square().mean((0, 2, 3, 4)).sqrt()
+    assert torch.allclose(rms, torch.ones_like(rms), atol=1e-4)
+    assert torch.allclose(before, after, atol=1e-4 * before.abs().max())
 
 
 def _stop_at(monkeypatch, steps):

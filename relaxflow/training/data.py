@@ -27,7 +27,8 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from cfd.shapes import CATEGORIES, category, held_out_seeds, occupancy_grid, render_views, train_seeds
+from cfd.shapes import (CATEGORIES, category, held_out_seeds, occupancy_grid, render_views,
+                        train_seeds)
 from cfd.shapes.dataset import build_lock, image_source_files, publish
 from core.errors import UserError
 from core.runtime import cache_root, share_as_created
@@ -139,7 +140,8 @@ def _draw_and_publish(c: StructureDataConfig, out_dir: Path) -> None:
     from safetensors.torch import save_file
 
     names = category_names(c)
-    split_seeds = {"train": train_seeds(c.train_seeds), "held_out": held_out_seeds(c.held_out_seeds)}
+    split_seeds = {"train": train_seeds(c.train_seeds),
+                   "held_out": held_out_seeds(c.held_out_seeds)}
     bar = tqdm(total=len(names) * (c.train_seeds + c.held_out_seeds),
                desc="drawing the generator's shapes", unit="shape")
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=out_dir.name + ".tmp"))

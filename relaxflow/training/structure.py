@@ -3,7 +3,9 @@ rectified-flow DiT over its latents conditioned on image tokens.
 
 Phase ``vae`` trains ``SparseStructureEncoder`` + ``SparseStructureDecoder``: occupancy
 ``[B, 1, R, R, R]`` -> latent mean and log-variance ``[B, 8, r, r, r]`` -> a sample -> logits;
-loss = BCE + ``dice_weight`` dice + ``kl_weight`` KL. Phase ``flow`` freezes them, encodes every
+loss = BCE + ``dice_weight`` dice + ``kl_weight`` KL. Its last step folds a per-channel scale
+into their weights so the training latents have unit RMS (:func:`fold_latent_scale`). Phase
+``flow`` freezes them, encodes every
 training grid once (the mean, as TRELLIS's latents are), and trains
 ``SparseStructureFlowModel`` with TRELLIS's objective (``relaxflow.sampler``'s convention):
 ``x_t = (1 - t) x_0 + (sigma_min + (1 - sigma_min) t) eps``, target ``(1 - sigma_min) eps - x_0``,
@@ -161,6 +163,22 @@ def condition_tokens(conditioner: ImageConditioner, rgba: Tensor, batch: int = 3
     return torch.cat(tokens)
 
 
+@torch.no_grad()
+def fold_latent_scale(encoder: nn.Module, decoder: nn.Module, scale: Tensor) -> None:
+    """Rescale the latent by ``1 / scale [C]`` per channel inside the weights: the encoder's
+    mean (and log-variance) outputs shrink, the decoder's first convolution grows, so
+    ``decoder(encoder(x))`` is unchanged while the latents the flow learns have unit RMS, the
+    noise's scale. (pipeline.json has no normalisation for stage 1, and a shift of the mean
+    would not fold exactly: the decoder pads its input with zeros.)"""
+    out, first = encoder.out_layer[-1], decoder.input_layer
+    channels = len(scale)
+    scale = scale.to(out.weight.device, out.weight.dtype)
+    out.weight[:channels] /= scale.view(-1, 1, 1, 1, 1)
+    out.bias[:channels] /= scale
+    out.bias[channels:] -= 2 * scale.log()
+    first.weight *= scale.view(1, -1, 1, 1, 1)
+
+
 # -- the data order ------------------------------------------------------------------------------
 class EpochOrder:
     """Indices ``0..n-1`` in a fresh random order every epoch, taken a batch at a time."""
@@ -268,23 +286,32 @@ class StructureTrainer:
         loss = bce + c.dice_weight * dice + c.kl_weight * kl
         params = [*self.encoder.parameters(), *self.decoder.parameters()]
         grad_norm = self._optimise(loss, self.vae_optimizer, params)
-        return {"loss": loss.item(), "bce": bce.item(), "dice": dice.item(), "kl": kl.item(),
-                "grad_norm": grad_norm}
+        record = {"loss": loss.item(), "bce": bce.item(), "dice": dice.item(), "kl": kl.item(),
+                  "grad_norm": grad_norm}
+        if self.step + 1 == c.steps:  # the VAE's last step: its latents get unit scale
+            rms = self.encode_training_set().square().mean((0, 2, 3, 4)).sqrt()
+            fold_latent_scale(self.encoder, self.decoder, rms)
+            record["latent_rms"] = rms.tolist()
+        return record
+
+    @torch.no_grad()
+    def encode_training_set(self) -> Tensor:
+        """The encoder's means of every training grid, ``[N, C, r, r, r]`` on the CPU."""
+        self.encoder.eval()
+        latents = []
+        with autocast(self.device):
+            for start in range(0, len(self.train_set), self.s.eval.batch_size):
+                grids = self.train_set.occupancy[start:start + self.s.eval.batch_size]
+                latents.append(self.encoder(grids[:, None].float().to(self.device)).float().cpu())
+        return torch.cat(latents)
 
     def prepare_flow_data(self) -> FlowData:
         """Encode every training grid and condition every training render (once; again after a
         resume, from the checkpoint's weights, so the same)."""
         if self.flow_data is None:
-            self.encoder.eval()
-            latents = []
-            with torch.no_grad(), autocast(self.device):
-                for start in range(0, len(self.train_set), self.s.eval.batch_size):
-                    grids = self.train_set.occupancy[start:start + self.s.eval.batch_size]
-                    latents.append(self.encoder(grids[:, None].float().to(self.device))
-                                   .float().cpu())
             rgba = self.train_set.rgba
             tokens = condition_tokens(self.conditioner, rgba.flatten(0, 1))
-            self.flow_data = FlowData(torch.cat(latents),
+            self.flow_data = FlowData(self.encode_training_set(),
                                       tokens.view(*rgba.shape[:2], *tokens.shape[1:]))
         return self.flow_data
 
@@ -317,7 +344,7 @@ class StructureTrainer:
         for model in (self.encoder, self.decoder, self.flow):
             model.eval()
         try:
-            if self.step <= self.s.vae.steps and self.s.vae.steps > 0:
+            if self.step <= self.s.vae.steps:
                 return self._evaluate_vae()
             return self._evaluate_flow()
         finally:
