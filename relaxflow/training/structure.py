@@ -16,7 +16,10 @@ classifier-free guidance has an unconditional model.
 The conditioner is a random DINOv2 with registers, frozen: the flow learns to read its tokens
 (random features of the image's patches, which keep where the object is and its colours), so the
 tokens of every training render are computed once, and the ``generate`` job runs it unchanged
-through ``ImageConditioner``.
+through ``ImageConditioner``. It is read, weakly: with 3 categories (mug, chair, tree; 16 seeds
+each), a 64-wide 2-block flow and 750 flow steps, structures sampled from held-out renders scored
+IoU 0.31-0.34 against 0.25-0.29 when sampled from another instance's render
+(``flow_iou_other_render``, the control every held-out evaluation logs).
 
 Every random draw of training (batch order, views, posterior samples, times, noise, dropout)
 comes from one generator whose state the checkpoint holds, so a resumed run continues bit for
