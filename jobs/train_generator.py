@@ -12,6 +12,12 @@ Writes ``config.yaml``, ``metrics.jsonl`` (every step; held-out metrics at each 
 checkpoints: a killed run continues bit for bit on the CPU at the same thread count), and at the
 end ``pipeline/`` (``pipeline.json``, ``ckpts/``, the conditioner ``dinov2_tiny_reg/``) and
 ``metrics.json``.
+
+A resume is exact while the cached dataset it trained on is the one it reads again. A dataset
+drawn again (the cache deleted, or the shapes code changed, which changes its fingerprint) has the
+same occupancy grids, but its renders follow the renderer's float sums, whose order depends on
+the thread count: a rebuild at 2 threads differed from one at 1 thread in 56 of 80 million
+values, by 1/255, which moves the flow phase's condition tokens slightly.
 """
 
 from __future__ import annotations
