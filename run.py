@@ -3,11 +3,11 @@
     python run.py --config configs/<name>.yaml key=value ...   run the YAML's job (its job key)
     python run.py <job> --config configs/<name>.yaml ...       the same, checking that the YAML
                                                                holds <job>: distill, fit-splats,
-                                                               generate, relaxflow, refine or
-                                                               study
-    python run.py --resume <run folder>                        continue a stopped distill run
-                                                               exactly, as configured (no
-                                                               overrides)
+                                                               generate, relaxflow, refine,
+                                                               study or train-generator
+    python run.py --resume <run folder>                        continue a stopped distill or
+                                                               train-generator run exactly, as
+                                                               configured (no overrides)
     python run.py prompts                                      prompts the embedded prior knows
 
 Overrides are dotted ``key=value`` pairs. A text value is taken as written (``prompt=a mug #2``;

@@ -17,6 +17,7 @@ JOBS = {
     "relaxflow": "jobs.relaxflow",  # RelaxFlow: complete an occluded object
     "refine": "jobs.refine",  # RelaxFlow, then CFD on its completion
     "study": "jobs.study",  # methods x prompts x seeds of the jobs above, and their report
+    "train-generator": "jobs.train_generator",  # TRELLIS-architecture training (resumable)
 }
 
 

@@ -192,7 +192,7 @@ def test_help_lists_every_command_and_a_mistyped_one_is_named(tmp_path, capsys):
         assert command in out, command
     assert run.main(["relax", "--config", "configs/relaxflow-trellis.yaml"]) == 2
     assert ("error: unknown command 'relax'; known: distill, fit-splats, generate, relaxflow, "
-            "refine, study, prompts") in capsys.readouterr().err
+            "refine, study, train-generator, prompts") in capsys.readouterr().err
 
 
 def test_runs_started_at_the_same_moment_get_their_own_folders(tmp_path):

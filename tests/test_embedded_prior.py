@@ -377,7 +377,7 @@ def test_a_broken_dataset_folder_is_rebuilt(tmp_path, monkeypatch):
     ours.mkdir()
     (ours / "meta.json").write_text("{}")
     before = (folder / "meta.json").read_text()
-    shape_dataset._publish(ours, folder)
+    shape_dataset.publish(ours, folder)
     assert (folder / "meta.json").read_text() == before and not ours.exists()
 
 
@@ -391,7 +391,7 @@ def test_runs_side_by_side_render_the_dataset_once(tmp_path, monkeypatch, caplog
     monkeypatch.setattr(shape_dataset, "_render_and_publish",
                         lambda *args: (renders.append(args), render_and_publish(*args)))
     found = {}
-    with shape_dataset._build_lock(folder):  # the other run, rendering
+    with shape_dataset.build_lock(folder):  # the other run, rendering
         waiter = threading.Thread(target=lambda: found.update(folder=build_shape_dataset(cfg)))
         waiter.start()
         deadline = time.monotonic() + 60

@@ -30,7 +30,8 @@ def test_every_job_is_a_config_and_a_run_and_libraries_import_no_job():
     for name in jobs.JOBS:
         job = jobs.load(name)
         assert callable(job.run) and isinstance(job.Config, type), name
-    assert [n for n in jobs.JOBS if jobs.resumable(jobs.load(n))] == ["distill"]
+    resumable = [n for n in jobs.JOBS if jobs.resumable(jobs.load(n))]
+    assert resumable == ["distill", "train-generator"]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for library in ("core", "guidance", "cfd", "relaxflow"):
         for folder, _, files in os.walk(os.path.join(root, library)):

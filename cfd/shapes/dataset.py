@@ -115,15 +115,16 @@ def build_shape_dataset(cfg: ShapeDatasetConfig, batch: int = 25) -> Path:
     out_dir = dataset_dir(cfg)
     if (out_dir / "meta.json").is_file():
         return out_dir
-    with _build_lock(out_dir):
+    with build_lock(out_dir):
         if not (out_dir / "meta.json").is_file():  # the process we waited for built it
             _render_and_publish(cfg, out_dir, batch)
     return out_dir
 
 
 @contextmanager
-def _build_lock(out_dir: Path) -> Iterator[None]:
-    """Hold the exclusive lock on building ``out_dir``; released when the process ends, however."""
+def build_lock(out_dir: Path) -> Iterator[None]:
+    """Hold the exclusive lock on building ``out_dir``; released when the process ends, however.
+    Any cached build (``relaxflow.training.data`` too) takes it around its build."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     if fcntl is None:
         yield
@@ -188,14 +189,14 @@ def _render_and_publish(cfg: ShapeDatasetConfig, out_dir: Path, batch: int) -> N
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         for path in (tmp, *tmp.iterdir()):  # mkdtemp's and safetensors' own modes
             share_as_created(path)
-        _publish(tmp, out_dir)
+        publish(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _publish(tmp: Path, out_dir: Path, attempts: int = 3) -> None:
-    """Rename the finished folder ``tmp`` to ``out_dir``.
+def publish(tmp: Path, out_dir: Path, attempts: int = 3) -> None:
+    """Rename the finished folder ``tmp`` to ``out_dir`` (any cached build's last step).
 
     A complete dataset already there (with ``meta.json``) is another process's build of the same
     data: it is kept and ``tmp`` dropped. Anything else there is a broken build (interrupted, or
@@ -217,5 +218,5 @@ def _publish(tmp: Path, out_dir: Path, attempts: int = 3) -> None:
         except FileNotFoundError:
             pass  # another process moved it first
         shutil.rmtree(aside, ignore_errors=True)
-    raise OSError(f"could not move the built shape-world dataset {tmp} to {out_dir} "
+    raise OSError(f"could not move the built dataset {tmp} to {out_dir} "
                   f"({failure}); delete {out_dir} and run again") from failure

@@ -1,0 +1,212 @@
+"""The ``train-generator`` job: a TRELLIS-architecture generator trained on the shape world.
+
+    python run.py train-generator --config configs/train-generator-structure.yaml
+    python run.py --resume outputs/train-generator-structure/structure@<time>
+
+Stage 1 (``stage: structure``, the only one so far): the sparse-structure VAE, then the
+structure flow on its latents (``relaxflow.training.structure``). The first run draws the
+dataset into the cache (``relaxflow.training.data``); later ones start at once.
+
+Writes ``config.yaml``, ``metrics.jsonl`` (every step; held-out metrics at each log step, marked
+``held_out``), ``loss_curve.png`` (rewritten at each log step), ``ckpt/`` (atomic, verified
+checkpoints: a killed run continues bit for bit on the CPU at the same thread count), and at the
+end ``pipeline/`` (``pipeline.json``, ``ckpts/``, the conditioner ``dinov2_tiny_reg/``) and
+``metrics.json``.
+
+A resume is exact while the cached dataset it trained on is the one it reads again. A dataset
+drawn again (the cache deleted, or the shapes code changed, which changes its fingerprint) has the
+same occupancy grids, but its renders follow the renderer's float sums, whose order depends on
+the thread count: a rebuild at 2 threads differed from one at 1 thread in 56 of 80 million
+values, by 1/255, which moves the flow phase's condition tokens slightly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from tqdm import tqdm
+
+from cfd.config import load_config
+from cfd.systems.checkpoint import load_checkpoint, save_checkpoint
+from core.devices import resolve_device
+from core.errors import UserError
+from core.runtime import RunInterrupted, TrainingStopped, atomic_write
+from jobs.skeleton import RunFolder, check_output, typed
+from relaxflow.training.data import build_structure_data, category_names, check_data_config
+from relaxflow.training.plots import plot_losses
+from relaxflow.training.sizes import IMAGE_SIZE
+from relaxflow.training.structure import CONDITIONER_FOLDER, StructureTrainer, StructureTraining
+
+log = logging.getLogger(__name__)
+
+
+class Stage(Enum):
+    structure = "structure"  # stage 1: the sparse-structure VAE, then its flow
+
+
+@dataclass
+class TrainGeneratorConfig(StructureTraining):
+    job: str = "train-generator"
+    name: str = "train-generator-structure"
+    stage: Stage = Stage.structure
+    # core.devices: auto (CUDA when present, else the CPU), cpu, cuda:<i>. On CUDA the models
+    # run under bfloat16 autocast (weights and optimiser in float32).
+    device: str = "auto"
+    output_dir: str = "outputs"
+    checkpoint_every: int = 200
+    log_every: int = 200
+
+
+Config = TrainGeneratorConfig
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message)
+
+
+def check(c: TrainGeneratorConfig) -> None:
+    """Every setting, the device and the output folder, before any data or model."""
+    check_data_config(c.data)
+    for key in ("checkpoint_every", "log_every", "vae.batch_size", "flow.batch_size",
+                "eval.batch_size", "eval.flow_samples", "eval.sampler.steps"):
+        value = c
+        for part in key.split("."):
+            value = getattr(value, part)
+        _require(value >= 1, f"{key} must be >= 1, got {value}")
+    _require(c.vae.steps >= 0 and c.flow.steps >= 0 and c.vae.steps + c.flow.steps >= 1,
+             f"vae.steps={c.vae.steps}, flow.steps={c.flow.steps}: both >= 0, not both 0")
+    _require(c.vae.steps >= 1 or c.flow.steps == 0,
+             "the flow trains on the VAE's latents: set vae.steps >= 1")
+    for key, lr in (("vae.lr", c.vae.lr), ("flow.lr", c.flow.lr)):
+        _require(lr > 0, f"{key} must be > 0, got {lr}")
+    _require(0 <= c.flow.p_uncond < 1, f"flow.p_uncond is a probability in [0, 1), got "
+             f"{c.flow.p_uncond}")
+    levels = len(c.vae_size.channels)
+    _require(levels >= 2, f"vae_size.channels needs >= 2 levels, got {c.vae_size.channels}")
+    _require(c.data.occupancy_resolution % 2 ** (levels - 1) == 0,
+             f"data.occupancy_resolution={c.data.occupancy_resolution} must halve "
+             f"{levels - 1} times (the VAE's levels): use a multiple of {2 ** (levels - 1)}")
+    latent = c.data.occupancy_resolution // 2 ** (levels - 1)
+    _require(latent % c.flow_size.patch_size == 0,
+             f"flow_size.patch_size={c.flow_size.patch_size} must divide the latent's "
+             f"{latent} cells a side")
+    _require(c.flow_size.model_channels % c.flow_size.num_head_channels == 0,
+             "flow_size.model_channels must be a multiple of flow_size.num_head_channels")
+    cs = c.conditioner_size
+    _require(cs.hidden_size % cs.num_attention_heads == 0,
+             "conditioner_size.hidden_size must be a multiple of its num_attention_heads")
+    _require(IMAGE_SIZE % cs.patch_size == 0,
+             f"conditioner_size.patch_size must divide the {IMAGE_SIZE} px input (14, 37, ...)")
+    _require(len(c.eval.sampler.cfg_interval) == 2,
+             "eval.sampler.cfg_interval is [low, high] in t")
+    _require(c.grad_clip > 0, f"grad_clip must be > 0, got {c.grad_clip}")
+    resolve_device(c.device)
+    check_output(c.output_dir, c.name)
+
+
+def run(cfg) -> Dict[str, Any]:
+    """Train stage 1 from scratch; returns the final metrics (with ``run_dir``)."""
+    c: TrainGeneratorConfig = typed(cfg)
+    check(c)
+    trainer = StructureTrainer(c, build_structure_data(c.data), resolve_device(c.device))
+    folder = RunFolder.create(c.output_dir, c.name, c.stage.value, cfg)
+    return _train(trainer, c, folder, checkpoint_step=None)
+
+
+def resume(run_dir: Path) -> Dict[str, Any]:
+    """Continue a stopped run from its checkpoint, as configured. A finished run (its
+    metrics.json written) only says so and returns its metrics."""
+    run_dir = Path(run_dir)
+    if (run_dir / "metrics.json").is_file():
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        print(f"{run_dir} finished all {metrics['steps']} steps already; nothing to resume")
+        return {**metrics, "run_dir": str(run_dir)}
+    state = load_checkpoint(run_dir / "ckpt")  # a damaged one is refused before any work
+    c: TrainGeneratorConfig = typed(load_config(TrainGeneratorConfig, run_dir / "config.yaml"))
+    check(c)
+    trainer = StructureTrainer(c, build_structure_data(c.data), resolve_device(c.device))
+    if state is not None:
+        trainer.load_state_dict(state)
+        log.info("resumed %s at step %d", run_dir, trainer.step)
+    return _train(trainer, c, RunFolder(run_dir),
+                  checkpoint_step=None if state is None else trainer.step)
+
+
+def _metrics_log(run_dir: Path, keep_through: int) -> List[Dict[str, Any]]:
+    """The records of ``metrics.jsonl`` up to step ``keep_through`` (those a resumed run does
+    not redo), the file rewritten atomically to hold only them. A killed run can leave a torn
+    last line; it is dropped."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    *complete, _torn = path.read_text().split("\n")
+    records = [r for r in map(json.loads, complete) if r["step"] <= keep_through]
+    atomic_write(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in records).encode()))
+    return records
+
+
+def _summary(metrics: Dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                     for k, v in metrics.items() if k not in ("step", "phase", "held_out"))
+
+
+def _train(trainer: StructureTrainer, c: TrainGeneratorConfig, folder: RunFolder,
+           checkpoint_step: Optional[int]) -> Dict[str, Any]:
+    """The step loop from ``trainer.step`` to the end, then the exported pipeline."""
+    run_dir, total = folder.path, trainer.total_steps
+    try:
+        records = _metrics_log(run_dir, trainer.step)
+        held_out: Dict[str, Any] = {}
+        wall_before, start = trainer.wall_s, time.perf_counter()
+        print(f"training on {len(trainer.train_set)} shapes ({len(category_names(c.data))} "
+              f"categories), held out {len(trainer.held_out)}; device {trainer.device}")
+        bar = tqdm(total=total, initial=trainer.step, desc=trainer.phase.value,
+                   dynamic_ncols=True)
+        with open(run_dir / "metrics.jsonl", "a") as metrics_file:
+            while trainer.step < total:
+                record = trainer.train_step()
+                if not math.isfinite(record["loss"]):
+                    raise TrainingStopped(_diverged(record, run_dir, checkpoint_step))
+                records.append(record)
+                metrics_file.write(json.dumps(record) + "\n")
+                bar.set_description(record["phase"])
+                bar.set_postfix(loss=f"{record['loss']:.4g}")
+                bar.update(1)
+                step = trainer.step
+                if step % c.log_every == 0 or step in (c.vae.steps, total):
+                    held_out = {"step": step, "phase": record["phase"], "held_out": True,
+                                **trainer.evaluate()}
+                    records.append(held_out)
+                    metrics_file.write(json.dumps(held_out) + "\n")
+                    plot_losses(records, run_dir / "loss_curve.png")
+                    bar.write(f"step {step}: held-out {_summary(held_out)}")
+                if step % c.checkpoint_every == 0 or step == total:
+                    metrics_file.flush()
+                    trainer.wall_s = wall_before + time.perf_counter() - start
+                    save_checkpoint(run_dir / "ckpt", trainer.state_dict())
+                    checkpoint_step = step
+        bar.close()
+        pipeline = trainer.export_pipeline(run_dir / "pipeline")
+    except KeyboardInterrupt:  # the last checkpoint is whole; a half-done step is not saved
+        raise RunInterrupted(run_dir, trainer.step, checkpoint_step) from None
+    wall_s = wall_before + time.perf_counter() - start
+    result = {"steps": total, "wall_s": wall_s, "pipeline": str(pipeline),
+              **{k: v for k, v in held_out.items() if k not in ("step", "phase", "held_out")}}
+    return folder.finish(result, f"{total} steps in {wall_s:.1f} s; pipeline in {pipeline} "
+                                 f"(conditioner: image_cond_model={pipeline / CONDITIONER_FOLDER})")
+
+
+def _diverged(record: Dict[str, Any], run_dir: Path, checkpoint_step: Optional[int]) -> str:
+    """Why a run stopped itself at a non-finite loss, and what to do."""
+    saved = (f"the last good checkpoint (step {checkpoint_step}) is in {run_dir / 'ckpt'}"
+             if checkpoint_step is not None else "no checkpoint was written yet")
+    return (f"the {record['phase']} loss became {record['loss']} at step {record['step']}; "
+            f"stopped ({saved}). Start a new run with a lower {record['phase']}.lr")

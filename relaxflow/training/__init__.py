@@ -1,0 +1,13 @@
+"""Training a TRELLIS-architecture generator on the procedural shape world (``cfd.shapes``
+categories), at sizes a CPU can train.
+
+* :mod:`.data`: the cached dataset (occupancy grids and conditioning renders per category and
+  seed, train and held-out splits by seed);
+* :mod:`.sizes`: the models' sizes, as the released classes' arguments, their training
+  initialisation and the tiny DINOv2-with-registers conditioner;
+* :mod:`.structure`: stage 1 (the sparse structure): the VAE's and the flow's losses, the
+  resumable trainer, held-out metrics and the export to a released-layout pipeline folder;
+* :mod:`.plots`: the loss curves.
+
+The ``train-generator`` job (``jobs/train_generator.py``) runs them; nothing here imports a job.
+"""

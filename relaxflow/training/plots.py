@@ -1,0 +1,38 @@
+"""The loss-curve figure of a training run, from its ``metrics.jsonl`` records."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List
+
+from matplotlib.figure import Figure
+
+from core.runtime import atomic_write
+
+# held-out metrics drawn on the right, with their labels
+HELD_OUT = {"vae_iou": "VAE reconstruction IoU", "flow_iou": "sampled structure IoU",
+            "flow_iou_other_render": "sampled IoU, another render's condition"}
+
+
+def plot_losses(records: List[Dict[str, Any]], path: Path) -> Path:
+    """Training losses per phase (log scale, left) and held-out metrics (right) against the
+    step, written atomically to ``path`` (PNG). ``records``: training records carry
+    ``phase`` and ``loss``, held-out ones ``held_out: true`` and the metrics of ``HELD_OUT``."""
+    figure = Figure(figsize=(10, 4), tight_layout=True)
+    losses, held_out = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
+    train = [r for r in records if not r.get("held_out")]
+    for phase in dict.fromkeys(r["phase"] for r in train):
+        steps = [r["step"] for r in train if r["phase"] == phase]
+        losses.plot(steps, [r["loss"] for r in train if r["phase"] == phase], lw=0.8,
+                    label=f"{phase} loss")
+    losses.set(xlabel="step", ylabel="training loss", yscale="log", title="training")
+    evaluated = [r for r in records if r.get("held_out")]
+    for key, label in HELD_OUT.items():
+        points = [(r["step"], r[key]) for r in evaluated if key in r]
+        if points:
+            held_out.plot(*zip(*points), marker="o", label=label)
+    held_out.set(xlabel="step", ylabel="IoU", ylim=(0, 1), title="held-out seeds")
+    for axes in (losses, held_out):
+        if axes.get_legend_handles_labels()[0]:
+            axes.legend(fontsize=8)
+    return atomic_write(Path(path), lambda f: figure.savefig(f, format="png", dpi=100))

@@ -1,0 +1,190 @@
+"""The train-generator job on a micro configuration: its losses fall, a stopped run resumes bit
+for bit, the exported folder loads through the generator's own loaders, bad settings stop it
+before a run folder exists."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cfd.config import load_config
+from core.errors import UserError
+from core.runtime import RunInterrupted
+from jobs import train_generator
+from relaxflow.conditioning import ImageConditioner, load_object
+from relaxflow.loading import check_pipeline_files, load_model, read_pipeline
+from relaxflow.stages import guided, sample_structure
+from relaxflow.training.data import build_structure_data
+from relaxflow.training.structure import CONDITIONER_FOLDER, StructureTrainer, fold_latent_scale
+
+STRUCTURE_MODELS = ("sparse_structure_encoder", "sparse_structure_decoder",
+                    "sparse_structure_flow_model")
+
+
+def micro(output_dir: Path, cache_dir: Path, **extra) -> list:
+    """Overrides of a micro configuration: 3 categories x 2 seeds, 4-8 channel VAE, a one-block
+    32-wide flow, a one-layer 16-wide conditioner."""
+    items = {
+        "output_dir": str(output_dir), "device": "cpu",
+        "data.train_seeds": 2, "data.held_out_seeds": 1, "data.categories": "[mug,house,tree]",
+        "data.render_resolution": 48, "data.views": 2, "data.cache_dir": str(cache_dir),
+        "vae_size.channels": "[4,8,8]", "flow_size.model_channels": 32,
+        "flow_size.num_blocks": 1, "conditioner_size.hidden_size": 16,
+        "conditioner_size.num_hidden_layers": 1, "conditioner_size.num_attention_heads": 2,
+        "conditioner_size.intermediate_size": 32,
+        "vae.steps": 4, "flow.steps": 5, "vae.batch_size": 2, "flow.batch_size": 3,
+        "checkpoint_every": 3, "log_every": 3, "eval.flow_samples": 2, "eval.sampler.steps": 2,
+    }
+    items.update(extra)
+    return [f"{k}={v}" for k, v in items.items()]
+
+
+def config(*overrides):
+    return train_generator.typed(load_config(train_generator.Config, None, list(overrides)))
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, cache_dir):
+    """A micro run trained without a stop: its result."""
+    return train_generator.run(config(*micro(tmp_path_factory.mktemp("straight"), cache_dir)))
+
+
+def test_losses_fall(cache_dir, tmp_path):
+    torch.set_num_threads(1)
+    c = config(*micro(tmp_path, cache_dir, **{"vae.steps": 40, "flow.steps": 30, "vae.lr": 1e-2,
+                                              "flow.lr": 3e-3, "vae.batch_size": 3}))
+    trainer = StructureTrainer(c, build_structure_data(c.data), torch.device("cpu"))
+    losses = {"vae": [], "flow": []}
+    while trainer.step < trainer.total_steps:
+        record = trainer.train_step()
+        losses[record["phase"]].append(record["loss"])
+    for phase, values in losses.items():
+        first, last = np.mean(values[:5]), np.mean(values[-5:])
+        assert last < 0.9 * first, f"{phase} loss went from {first:.3f} to {last:.3f}"
+
+
+def test_folding_the_latent_scale_keeps_the_autoencoder_and_gives_unit_latents(cache_dir,
+                                                                               tmp_path):
+    c = config(*micro(tmp_path, cache_dir))
+    trainer = StructureTrainer(c, build_structure_data(c.data), torch.device("cpu"))
+    with torch.no_grad():
+        for p in trainer.encoder.out_layer[-1].parameters():
+            p.mul_(5.0)  # latents far from unit scale
+    grids = trainer.train_set.occupancy[:, None].float()
+    with torch.no_grad():
+        before = trainer.decoder(trainer.encoder(grids))
+        latents = trainer.encode_training_set()
+        fold_latent_scale(trainer.encoder, trainer.decoder,
+                          latents.square().mean((0, 2, 3, 4)).sqrt())
+        after = trainer.decoder(trainer.encoder(grids))
+    rms = trainer.encode_training_set().square().mean((0, 2, 3, 4)).sqrt()
+    assert torch.allclose(rms, torch.ones_like(rms), atol=1e-4)
+    assert torch.allclose(before, after, atol=1e-4 * before.abs().max())
+
+
+def _stop_at(monkeypatch, steps):
+    """Make the trainer raise Ctrl-C's KeyboardInterrupt before each step count in ``steps``
+    (once each), as a kill would stop it."""
+    train_step, pending = StructureTrainer.train_step, set(steps)
+
+    def stopping(self):
+        if self.step in pending:
+            pending.discard(self.step)
+            raise KeyboardInterrupt
+        return train_step(self)
+
+    monkeypatch.setattr(StructureTrainer, "train_step", stopping)
+
+
+def test_a_stopped_run_resumes_bit_for_bit(straight_run, cache_dir, tmp_path, monkeypatch):
+    # stopped in the VAE phase (resumes from step 3, crosses into the flow), then in the flow
+    # phase (resumes from step 6: the flow's latents and tokens are computed again)
+    _stop_at(monkeypatch, {5, 8})
+    with pytest.raises(RunInterrupted) as stop:
+        train_generator.run(config(*micro(tmp_path, cache_dir)))
+    assert (stop.value.step, stop.value.checkpoint_step) == (5, 3)
+    run_dir = stop.value.run_dir
+    with pytest.raises(RunInterrupted) as stop:
+        train_generator.resume(run_dir)
+    assert (stop.value.step, stop.value.checkpoint_step) == (8, 6)
+    resumed = train_generator.resume(run_dir)
+
+    straight_dir = Path(straight_run["run_dir"])
+    a = torch.load(straight_dir / "ckpt" / "last.pt", weights_only=False)
+    b = torch.load(run_dir / "ckpt" / "last.pt", weights_only=False)
+    assert a["step"] == b["step"] == 9
+    for model in ("encoder", "decoder", "flow", "conditioner"):
+        assert a[model].keys() == b[model].keys()
+        for key in a[model]:
+            assert torch.equal(a[model][key], b[model][key]), f"{model}.{key}"
+    for optimizer in ("vae_optimizer", "flow_optimizer"):
+        for slot, state in a[optimizer]["state"].items():
+            for key, value in state.items():
+                assert torch.equal(value, b[optimizer]["state"][slot][key]), f"{optimizer} {key}"
+    assert torch.equal(a["rng"], b["rng"])
+    # the same records, the redone steps' once
+    assert (straight_dir / "metrics.jsonl").read_text() == (run_dir / "metrics.jsonl").read_text()
+    assert resumed["flow_iou"] == straight_run["flow_iou"]
+
+
+def test_the_exported_folder_loads_with_the_generators_loaders(straight_run, tmp_path):
+    pipeline = Path(straight_run["pipeline"])
+    spec = check_pipeline_files(pipeline, keys=STRUCTURE_MODELS)
+    assert spec.condition == "image" and spec.cond_model == CONDITIONER_FOLDER
+    trained = torch.load(Path(straight_run["run_dir"]) / "ckpt" / "last.pt", weights_only=False)
+    models = {}
+    for key, state in zip(STRUCTURE_MODELS, ("encoder", "decoder", "flow")):
+        models[key] = load_model(pipeline, spec.models[key])
+        for name, tensor in models[key].state_dict().items():
+            assert torch.equal(tensor, trained[state][name]), f"{key}.{name}"
+    conditioner = ImageConditioner.from_pretrained(str(pipeline / CONDITIONER_FOLDER))
+    for name, tensor in conditioner.model.state_dict().items():
+        assert torch.equal(tensor, trained["conditioner"][name]), name
+
+    # the generate job's stage-1 path: an RGBA file -> tokens -> the pipeline's sampler -> voxels
+    rgba = np.zeros((64, 64, 4), dtype=np.uint8)
+    rgba[16:48, 24:40] = (200, 60, 40, 255)
+    Image.fromarray(rgba).save(tmp_path / "object.png")
+    cond = conditioner(load_object(tmp_path / "object.png")[None])
+    assert cond.shape == (1, 1 + 4 + 14 * 14, 16)
+    sampler = read_pipeline(pipeline).samplers["sparse_structure_sampler"]
+    latent, coords = sample_structure(
+        models["sparse_structure_flow_model"], models["sparse_structure_decoder"],
+        guided(sampler, cond, conditioner.negative(cond)), 1, torch.Generator().manual_seed(0))
+    assert latent.shape == (1, 8, 8, 8, 8) and coords.shape[1] == 4
+
+    # the generate job's pipeline loads it as a stage-1-only folder
+    from relaxflow.pipeline import TrellisPipeline
+
+    assert TrellisPipeline.from_pretrained(pipeline).stages == ("structure",)
+
+
+def test_metrics_and_curve_are_written(straight_run):
+    run_dir = Path(straight_run["run_dir"])
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if not r.get("held_out")] == list(range(1, 10))
+    held_out = [r for r in records if r.get("held_out")]
+    assert [r["step"] for r in held_out] == [3, 4, 6, 9]  # log steps and the VAE's last step
+    assert "vae_iou" in held_out[0] and "flow_iou_other_render" in held_out[-1]
+    assert (run_dir / "loss_curve.png").stat().st_size > 0
+    assert json.loads((run_dir / "metrics.json").read_text())["steps"] == 9
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.occupancy_resolution=30", "must halve 2 times"),
+    ("data.categories=[mug,spaceship]", "unknown spaceship"),
+    ("flow.p_uncond=1.5", "flow.p_uncond"),
+    ("vae.steps=0", "set vae.steps >= 1"),
+])
+def test_bad_settings_stop_before_a_run_folder(tmp_path, cache_dir, override, message):
+    with pytest.raises(UserError, match=message):
+        train_generator.run(config(*micro(tmp_path / "out", cache_dir), override))
+    assert not (tmp_path / "out").exists()
