@@ -34,7 +34,7 @@ from cfd.utils.media import save_grid
 from cfd.visualize import write_orbit_video
 from core.errors import UserError
 from core.runtime import RunInterrupted, TrainingStopped, atomic_write
-from jobs.skeleton import RunFolder, check_output, typed
+from jobs.skeleton import RunFolder, check_output, finished_run, typed
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +77,9 @@ def resume(run_dir: Path) -> Dict[str, Any]:
     """Continue a stopped run from its checkpoint, as configured. A finished run (its
     metrics.json written) only says so and returns its metrics."""
     run_dir = Path(run_dir)
-    if (run_dir / "metrics.json").is_file():
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-        print(f"{run_dir} finished all {metrics['steps']} steps already; nothing to resume "
-              "(start a new run to train again)")
-        return {**metrics, "run_dir": str(run_dir)}
+    finished = finished_run(run_dir)
+    if finished is not None:
+        return finished
     # a damaged checkpoint is refused before any model loads
     state = load_checkpoint(run_dir / "ckpt")
     try:

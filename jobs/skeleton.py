@@ -13,11 +13,12 @@ A job runs in numbered steps:
 
 from __future__ import annotations
 
+import json
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator
+from typing import Any, Dict, Iterator, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -58,6 +59,18 @@ def check_output(output_dir: str, name: str) -> None:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"output_dir={output_dir}: {existing} cannot be written to (read-only "
                         "or not yours); set output_dir= to a folder you can write")
+
+
+def finished_run(run_dir: Path) -> Optional[Dict[str, Any]]:
+    """A resumable job's run folder that already has its ``metrics.json``: say so and return
+    its metrics (with ``run_dir``); None when the run is not finished."""
+    path = Path(run_dir) / "metrics.json"
+    if not path.is_file():
+        return None
+    metrics = json.loads(path.read_text())
+    print(f"{run_dir} finished all {metrics['steps']} steps already; nothing to resume (start a "
+          "new run to train again)")
+    return {**metrics, "run_dir": str(run_dir)}
 
 
 @dataclass

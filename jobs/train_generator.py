@@ -38,7 +38,7 @@ from cfd.systems.checkpoint import load_checkpoint, save_checkpoint
 from core.devices import resolve_device
 from core.errors import UserError
 from core.runtime import RunInterrupted, TrainingStopped, atomic_write
-from jobs.skeleton import RunFolder, check_output, typed
+from jobs.skeleton import RunFolder, check_output, finished_run, typed
 from relaxflow.training.data import build_structure_data, category_names, check_data_config
 from relaxflow.training.plots import plot_losses
 from relaxflow.training.sizes import IMAGE_SIZE
@@ -125,10 +125,9 @@ def resume(run_dir: Path) -> Dict[str, Any]:
     """Continue a stopped run from its checkpoint, as configured. A finished run (its
     metrics.json written) only says so and returns its metrics."""
     run_dir = Path(run_dir)
-    if (run_dir / "metrics.json").is_file():
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-        print(f"{run_dir} finished all {metrics['steps']} steps already; nothing to resume")
-        return {**metrics, "run_dir": str(run_dir)}
+    finished = finished_run(run_dir)
+    if finished is not None:
+        return finished
     state = load_checkpoint(run_dir / "ckpt")  # a damaged one is refused before any work
     c: TrainGeneratorConfig = typed(load_config(TrainGeneratorConfig, run_dir / "config.yaml"))
     check(c)

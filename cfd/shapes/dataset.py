@@ -97,8 +97,14 @@ def canonical_settings(cfg: ShapeDatasetConfig) -> Dict[str, object]:
 def dataset_fingerprint(cfg: ShapeDatasetConfig) -> str:
     """Hash of the canonical settings and the bytes of every image source file."""
     settings = sorted((k, repr(v)) for k, v in canonical_settings(cfg).items())
-    h = hashlib.sha256(repr(settings).encode())
-    for path in image_source_files():
+    return source_fingerprint(repr(settings).encode(), image_source_files())
+
+
+def source_fingerprint(settings: bytes, files: List[Path]) -> str:
+    """16 hex digits of sha256 over ``settings`` and each file's folder, name and bytes: a
+    cache key that changes with the settings and with any code that draws the data."""
+    h = hashlib.sha256(settings)
+    for path in files:
         h.update(f"\n{path.parent.name}/{path.name}\n".encode())
         h.update(path.read_bytes())
     return h.hexdigest()[:16]

@@ -15,7 +15,6 @@ two ranges never meet (``cfd.shapes.categories``).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import tempfile
@@ -29,7 +28,7 @@ from tqdm import tqdm
 
 from cfd.shapes import (CATEGORIES, category, held_out_seeds, occupancy_grid, render_views,
                         train_seeds)
-from cfd.shapes.dataset import build_lock, image_source_files, publish
+from cfd.shapes.dataset import build_lock, image_source_files, publish, source_fingerprint
 from core.errors import UserError
 from core.runtime import cache_root, share_as_created
 
@@ -90,11 +89,8 @@ def data_fingerprint(c: StructureDataConfig) -> str:
     of every source file that draws the data."""
     settings = {k: v for k, v in asdict(c).items() if k != "cache_dir"}
     settings["categories"] = category_names(c)
-    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-    for path in [*image_source_files(), Path(__file__)]:
-        h.update(f"\n{path.parent.name}/{path.name}\n".encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()[:16]
+    return source_fingerprint(json.dumps(settings, sort_keys=True).encode(),
+                              [*image_source_files(), Path(__file__)])
 
 
 def data_dir(c: StructureDataConfig) -> Path:
