@@ -11,6 +11,11 @@ It derives from ``ValueError`` so that Python callers who catch ``ValueError`` k
 
 from __future__ import annotations
 
+from enum import Enum
+from typing import Type, TypeVar, Union
+
+Choice = TypeVar("Choice", bound=Enum)
+
 
 class UserError(ValueError):
     """Bad input, named with its fix."""
@@ -18,3 +23,14 @@ class UserError(ValueError):
 
 class InputFileError(UserError, FileNotFoundError):
     """An input file or folder that is missing or cannot be read, named with its fix."""
+
+
+def as_choice(choices: Type[Choice], value: Union[Choice, str], key: str) -> Choice:
+    """``value`` (a member or its value) as a member of the enum ``choices``; anything else is
+    a :class:`UserError` naming ``key`` and listing the choices (for callers that build configs
+    in Python; OmegaConf checks the ones loaded from files)."""
+    try:
+        return choices(value)
+    except ValueError:
+        names = ", ".join(str(c.value) for c in choices)
+        raise UserError(f"unknown {key} {value!r}; {key} is one of {names}") from None

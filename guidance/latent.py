@@ -146,7 +146,7 @@ class LatentDiffusersGuidance(Guidance):
 
     def __init__(self, vae, cfg: LatentModelConfig, device, dtype: Optional[torch.dtype] = None):
         super().__init__(cfg.guidance_scale, cfg.weighting)
-        LatentSampling(cfg.latent_sampling)  # its error names the known ones
+        self.sample_posterior = LatentSampling(cfg.latent_sampling) is LatentSampling.sample
         if cfg.resolution is not None and cfg.resolution < 0:
             raise UserError(f"resolution must be positive, 0 or None, got {cfg.resolution}")
         self.cfg = cfg
@@ -178,8 +178,7 @@ class LatentDiffusersGuidance(Guidance):
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False,
                               antialias=size[0] < x.shape[-2] or size[1] < x.shape[-1])
         posterior = self.vae.encode(x.to(self.dtype)).latent_dist
-        z = (posterior.sample() if LatentSampling(self.cfg.latent_sampling) is LatentSampling.sample
-             else posterior.mode())
+        z = posterior.sample() if self.sample_posterior else posterior.mode()
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return ((z - shift) * self.vae.config.scaling_factor).float()
 

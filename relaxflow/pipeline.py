@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from core.devices import Precision, half_dtype
-from core.errors import UserError
+from core.errors import UserError, as_choice
 
 from .loading import STAGES, PipelineSpec, check_pipeline_files, load_model
 
@@ -46,10 +46,7 @@ class TrellisPipeline:
     def __init__(self, spec: PipelineSpec, device: Union[str, torch.device] = "cpu",
                  precision: Union[Precision, str] = Precision.auto,
                  offload: Union[Offload, str] = Offload.reload):
-        if offload not in [*Offload, *(o.value for o in Offload)]:
-            raise ValueError(f"offload is one of {', '.join(o.value for o in Offload)}, got "
-                             f"{offload!r}")
-        offload = Offload(offload)
+        offload = as_choice(Offload, offload, "offload")
         for stage in spec.stages:
             for key in STAGES[stage]:
                 if key not in spec.models:

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from cfd.shapes import prompts
 from cfd.systems.prior import GuidanceConfig, GuidanceKind, ModelChoice, build_guidance
-from core.errors import UserError
+from core.errors import UserError, as_choice
 from guidance.prompts import PromptConfig
 from guidance.sampling import sample_images
 
@@ -91,10 +91,8 @@ def check_prior_request(prompt: Optional[str], cfg: PriorImagesConfig) -> None:
         raise UserError(f"generate_priors.n_images is {cfg.n_images}: draw at least one prior "
                         "image (generate_priors.n_images=3), or give your own "
                         "priors=[a.png,b.png]")
-    if cfg.model.kind not in [*GuidanceKind, *(k.value for k in GuidanceKind)]:
-        raise UserError(f"generate_priors.model.kind is one of "
-                        f"{', '.join(k.value for k in GuidanceKind)}, got {cfg.model.kind!r}")
-    if GuidanceKind(cfg.model.kind) is GuidanceKind.embedded and prompt not in prompts():
+    kind = as_choice(GuidanceKind, cfg.model.kind, "generate_priors.model.kind")
+    if kind is GuidanceKind.embedded and prompt not in prompts():
         raise UserError(f"the embedded prior cannot draw {prompt!r} (it knows: "
                         f"{', '.join(prompts())}); give your own prior images: "
                         "priors=[a.png,b.png], or an image model: "

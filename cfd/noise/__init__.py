@@ -7,16 +7,13 @@ multi-view-consistent noise for CFD (``mode: consistent``) or fresh i.i.d. noise
 """
 
 
-from core.errors import UserError
+from core.errors import as_choice
 
 from .consistent import ConsistentNoise, IIDNoise, NoiseConfig, NoiseMode
 
 
 def make_noise(cfg: NoiseConfig, channels: int, device, seed: int = 0):
-    if cfg.mode not in [*NoiseMode, *(m.value for m in NoiseMode)]:
-        raise UserError(f"unknown noise mode {cfg.mode!r}; use "
-                        f"{' or '.join(repr(m.value) for m in NoiseMode)}")
-    if NoiseMode(cfg.mode) is NoiseMode.consistent:
+    if as_choice(NoiseMode, cfg.mode, "noise mode") is NoiseMode.consistent:
         return ConsistentNoise(cfg, channels, device, seed)
     return IIDNoise(cfg, channels, device, seed)
 

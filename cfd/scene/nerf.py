@@ -88,6 +88,7 @@ class NeRFField(nn.Module):
             raise UserError(f"nerf.blob_radius must be positive, got {cfg.blob_radius}; to "
                             "start without a blob set nerf.blob_density=0 instead")
         self.cfg = cfg
+        self.density_activation = DENSITY_ACTIVATIONS[DensityActivation(cfg.density_activation)]
         self.encoding = hash_grid(cfg.grid, device, generator)
         self.density_net = nn.Sequential(
             nn.Linear(self.encoding.n_output_dims, cfg.hidden), nn.ReLU(),
@@ -132,7 +133,7 @@ class NeRFField(nn.Module):
         inside = (points.abs() <= self.cfg.radius).all(-1)
         head = self.density_net(self.encoding(self.contract(points)))
         blob = self.cfg.blob_density * (1 - points.norm(dim=-1) / self.cfg.blob_radius)
-        density = DENSITY_ACTIVATIONS[DensityActivation(self.cfg.density_activation)](head[:, 0] + blob)
+        density = self.density_activation(head[:, 0] + blob)
         rgb = torch.sigmoid(self.colour_net(head[:, 1:]))
         return torch.where(inside, density, torch.zeros_like(density)), rgb
 

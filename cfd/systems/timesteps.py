@@ -46,9 +46,10 @@ class TimestepSchedule:
             raise UserError(f"timesteps.t_min and t_max must satisfy 0 < t_min <= t_max < 1 "
                             f"(e.g. 0.02 and 0.98), got {cfg.t_min} and {cfg.t_max}")
         self.cfg, self.knots, self.total = cfg, knots, max(total_steps, 1)
+        self.uniform = TimestepKind(cfg.kind) is TimestepKind.uniform
 
     def __call__(self, step: int, generator: torch.Generator) -> float:
-        if TimestepKind(self.cfg.kind) is TimestepKind.uniform:
+        if self.uniform:
             u = torch.rand((), generator=generator, dtype=torch.float64).item()
             return self.cfg.t_min + (self.cfg.t_max - self.cfg.t_min) * u
         progress = min(max(step / max(self.total - 1, 1), 0.0), 1.0)
