@@ -140,15 +140,26 @@ class ImageConditioner:
         folder = resolve_model_path(model_id, index_file="config.json", option=option)
         return cls(Dinov2WithRegistersModel.from_pretrained(folder, local_files_only=True), device)
 
-    @torch.no_grad()
-    def __call__(self, images: Tensor) -> Tensor:
-        """``[B, 3, S, S]`` premultiplied images in [0, 1] -> tokens ``[B, 1 + R + P, C]``."""
+    def embed(self, images: Tensor) -> Tensor:
+        """``[B, 3, S, S]`` premultiplied images in [0, 1] -> the model's input embeddings
+        ``[B, 1 + R + P, C]`` (class, register and patch tokens with their positions), after
+        ImageNet normalisation."""
         x = images.to(self.device, torch.float32)
         mean = x.new_tensor(IMAGENET_MEAN)[:, None, None]
         std = x.new_tensor(IMAGENET_STD)[:, None, None]
-        out = self.model(pixel_values=(x - mean) / std, output_hidden_states=True)
-        tokens = out.hidden_states[-1]  # the last layer, before the model's final layernorm
+        return self.model.embeddings((x - mean) / std)
+
+    def encode(self, embeddings: Tensor) -> Tensor:
+        """Input embeddings ``[B, T, C]`` (:meth:`embed`) -> condition tokens ``[B, T, C]``:
+        the last layer's output, before the model's final layernorm, then a layer norm without
+        affine. Differentiable: training the generator's conditioner goes through here."""
+        tokens = self.model.encoder(embeddings).last_hidden_state
         return F.layer_norm(tokens, tokens.shape[-1:])
+
+    @torch.no_grad()
+    def __call__(self, images: Tensor) -> Tensor:
+        """``[B, 3, S, S]`` premultiplied images in [0, 1] -> tokens ``[B, 1 + R + P, C]``."""
+        return self.encode(self.embed(images))
 
     @staticmethod
     def negative(tokens: Tensor) -> Tensor:

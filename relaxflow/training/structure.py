@@ -13,13 +13,14 @@ input time ``1000 t``, ``t = sigmoid(N(1, 1))`` (more time near the noise), the 
 replaced by the negative (zeros, ``ImageConditioner.negative``) for ``p_uncond`` of the items so
 classifier-free guidance has an unconditional model.
 
-The conditioner is a random DINOv2 with registers, frozen: the flow learns to read its tokens
-(random features of the image's patches, which keep where the object is and its colours), so the
-tokens of every training render are computed once, and the ``generate`` job runs it unchanged
-through ``ImageConditioner``. It is read, weakly: with 3 categories (mug, chair, tree; 16 seeds
-each), a 64-wide 2-block flow and 750 flow steps, structures sampled from held-out renders scored
-IoU 0.31-0.34 against 0.25-0.29 when sampled from another instance's render
-(``flow_iou_other_render``, the control every held-out evaluation logs).
+The conditioner is a DINOv2 with registers, randomly initialised from the seed. Its input
+embeddings (a random linear map of each 37 px patch, with the class and register tokens and the
+positions) stay frozen, so those of every training render are computed once; with
+``flow.train_conditioner`` its transformer layers train with the flow, by the flow's loss and
+optimiser (the ``generate`` job runs the exported model through ``ImageConditioner`` as any
+DINOv2). Why trained: frozen, its tokens were read only weakly (3 categories, a 64-wide 2-block
+flow, 750 steps: IoU 0.31-0.34 from the object's own held-out render against 0.25-0.29 from
+another instance's, ``flow_iou_other_render``, the control every held-out evaluation logs).
 
 Every random draw of training (batch order, views, posterior samples, times, noise, dropout)
 comes from one generator whose state the checkpoint holds, so a resumed run continues bit for
@@ -80,6 +81,9 @@ class FlowTraining:
     sigma_min: float = 1e-5
     t_logit_mean: float = 1.0  # t = sigmoid(N(mean, std)), TRELLIS's logit-normal
     t_logit_std: float = 1.0
+    # Train the conditioner's transformer layers with the flow (its input embeddings stay as
+    # initialised); false keeps it frozen and random.
+    train_conditioner: bool = True
 
 
 @dataclass
@@ -155,15 +159,16 @@ def autocast(device: torch.device) -> ContextManager:
 
 
 @torch.no_grad()
-def condition_tokens(conditioner: ImageConditioner, rgba: Tensor, batch: int = 32) -> Tensor:
-    """Renders ``[M, H, W, 4]`` uint8 -> their condition tokens ``[M, S, C]`` float32 on the CPU,
-    through the preprocessing a user's image takes (object cropped with a margin, 518 px)."""
-    tokens = []
+def condition_embeddings(conditioner: ImageConditioner, rgba: Tensor, batch: int = 32) -> Tensor:
+    """Renders ``[M, H, W, 4]`` uint8 -> the conditioner's input embeddings ``[M, S, C]`` float32
+    on the CPU (``ImageConditioner.embed``), through the preprocessing a user's image takes
+    (object cropped with a margin, 518 px)."""
+    embeddings = []
     for start in range(0, len(rgba), batch):
         images = torch.stack([preprocess_image(image.numpy(), source="a training render")
                               for image in rgba[start:start + batch]])
-        tokens.append(conditioner(images).float().cpu())
-    return torch.cat(tokens)
+        embeddings.append(conditioner.embed(images).float().cpu())
+    return torch.cat(embeddings)
 
 
 @torch.no_grad()
@@ -211,10 +216,11 @@ class EpochOrder:
 # -- the trainer ---------------------------------------------------------------------------------
 @dataclass
 class FlowData:
-    """What the flow trains on, computed once from the frozen VAE and conditioner."""
+    """What the flow trains on, computed once from the frozen VAE and the conditioner's frozen
+    input embeddings."""
 
     latents: Tensor  # [N, C, r, r, r]: the encoder's means of the training grids
-    tokens: Tensor  # [N, V, S, C_cond]: each training render's condition tokens
+    embeddings: Tensor  # [N, V, S, C_cond]: each training render's conditioner input embeddings
 
 
 class StructureTrainer:
@@ -241,13 +247,20 @@ class StructureTrainer:
             model.to(device).train()
         self.conditioner = ImageConditioner(build_conditioner_model(s.conditioner_size, s.seed),
                                             device)
+        self.conditioner.model.encoder.requires_grad_(s.flow.train_conditioner)
         self.vae_optimizer = torch.optim.AdamW(
             [*self.encoder.parameters(), *self.decoder.parameters()], lr=s.vae.lr)
-        self.flow_optimizer = torch.optim.AdamW(self.flow.parameters(), lr=s.flow.lr)
+        self.flow_optimizer = torch.optim.AdamW(self.flow_parameters(), lr=s.flow.lr)
         self.rng = torch.Generator().manual_seed(s.seed)
         self.orders = {phase: EpochOrder(len(self.train_set)) for phase in Phase}
         self.step, self.wall_s = 0, 0.0
         self.flow_data: Optional[FlowData] = None
+
+    def flow_parameters(self) -> List[nn.Parameter]:
+        """What the flow phase trains: the flow, and the conditioner's layers when trained."""
+        trained = self.conditioner.model.encoder.parameters() if self.s.flow.train_conditioner \
+            else []
+        return [*self.flow.parameters(), *trained]
 
     @property
     def total_steps(self) -> int:
@@ -309,32 +322,33 @@ class StructureTrainer:
         return torch.cat(latents)
 
     def prepare_flow_data(self) -> FlowData:
-        """Encode every training grid and condition every training render (once; again after a
+        """Encode every training grid and embed every training render (once; again after a
         resume, from the checkpoint's weights, so the same)."""
         if self.flow_data is None:
             rgba = self.train_set.rgba
-            tokens = condition_tokens(self.conditioner, rgba.flatten(0, 1))
+            embeddings = condition_embeddings(self.conditioner, rgba.flatten(0, 1))
             self.flow_data = FlowData(self.encode_training_set(),
-                                      tokens.view(*rgba.shape[:2], *tokens.shape[1:]))
+                                      embeddings.view(*rgba.shape[:2], *embeddings.shape[1:]))
         return self.flow_data
 
     def _flow_step(self) -> Dict[str, float]:
         c = self.s.flow
         data = self.prepare_flow_data()
         index = self.orders[Phase.flow].take(c.batch_size, self.rng)
-        views = torch.randint(data.tokens.shape[1], (len(index),), generator=self.rng)
+        views = torch.randint(data.embeddings.shape[1], (len(index),), generator=self.rng)
         x0 = data.latents[index]
-        cond = data.tokens[index, views]
         dropped = torch.rand(len(index), generator=self.rng) < c.p_uncond
-        cond = torch.where(dropped[:, None, None], ImageConditioner.negative(cond), cond)
         t = logit_normal_times(len(index), c.t_logit_mean, c.t_logit_std, self.rng)
         eps = torch.randn(x0.shape, generator=self.rng)
         x_t, target = noisy_latent(x0, eps, t, c.sigma_min)
+        with autocast(self.device), torch.set_grad_enabled(c.train_conditioner):
+            cond = self.conditioner.encode(data.embeddings[index, views].to(self.device))
+        cond = torch.where(dropped[:, None, None].to(self.device),
+                           ImageConditioner.negative(cond), cond)
         with autocast(self.device):
-            velocity = self.flow(x_t.to(self.device), 1000 * t.to(self.device),
-                                 cond.to(self.device))
+            velocity = self.flow(x_t.to(self.device), 1000 * t.to(self.device), cond)
         loss = F.mse_loss(velocity.float(), target.to(self.device))
-        grad_norm = self._optimise(loss, self.flow_optimizer, list(self.flow.parameters()))
+        grad_norm = self._optimise(loss, self.flow_optimizer, self.flow_parameters())
         return {"loss": loss.item(), "t_mean": t.mean().item(), "grad_norm": grad_norm}
 
     # -- held-out metrics --------------------------------------------------------------------
@@ -378,7 +392,8 @@ class StructureTrainer:
         n = min(self.s.eval.flow_samples, len(self.held_out))
         # spread over the held-out set, which runs category by category
         index = torch.linspace(0, len(self.held_out) - 1, n).round().long()
-        tokens = condition_tokens(self.conditioner, self.held_out.rgba[index, 0]).to(self.device)
+        embeddings = condition_embeddings(self.conditioner, self.held_out.rgba[index, 0])
+        tokens = self.conditioner.encode(embeddings.to(self.device))
         truth = self.held_out.occupancy[index]
         result = {}
         for name, cond in (("flow_iou", tokens), ("flow_iou_other_render", tokens.roll(1, 0))):
