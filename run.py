@@ -9,6 +9,9 @@
                                                                train-generator run exactly, as
                                                                configured (no overrides)
     python run.py prompts                                      prompts the embedded prior knows
+    python run.py ship-generator <run> [<run> ...] [--to DIR]  a trained generator's pipeline in
+                                                               float16 with its manifest
+                                                               (default DIR: the embedded one)
 
 Overrides are dotted ``key=value`` pairs. A text value is taken as written (``prompt=a mug #2``;
 one pair of surrounding quotes is dropped, ``null`` unsets an optional one); other values are YAML
@@ -30,10 +33,12 @@ from cfd.config import ConfigError, load_config, read_yaml
 from cfd.shapes import prompts
 from core.errors import UserError
 from core.runtime import RunInterrupted, TrainingStopped, tune_malloc
+from relaxflow.loading import EMBEDDED_PIPELINES
 
-COMMANDS = [*jobs.JOBS, "prompts"]
+COMMANDS = [*jobs.JOBS, "prompts", "ship-generator"]
 USAGE = ("run.py [job] (--config CONFIG | --resume RUN_FOLDER) [key=value ...]\n"
-         "       run.py prompts")
+         "       run.py prompts\n"
+         "       run.py ship-generator RUN [RUN ...] [--to DIR]")
 INTERRUPTED = 130  # the shell's status for a process stopped by SIGINT
 
 
@@ -42,6 +47,8 @@ def main(argv=None) -> int:
     if argv[:1] == ["prompts"]:
         print("\n".join(prompts()))
         return 0
+    if argv[:1] == ["ship-generator"]:
+        return _ship(argv[1:])
     if (argv[:1] and not argv[0].startswith("-") and "=" not in argv[0]
             and argv[0] not in jobs.JOBS):
         print(f"error: unknown command '{argv[0]}'; known: {', '.join(COMMANDS)} (or none: "
@@ -74,6 +81,26 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return INTERRUPTED
+    return 0
+
+
+def _ship(argv) -> int:
+    """``ship-generator``: training runs -> a float16 pipeline folder with its manifest."""
+    from relaxflow.training.ship import ship, size_bytes
+
+    parser = argparse.ArgumentParser(prog="run.py ship-generator",
+                                     description="Ship a trained generator (float16, with a "
+                                                 "manifest); the last run's pipeline is shipped")
+    parser.add_argument("runs", nargs="+", type=Path, help="training run folders, stage 1 first")
+    parser.add_argument("--to", type=Path, default=EMBEDDED_PIPELINES["embedded"],
+                        help="the folder to write (default: the embedded generator's)")
+    args = parser.parse_args(argv)
+    try:
+        dest = ship(args.runs, args.to)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"shipped {args.runs[-1] / 'pipeline'} to {dest} ({size_bytes(dest) / 2**20:.2f} MiB)")
     return 0
 
 

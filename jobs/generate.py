@@ -1,12 +1,20 @@
 """The ``generate`` job: a TRELLIS pipeline folder turns an image (or a prompt) into splats.
 
+    python run.py generate --config configs/generate-embedded.yaml prompt="a chair"
+    python run.py generate --config configs/generate-embedded.yaml image=obs.png [mask=m.png]
     python run.py generate --config configs/trellis-image.yaml image=chair.png [mask=mask.png]
     python run.py generate --config configs/trellis-text.yaml prompt="a red chair"
 
+A prompt given to an image pipeline (the embedded generator, ``model: embedded``, is one) is
+first drawn as an image by a 2D model (``draw``: the embedded prior by default, which knows the
+prompts ``python run.py prompts`` lists), written as ``input.png``, and lifted.
+
 Writes ``splats.ply``, ``orbit.mp4``, ``occupancy.npz`` (the stage-1 voxels, ``coords [N, 3]``
-at ``resolution``) with a PNG of them, and ``metrics.json`` (stage timings, counts). Stage models
-are loaded when their stage starts and released after it (``offload=reload``), so only one
-stage's weights are in memory at a time.
+at ``resolution``) with a PNG of them, and ``metrics.json`` (stage timings, counts; with
+``truth=<category>/<seed>``, the shape-world instance the image shows, the structure's IoU and
+the splats' PSNR and mask IoU from 8 views around it: ``cfd.evaluation.generation``). Stage
+models are loaded when their stage starts and released after it (``offload=reload``), so only
+one stage's weights are in memory at a time.
 
 A pipeline with stage 1 only (a generator whose stage 2 is not trained yet) gives what it can:
 the run writes the occupancy and ``metrics.json``, and ends normally with a message that no
@@ -19,16 +27,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from cfd.evaluation.generation import cameras_around, instance, structure_iou, view_scores
+from cfd.utils.media import save_image
 from cfd.visualize import write_orbit_video
 from core.devices import Precision, resolve_device
 from core.errors import UserError
 from jobs.skeleton import RunFolder, check_output, typed
-from relaxflow.conditioning import ImageConditioner, TextConditioner, load_object
-from relaxflow.loading import STAGE_NAMES, PipelineSpec
+from relaxflow.conditioning import ImageConditioner, TextConditioner, load_object, preprocess_image
+from relaxflow.loading import STAGE_NAMES, PipelineSpec, conditioning_model, read_pipeline
 from relaxflow.pipeline import Offload, Stopwatch, TrellisPipeline
+from relaxflow.priors import PriorImagesConfig, check_prior_request, prior_images
 from relaxflow.runner import decode, sample_latents, sample_structures, save_voxels
 from relaxflow.sampler import StageOverrides, with_overrides
 from relaxflow.stages import guided
@@ -38,13 +50,20 @@ from relaxflow.stages import guided
 class GenerateConfig:
     job: str = "generate"
     name: str = "trellis-image"
-    # A TRELLIS pipeline folder (pipeline.json + ckpts/) or a repo id in the Hugging Face cache.
+    # A TRELLIS pipeline folder (pipeline.json + ckpts/), a repo id in the Hugging Face cache,
+    # or ``embedded`` (the generator shipped in the repository, trained on the shape world).
     model: str = "microsoft/TRELLIS-image-large"
     image: Optional[str] = None  # RGBA, or RGB with ``mask``
     mask: Optional[str] = None  # white = object
-    prompt: Optional[str] = None  # text pipelines
-    image_cond_model: str = "facebook/dinov2-with-registers-large"
-    # null: the pipeline's own text encoder (openai/clip-vit-large-patch14)
+    # Text pipelines take it as their condition; image pipelines lift an image of it drawn by
+    # ``draw``'s 2D model.
+    prompt: Optional[str] = None
+    draw: PriorImagesConfig = field(default_factory=lambda: PriorImagesConfig(n_images=1))
+    # The shape-world instance the image shows (<category>/<seed>): metrics against it.
+    truth: Optional[str] = None
+    # null: the pipeline's own (a conditioner folder inside it; else DINOv2-L with registers,
+    # and for text its pipeline.json's, openai/clip-vit-large-patch14)
+    image_cond_model: Optional[str] = None
     text_cond_model: Optional[str] = None
     seed: int = 42
     device: str = "auto"  # core.devices: auto (CUDA when present, else the CPU), cpu, cuda:<i>
@@ -65,26 +84,46 @@ class GenerateConfig:
 Config = GenerateConfig
 
 
-def _observation(c: GenerateConfig) -> Optional[Tensor]:
+def _observation(c: GenerateConfig, spec: PipelineSpec) -> Optional[Tensor]:
     """The preprocessed image ``[3, S, S]`` of an image run, None for a prompt: the inputs are
     checked before any model loads or any file is written."""
     if (c.image is None) == (c.prompt is None):
-        raise UserError("give exactly one of image=path.png (image pipelines) or "
-                        "prompt=\"...\" (text pipelines)")
+        raise UserError("give exactly one of image=path.png or prompt=\"...\"")
     if c.mask is not None and c.image is None:
         raise UserError("mask= marks the object in image=; a prompt takes no mask")
-    return None if c.image is None else load_object(c.image, c.mask)
+    if c.truth is not None:
+        try:
+            instance(c.truth)
+        except ValueError as err:
+            raise UserError(f"truth: {err}") from None
+    if c.image is None:
+        if spec.condition == "image":  # the prompt is drawn as an image first
+            if c.draw.n_images != 1:
+                raise UserError(f"draw.n_images is {c.draw.n_images}: generate lifts one image")
+            check_prior_request(c.prompt, c.draw, "draw",
+                                "image=path.png (an image of your own)")
+        return None
+    spec.require("image", "generate")
+    return load_object(c.image, c.mask)
+
+
+def _drawn_image(c: GenerateConfig, device: torch.device) -> Tuple[np.ndarray, Tensor]:
+    """The prompt drawn by ``c.draw``'s 2D model: RGBA ``[R, R, 4]`` uint8, and preprocessed
+    ``[3, S, S]``."""
+    rgba = prior_images(c.prompt, c.seed, c.draw, device)[0]
+    return rgba, preprocess_image(rgba, source=f"the image drawn of {c.prompt!r}",
+                                  opaque_fix="try another seed")
 
 
 def _conditions(c: GenerateConfig, image: Optional[Tensor], spec: PipelineSpec,
                 device: torch.device) -> Tuple[Tensor, Tensor]:
     """(condition, negative condition) of the image or, without one, of the prompt."""
     if image is not None:
-        conditioner = ImageConditioner.from_pretrained(c.image_cond_model, device)
+        conditioner = ImageConditioner.from_pretrained(
+            conditioning_model(spec, c.image_cond_model), device)
         cond = conditioner(image[None])
         return cond, conditioner.negative(cond)
-    text = TextConditioner.from_pretrained(c.text_cond_model or spec.cond_model
-                                           or "openai/clip-vit-large-patch14", device)
+    text = TextConditioner.from_pretrained(conditioning_model(spec, c.text_cond_model), device)
     cond = text([c.prompt])
     return cond, text.negative(cond)
 
@@ -93,17 +132,23 @@ def run(cfg) -> Dict[str, Any]:
     c: GenerateConfig = typed(cfg)
     # 1. every input, the output folder and the pipeline folder, before a model loads
     device = resolve_device(c.device)
-    image = _observation(c)
+    image = _observation(c, read_pipeline(c.model))
     check_output(c.output_dir, c.name)
     pipe = TrellisPipeline.from_pretrained(c.model, device=device, precision=c.precision,
                                            offload=c.offload)
-    pipe.spec.require("text" if image is None else "image", "generate")
-    # 2. the condition (its model loads here), 3. the run folder
+    # 2. a prompt for an image pipeline drawn as an image, the condition (its model loads
+    # here), 3. the run folder
     clock = Stopwatch(device)
+    drawn = None
+    if image is None and pipe.spec.condition == "image":
+        with clock.time("draw"):
+            drawn, image = _drawn_image(c, device)
     with clock.time("condition"):
         cond, neg_cond = _conditions(c, image, pipe.spec, device)
     folder = RunFolder.create(c.output_dir, c.name, Path(c.image).stem if c.image else c.prompt,
                               cfg)
+    if drawn is not None:
+        save_image(torch.from_numpy(drawn).float() / 255, folder.path / "input.png")
     # 4. stage 1, its voxels written; stage 2 and the decoding when the pipeline has them, one
     # stage's models at a time
     generators = {"plain": torch.Generator().manual_seed(c.seed)}
@@ -114,10 +159,13 @@ def run(cfg) -> Dict[str, Any]:
         generators, device, clock)
     save_voxels(folder.path, coords["plain"], resolution)
     voxels = len(coords["plain"])
+    truth = None if c.truth is None else instance(c.truth)
+    scores = {} if truth is None else {
+        "structure_iou": structure_iou(coords["plain"][:, 1:], resolution, truth)}
     absent = [STAGE_NAMES[stage] for stage in ("latent", "decode") if stage not in pipe.stages]
     if absent:
         return folder.finish({**clock.seconds, "voxels": voxels, "stages": list(pipe.stages),
-                              "device": str(device)},
+                              "device": str(device), **scores},
                              f"{voxels} voxels; wrote occupancy.npz only: the pipeline "
                              f"{pipe.spec.root} has no {' and no '.join(absent)}, so no splats")
     latents = sample_latents(
@@ -129,7 +177,11 @@ def run(cfg) -> Dict[str, Any]:
     splats.save_ply(folder.path / "splats.ply")
     write_orbit_video(splats, folder.path / "orbit.mp4", n_frames=c.video_frames,
                       size=c.video_size, distance=2.0, background=1.0)
+    if truth is not None:
+        around = view_scores(splats, truth, cameras_around().to(splats.device))
+        scores.update({f"{key}_around": float(np.median(values))
+                       for key, values in around.items()})
     return folder.finish({**clock.seconds, "voxels": voxels, "splats": len(splats),
-                          "device": str(device)},
+                          "device": str(device), **scores},
                          f"{voxels} voxels, {len(splats)} splats; wrote splats.ply, orbit.mp4 "
                          "and occupancy.npz")

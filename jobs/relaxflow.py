@@ -33,7 +33,7 @@ from guidance.loading import resolve_model_path
 from jobs.skeleton import RunFolder, check_output, typed
 from relaxflow.conditioning import ImageConditioner, load_object, preprocess_image
 from relaxflow.dual_branch import Pooling, RelaxFlowSampler, Schedule, pool_priors
-from relaxflow.loading import check_pipeline_files
+from relaxflow.loading import PipelineSpec, check_pipeline_files, conditioning_model
 from relaxflow.pipeline import Offload, Stopwatch, TrellisPipeline
 from relaxflow.priors import PriorImagesConfig, check_prior_request, prior_images
 from relaxflow.relaxation import AttentionRelaxation, KeyLayout, Topology
@@ -85,7 +85,8 @@ class RelaxFlowConfig:
     # (generate_priors.model.kind=stable-diffusion, generate_priors.model.model_id=<folder>).
     generate_priors: PriorImagesConfig = field(default_factory=PriorImagesConfig)
     prior_pooling: Pooling = Pooling.concat
-    image_cond_model: str = "facebook/dinov2-with-registers-large"
+    # null: the pipeline's own (a conditioner folder inside it, else DINOv2-L with registers)
+    image_cond_model: Optional[str] = None
     camera: ObservationCamera = field(default_factory=ObservationCamera)
     stage1: BranchSettings = field(default_factory=BranchSettings)
     stage2: BranchSettings = field(default_factory=lambda: BranchSettings(sigma_query=0.0,
@@ -126,7 +127,8 @@ def check(c: RelaxFlowConfig) -> Tensor:
     spec.require_stages("relaxflow")
     for prior in c.priors:
         load_object(prior, opaque_fix=PRIOR_FIX, setting="priors")
-    resolve_model_path(c.image_cond_model, index_file="config.json", option="image_cond_model")
+    resolve_model_path(conditioning_model(spec, c.image_cond_model), index_file="config.json",
+                       option="image_cond_model")
     return observation
 
 
@@ -163,10 +165,11 @@ def _observation_camera(cam: ObservationCamera) -> Cameras:
                          cam.resolution, cam.resolution)
 
 
-def _tokens(c: RelaxFlowConfig, observation: Tensor, prior_images: Tensor,
-            device: torch.device):
+def _tokens(c: RelaxFlowConfig, spec: PipelineSpec, observation: Tensor,
+            prior_images: Tensor, device: torch.device):
     """(condition, negative) of the observation and of the pooled priors."""
-    conditioner = ImageConditioner.from_pretrained(c.image_cond_model, device)
+    conditioner = ImageConditioner.from_pretrained(conditioning_model(spec, c.image_cond_model),
+                                                   device)
     obs_cond = conditioner(observation[None])
     prior_cond = pool_priors(conditioner(prior_images), c.prior_pooling.value)
     return (obs_cond, torch.zeros_like(obs_cond)), (prior_cond, torch.zeros_like(prior_cond))
@@ -197,7 +200,7 @@ def run(cfg) -> Dict[str, Any]:
                                            offload=c.offload)
     # 2. the prior images (drawn from a 2D model when none are given) and both conditions
     priors, drawn = _prior_images(c, device)
-    obs, prior = _tokens(c, observation, priors, device)
+    obs, prior = _tokens(c, pipe.spec, observation, priors, device)
     # 3. the run folder
     folder = RunFolder.create(c.output_dir, c.name, Path(c.image).stem, cfg)
     for i, rgba in enumerate([] if drawn is None else drawn):

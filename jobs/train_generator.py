@@ -7,7 +7,8 @@ Stage 1 (``stage: structure``, the only one so far): the sparse-structure VAE, t
 structure flow on its latents (``relaxflow.training.structure``). The first run draws the
 dataset into the cache (``relaxflow.training.data``); later ones start at once.
 
-Writes ``config.yaml``, ``metrics.jsonl`` (every step; held-out metrics at each log step, marked
+Writes ``config.yaml``, ``source.json`` (the commit of the code at each start and resume, for
+the shipped generator's manifest: ``relaxflow.training.ship``), ``metrics.jsonl`` (every step; held-out metrics at each log step, marked
 ``held_out``), ``loss_curve.png`` (rewritten at each log step), ``ckpt/`` (atomic, verified
 checkpoints: a killed run continues bit for bit on the CPU at the same thread count), and at the
 end ``pipeline/`` (``pipeline.json``, ``ckpts/``, the conditioner ``dinov2_tiny_reg/``) and
@@ -41,10 +42,13 @@ from core.runtime import RunInterrupted, TrainingStopped, atomic_write
 from jobs.skeleton import RunFolder, check_output, finished_run, typed
 from relaxflow.training.data import build_structure_data, category_names, check_data_config
 from relaxflow.training.plots import plot_losses
+from relaxflow.training.ship import record_source
 from relaxflow.training.sizes import IMAGE_SIZE
 from relaxflow.training.structure import CONDITIONER_FOLDER, StructureTrainer, StructureTraining
 
 log = logging.getLogger(__name__)
+
+CODE_ROOT = Path(__file__).resolve().parents[1]  # the checkout whose commit source.json records
 
 
 class Stage(Enum):
@@ -118,6 +122,7 @@ def run(cfg) -> Dict[str, Any]:
     check(c)
     trainer = StructureTrainer(c, build_structure_data(c.data), resolve_device(c.device))
     folder = RunFolder.create(c.output_dir, c.name, c.stage.value, cfg)
+    record_source(folder.path, 0, CODE_ROOT)
     return _train(trainer, c, folder, checkpoint_step=None)
 
 
@@ -135,6 +140,7 @@ def resume(run_dir: Path) -> Dict[str, Any]:
     if state is not None:
         trainer.load_state_dict(state)
         log.info("resumed %s at step %d", run_dir, trainer.step)
+    record_source(run_dir, trainer.step, CODE_ROOT)
     return _train(trainer, c, RunFolder(run_dir),
                   checkpoint_step=None if state is None else trainer.step)
 

@@ -1,7 +1,9 @@
 """TRELLIS pipeline folders: ``pipeline.json`` plus ``ckpts/<model>.json`` + ``.safetensors``.
 
-A folder is a local path or a Hugging Face repo id already in the local cache (nothing is ever
-downloaded; :class:`guidance.loading.ModelWeightsNotFound` says how to provide the weights).
+A folder is a short id of a pipeline shipped in the repository (:data:`EMBEDDED_PIPELINES`:
+``embedded``, the generator trained on the shape world), a local path or a Hugging Face repo id
+already in the local cache (nothing is ever downloaded;
+:class:`guidance.loading.ModelWeightsNotFound` says how to provide the weights).
 Each model is built on the meta device from its json's ``name`` and ``args`` and its weights
 are assigned straight from the safetensors file, cast to the model's dtypes, so a model never
 exists twice in memory. Keys must match exactly; a mismatch lists what is missing
@@ -35,6 +37,13 @@ from .models import build
 from .sampler import FlowEulerSampler
 
 PIPELINE_FILE = "pipeline.json"
+# Pipelines shipped in the repository, by short id: ``model: embedded``. A short id wins over a
+# folder of the same name in the working directory (give that one as ./embedded).
+EMBEDDED_PIPELINES = {"embedded": Path(__file__).resolve().parent / "embedded"}
+# The conditioning model of a pipeline whose pipeline.json names none that can be loaded here
+# (the released image pipelines name "dinov2_vitl14_reg", a torch.hub name).
+DEFAULT_COND_MODELS = {"image": "facebook/dinov2-with-registers-large",
+                       "text": "openai/clip-vit-large-patch14"}
 RECOPY = "re-download or re-copy it"
 
 # The models each stage of a pipeline runs, by their pipeline.json keys, in running order.
@@ -128,9 +137,18 @@ def _damaged_weights(weights: Path, err: Exception) -> PipelineFileError:
 
 def resolve_pipeline_folder(path_or_repo: Union[str, os.PathLike],
                             option: str = "model") -> Path:
-    """A local folder holding ``pipeline.json``, or a cached Hugging Face snapshot of a repo
+    """The shipped pipeline of a short id (``embedded``), a local folder holding
+    ``pipeline.json``, or a cached Hugging Face snapshot of a repo
     (``microsoft/TRELLIS-image-large``); :class:`ModelWeightsNotFound` otherwise."""
-    return resolve_model_path(path_or_repo, index_file=PIPELINE_FILE, option=option)
+    shipped = EMBEDDED_PIPELINES.get(os.fspath(path_or_repo))
+    if shipped is None:
+        return resolve_model_path(path_or_repo, index_file=PIPELINE_FILE, option=option)
+    if not (shipped / PIPELINE_FILE).is_file():
+        raise UserError(f"model={path_or_repo} is the generator shipped in the repository, but "
+                        f"{shipped / PIPELINE_FILE} is missing: this checkout is incomplete; "
+                        "restore the folder with git (git checkout -- "
+                        f"{shipped.relative_to(shipped.parents[1])})")
+    return shipped
 
 
 def _checkpoint_stem(root: Path, ref: str) -> Path:
@@ -344,6 +362,22 @@ def read_pipeline(path_or_repo: Union[str, os.PathLike]) -> PipelineSpec:
                         samplers=samplers, slat_normalization=args.get("slat_normalization"),
                         cond_model=args.get(f"{condition}_cond_model"),
                         stages=named_stages(path, models))
+
+
+def conditioning_model(spec: PipelineSpec, override: Optional[str] = None) -> str:
+    """The conditioning model a pipeline runs with: ``override`` when given; else the one its
+    ``pipeline.json`` names, when that is a transformers folder inside the pipeline (the
+    embedded generator's ``dinov2_tiny_reg``) or, for text, a hub id; else
+    :data:`DEFAULT_COND_MODELS`."""
+    if override is not None:
+        return override
+    if spec.cond_model:
+        inside = spec.root / spec.cond_model
+        if (inside / "config.json").is_file():
+            return str(inside)
+        if spec.condition == "text":
+            return spec.cond_model
+    return DEFAULT_COND_MODELS[spec.condition]
 
 
 def check_pipeline_files(path_or_repo: Union[str, os.PathLike],

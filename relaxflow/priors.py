@@ -82,22 +82,22 @@ def key_out_background(images: Tensor, low: float = 0.06, high: float = 0.18) ->
     return torch.where(reached[:, 0].bool() | (distance >= low), alpha, 1.0)[..., None]
 
 
-def check_prior_request(prompt: Optional[str], cfg: PriorImagesConfig) -> None:
-    """Refuse a request for prior images that cannot be drawn, before a model loads."""
+def check_prior_request(prompt: Optional[str], cfg: PriorImagesConfig,
+                        key: str = "generate_priors",
+                        own: str = "priors=[a.png,b.png] (images of your own)") -> None:
+    """Refuse a request for prior images that cannot be drawn, before a model loads. ``key``:
+    where ``cfg`` sits in the job's config; ``own``: how to give images instead, for the
+    errors."""
     if not prompt:
-        raise UserError("no prior images: give priors=[a.png,b.png] showing what the hidden "
-                        "part should be, or a prompt to draw them from")
+        raise UserError(f"no prior images: give {own}, or a prompt to draw them from")
     if cfg.n_images < 1:
-        raise UserError(f"generate_priors.n_images is {cfg.n_images}: draw at least one prior "
-                        "image (generate_priors.n_images=3), or give your own "
-                        "priors=[a.png,b.png]")
-    kind = as_choice(GuidanceKind, cfg.model.kind, "generate_priors.model.kind")
+        raise UserError(f"{key}.n_images is {cfg.n_images}: draw at least one prior image "
+                        f"({key}.n_images=3), or give {own}")
+    kind = as_choice(GuidanceKind, cfg.model.kind, f"{key}.model.kind")
     if kind is GuidanceKind.embedded and prompt not in prompts():
         raise UserError(f"the embedded prior cannot draw {prompt!r} (it knows: "
-                        f"{', '.join(prompts())}); give your own prior images: "
-                        "priors=[a.png,b.png], or an image model: "
-                        "generate_priors.model.kind=stable-diffusion "
-                        "generate_priors.model.model_id=<folder>")
+                        f"{', '.join(prompts())}); give {own}, or an image model: "
+                        f"{key}.model.kind=stable-diffusion {key}.model.model_id=<folder>")
 
 
 def prior_images(prompt: Optional[str], seed: int, cfg: Optional[PriorImagesConfig] = None,

@@ -80,8 +80,15 @@ def save_voxels(run_dir: Path, coords: Tensor, resolution: int,
     if visibility is not None:
         values = arrays["visibility"] = visibility.cpu().numpy()
     np.savez_compressed(run_dir / "occupancy.npz", **arrays)
+    save_image(voxel_projections(cells, resolution, values),
+               run_dir / ("occupancy.png" if values is None else "visibility.png"))
+
+
+def voxel_projections(cells, resolution: int, values=None) -> Tensor:
+    """A picture of voxels ``cells [N, 3]`` (cells at ``resolution``; ``values [N]`` in [0, 1],
+    default 1): the grid's maximum along x, y and z side by side, ``[R, 3R, 3]`` float."""
+    cells = np.asarray(cells, dtype=np.int64)
     grid = np.zeros((resolution,) * 3, dtype=np.float32)
     grid[tuple(cells.T)] = 1.0 if values is None else values
     views = [grid.max(axis=a) for a in (0, 1, 2)]
-    image = torch.from_numpy(np.concatenate(views, axis=1))[..., None].expand(-1, -1, 3)
-    save_image(image, run_dir / ("occupancy.png" if values is None else "visibility.png"))
+    return torch.from_numpy(np.concatenate(views, axis=1))[..., None].expand(-1, -1, 3)

@@ -188,11 +188,11 @@ def test_help_lists_every_command_and_a_mistyped_one_is_named(tmp_path, capsys):
     assert done.value.code == 0
     out = capsys.readouterr().out
     for command in ("generate", "relaxflow", "refine", "fit-splats", "study", "prompts",
-                    "--resume"):
+                    "ship-generator", "--resume"):
         assert command in out, command
     assert run.main(["relax", "--config", "configs/relaxflow-trellis.yaml"]) == 2
     assert ("error: unknown command 'relax'; known: distill, fit-splats, generate, relaxflow, "
-            "refine, study, train-generator, prompts") in capsys.readouterr().err
+            "refine, study, train-generator, prompts, ship-generator") in capsys.readouterr().err
 
 
 def test_runs_started_at_the_same_moment_get_their_own_folders(tmp_path):

@@ -188,3 +188,49 @@ def test_bad_settings_stop_before_a_run_folder(tmp_path, cache_dir, override, me
     with pytest.raises(UserError, match=message):
         train_generator.run(config(*micro(tmp_path / "out", cache_dir), override))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_run_records_its_code_and_ships_in_float16_with_a_manifest(straight_run, tmp_path):
+    from relaxflow.training.ship import MANIFEST, ship, verify
+
+    run_dir = Path(straight_run["run_dir"])
+    (start,) = json.loads((run_dir / "source.json").read_text())
+    assert start["step"] == 0 and len(start["commit"]) in (40, len("unknown"))
+    dest = ship([run_dir], tmp_path / "embedded")
+    assert verify(dest) == []
+    manifest = json.loads((dest / MANIFEST).read_text())
+    (record,) = manifest["runs"]
+    assert record["config"]["vae"]["steps"] == 4 and record["source"] == [start]
+    assert record["metrics"]["steps"] == 9
+    from safetensors.torch import load_file
+    for name in manifest["files"]:
+        if name.endswith(".safetensors"):
+            assert all(t.dtype == torch.float16 for t in load_file(str(dest / name)).values()
+                       if t.is_floating_point()), name
+    # the shipped models load and agree with the trained ones to float16 rounding
+    spec = read_pipeline(dest)
+    trained = read_pipeline(Path(straight_run["pipeline"]))
+    for key in STRUCTURE_MODELS:
+        shipped = load_model(dest, spec.models[key]).state_dict()
+        full = load_model(trained.root, trained.models[key]).state_dict()
+        for name, value in full.items():
+            torch.testing.assert_close(shipped[name].float(), value.float(), rtol=1e-3,
+                                       atol=1e-4)
+    conditioner = ImageConditioner.from_pretrained(str(dest / CONDITIONER_FOLDER))
+    assert next(conditioner.model.parameters()).dtype == torch.float32
+    # a changed, a missing and an unlisted file are found
+    first = next(n for n in manifest["files"] if n.endswith(".safetensors"))
+    (dest / first).write_bytes((dest / first).read_bytes()[:-1] + b"\0")
+    (dest / "pipeline.json").unlink()
+    (dest / "notes.txt").write_text("x")
+    assert verify(dest) == [f"{first} differs from the manifest's sha256",
+                            "pipeline.json is missing", "notes.txt is not in the manifest"]
+
+
+def test_shipping_an_unfinished_run_is_refused(straight_run, tmp_path):
+    import run
+
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    assert run.main(["ship-generator", str(unfinished), "--to", str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "x").exists()

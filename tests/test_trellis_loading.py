@@ -257,8 +257,9 @@ def test_generate_rejects_bad_inputs_with_clear_errors(pipeline_dir, tmp_path, c
 
 def test_pipeline_kind_is_checked_before_anything_runs(pipeline_dir, text_pipeline_dir,
                                                        tmp_path, capsys):
-    """An image for a text pipeline, a prompt for an image pipeline, RelaxFlow on a text
-    pipeline: each a clear error naming the pipeline's kind and its input, nothing written."""
+    """An image for a text pipeline, a prompt for an image pipeline that the 2D model cannot
+    draw, RelaxFlow on a text pipeline: each a clear error naming the problem and its fix,
+    nothing written."""
     import run
 
     image = _rgba_file(tmp_path / "obs.png", (16, 16, 40, 48), (200, 50, 50))
@@ -268,11 +269,13 @@ def test_pipeline_kind_is_checked_before_anything_runs(pipeline_dir, text_pipeli
     err = capsys.readouterr().err
     assert "the generate job needs an image-to-3D pipeline for image=path.png" in err
     assert "is a text-to-3D pipeline (TrellisTextTo3DPipeline), which takes prompt=" in err
-    assert run.main([*generate, f"model={pipeline_dir}", "prompt=a chair"]) == 2
+    assert run.main([*generate, f"model={pipeline_dir}", "prompt=a spaceship"]) == 2
     err = capsys.readouterr().err
-    assert "the generate job needs a text-to-3D pipeline" in err
-    assert "is an image-to-3D pipeline (TrellisImageTo3DPipeline), which takes image=" in err
-    assert "dinov2" not in err  # the image model's id is no text model
+    assert "the embedded prior cannot draw 'a spaceship'" in err
+    assert "give image=path.png (an image of your own), or an image model: draw.model.kind=" in err
+    assert run.main([*generate, f"model={pipeline_dir}", "prompt=a red mug",
+                     "draw.n_images=2"]) == 2
+    assert "draw.n_images is 2: generate lifts one image" in capsys.readouterr().err
     assert run.main(["relaxflow", "--config", "configs/relaxflow-trellis.yaml",
                      f"model={text_pipeline_dir}", f"image={image}", f"priors=[{image}]",
                      f"output_dir={out}"]) == 2

@@ -1,0 +1,151 @@
+"""A trained generator made ready to ship: its pipeline folder in float16, with a manifest.
+
+    python run.py ship-generator <training run> [<training run> ...] [--to relaxflow/embedded]
+
+The last run's ``pipeline/`` (a stage-2 run's holds both stages) is copied in the released
+layout: ``pipeline.json``, ``ckpts/<model>.json`` and ``.safetensors`` (floating-point weights
+cast to float16, as TRELLIS releases them; the loader casts them to the model's dtypes), the
+conditioner as a transformers folder (its ``model.safetensors`` in float16 too; its
+``config.json`` keeps float32, the dtype it loads in). ``MANIFEST.json`` then records what was
+shipped and how it was made:
+
+* ``files``: the sha256 and size of every other file in the folder;
+* ``runs``: per training run, its folder name, ``config.yaml`` (the settings, as a mapping), the
+  commits its code came from (``source.json``: one entry per start or resume, with the step it
+  started at and whether the working tree had changes), and its final ``metrics.json``.
+
+:func:`verify` checks a shipped folder against its manifest (the tests run it on the
+repository's own).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Sequence
+
+from omegaconf import OmegaConf
+
+from core.errors import UserError
+from core.runtime import atomic_write, write_json
+
+MANIFEST = "MANIFEST.json"
+SOURCE = "source.json"  # in a training run's folder: the code of each start and resume
+
+
+def code_version(root: Path) -> Dict[str, Any]:
+    """``{"commit", "dirty"}`` of the git checkout at ``root`` (``"unknown"`` outside one)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    try:
+        return {"commit": git("rev-parse", "HEAD"),
+                "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": "unknown", "dirty": None}
+
+
+def record_source(run_dir: Path, step: int, root: Path) -> None:
+    """Append the code version of ``root`` starting (or resuming) the run at ``step`` to the
+    run's ``source.json``."""
+    path = Path(run_dir) / SOURCE
+    entries = json.loads(path.read_text()) if path.is_file() else []
+    entries.append({"step": step, **code_version(root)})
+    write_json(path, entries)
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _half_safetensors(source: Path, target: Path) -> None:
+    """``source``'s tensors with floating-point ones cast to float16, written to ``target``."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = {k: v.half() if v.is_floating_point() else v
+               for k, v in load_file(str(source)).items()}
+    save_file(tensors, str(target), metadata={"format": "pt"})
+
+
+def _run_record(run_dir: Path) -> Dict[str, Any]:
+    def read(name: str, parse):
+        path = run_dir / name
+        return parse(path.read_text()) if path.is_file() else None
+    return {"run": run_dir.name,
+            "config": read("config.yaml", lambda text: OmegaConf.to_container(
+                OmegaConf.create(text))),
+            "source": read(SOURCE, json.loads), "metrics": read("metrics.json", json.loads)}
+
+
+def ship(run_dirs: Sequence[Path], dest: Path) -> Path:
+    """Write the last run's pipeline in float16 with its manifest to ``dest`` (replacing what is
+    there, in one rename); returns ``dest``."""
+    run_dirs = [Path(r) for r in run_dirs]
+    if not run_dirs:
+        raise UserError("name at least one training run folder to ship")
+    for run_dir in run_dirs:
+        if not (run_dir / "metrics.json").is_file():
+            raise UserError(f"{run_dir} is not a finished training run (no metrics.json): "
+                            "finish it first (python run.py --resume <folder>)")
+    pipeline = run_dirs[-1] / "pipeline"
+    if not (pipeline / "pipeline.json").is_file():
+        raise UserError(f"{pipeline} holds no pipeline.json: the last run named must be the "
+                        "one whose pipeline is shipped")
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
+    try:
+        for source in sorted(p for p in pipeline.rglob("*") if p.is_file()):
+            target = tmp / source.relative_to(pipeline)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if source.suffix == ".safetensors":
+                _half_safetensors(source, target)
+            else:
+                shutil.copyfile(source, target)
+        files = {str(p.relative_to(tmp)): {"sha256": sha256(p), "bytes": p.stat().st_size}
+                 for p in sorted(tmp.rglob("*")) if p.is_file()}
+        manifest = {"files": files, "runs": [_run_record(r) for r in run_dirs],
+                    "weights": "float16 (cast from the float32 training weights)"}
+        atomic_write(tmp / MANIFEST,
+                     lambda f: f.write((json.dumps(manifest, indent=2) + "\n").encode()))
+        os.chmod(tmp, 0o755)
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def verify(folder: Path) -> List[str]:
+    """The problems of a shipped folder against its manifest (empty when it matches): files
+    missing, changed, or not in the manifest."""
+    folder = Path(folder)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    problems = []
+    for name, entry in manifest["files"].items():
+        path = folder / name
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+        elif sha256(path) != entry["sha256"]:
+            problems.append(f"{name} differs from the manifest's sha256")
+    listed = set(manifest["files"]) | {MANIFEST}
+    problems += [f"{p.relative_to(folder)} is not in the manifest"
+                 for p in sorted(folder.rglob("*"))
+                 if p.is_file() and str(p.relative_to(folder)) not in listed]
+    return problems
+
+
+def size_bytes(folder: Path) -> int:
+    """Bytes of every file in ``folder``."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())

@@ -1,0 +1,87 @@
+"""The generate job on an image pipeline that ships its own conditioner, from a prompt (the
+embedded prior draws the image), with metrics against a shape-world instance; the scores of
+``cfd.evaluation.generation``."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import run
+from cfd.evaluation.generation import (cameras_around, instance, parse_instance,
+                                       structure_iou, view_scores)
+from cfd.shapes import GENERATOR_SCALE, category, object_splats, occupancy_grid
+from relaxflow.loading import conditioning_model, read_pipeline
+from tests.test_trellis_loading import pipeline_dir  # noqa: F401 (a fixture)
+from tests.tiny_models import build_tiny_dinov2
+
+
+@pytest.fixture(scope="module")
+def own_conditioner_pipeline(pipeline_dir, tmp_path_factory):  # noqa: F811
+    """The tiny image pipeline with its conditioner inside it, as the embedded generator."""
+    root = tmp_path_factory.mktemp("trellis-own-dinov2")
+    shutil.copytree(pipeline_dir, root, dirs_exist_ok=True)
+    build_tiny_dinov2(root / "dinov2_tiny_reg")
+    spec = json.loads((root / "pipeline.json").read_text())
+    spec["args"]["image_cond_model"] = "dinov2_tiny_reg"
+    (root / "pipeline.json").write_text(json.dumps(spec))
+    return root
+
+
+def test_conditioning_model_prefers_override_then_own_folder(own_conditioner_pipeline,
+                                                             pipeline_dir):  # noqa: F811
+    own = read_pipeline(own_conditioner_pipeline)
+    assert conditioning_model(own) == str(own_conditioner_pipeline / "dinov2_tiny_reg")
+    assert conditioning_model(own, "some/other") == "some/other"
+    # the released pipelines name a torch.hub model: the transformers one is used
+    assert conditioning_model(read_pipeline(pipeline_dir)) == \
+        "facebook/dinov2-with-registers-large"
+
+
+def test_generate_lifts_a_drawn_prompt_and_scores_it(own_conditioner_pipeline, tmp_path):
+    out = tmp_path / "out"
+    assert run.main(["generate", "--config", "configs/trellis-image.yaml", "image_cond_model=null",
+                     f"model={own_conditioner_pipeline}", "prompt=a mug",
+                     "truth=mug/1000000", f"output_dir={out}", "video_frames=2",
+                     "video_size=32"]) == 0
+    (folder,) = (out / "trellis-image").iterdir()
+    for name in ("input.png", "splats.ply", "orbit.mp4", "occupancy.npz", "metrics.json"):
+        assert (folder / name).is_file(), name
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["draw_s"] > 0 and metrics["splats"] > 0
+    assert 0 <= metrics["structure_iou"] <= 1
+    assert 0 < metrics["psnr_around"] < 60 and 0 <= metrics["mask_iou_around"] <= 1
+
+
+def test_truth_is_checked_before_anything_runs(own_conditioner_pipeline, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run.main(["generate", "--config", "configs/trellis-image.yaml",
+                     f"model={own_conditioner_pipeline}", "prompt=a mug", "truth=spaceship/3",
+                     f"output_dir={out}"]) == 2
+    assert "truth: 'spaceship/3' is not a shape-world instance: write <category>/<seed>" in \
+        capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_an_instance_scores_perfectly_against_itself():
+    assert parse_instance("chair/1000003") == ("chair", 1000003)
+    with pytest.raises(ValueError, match="<category>/<seed>"):
+        parse_instance("chair-3")
+    obj = instance("stool/1000001")
+    assert obj.name == category("stool").sample(1000001).name
+    cells = occupancy_grid(obj, 16).nonzero()
+    assert structure_iou(cells, 16, obj) == 1.0
+    assert structure_iou(cells[: len(cells) // 2], 16, obj) == pytest.approx(0.5, abs=0.01)
+    own = object_splats(obj).scaled(GENERATOR_SCALE)  # as a generator would give it
+    scores = view_scores(own, obj, cameras_around(4, 48))
+    assert min(scores["mask_iou"]) > 0.99 and min(scores["psnr"]) > 50
+    other = object_splats(category("table").sample(1000001)).scaled(GENERATOR_SCALE)
+    worse = view_scores(other, obj, cameras_around(4, 48))
+    assert max(worse["psnr"]) < 40 and max(worse["mask_iou"]) < 0.9
+
+
+def test_cameras_around_start_at_the_front_and_circle_it():
+    cams = cameras_around(8, 32)
+    assert len(cams) == 8
+    assert torch.allclose(cams.azimuth, torch.arange(8.0) * 45)
