@@ -11,7 +11,8 @@ the pooled prior tokens with the relaxation) for comparison. Writes ``splats.ply
 ``orbit.mp4`` (RelaxFlow; each splat's ``visibility`` is a ``.ply`` property, for CFD's
 ``init.lock_visible``), ``observation_only.ply`` / ``prior_only.ply`` with their orbits,
 ``visibility.png`` (the voxels' visibility, its maximum along each grid axis: three
-projections side by side), ``occupancy.npz`` and ``metrics.json``.
+projections side by side), ``occupancy.npz``, ``branch_voxels.npz`` (each branch's voxels,
+``coords [N, 3]`` under its name, and ``resolution``) and ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -238,8 +239,12 @@ def run(cfg) -> Dict[str, Any]:
         splats[name].save_ply(folder.path / ply, extra)
         write_orbit_video(splats[name], folder.path / video, n_frames=c.video_frames,
                           size=c.video_size, distance=2.0)
-    # 8. the voxels, their visibility, and metrics.json
+    # 8. the voxels (the completion's with their visibility; every branch's in
+    # branch_voxels.npz), and metrics.json
     save_voxels(folder.path, completed, resolution, visibility)
+    np.savez_compressed(folder.path / "branch_voxels.npz", resolution=resolution,
+                        **{name: v[:, 1:].cpu().numpy().astype(np.int16)
+                           for name, v in voxels.items()})
     metrics = {**clock.seconds, "voxels": {k: len(v) for k, v in voxels.items()},
                "visible_fraction": float((visibility > 0.5).float().mean()),
                "priors": n_priors, "device": str(device)}

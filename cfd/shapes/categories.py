@@ -765,12 +765,20 @@ def _to_world(p: Part, local: Tensor) -> Tensor:
 def surface_points(obj: ShapeObject, n: int, generator: torch.Generator) -> Tensor:
     """``n`` points on the object's surfaces (every part's, hidden ones too, as its splats),
     area-weighted across parts, in part order. ``[n, 3]`` float32."""
+    return part_surface_points(obj, n, generator)[0]
+
+
+def part_surface_points(obj: ShapeObject, n: int,
+                        generator: torch.Generator) -> Tuple[Tensor, Tensor]:
+    """:func:`surface_points` with the part each point lies on: ``(points [n, 3] float32,
+    part [n] int64, the index into obj.parts)``."""
     areas = torch.tensor([_area(p) for p in obj.parts], dtype=torch.float64)
     which = torch.multinomial(areas / areas.sum(), n, replacement=True, generator=generator)
     counts = torch.bincount(which, minlength=len(obj.parts)).tolist()
     points = [_to_world(p, getattr(primitives, p.kind)(k, generator, **dict(p.params))[0])
               for p, k in zip(obj.parts, counts) if k]
-    return torch.cat(points).float()
+    part = torch.repeat_interleave(torch.arange(len(obj.parts)), torch.tensor(counts))
+    return torch.cat(points).float(), part
 
 
 def grid_centres(resolution: int, half_extent: float = GRID_HALF_EXTENT) -> Tensor:
@@ -822,5 +830,6 @@ def render_views(obj: ShapeObject, n_views: int, resolution: int, seed: int,
 
 __all__ = ["CATEGORIES", "Category", "CategoryObject", "GENERATOR_SCALE", "GRID_HALF_EXTENT",
            "HELD_OUT_SEED_START", "REACH", "SHARED_PARTS", "ambiguous_with", "category",
+           "part_surface_points",
            "grid_centres", "held_out_seeds", "is_held_out", "occupancy_grid", "render_views",
            "surface_points", "to_generator_box", "train_seeds"]
