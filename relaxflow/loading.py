@@ -144,10 +144,12 @@ def resolve_pipeline_folder(path_or_repo: Union[str, os.PathLike],
     if shipped is None:
         return resolve_model_path(path_or_repo, index_file=PIPELINE_FILE, option=option)
     if not (shipped / PIPELINE_FILE).is_file():
-        raise UserError(f"model={path_or_repo} is the generator shipped in the repository, but "
-                        f"{shipped / PIPELINE_FILE} is missing: this checkout is incomplete; "
-                        "restore the folder with git (git checkout -- "
-                        f"{shipped.relative_to(shipped.parents[1])})")
+        folder = shipped.relative_to(shipped.parents[1])
+        raise UserError(f"model={path_or_repo} names the generator shipped in the repository, "
+                        f"but {shipped / PIPELINE_FILE} is missing: this checkout has no trained "
+                        f"generator yet (`python run.py ship-generator <training runs>` puts one "
+                        f"in {folder}; if `git ls-files {folder}` lists it, restore it with "
+                        f"`git checkout -- {folder}`), or give a pipeline folder as model=")
     return shipped
 
 

@@ -85,3 +85,18 @@ def test_cameras_around_start_at_the_front_and_circle_it():
     cams = cameras_around(8, 32)
     assert len(cams) == 8
     assert torch.allclose(cams.azimuth, torch.arange(8.0) * 45)
+
+
+def test_the_short_id_names_the_shipped_folder(own_conditioner_pipeline, tmp_path, monkeypatch,
+                                               capsys):
+    import relaxflow.loading as loading
+
+    monkeypatch.setitem(loading.EMBEDDED_PIPELINES, "embedded", own_conditioner_pipeline)
+    assert loading.read_pipeline("embedded").root == own_conditioner_pipeline
+    monkeypatch.setitem(loading.EMBEDDED_PIPELINES, "embedded", tmp_path / "relaxflow" / "none")
+    out = tmp_path / "out"
+    assert run.main(["generate", "--config", "configs/generate-embedded.yaml", "prompt=a mug",
+                     f"output_dir={out}"]) == 2
+    err = capsys.readouterr().err
+    assert "model=embedded names the generator shipped in the repository" in err
+    assert "python run.py ship-generator" in err and not out.exists()
