@@ -5,7 +5,8 @@
 
 RelaxFlow completes the occluded object (the fast path); its splats, rescaled to the
 distillation's scene size and turned so that the observation faces CFD's front (azimuth 0, where
-the prompts say "front view"), initialise CFD (the slow path), and each splat's visibility from
+the prompts say "front view"; ``face_observation: false`` keeps the generator's frame), initialise
+CFD (the slow path), and each splat's visibility from
 the observation camera limits how far CFD may move it (``splats.init.lock_visible``): what the
 image showed stays, what it hid is refined by the 2D prior. Writes ``<run>/relaxflow-*/...``
 (the completion, as the ``relaxflow`` job), ``<run>/<distill name>/...`` (the refined scene, as
@@ -52,6 +53,10 @@ class RefineConfig:
     priors: List[str] = field(default_factory=list)
     relaxflow: RelaxFlowConfig = field(default_factory=RelaxFlowConfig)
     distill: DistillConfig = field(default_factory=_refine_defaults)
+    # Turn the completion about z so that the observed side faces CFD's front (azimuth 0, where
+    # the prompts say "front view"). false keeps the generator's own frame: the embedded
+    # generator's is the shape world's, whose front is already the prompts' front.
+    face_observation: bool = True
 
 
 Config = RefineConfig
@@ -85,8 +90,9 @@ def run(cfg) -> Dict[str, Any]:
     device = str(resolve_device(c.device))
     check_output(c.output_dir, c.name)
     relaxflow_cfg = replace(c.relaxflow, device=device, **inputs)
+    turn = c.relaxflow.camera.azimuth if c.face_observation else 0.0
     init = replace(c.distill.splats.init, kind=InitKind.ply,
-                   turn_deg=c.distill.splats.init.turn_deg - c.relaxflow.camera.azimuth)
+                   turn_deg=c.distill.splats.init.turn_deg - turn)
     distill_cfg = replace(
         c.distill, device=device,
         prompt_processor=replace(c.distill.prompt_processor, prompt=inputs["prompt"]),

@@ -62,6 +62,9 @@ class InitConfig:
     # ply: rescale about the origin so that 99% of the centres lie within this radius (a
     # TRELLIS-style generator's box is [-0.5, 0.5]^3; cameras here orbit a unit-sized object)
     fit_radius: Optional[float] = None
+    # ply: or rescale about the origin by exactly this factor (the embedded generator's box to
+    # the shape world it was trained on: 1 / cfd.shapes.GENERATOR_SCALE = 1.6)
+    scale_by: Optional[float] = None
     # ply: then turn it about the up (z) axis by this many degrees, so that the side the
     # prompts call "front" (azimuth 0) faces azimuth 0 (refine sets it from the observation's)
     turn_deg: float = 0.0
@@ -124,6 +127,11 @@ class SplatScene:
                             "splats)")
         if InitKind(init.kind) is InitKind.ply and not init.path:
             raise UserError("splats.init.kind=ply needs splats.init.path=<file.ply>")
+        if init.fit_radius is not None and init.scale_by is not None:
+            raise UserError("splats.init.fit_radius and splats.init.scale_by both rescale the "
+                            "ply: set one of them (null the other)")
+        if init.scale_by is not None and not init.scale_by > 0:
+            raise UserError(f"splats.init.scale_by must be > 0, got {init.scale_by}")
         if init.lock_visible and (InitKind(init.kind) is not InitKind.ply or cfg.densify.enabled):
             raise UserError("splats.init.lock_visible needs splats.init.kind=ply and "
                             "splats.densify.enabled=false (densification would split and prune "
@@ -139,6 +147,8 @@ class SplatScene:
             if init.fit_radius is not None:
                 extent = torch.quantile(splats.means.detach().norm(dim=-1), 0.99).item()
                 splats = splats.scaled(init.fit_radius / max(extent, 1e-6))
+            if init.scale_by is not None:
+                splats = splats.scaled(init.scale_by)
             return splats.turned(init.turn_deg) if init.turn_deg else splats
         splats = random_ball(init.n_splats, init.radius, init.scale, init.opacity,
                              self.cfg.sh_degree, generator=generator)

@@ -1,0 +1,48 @@
+"""The configs of the jobs on the embedded generator parse into their jobs' typed configs, and
+the settings they add are checked."""
+
+import pytest
+
+from cfd.config import load_config
+from core.errors import UserError
+from jobs import distill, generate, refine, relaxflow
+
+
+@pytest.mark.parametrize("job, path", [(generate, "configs/generate-embedded.yaml"),
+                                       (relaxflow, "configs/relaxflow-embedded.yaml"),
+                                       (refine, "configs/refine-embedded.yaml")])
+def test_embedded_configs_parse(job, path):
+    c = job.typed(load_config(job.Config, path, []))
+    model = c.relaxflow.model if job is refine else c.model
+    assert model == "embedded"
+
+
+def test_refine_embedded_keeps_the_generators_frame_and_scales_it_to_the_world():
+    c = refine.typed(load_config(refine.Config, "configs/refine-embedded.yaml", []))
+    assert c.face_observation is False
+    assert c.distill.splats.init.scale_by == pytest.approx(1.6)
+    assert c.distill.splats.init.fit_radius is None
+
+
+def test_a_ply_is_rescaled_one_way(tmp_path):
+    c = distill.typed(load_config(distill.Config, "configs/cfd-splats-embedded.yaml", [
+        "splats.init.kind=ply", f"splats.init.path={tmp_path / 'x.ply'}",
+        "splats.init.fit_radius=0.6", "splats.init.scale_by=1.6", f"output_dir={tmp_path}"]))
+    with pytest.raises(UserError, match="fit_radius and splats.init.scale_by both rescale"):
+        distill.check(c)
+
+
+def test_scale_by_multiplies_the_ply_about_the_origin(tmp_path):
+    import torch
+
+    from cfd.scene import random_ball
+    from cfd.systems.scenes import InitConfig, InitKind, SplatScene, SplatSceneConfig
+
+    ply = tmp_path / "x.ply"
+    source = random_ball(50, 0.4, 0.02, 0.5, 0, generator=torch.Generator().manual_seed(0))
+    source.save_ply(ply)
+    cfg = SplatSceneConfig(init=InitConfig(kind=InitKind.ply, path=str(ply), scale_by=1.6))
+    cfg.densify.enabled = False
+    scene = SplatScene(cfg, torch.device("cpu"), torch.Generator()).scene
+    torch.testing.assert_close(scene.means, source.means * 1.6)
+    torch.testing.assert_close(scene.scales, source.scales * 1.6)
