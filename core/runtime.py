@@ -5,15 +5,18 @@ can be resumed."""
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
 import os
 import random
 import re
+import shutil
 import tempfile
 import time
 import unicodedata
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Optional
+from typing import Any, BinaryIO, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -136,6 +139,35 @@ def write_temporary(path: Path, write: Callable[[BinaryIO], None]) -> Path:
             os.unlink(tmp)
         raise
     return Path(tmp)
+
+
+@contextmanager
+def replacing_folder(folder: Path) -> Iterator[Path]:
+    """Build a folder in a temporary sibling (yielded), then put it in ``folder``'s place
+    (replacing what is there) in one rename; a failure leaves ``folder`` as it was and the
+    sibling removed. A reader sees the old folder or the new one, never half of one (but for
+    the instant between removing the old one and the rename)."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        yield tmp
+        share_as_created(tmp)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes, hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def stale_temporaries(path: Path) -> list[Path]:

@@ -35,7 +35,6 @@ they were and stops the run with a :class:`CheckpointError` saying so, and how t
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import os
 import pickle
@@ -46,7 +45,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from core.errors import UserError
-from core.runtime import atomic_write, fsync_dir, stale_temporaries, write_temporary
+from core.runtime import atomic_write, file_sha256, fsync_dir, stale_temporaries, write_temporary
 
 LATEST = "last.pt"
 DIGEST = f"{LATEST}.sha256"
@@ -60,14 +59,6 @@ log = logging.getLogger(__name__)
 class CheckpointError(UserError):
     """A checkpoint that cannot be trusted, or cannot be written; the message names the file
     and what to do: a user error, which the command line prints as one ``error:`` line."""
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _restart_hint(ckpt_dir: Path) -> str:
@@ -120,7 +111,7 @@ def _live_digests(ckpt_dir: Path) -> List[str]:
         listed = _read_digests(ckpt_dir)
     except CheckpointError:
         listed = None
-    return listed if listed is not None and len(listed) == 1 else [_sha256(path)]
+    return listed if listed is not None and len(listed) == 1 else [file_sha256(path)]
 
 
 def _disk_error(err: BaseException) -> Optional[OSError]:
@@ -179,7 +170,7 @@ def save_checkpoint(ckpt_dir: Path, state: Dict[str, Any]) -> Path:
     try:
         live = _live_digests(ckpt_dir)
         tmp = write_temporary(path, lambda f: torch.save(state, f))
-        digest = _sha256(tmp)
+        digest = file_sha256(tmp)
         _write_digests(ckpt_dir, [*live, digest])
         os.replace(tmp, path)
         replaced = True
@@ -224,7 +215,7 @@ def load_checkpoint(ckpt_dir: Path) -> Optional[Dict[str, Any]]:
             f"checkpoint {path} has no digest file {ckpt_dir / DIGEST}, so it cannot be checked "
             "for damage (it was written before cfd3d recorded digests, or copied without its "
             "digest file): " + _record_hint(ckpt_dir))
-    if _sha256(path) not in digests:
+    if file_sha256(path) not in digests:
         raise CheckpointError(
             f"checkpoint {path} is damaged: its SHA-256 digest is not the one recorded in "
             f"{ckpt_dir / DIGEST} when it was written, so its bytes changed since (on disk or in "

@@ -20,19 +20,16 @@ repository's own).
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
 from omegaconf import OmegaConf
 
 from core.errors import UserError
-from core.runtime import atomic_write, write_json
+from core.runtime import file_sha256, replacing_folder, write_json
 
 MANIFEST = "MANIFEST.json"
 SOURCE = "source.json"  # in a training run's folder: the code of each start and resume
@@ -57,14 +54,6 @@ def record_source(run_dir: Path, step: int, root: Path) -> None:
     entries = json.loads(path.read_text()) if path.is_file() else []
     entries.append({"step": step, **code_version(root)})
     write_json(path, entries)
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _half_safetensors(source: Path, target: Path) -> None:
@@ -100,10 +89,7 @@ def ship(run_dirs: Sequence[Path], dest: Path) -> Path:
     if not (pipeline / "pipeline.json").is_file():
         raise UserError(f"{pipeline} holds no pipeline.json: the last run named must be the "
                         "one whose pipeline is shipped")
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
-    try:
+    with replacing_folder(dest) as tmp:
         for source in sorted(p for p in pipeline.rglob("*") if p.is_file()):
             target = tmp / source.relative_to(pipeline)
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -111,20 +97,12 @@ def ship(run_dirs: Sequence[Path], dest: Path) -> Path:
                 _half_safetensors(source, target)
             else:
                 shutil.copyfile(source, target)
-        files = {str(p.relative_to(tmp)): {"sha256": sha256(p), "bytes": p.stat().st_size}
+        files = {str(p.relative_to(tmp)): {"sha256": file_sha256(p), "bytes": p.stat().st_size}
                  for p in sorted(tmp.rglob("*")) if p.is_file()}
         manifest = {"files": files, "runs": [_run_record(r) for r in run_dirs],
                     "weights": "float16 (cast from the float32 training weights)"}
-        atomic_write(tmp / MANIFEST,
-                     lambda f: f.write((json.dumps(manifest, indent=2) + "\n").encode()))
-        os.chmod(tmp, 0o755)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dest
+        write_json(tmp / MANIFEST, manifest)
+    return Path(dest)
 
 
 def verify(folder: Path) -> List[str]:
@@ -137,7 +115,7 @@ def verify(folder: Path) -> List[str]:
         path = folder / name
         if not path.is_file():
             problems.append(f"{name} is missing")
-        elif sha256(path) != entry["sha256"]:
+        elif file_sha256(path) != entry["sha256"]:
             problems.append(f"{name} differs from the manifest's sha256")
     listed = set(manifest["files"]) | {MANIFEST}
     problems += [f"{p.relative_to(folder)} is not in the manifest"

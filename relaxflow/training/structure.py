@@ -31,9 +31,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
-import tempfile
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from enum import Enum
@@ -44,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.runtime import replacing_folder
 from relaxflow.conditioning import ImageConditioner, preprocess_image
 from relaxflow.loading import PIPELINE_FILE, save_model
 from relaxflow.models import build
@@ -457,17 +455,9 @@ class StructureTrainer:
                            "cfg_interval": list(sampler.cfg_interval),
                            "rescale_t": sampler.rescale_t}},
             "image_cond_model": CONDITIONER_FOLDER}}
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-        try:
+        with replacing_folder(folder) as tmp:  # over an export a killed run left, or an older one
             for key, (name, model, args) in models.items():
                 save_model(copy.deepcopy(model).cpu(), name, self.args[args], tmp, refs[key])
             self.conditioner.model.save_pretrained(str(tmp / CONDITIONER_FOLDER))
             (tmp / PIPELINE_FILE).write_text(json.dumps(spec, indent=2))
-            if folder.exists():  # an export a killed run left, or an earlier one
-                shutil.rmtree(folder)
-            os.replace(tmp, folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return folder
