@@ -24,7 +24,8 @@ from .images import confidence_interval, mask_iou, psnr
 __all__ = [
     "voxel_iou", "grid_cell_centres", "points_in_grid", "grid_surface_points",
     "nearest_neighbours", "chamfer_distance", "f_score", "restrict_to_region",
-    "splat_surface_points", "field_surface_points", "scene_surface_points", "nearest_category", "adherence_accuracy",
+    "splat_surface_points", "field_surface_points", "scene_surface_points",
+    "nearest_category", "adherence_accuracy",
     "psnr", "mask_iou", "confidence_interval",
     "ClipModels", "load_clip", "clip_image_embeddings", "clip_text_embeddings", "clip_score",
     "r_precision_hits", "clip_r_precision", "load_dinov2", "dinov2_cls_features",
