@@ -70,6 +70,7 @@ class RunOutcome:
     exit_code: Optional[int] = None
     error: Optional[str] = None
     elapsed_s: float = 0.0
+    peak_rss_mb: Optional[float] = None  # of the job's process; None when nothing ran
 
 
 def run_folders(output_dir: Path) -> List[Path]:
@@ -120,17 +121,27 @@ def log_tail(log_path: Path, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join([ln for ln in text.splitlines() if ln.strip()][-lines:])
 
 
-def run_subprocess(argv: List[str], spec: RunSpec, log_path: Path) -> int:
+def run_subprocess(argv: List[str], spec: RunSpec, log_path: Path) -> Tuple[int, float]:
     """Run ``argv`` in the study's workdir, stdout and stderr appended to ``log_path``; its exit
-    code."""
+    code and peak resident memory in MB (the largest of the process and the children it
+    waited for, as ``wait4`` reports it)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n".encode())
         log.flush()
         preexec = _die_with_parent if _LIBC is not None else None
-        return subprocess.run(argv, cwd=spec.workdir, env=child_environment(spec.threads),
-                              stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                              preexec_fn=preexec).returncode
+        process = subprocess.Popen(argv, cwd=spec.workdir, env=child_environment(spec.threads),
+                                   stdin=subprocess.DEVNULL, stdout=log,
+                                   stderr=subprocess.STDOUT, preexec_fn=preexec)
+        try:
+            # wait4 rather than Popen.wait: it also returns this one child's resource usage
+            _, status, usage = os.wait4(process.pid, 0)
+        except BaseException:
+            process.kill()
+            process.wait()
+            raise
+        process.returncode = os.waitstatus_to_exitcode(status)
+        return process.returncode, usage.ru_maxrss / 1024  # Linux counts kilobytes
 
 
 def execute_run(spec: RunSpec) -> RunOutcome:
@@ -145,11 +156,12 @@ def execute_run(spec: RunSpec) -> RunOutcome:
     argv = spec.start_command() if stopped is None else spec.resume_command(stopped)
     log_path = output_dir / LOG_NAME
     start = time.perf_counter()
-    exit_code = run_subprocess(argv, spec, log_path)
+    exit_code, peak_rss_mb = run_subprocess(argv, spec, log_path)
     elapsed = time.perf_counter() - start
     done = finished_run(output_dir)
     if exit_code == 0 and done is not None:
-        return RunOutcome(RunStatus.done, action, str(done), exit_code, None, elapsed)
+        return RunOutcome(RunStatus.done, action, str(done), exit_code, None, elapsed,
+                          peak_rss_mb)
     latest = run_folders(output_dir)
     reason = (f"exit code {exit_code}" if exit_code != 0
               else "exit code 0 but no run folder with a metrics.json")
@@ -157,4 +169,4 @@ def execute_run(spec: RunSpec) -> RunOutcome:
     last_line = tail.splitlines()[-1] if tail else "(empty log)"
     error = f"{reason}: {last_line}\n--- last lines of {log_path} ---\n{tail}"
     return RunOutcome(RunStatus.failed, action, str(latest[-1]) if latest else None, exit_code,
-                      error, elapsed)
+                      error, elapsed, peak_rss_mb)
