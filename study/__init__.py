@@ -56,7 +56,7 @@ CUDA_VISIBLE_DEVICES). If the allocation ends early, submit the same job again: 
 continues where it stopped.
 """
 
-from .config import ExecutorKind, JobKeys, MethodConfig, RayConfig, StudyConfig
+from .config import ExecutorKind, JobKeys, MethodConfig, RayConfig, ScoringConfig, StudyConfig
 
 
 def __getattr__(name: str):
@@ -69,4 +69,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'study' has no attribute '{name}'")
 
 
-__all__ = ["ExecutorKind", "JobKeys", "MethodConfig", "RayConfig", "StudyConfig", "run_study"]
+__all__ = ["ExecutorKind", "JobKeys", "MethodConfig", "RayConfig", "ScoringConfig", "StudyConfig",
+           "run_study"]
