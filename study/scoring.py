@@ -62,9 +62,9 @@ from tqdm import tqdm
 
 from cfd.cameras import fixed_orbit_cameras
 from cfd.config import ConfigError
-from cfd.evaluation import (chamfer_distance, clip_r_precision, clip_score, dinov2_cls_features,
-                            export_gpteval3d, frechet_distance, load_clip, load_dinov2,
-                            scene_surface_points)
+from cfd.evaluation import (ClipModels, chamfer_distance, clip_r_precision, clip_score,
+                            dinov2_cls_features, export_gpteval3d, frechet_distance, load_clip,
+                            load_dinov2, scene_surface_points)
 from cfd.renderers import render
 from cfd.shapes import object_splats, objects_for
 from cfd.systems.ground_truth import geometry_against_shape_world, has_ground_truth
@@ -150,7 +150,7 @@ def check_scoring(cfg: StudyConfig, prompts: List[str]) -> None:
 class Scorers:
     """The models scoring uses, loaded once per study stage (None: not configured)."""
 
-    clip: Optional[object] = None  # cfd.evaluation.ClipModels
+    clip: Optional[ClipModels] = None
     dinov2: Optional[torch.nn.Module] = None
 
     @classmethod
