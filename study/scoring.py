@@ -135,8 +135,12 @@ def check_scoring(cfg: StudyConfig, prompts: List[str]) -> None:
                 has_ground_truth(prompt)
             except UserError as err:
                 raise UserError(f"scoring.{needs_truth[0]} compares the runs with the ground "
-                                f"truth of the embedded testbed, and {err}; turn it off for "
-                                "other prompts") from None
+                                "truth of the embedded testbed's prompts (turn it off for "
+                                f"other prompts): {err}") from None
+    if scoring.dinov2_model and not any(has_ground_truth(p) for p in prompts):
+        raise UserError("scoring.dinov2_model measures renders against the ground truth of the "
+                        "study's prompts, and the empty (unconditional) prompt has none: add "
+                        "an embedded-testbed prompt or turn it off")
     if scoring.export_gpteval3d and any(seed < 0 for seed in cfg.seeds):
         raise ConfigError(f"scoring.export_gpteval3d names seed folders by seeds >= 0, got "
                           f"seeds {list(cfg.seeds)}")
@@ -292,14 +296,18 @@ class AcrossRuns:
     frechet: List[FrechetRow]
 
 
-def scored_run_dirs(specs: List[RunSpec], state: StudyState, name: str) -> Dict[str, Path]:
-    """The run folders holding file ``name`` from the scoring, by run key."""
+def scored_run_dirs(cfg: ScoringConfig, specs: List[RunSpec], state: StudyState,
+                    name: str) -> Dict[str, Path]:
+    """The folders of the runs scored with the current settings that hold the scoring's file
+    ``name``, by run key."""
+    settings = score_settings(cfg)
     found = {}
     for spec in specs:
         record = state.record(spec)
-        if record.status == RunStatus.done.value and record.run_dir:
-            if (Path(record.run_dir) / name).is_file():
-                found[spec.key] = Path(record.run_dir)
+        if record.status == RunStatus.done.value:
+            run_dir = Path(record.run_dir)
+            if saved_scores(run_dir, settings) is not None and (run_dir / name).is_file():
+                found[spec.key] = run_dir
     return found
 
 
@@ -311,9 +319,10 @@ def surface_distance(a: Tensor, b: Tensor) -> float:
     return chamfer_distance(a, b)
 
 
-def diversity_rows(specs: List[RunSpec], state: StudyState) -> List[DiversityRow]:
+def diversity_rows(cfg: ScoringConfig, specs: List[RunSpec],
+                   state: StudyState) -> List[DiversityRow]:
     """Per method and prompt (in the study's order), the diversity over its seeds."""
-    surfaces = scored_run_dirs(specs, state, SURFACE_NAME)
+    surfaces = scored_run_dirs(cfg, specs, state, SURFACE_NAME)
     groups: Dict[tuple, List[RunSpec]] = {}
     for spec in specs:
         groups.setdefault((spec.method, spec.prompt), []).append(spec)
@@ -345,17 +354,17 @@ def reference_features(model: torch.nn.Module, cfg: ScoringConfig, prompts: List
 def frechet_rows(cfg: ScoringConfig, specs: List[RunSpec], state: StudyState,
                  prompts: List[str]) -> List[FrechetRow]:
     """Per method, the Fréchet distance of its runs' DINOv2 features to the reference's."""
-    scored = scored_run_dirs(specs, state, FEATURES_NAME)
+    scored = scored_run_dirs(cfg, specs, state, FEATURES_NAME)
     reference = reference_features(Scorers.load(cfg, clip=False).dinov2, cfg, prompts)
     rows = []
     for method in dict.fromkeys(spec.method for spec in specs):
         runs = [scored[s.key] for s in specs if s.method == method and s.key in scored
                 and has_ground_truth(s.prompt)]
-        features = (torch.cat([torch.load(run_dir / FEATURES_NAME) for run_dir in runs])
-                    if runs else torch.zeros(0, reference.shape[1], dtype=reference.dtype))
-        distance = (frechet_distance(features, reference)
-                    if len(features) >= 2 and len(reference) >= 2 else None)
-        rows.append(FrechetRow(method, len(runs), len(features), len(reference), distance))
+        features = [torch.load(run_dir / FEATURES_NAME) for run_dir in runs]
+        renders = sum(len(f) for f in features)
+        distance = (frechet_distance(torch.cat(features), reference)
+                    if renders >= 2 and len(reference) >= 2 else None)
+        rows.append(FrechetRow(method, len(runs), renders, len(reference), distance))
     return rows
 
 
@@ -363,5 +372,5 @@ def across_runs(cfg: StudyConfig, specs: List[RunSpec], state: StudyState,
                 prompts: List[str]) -> AcrossRuns:
     """The across-run metrics the study's settings ask for (module docstring)."""
     return AcrossRuns(
-        diversity_rows(specs, state) if cfg.scoring.diversity else [],
+        diversity_rows(cfg.scoring, specs, state) if cfg.scoring.diversity else [],
         frechet_rows(cfg.scoring, specs, state, prompts) if cfg.scoring.dinov2_model else [])
