@@ -50,7 +50,8 @@ the report (``study.scoring`` defines each one exactly):
 Models load from local folders (or the Hugging Face cache) only; a missing one stops the study
 before any run. A scored run is not scored again (its folder's ``study_scores.json`` holds the
 scores with the settings that made them); the scores also go to ``state.json`` and the report.
-Each run's peak memory (its job process's maximum resident set) goes to ``results.csv``.
+Each run's peak memory (its job process's resident high-water mark, VmHWM) goes to
+``results.csv``.
 
 Executors
 ---------

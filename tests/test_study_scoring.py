@@ -61,7 +61,8 @@ def test_geometry_and_diversity_of_known_scenes(tmp_path):
         # draws of 3000 points are ~0.02 apart, the mug's two variants ~0.04)
         assert float(row["chamfer"]) < 0.028 and float(row["f_score"]) > 0.98
         assert row["gt_variant"] == variant
-        assert float(row["peak_rss_mb"]) > 0  # the fake job's process, as wait4 saw it
+        # the fake job's own peak (numpy, imageio), not the driver's (torch) it forked from
+        assert 10 < float(row["peak_rss_mb"]) < 200
     state = json.loads((study_dir(tmp_path) / "state.json").read_text())["runs"]
     assert state["beta/a_mug/seed1"]["scores"]["gt_rotation_deg"] == 90.0
     assert state["beta/a_mug/seed0"]["scores"]["gt_rotation_deg"] == 40.0
