@@ -24,6 +24,35 @@ a driver killed even with SIGKILL loses nothing, and the runs it had started die
 The report (``results.csv``, ``report.md``, ``plots/``, ``report.html`` with each run's orbit
 video) is written into ``<output_dir>/<name>/`` at the end of every study run, also a partial one.
 
+Metrics
+-------
+``metrics`` names the fields of each run's ``metrics.json`` the report collects (a distill run of
+the embedded prior reports held-out ``psnr`` and ``mask_iou`` against the shape world, and its
+``wall_s``). ``scoring`` adds the study's own, computed in the driver from each finished run's
+saved scene (``splats.ply``, or ``nerf.safetensors`` with its config), after the runs and before
+the report (``study.scoring`` defines each one exactly):
+
+* ``scoring.geometry``: per run, ``chamfer`` (symmetric, plain distances, world units) and
+  ``f_score`` / ``precision`` / ``recall`` at ``f_score_tau`` of ``surface_points`` points on
+  the run's surface against as many on its prompt's ground truth (the shape world's variant
+  and turn about the up axis nearest to it, named in ``gt_variant``); embedded-testbed prompts
+  only.
+* ``scoring.diversity``: per method and prompt over the seeds, the ground-truth variants the
+  runs reached and the mean Chamfer distance between two seeds' surfaces.
+* ``scoring.clip_model``: per run, the CLIP score and CLIP R-precision (among the study's
+  prompts) of ``views`` renders on an orbit.
+* ``scoring.dinov2_model``: per method, the Fréchet distance between the DINOv2 features of its
+  runs' renders and those of the reference set, the ground truth of every study prompt rendered
+  the same way (TRELLIS's protocol).
+* ``scoring.export_gpteval3d``: each run's renders in GPTEval3D's layout, in
+  ``<output_dir>/<name>/gpteval3d/``.
+
+Models load from local folders (or the Hugging Face cache) only; a missing one stops the study
+before any run. A scored run is not scored again (its folder's ``study_scores.json`` holds the
+scores with the settings that made them); the scores also go to ``state.json`` and the report.
+Each run's peak memory (its job process's resident high-water mark, VmHWM) goes to
+``results.csv``.
+
 Executors
 ---------
 ``executor: local`` runs ``max_parallel`` subprocesses at once (default: cores //
@@ -56,7 +85,7 @@ CUDA_VISIBLE_DEVICES). If the allocation ends early, submit the same job again: 
 continues where it stopped.
 """
 
-from .config import ExecutorKind, JobKeys, MethodConfig, RayConfig, StudyConfig
+from .config import ExecutorKind, JobKeys, MethodConfig, RayConfig, ScoringConfig, StudyConfig
 
 
 def __getattr__(name: str):
@@ -69,4 +98,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'study' has no attribute '{name}'")
 
 
-__all__ = ["ExecutorKind", "JobKeys", "MethodConfig", "RayConfig", "StudyConfig", "run_study"]
+__all__ = ["ExecutorKind", "JobKeys", "MethodConfig", "RayConfig", "ScoringConfig", "StudyConfig",
+           "run_study"]

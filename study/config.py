@@ -58,6 +58,46 @@ class RayConfig:
 
 
 @dataclass
+class ScoringConfig:
+    """Metrics the study computes itself from each finished run's saved scene (``splats.ply`` or
+    ``nerf.safetensors``), beside the ``metrics`` its runs report (``study.scoring``).
+
+    ``geometry``: the Chamfer distance and F-score at ``f_score_tau`` (world units; the shape
+    world's objects span about 1.6) of ``surface_points`` points on the run's surface against
+    the same number on its prompt's ground truth, the variant and turn about the up axis (in
+    ``rotation_step_deg`` steps) that is nearest; embedded-testbed prompts only. A NeRF's
+    surface is the boundary of its density thresholded on a ``nerf_grid``^3 grid.
+    ``diversity``: per method and prompt, over the seeds, how many of the prompt's variants the
+    runs reached (each run's nearest one) and the mean Chamfer distance between two seeds'
+    surfaces (implies the geometry scoring).
+    ``clip_model`` / ``dinov2_model``: local folders (or hub ids already in the cache; nothing
+    is downloaded) of a CLIP and a DINOv2 model; with CLIP, each run's CLIP score and CLIP
+    R-precision (among the study's prompts) over ``views`` renders on an orbit at
+    ``view_resolution``; with DINOv2, per method, the Fréchet distance between the DINOv2
+    features of all its runs' renders and those of the ground truth's renders (every variant of
+    every study prompt, same orbit). ``export_gpteval3d``: also write each run's renders in
+    GPTEval3D's layout into ``<study>/gpteval3d/<method>/<prompt index>/<seed>/``
+    (``export_views`` views at ``export_resolution``; GPTEval3D's own are 120 at 512).
+    ``device``: where scoring renders and runs the models.
+    """
+
+    geometry: bool = False
+    diversity: bool = False
+    surface_points: int = 5000
+    f_score_tau: float = 0.05
+    rotation_step_deg: float = 10.0
+    nerf_grid: int = 96
+    clip_model: Optional[str] = None
+    dinov2_model: Optional[str] = None
+    views: int = 8
+    view_resolution: int = 128
+    export_gpteval3d: bool = False
+    export_views: int = 120
+    export_resolution: int = 512
+    device: str = "cpu"
+
+
+@dataclass
 class StudyConfig:
     """A study: one run per (method, prompt, seed), in ``<output_dir>/<name>/runs/<method>/
     <prompt slug>/seed<k>/``, then ``results.csv``, ``report.md``, ``report.html`` and ``plots/``
@@ -71,6 +111,7 @@ class StudyConfig:
     the study. ``threads_per_run`` sets OMP_NUM_THREADS and MKL_NUM_THREADS of every run;
     ``max_parallel`` (local executor; null: CPU cores // threads_per_run) caps the runs at once.
     ``retry_failed``: whether running the study again retries runs that failed before.
+    ``scoring``: the metrics the study computes from the runs' scenes (:class:`ScoringConfig`).
     ``output_dir`` and ``prompts_file`` are relative to the current folder, method configs to
     ``workdir``.
     """
@@ -90,6 +131,7 @@ class StudyConfig:
     max_parallel: Optional[int] = None
     retry_failed: bool = True
     ray: RayConfig = field(default_factory=RayConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
 
     def study_dir(self) -> Path:
         """The study's folder (absolute: runs on other nodes write into it)."""

@@ -1,5 +1,5 @@
 """The study driver: plan the runs, skip the finished ones, execute the rest with progress and a
-durable state file, then write the report."""
+durable state file, score the finished runs, then write the report."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from .executors import FINISHED, STARTED, LocalExecutor, RayExecutor
 from .launch import LOG_NAME, RunSpec, RunStatus, finished_run, read_metrics
 from .plan import plan_runs
 from .report import write_report
+from .scoring import across_runs, check_scoring, score_runs
 from .state import StudyState
 
 
@@ -78,19 +79,25 @@ def as_study_config(config: Union[StudyConfig, DictConfig]) -> StudyConfig:
 
 
 def run_study(config: Union[StudyConfig, DictConfig]) -> dict:
-    """Run a study (or continue one: finished runs are skipped, stopped runs resume) and write its
+    """Run a study (or continue one: finished runs are skipped, stopped runs resume), score its
+    finished runs (``study.scoring``; runs scored before are not scored again) and write its
     report. Returns the study folder, the report's files and how many runs finished and
     failed."""
     cfg = as_study_config(config)
     specs = plan_runs(cfg)
+    prompts = list(dict.fromkeys(spec.prompt for spec in specs))
+    check_scoring(cfg, prompts)  # a missing metric model stops the study before any run
     study_dir = cfg.study_dir()
     study_dir.mkdir(parents=True, exist_ok=True)
     save_config(OmegaConf.structured(cfg), study_dir / "study.yaml")
     state = StudyState.load(study_dir)
     execute(cfg, specs, state)
-    metrics = {spec.key: read_metrics(Path(state.record(spec).run_dir))
+    score_runs(cfg, specs, state, prompts)
+    metrics = {spec.key: {**read_metrics(Path(state.record(spec).run_dir)),
+                          **(state.record(spec).scores or {})}
                for spec in specs if state.record(spec).status == RunStatus.done.value}
-    files = write_report(cfg, specs, state, metrics, study_dir)
+    files = write_report(cfg, specs, state, metrics, across_runs(cfg, specs, state, prompts),
+                         study_dir)
     counts = status_counts(state, specs)
     return {"study_dir": str(study_dir), "runs": len(specs), "done": counts["done"],
             "failed": counts["failed"], **{name: str(path) for name, path in files.items()}}

@@ -20,6 +20,7 @@ from typing import Dict, List, Optional, Tuple
 
 LOG_NAME = "run.log"
 LOG_TAIL_LINES = 30
+MEMORY_POLL_S = 0.2  # how often a running job's peak memory is read
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 # loaded here, not in the forked child: a child of a threaded process should run as little
 # Python as possible before exec
@@ -70,6 +71,7 @@ class RunOutcome:
     exit_code: Optional[int] = None
     error: Optional[str] = None
     elapsed_s: float = 0.0
+    peak_rss_mb: Optional[float] = None  # the job process's; None when nothing ran
 
 
 def run_folders(output_dir: Path) -> List[Path]:
@@ -120,17 +122,49 @@ def log_tail(log_path: Path, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join([ln for ln in text.splitlines() if ln.strip()][-lines:])
 
 
-def run_subprocess(argv: List[str], spec: RunSpec, log_path: Path) -> int:
+def resident_peak_mb(pid: int) -> Optional[float]:
+    """A live process's resident high-water mark (``VmHWM`` in ``/proc/<pid>/status``) in MB;
+    None where there is no such file (not Linux, or the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return None  # also an exited process not yet waited for: it has no memory left
+
+
+def run_subprocess(argv: List[str], spec: RunSpec, log_path: Path) -> Tuple[int, Optional[float]]:
     """Run ``argv`` in the study's workdir, stdout and stderr appended to ``log_path``; its exit
-    code."""
+    code and the job process's peak resident memory in MB (None where it cannot be read).
+
+    The peak is its ``VmHWM``, read every ``MEMORY_POLL_S`` while it runs: a high-water mark of
+    the job's own image (reset by its exec), so the last reading misses at most a peak of its
+    final instant. (``wait4``'s ``ru_maxrss`` would be cheaper but counts the pages of the
+    process that forked it, here the driver or a Ray worker, as the child's.)"""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n".encode())
         log.flush()
         preexec = _die_with_parent if _LIBC is not None else None
-        return subprocess.run(argv, cwd=spec.workdir, env=child_environment(spec.threads),
-                              stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                              preexec_fn=preexec).returncode
+        process = subprocess.Popen(argv, cwd=spec.workdir, env=child_environment(spec.threads),
+                                   stdin=subprocess.DEVNULL, stdout=log,
+                                   stderr=subprocess.STDOUT, preexec_fn=preexec)
+        peak = None
+        try:
+            while True:  # Popen returned after the exec: the readings are the job's
+                reading = resident_peak_mb(process.pid)
+                if reading is not None:
+                    peak = max(peak or 0.0, reading)
+                try:
+                    return process.wait(timeout=MEMORY_POLL_S), peak
+                except subprocess.TimeoutExpired:
+                    continue
+        except BaseException:
+            process.kill()
+            process.wait()
+            raise
 
 
 def execute_run(spec: RunSpec) -> RunOutcome:
@@ -145,11 +179,12 @@ def execute_run(spec: RunSpec) -> RunOutcome:
     argv = spec.start_command() if stopped is None else spec.resume_command(stopped)
     log_path = output_dir / LOG_NAME
     start = time.perf_counter()
-    exit_code = run_subprocess(argv, spec, log_path)
+    exit_code, peak_rss_mb = run_subprocess(argv, spec, log_path)
     elapsed = time.perf_counter() - start
     done = finished_run(output_dir)
     if exit_code == 0 and done is not None:
-        return RunOutcome(RunStatus.done, action, str(done), exit_code, None, elapsed)
+        return RunOutcome(RunStatus.done, action, str(done), exit_code, None, elapsed,
+                          peak_rss_mb)
     latest = run_folders(output_dir)
     reason = (f"exit code {exit_code}" if exit_code != 0
               else "exit code 0 but no run folder with a metrics.json")
@@ -157,4 +192,4 @@ def execute_run(spec: RunSpec) -> RunOutcome:
     last_line = tail.splitlines()[-1] if tail else "(empty log)"
     error = f"{reason}: {last_line}\n--- last lines of {log_path} ---\n{tail}"
     return RunOutcome(RunStatus.failed, action, str(latest[-1]) if latest else None, exit_code,
-                      error, elapsed)
+                      error, elapsed, peak_rss_mb)

@@ -1,9 +1,13 @@
 """A study's report, written into its folder:
 
 - ``results.csv``: one row per run (method, prompt, seed, status, run folder, the study's elapsed
-  time for it, exit code, the first line of its error, each metric);
+  time for it, the job process's peak memory, exit code, the first line of its error, each
+  metric: the runs' own, then the study's scores (``study.scoring``), with the nearest
+  ground-truth variant when geometry is scored);
 - ``report.md``: per method and per method x prompt, each metric's mean over seeds with its 95%
-  interval (Student's t) and n, then the failed runs;
+  interval (Student's t) and n; the across-run metrics the scoring asks for (diversity over
+  seeds per method and prompt, the Fréchet distance of DINOv2 features per method); then the
+  failed runs;
 - ``plots/``: each metric per method (box and points), and each quality metric against wall time;
 - ``report.html``: a static page (no external assets) with the tables, the plots and every run's
   orbit video side by side per prompt, all by relative paths.
@@ -26,6 +30,7 @@ from scipy import stats
 
 from .config import StudyConfig
 from .launch import RunSpec, RunStatus
+from .scoring import AcrossRuns, measures_geometry, scored_metrics
 from .state import RunRecord, StudyState
 
 WALL_TIME_METRIC = "wall_s"  # the runs' own training time, preferred over the study's elapsed
@@ -88,6 +93,11 @@ class RunRow:
         return found[0] if found else None
 
 
+def report_metrics(cfg: StudyConfig) -> List[str]:
+    """The metrics the report shows: those the runs report, then the study's scores."""
+    return list(dict.fromkeys([*cfg.metrics, *scored_metrics(cfg.scoring)]))
+
+
 def collect_rows(specs: List[RunSpec], state: StudyState,
                  metrics: Dict[str, Dict[str, object]]) -> List[RunRow]:
     return [RunRow(spec, state.record(spec), metrics.get(spec.key, {})) for spec in specs]
@@ -115,18 +125,24 @@ def group_summaries(rows: List[RunRow], metric_names: List[str], by: Tuple[str, 
     return table
 
 
-def write_csv(rows: List[RunRow], metric_names: List[str], path: Path) -> None:
+def write_csv(rows: List[RunRow], metric_names: List[str], path: Path,
+              with_variant: bool = False) -> None:
+    """One row per run; ``with_variant``: also the nearest ground-truth variant's name."""
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["method", "prompt", "seed", "status", "run_dir", "elapsed_s",
-                         "exit_code", "error", *metric_names])
+                         "peak_rss_mb", "exit_code", "error", *metric_names,
+                         *(["gt_variant"] if with_variant else [])])
         for row in rows:
             error = row.record.error.splitlines()[0] if row.record.error else ""
+            peak = row.record.peak_rss_mb
             writer.writerow([row.spec.method, row.spec.prompt, row.spec.seed, row.record.status,
                              row.record.run_dir or "", f"{row.record.elapsed_s:.2f}",
+                             "" if peak is None else f"{peak:.1f}",
                              "" if row.record.exit_code is None else row.record.exit_code, error,
                              *["" if row.value(m) is None else row.value(m)
-                               for m in metric_names]])
+                               for m in metric_names],
+                             *([row.metrics.get("gt_variant") or ""] if with_variant else [])])
 
 
 def markdown_table(header: List[str], body: List[List[str]]) -> str:
@@ -141,8 +157,34 @@ def summary_body(table, metric_names) -> List[List[str]]:
             for group, done, failed, summaries in table]
 
 
-def write_markdown(cfg: StudyConfig, rows: List[RunRow], path: Path) -> None:
-    metric_names = list(cfg.metrics)
+def number(value: Optional[float]) -> str:
+    return "–" if value is None else f"{value:.4g}"
+
+
+DIVERSITY_HEADER = ["method", "prompt", "runs", "variants reached", "seed Chamfer"]
+DIVERSITY_NOTE = ("Diversity over seeds: how many of the prompt's ground-truth variants the runs "
+                  "are nearest to, and the mean Chamfer distance between two seeds' surfaces "
+                  "(world frame).")
+FRECHET_HEADER = ["method", "runs", "renders", "reference renders", "Fréchet distance"]
+FRECHET_NOTE = ("Fréchet distance between Gaussians fitted to the DINOv2 CLS features of the "
+                "method's renders and of the reference (the ground truth of every study prompt "
+                "rendered on the same orbit); lower is closer.")
+
+
+def diversity_body(across: AcrossRuns) -> List[List[str]]:
+    return [[r.method, r.prompt, r.runs,
+             "–" if r.variants is None else f"{r.variants_reached} of {r.variants}",
+             number(r.seed_chamfer)] for r in across.diversity]
+
+
+def frechet_body(across: AcrossRuns) -> List[List[str]]:
+    return [[r.method, r.runs, r.renders, r.reference_renders, number(r.frechet_distance)]
+            for r in across.frechet]
+
+
+def write_markdown(cfg: StudyConfig, rows: List[RunRow], across: AcrossRuns,
+                   path: Path) -> None:
+    metric_names = report_metrics(cfg)
     stat_note = ("Each cell: the mean over seeds, its 95% confidence interval (Student's t) and "
                  "n, the finished runs that reported the metric.")
     parts = [f"# Study {cfg.name}", "", stat_note, "", "## Per method", "",
@@ -153,6 +195,12 @@ def write_markdown(cfg: StudyConfig, rows: List[RunRow], path: Path) -> None:
              markdown_table(["method", "prompt", "done", "failed", *metric_names],
                             summary_body(group_summaries(rows, metric_names,
                                                          ("method", "prompt")), metric_names))]
+    if across.diversity:
+        parts += ["", "## Diversity over seeds", "", DIVERSITY_NOTE, "",
+                  markdown_table(DIVERSITY_HEADER, diversity_body(across))]
+    if across.frechet:
+        parts += ["", "## Fréchet distance (DINOv2)", "", FRECHET_NOTE, "",
+                  markdown_table(FRECHET_HEADER, frechet_body(across))]
     failed = [r for r in rows if r.record.status == RunStatus.failed.value]
     if failed:
         parts += ["", "## Failed runs", "",
@@ -207,11 +255,11 @@ def write_plots(cfg: StudyConfig, rows: List[RunRow], plot_dir: Path) -> List[Pa
     """Every plot that has data; their paths."""
     plot_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for metric in cfg.metrics:
+    for metric in report_metrics(cfg):
         path = plot_dir / f"{metric}_by_method.png"
         if plot_by_method(rows, metric, path):
             written.append(path)
-    for metric in [m for m in cfg.metrics if m != WALL_TIME_METRIC]:
+    for metric in [m for m in report_metrics(cfg) if m != WALL_TIME_METRIC]:
         path = plot_dir / f"{metric}_vs_wall_time.png"
         if plot_against_wall_time(rows, metric, path):
             written.append(path)
@@ -255,7 +303,7 @@ def orbit_section(cfg: StudyConfig, rows: List[RunRow], base: Path) -> str:
         lines = []
         for method in unique(r.spec.method for r in rows):
             cells = "".join(
-                f"<td>{media_cell(r, list(cfg.metrics), base)}</td>" for r in rows
+                f"<td>{media_cell(r, report_metrics(cfg), base)}</td>" for r in rows
                 if r.spec.method == method and r.spec.prompt == prompt)
             lines.append(f"<tr><th>{html.escape(method)}</th>{cells}</tr>")
         parts.append(f"<h3>{html.escape(prompt)}</h3><table class=\"orbits\"><thead><tr><th>"
@@ -273,9 +321,21 @@ video, .orbits img { width: 160px; height: 160px; display: block; }
 """
 
 
-def write_html(cfg: StudyConfig, rows: List[RunRow], plots: List[Path], study_dir: Path,
-               path: Path) -> None:
-    metric_names = list(cfg.metrics)
+def across_html(across: AcrossRuns) -> str:
+    """The across-run tables, each under its heading (nothing for none)."""
+    parts = []
+    if across.diversity:
+        parts.append(f"<h2>Diversity over seeds</h2><p>{html.escape(DIVERSITY_NOTE)}</p>"
+                     + html_table("diversity", DIVERSITY_HEADER, diversity_body(across)))
+    if across.frechet:
+        parts.append(f"<h2>Fréchet distance (DINOv2)</h2><p>{html.escape(FRECHET_NOTE)}</p>"
+                     + html_table("frechet", FRECHET_HEADER, frechet_body(across)))
+    return "\n".join(parts)
+
+
+def write_html(cfg: StudyConfig, rows: List[RunRow], across: AcrossRuns, plots: List[Path],
+               study_dir: Path, path: Path) -> None:
+    metric_names = report_metrics(cfg)
     by_method = group_summaries(rows, metric_names, ("method",))
     by_prompt = group_summaries(rows, metric_names, ("method", "prompt"))
     plot_tags = "".join(f'<img src="{relative_url(p, study_dir)}" alt="{html.escape(p.stem)}">'
@@ -292,6 +352,7 @@ def write_html(cfg: StudyConfig, rows: List[RunRow], plots: List[Path], study_di
 <h2>Per method and prompt</h2>
 {html_table("per-method-prompt", ["method", "prompt", "done", "failed", *metric_names],
             summary_body(by_prompt, metric_names))}
+{across_html(across)}
 <h2>Plots</h2>
 <div class="plots">{plot_tags}</div>
 <h2>Orbit videos</h2>
@@ -302,13 +363,15 @@ def write_html(cfg: StudyConfig, rows: List[RunRow], plots: List[Path], study_di
 
 
 def write_report(cfg: StudyConfig, specs: List[RunSpec], state: StudyState,
-                 metrics: Dict[str, Dict[str, object]], study_dir: Path) -> Dict[str, Path]:
-    """Write every part of the report; their paths by name."""
+                 metrics: Dict[str, Dict[str, object]], across: AcrossRuns,
+                 study_dir: Path) -> Dict[str, Path]:
+    """Write every part of the report; their paths by name. ``metrics``: each finished run's
+    own metrics and the study's scores, by run key."""
     rows = collect_rows(specs, state, metrics)
     files = {"results_csv": study_dir / "results.csv", "report_md": study_dir / "report.md",
              "report_html": study_dir / "report.html"}
-    write_csv(rows, list(cfg.metrics), files["results_csv"])
-    write_markdown(cfg, rows, files["report_md"])
+    write_csv(rows, report_metrics(cfg), files["results_csv"], measures_geometry(cfg.scoring))
+    write_markdown(cfg, rows, across, files["report_md"])
     plots = write_plots(cfg, rows, study_dir / "plots")
-    write_html(cfg, rows, plots, study_dir, files["report_html"])
+    write_html(cfg, rows, across, plots, study_dir, files["report_html"])
     return files

@@ -3,7 +3,9 @@ attempts, elapsed time, error), rewritten atomically after every change so that 
 at any moment (kill -9 included) leaves the previous or the new state, whole, on disk.
 
 The run folders stay the truth about a run (a metrics.json means finished); the state adds what
-they cannot say: failures with their error, attempts, and the time the study spent on each run.
+they cannot say: failures with their error, attempts, the time the study spent on each run and
+its peak memory, and a copy of the scores the study computed (``study.scoring``; the run
+folder's ``study_scores.json`` holds them with the settings that made them).
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ class RunRecord:
     exit_code: Optional[int] = None
     error: Optional[str] = None
     updated: Optional[str] = None
+    peak_rss_mb: Optional[float] = None  # the job process's, the largest over attempts
+    scores: Optional[Dict[str, object]] = None  # the study's own scoring of the finished run
 
 
 def write_json_durably(path: Path, obj: object) -> None:
@@ -85,5 +89,7 @@ class StudyState:
         record.status, record.run_dir = outcome.status.value, outcome.run_dir
         record.exit_code, record.error = outcome.exit_code, outcome.error
         record.elapsed_s += outcome.elapsed_s
+        if outcome.peak_rss_mb is not None:
+            record.peak_rss_mb = max(record.peak_rss_mb or 0.0, outcome.peak_rss_mb)
         record.updated = time.strftime("%Y-%m-%dT%H:%M:%S")
         self.save()

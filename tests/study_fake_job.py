@@ -7,7 +7,9 @@ Like a distill run it makes ``<output_dir>/<name>/<prompt slug>@<time>/`` with c
 checkpoints its step in ``ckpt/step.json`` after every step, and ends with orbit.mp4 (or .gif)
 and metrics.json (psnr, mask_iou, wall_s: fixed functions of the config; omp_threads: its
 OMP_NUM_THREADS). Config keys: ``steps``, ``step_s`` (seconds per step), ``fail_prompt`` (exit 1
-with an error for that prompt), ``quality`` (added to psnr), ``video`` (mp4, gif or none).
+with an error for that prompt), ``quality`` (added to psnr), ``video`` (mp4, gif or none),
+``splats`` (a .ply copied to the run's ``splats.ply``, as its scene; ``{seed}`` in it is the
+seed).
 It appends ``start <step> <pid>`` or ``resume <step> <pid>`` to ``<output_dir>/invocations.txt``
 and writes its parent's pid (the process that launched it) to ``<output_dir>/parent.pid``, so
 tests can see what it was asked to do and kill who runs it.
@@ -17,6 +19,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -88,6 +91,8 @@ def main() -> int:
         time.sleep(cfg.get("step_s", 0.0))
         step += 1
         write_json(run_dir / "ckpt" / "step.json", {"step": step})
+    if cfg.get("splats"):
+        shutil.copy(cfg["splats"].replace("{seed}", str(cfg["seed"])), run_dir / "splats.ply")
     write_video(run_dir / "orbit", cfg["seed"], cfg.get("video", "mp4"))
     psnr = 20.0 + cfg.get("quality", 0.0) + cfg["seed"] + len(prompt) % 3
     write_json(run_dir / "metrics.json", {"psnr": psnr, "mask_iou": 0.5 + 0.1 * cfg["seed"],

@@ -1,5 +1,6 @@
 """A real study end to end: two tiny CFD splat runs of the embedded prior through run.py and the
-local executor, then the study run again, which starts nothing."""
+local executor, scored against the ground truth, then the study run again, which starts
+nothing."""
 
 import csv
 import json
@@ -24,7 +25,8 @@ def test_two_real_runs(tmp_path):
         "name": "s", "output_dir": str(tmp_path / "studies"), "workdir": str(REPO),
         "methods": [{"name": "cfd-splats", "config": "configs/cfd-splats-embedded.yaml",
                      "overrides": overrides}],
-        "prompts": ["a mug"], "seeds": [0, 1], "max_parallel": 2}))
+        "prompts": ["a mug"], "seeds": [0, 1], "max_parallel": 2,
+        "scoring": {"geometry": True, "diversity": True, "surface_points": 1000}}))
     summary = run_study(load_study(path))
     assert (summary["done"], summary["failed"]) == (2, 0)
 
@@ -37,6 +39,9 @@ def test_two_real_runs(tmp_path):
         assert metrics["steps"] == 4 and float(row["psnr"]) == metrics["psnr"]
         assert math.isfinite(metrics["psnr"]) and 0.0 <= metrics["mask_iou"] <= 1.0
         assert (Path(row["run_dir"]) / "orbit.mp4").is_file()
+        # 4 steps from a random ball: far from a mug, but measured
+        assert 0.0 < float(row["chamfer"]) < 1.0 and 0.0 <= float(row["f_score"]) <= 1.0
+        assert row["gt_variant"] in ("mug_red", "mug_blue_tall")
     page = (study_dir(tmp_path) / "report.html").read_text()
     assert page.count("<video ") == 2
 

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..renderers.projection import quat_to_rotmat
+from ..scene import NeRFField
+from ..scene.mesh import density_grid, surface_density
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 18  # distances per block: 1 MB of float32, stays in cache
 
@@ -262,6 +264,43 @@ def splat_surface_points(splats, n: int, generator: Optional[torch.Generator] = 
     offsets = offsets * splats.scales.detach()[index]
     rotations = quat_to_rotmat(splats.quats.detach()[index])
     return means + (rotations @ offsets[:, :, None])[:, :, 0]
+
+
+@torch.no_grad()
+def field_surface_points(field: NeRFField, resolution: int = 96) -> Tensor:
+    """Points on a NeRF's surface: :func:`grid_surface_points` of the field's occupancy on
+    ``resolution^3`` cells tiling its box, a cell occupied where the density at its centre is
+    above the level its mesh is cut at (:func:`cfd.scene.mesh.surface_density`).
+
+    Returns:
+        ``[K,3]`` world points (K = 0 for a field with no surface).
+    """
+    radius = field.cfg.radius
+    cell = 2 * radius / resolution
+    # the grid's points, spanning [-radius + cell/2, radius - cell/2], are the cells' centres
+    density = torch.nan_to_num(density_grid(lambda p: field.query(p)[0], radius - cell / 2,
+                                            resolution, field.device))
+    return grid_surface_points(density > surface_density(density, cell), radius)
+
+
+def scene_surface_points(scene, n: int, generator: Optional[torch.Generator] = None,
+                         grid_resolution: int = 96) -> Tensor:
+    """Up to ``n`` points on the surface of splats (:func:`splat_surface_points`, exactly
+    ``n``) or a NeRF (:func:`field_surface_points`, a random ``n`` of them when there are
+    more); none for splats with no visible splat or a field with no surface.
+
+    Returns:
+        ``[K,3]``, K <= n, on the scene's device.
+    """
+    if isinstance(scene, NeRFField):
+        points = field_surface_points(scene, grid_resolution)
+        if len(points) > n:
+            points = points[torch.randperm(len(points), generator=generator,
+                                           device=points.device)[:n]]
+        return points
+    if len(scene) == 0 or not scene.opacities.detach().sum() > 0:
+        return scene.means.detach().new_zeros(0, 3)
+    return splat_surface_points(scene, n, generator)
 
 
 # -- text adherence -------------------------------------------------------------------------------

@@ -72,6 +72,17 @@ def density_grid(density_fn: Callable[[Tensor], Tensor], radius: float, resoluti
     return values.reshape(resolution, resolution, resolution)
 
 
+def surface_density(grid: Tensor, cell: float) -> float:
+    """The density where a field's surface lies, read off the field (module docstring): Otsu's
+    level of the cells' opacities ``1 - exp(-density * cell)``, as a density.
+
+    Args:
+        grid: densities ``[R,R,R]`` (finite) sampled ``cell`` world units apart.
+    """
+    level = otsu_threshold((1 - torch.exp(-grid * cell)).flatten())
+    return -math.log(1 - min(level, 1 - 1e-6)) / cell
+
+
 def extract_mesh(field, resolution: int = 128, threshold: Optional[float] = None) -> Mesh:
     """Iso-surface of a field's density (``field.query``, ``field.cfg.radius``) on a
     ``resolution^3`` grid (at least 2 per axis).
@@ -95,9 +106,7 @@ def extract_mesh(field, resolution: int = 128, threshold: Optional[float] = None
     grid = torch.nan_to_num(grid)
     cell = 2 * radius / (resolution - 1)
     if threshold is None:
-        opacity = 1 - torch.exp(-grid * cell)
-        level = otsu_threshold(opacity.flatten())
-        threshold = -math.log(1 - min(level, 1 - 1e-6)) / cell
+        threshold = surface_density(grid, cell)
     padded = np.pad(grid.cpu().numpy().astype(np.float64), 1, constant_values=0.0)
     vertices, faces = mcubes.marching_cubes(padded, float(threshold))
     if not len(faces):

@@ -2,19 +2,23 @@
 
 Held-out views on a fixed orbit are compared with every variant of the prompt, under every
 global azimuth rotation (the prior cannot fix the absolute azimuth of a symmetric object, and a
-run may settle on any rotation); the best PSNR is reported with its mask IoU. The empty prompt
-(unconditional: the prior draws from every object) has no ground truth to compare with.
+run may settle on any rotation); the best PSNR is reported with its mask IoU. The surface is
+compared the same way: the Chamfer distance and F-score against the variant and turn whose
+surface is nearest (:func:`geometry_against_shape_world`). The empty prompt (unconditional: the
+prior draws from every object) has no ground truth to compare with.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
+from torch import Tensor
 
 from ..cameras import fixed_orbit_cameras, orbit_cameras
+from ..evaluation import chamfer_distance, f_score, splat_surface_points
 from ..renderers import render
 from ..shapes import object_splats, objects_for
 from ..utils.media import save_grid
@@ -76,3 +80,52 @@ def evaluate_against_shape_world(scene, prompt: str, n_views: int = 8, resolutio
     if comparison_path is not None:
         save_grid([ours.rgb, best_truth.rgb, ours.alpha, best_truth.alpha], comparison_path)
     return best
+
+
+def turned_points(points: Tensor, degrees: float) -> Tensor:
+    """Points turned by ``degrees`` about the up (z) axis through the origin, as
+    :meth:`cfd.scene.Splats.turned` turns a scene. ``[N,3] -> [N,3]``."""
+    angle = math.radians(degrees)
+    c, s = math.cos(angle), math.sin(angle)
+    x, y, z = points.unbind(-1)
+    return torch.stack([c * x - s * y, s * x + c * y, z], -1)
+
+
+def truth_surface_points(prompt: str, n: int, seed: int = 0) -> Dict[str, Tensor]:
+    """``n`` points on each variant of the prompt (drawn from its splats' Gaussians, which lie
+    flat on its surfaces), by variant name; the same points for the same ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    return {obj.name: splat_surface_points(object_splats(obj), n, generator)
+            for obj in objects_for(prompt)}
+
+
+@torch.no_grad()
+def geometry_against_shape_world(points: Tensor, prompt: str, tau: float, n_truth: int = 5000,
+                                 rotation_step: float = 10.0, search_points: int = 1000) -> dict:
+    """Chamfer distance and F-score at ``tau`` of a result's surface points against the
+    prompt's ground truth: of its variants, each turned about the up axis in steps of
+    ``rotation_step`` degrees, the one at the smallest Chamfer distance (searched on the first
+    ``search_points`` points of both sets, then measured on all of them).
+
+    Args:
+        points: ``[N,3]`` on the result's surface (CPU); N = 0 is an empty result.
+        n_truth: points drawn on each variant (:func:`truth_surface_points`, seed 0).
+    Returns:
+        ``{"chamfer", "f_score", "precision", "recall", "gt_variant", "gt_rotation_deg"}``:
+        the variant's name and the turn of the ground truth that matched; an empty result has
+        Chamfer ``inf``, F-score 0 and no variant.
+    """
+    if len(points) == 0:
+        return {"chamfer": math.inf, "f_score": 0.0, "precision": 0.0, "recall": 0.0,
+                "gt_variant": None, "gt_rotation_deg": None}
+    truths = truth_surface_points(prompt, n_truth)
+    points = points.float()
+    candidates = [(chamfer_distance(points[:search_points],
+                                    turned_points(truth[:search_points], float(delta))),
+                   name, float(delta))
+                  for name, truth in truths.items()
+                  for delta in torch.arange(0.0, 360.0, rotation_step)]
+    _, name, delta = min(candidates, key=lambda c: c[0])
+    truth = turned_points(truths[name], delta)
+    return {"chamfer": chamfer_distance(points, truth), **f_score(points, truth, tau),
+            "gt_variant": name, "gt_rotation_deg": delta}

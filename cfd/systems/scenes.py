@@ -19,12 +19,14 @@ import logging
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save as safetensors_bytes
 
-from core.errors import UserError
+from core.errors import InputFileError, UserError
 from core.runtime import atomic_write
 
 from ..cameras import Cameras
@@ -362,3 +364,24 @@ def save_nerf_outputs(nerf: NeRFField, run_dir: Path, mesh_resolution: int,
         return
     write_obj(mesh, run_dir / "mesh.obj")
     write_glb(mesh, run_dir / "mesh.glb")
+
+
+def load_saved_scene(run_dir: Path, device: Union[str, torch.device] = "cpu"
+                     ) -> Tuple[Union[Splats, NeRFField], Dict[str, Any]]:
+    """The scene a finished run saved, and the options its renders take: ``splats.ply`` (any job
+    that writes splats), else ``nerf.safetensors`` built with the ``nerf:`` section of the
+    run's ``config.yaml`` (rendered with its ``n_samples``, without the occupancy grid, which
+    is not saved: the same image, only slower)."""
+    run_dir = Path(run_dir)
+    if (run_dir / "splats.ply").is_file():
+        return Splats.load_ply(run_dir / "splats.ply").to(device), {}
+    weights = run_dir / "nerf.safetensors"
+    if not weights.is_file():
+        raise InputFileError(f"{run_dir} holds no saved scene (splats.ply or nerf.safetensors): "
+                             "only a finished run of a job that writes one can be scored")
+    saved = OmegaConf.load(run_dir / "config.yaml")
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(NeRFSceneConfig),
+                                              saved.get("nerf", {})))
+    field = NeRFField(cfg, device)
+    field.load_state_dict(load_safetensors(str(weights), device=str(device)))
+    return field.eval(), {"n_samples": cfg.n_samples}
