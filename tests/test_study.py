@@ -138,7 +138,12 @@ def test_driver_killed_with_sigkill_continues(tmp_path):
         statuses = [r["status"] for r in json.loads(state_path.read_text())["runs"].values()]
         if statuses.count("done") >= 2 and statuses.count("running") >= 1:
             break
-    time.sleep(0.7)  # the running ones pass a checkpoint
+    running = [k for k, r in json.loads(state_path.read_text())["runs"].items()
+               if r["status"] == "running"]
+    while time.time() < deadline:  # the running ones pass a checkpoint (however loaded the CPU)
+        if all(any((study_dir(tmp_path) / "runs" / k).rglob("step.json")) for k in running):
+            break
+        time.sleep(0.05)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
 
