@@ -4,6 +4,7 @@
     python benchmarks/bench_amodal.py run OUT [--cases benchmarks/amodal_cases.json]
         [--methods relaxflow,flat,...] [--limit N] [--model embedded]
     python benchmarks/bench_amodal.py report OUT
+    python benchmarks/bench_amodal.py refine OUT [--steps 300] [--limit N] [--model embedded]
 
 ``cases`` draws the fixed case list (``cfd.evaluation.amodal.make_cases``: every category x
 the three hidden-share bands, seeded). ``run`` writes each case's observation and visible mask
@@ -14,6 +15,14 @@ this process, exactly as a user would; every relaxflow run also gives the two si
 to ``OUT/results.jsonl`` (a stopped run continues where it stopped: done (case, method) pairs
 are skipped). ``report`` writes ``OUT/report.md`` (means with 95% intervals per band; the
 paper's four claims checked) and ``OUT/grid.png``.
+
+``refine`` measures the stack on the same cases: RelaxFlow's completion alone, CFD from scratch
+(the prompt only, ``configs/cfd-splats-embedded.yaml``, ``--steps``), ``refine``
+(``configs/refine-embedded.yaml``: the completion seeds CFD, visible splats locked) with the same
+steps and with a third of them. Scores: PSNR and mask IoU from 8 views around against the
+instance, and visible fidelity at the observation camera. Issue 20's goals: refine ends above
+both, keeps visible fidelity within 1 dB of its completion, and with a third of the steps reaches
+CFD-from-scratch's PSNR. Results in ``OUT/refine.jsonl``, summary in ``OUT/refine.md``.
 
 Scores (``cfd.evaluation``): voxel IoU with the analytic occupancy, overall and in the hidden
 region (the ground truth's cells the observation does not show); Chamfer distance and F-score
@@ -45,14 +54,13 @@ from cfd.evaluation import (chamfer_distance, confidence_interval, f_score,  # n
                             splat_surface_points, voxel_iou)
 from cfd.evaluation.amodal import (AmodalCase, generator_camera, hidden_points,  # noqa: E402
                                    hidden_region, make_cases, observe)
-from cfd.evaluation.generation import cameras_around, view_scores  # noqa: E402
+from cfd.evaluation.generation import cameras_around, to_world, view_scores  # noqa: E402
 from cfd.cameras import orbit_cameras  # noqa: E402
 from cfd.renderers import render  # noqa: E402
 from cfd.scene import Splats  # noqa: E402
-from cfd.shapes import (GENERATOR_SCALE, category, object_splats, occupancy_grid,  # noqa: E402
-                        train_seeds)
+from cfd.shapes import category, object_splats, occupancy_grid, train_seeds  # noqa: E402
 from cfd.shapes.categories import surface_points  # noqa: E402
-from jobs import relaxflow  # noqa: E402
+from jobs import distill, refine, relaxflow  # noqa: E402
 
 CONFIG = ROOT / "configs" / "relaxflow-embedded.yaml"
 # name -> overrides of CONFIG; each run also yields observation_only and prior_only
@@ -108,7 +116,7 @@ def references(names: List[str]) -> Dict[str, List[torch.Tensor]]:
 def score(case: AmodalCase, run_dir: Path, branch: str) -> Dict[str, Any]:
     """Every score of one branch's result on one case."""
     obj = case.instance
-    splats = Splats.load_ply(run_dir / BRANCHES[branch]).scaled(1 / GENERATOR_SCALE)
+    splats = to_world(Splats.load_ply(run_dir / BRANCHES[branch]))
     voxels = np.load(run_dir / "branch_voxels.npz")
     resolution = int(voxels["resolution"])
     cells = torch.from_numpy(voxels[branch].astype(np.int64))
@@ -133,17 +141,7 @@ def score(case: AmodalCase, run_dir: Path, branch: str) -> Dict[str, Any]:
         nearest, _ = nearest_category(points, references([case.category,
                                                           *case.ambiguous_with]))
         result["adherent"] = float(nearest == case.category)
-    rgba, visible, _ = observe(case)
-    with torch.no_grad():
-        seen = render(splats, case.camera(), background=0.5)
-    mask = torch.from_numpy(visible > 127)
-    observed = torch.from_numpy(rgba[..., :3] / 255.0).float()
-    result["psnr_visible"] = psnr(seen.rgb[0], observed, mask)
-    result["mask_iou_visible"] = mask_iou(seen.alpha[0], mask[..., None].float(), mask)
-    around = view_scores(splats.scaled(GENERATOR_SCALE), obj, cameras_around())
-    result["psnr_around"] = float(np.median(around["psnr"]))
-    result["mask_iou_around"] = float(np.median(around["mask_iou"]))
-    return result
+    return {**result, **scene_scores(case, splats)}
 
 
 def branch_seconds(metrics: Dict[str, Any], branch: str) -> float:
@@ -185,6 +183,80 @@ def run(args) -> None:
             print(f"{case.case_id} {method}: " + ", ".join(
                 f"{r['result']} IoU {r['iou']:.3f} hidden {r['iou_hidden']:.3f}" for r in rows),
                 flush=True)
+
+
+def scene_scores(case: AmodalCase, world: Splats) -> Dict[str, float]:
+    """Splats in the world's frame: PSNR / mask IoU from 8 views around, and at the observation
+    camera inside the visible mask."""
+    rgba, visible, _ = observe(case)
+    with torch.no_grad():
+        seen = render(world, case.camera(), background=0.5)
+    mask = torch.from_numpy(visible > 127)
+    around = view_scores(world, case.instance, cameras_around())
+    return {"psnr_around": float(np.median(around["psnr"])),
+            "mask_iou_around": float(np.median(around["mask_iou"])),
+            "psnr_visible": psnr(seen.rgb[0], torch.from_numpy(rgba[..., :3] / 255.0).float(),
+                                 mask),
+            "mask_iou_visible": mask_iou(seen.alpha[0], mask[..., None].float(), mask)}
+
+
+def refine_case(case: AmodalCase, out: Path, steps: int, model: str) -> List[Dict[str, Any]]:
+    """The four results of one case, scored."""
+    inputs = write_inputs(case, out / "inputs")
+    camera = generator_camera(case)
+    rows = []
+    scratch = distill.run(load_config(
+        distill.Config, ROOT / "configs" / "cfd-splats-embedded.yaml",
+        [f"prompt_processor.prompt={case.prompt}", f"steps={steps}",
+         f"output_dir={out / 'runs' / 'scratch'}", "video_frames=12"]))
+    rows.append(("cfd_scratch", steps, Path(scratch["run_dir"]) / "splats.ply", scratch))
+    for budget in (steps, max(1, steps // 3)):
+        result = refine.run(load_config(refine.Config, ROOT / "configs" / "refine-embedded.yaml", [
+            f"image={inputs['image']}", f"mask={inputs['mask']}", f"prompt={case.prompt}",
+            f"relaxflow.model={model}", f"distill.steps={budget}", "distill.video_frames=12",
+            f"relaxflow.camera.resolution={case.resolution}",
+            *[f"relaxflow.camera.{k}={v}" for k, v in camera.items()],
+            f"output_dir={out / 'runs' / f'refine_{budget}'}"]))
+        if budget == steps:
+            rows.append(("relaxflow", 0, Path(result["relaxflow"]["run_dir"]) / "splats.ply",
+                         result["relaxflow"]))
+        rows.append((f"refine_{'full' if budget == steps else 'third'}", budget,
+                     Path(result["cfd"]["run_dir"]) / "splats.ply", result["cfd"]))
+    scored = []
+    for name, budget, ply, metrics in rows:
+        world = Splats.load_ply(ply)
+        if name == "relaxflow":
+            world = to_world(world)
+        scored.append({"case": case.case_id, "band": case.band, "result": name, "steps": budget,
+                       "run_dir": str(ply.parent), "wall_s": metrics.get("wall_s"),
+                       **scene_scores(case, world)})
+    return scored
+
+
+def refine_cases(args) -> None:
+    cases = read_cases(args.cases)[: args.limit]
+    path = args.out / "refine.jsonl"
+    args.out.mkdir(parents=True, exist_ok=True)
+    done = ({json.loads(line)["case"] for line in path.read_text().splitlines()}
+            if path.is_file() else set())
+    for case in cases:
+        if case.case_id in done:
+            continue
+        rows = refine_case(case, args.out, args.steps, args.model)
+        with open(path, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        print(case.case_id + ": " + ", ".join(f"{r['result']} {r['psnr_around']:.2f} dB"
+                                              for r in rows), flush=True)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    keys = ("psnr_around", "mask_iou_around", "psnr_visible")
+    lines = [f"# refine on {len({r['case'] for r in rows})} cases", "",
+             "| result | n | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
+    for name in dict.fromkeys(r["result"] for r in rows):
+        mine = [r for r in rows if r["result"] == name]
+        lines.append(f"| {name} | {len(mine)} | "
+                     + " | ".join(mean_ci([r[k] for r in mine]) for k in keys) + " |")
+    (args.out / "refine.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def mean_ci(values: List[float]) -> str:
@@ -290,7 +362,7 @@ def picture(rows: List[Dict[str, Any]], cases: List[AmodalCase], out: Path) -> N
         observed = Image.open(out / "inputs" / f"{case.case_id}.png").convert("RGB")
         grid.paste(observed.resize((TILE, TILE)), (0, y))
         camera = back_view(case)
-        scenes = [Splats.load_ply(run_dir / BRANCHES[b]).scaled(1 / GENERATOR_SCALE)
+        scenes = [to_world(Splats.load_ply(run_dir / BRANCHES[b]))
                   for b in BRANCHES] + [object_splats(case.instance)]
         for col, scene in enumerate(scenes, start=1):
             with torch.no_grad():
@@ -318,6 +390,12 @@ def main() -> None:
     rep = sub.add_parser("report")
     rep.add_argument("out", type=Path)
     rep.add_argument("--cases", type=Path, default=ROOT / "benchmarks" / "amodal_cases.json")
+    ref = sub.add_parser("refine")
+    ref.add_argument("out", type=Path)
+    ref.add_argument("--cases", type=Path, default=ROOT / "benchmarks" / "amodal_cases.json")
+    ref.add_argument("--steps", type=int, default=300)
+    ref.add_argument("--limit", type=int, default=None)
+    ref.add_argument("--model", default="embedded")
     args = parser.parse_args()
     if args.command == "cases":
         drawn = make_cases(args.per_category_band, args.seed)
@@ -326,6 +404,8 @@ def main() -> None:
         print(f"{len(drawn)} cases ({ambiguous} ambiguous) in {args.path}")
     elif args.command == "run":
         run(args)
+    elif args.command == "refine":
+        refine_cases(args)
     else:
         report(args)
 

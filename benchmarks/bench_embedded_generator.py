@@ -34,10 +34,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cfd.config import load_config  # noqa: E402
-from cfd.evaluation.generation import view_scores  # noqa: E402
+from cfd.evaluation.generation import to_world, view_scores  # noqa: E402
 from cfd.renderers import render  # noqa: E402
 from cfd.scene import Splats  # noqa: E402
-from cfd.shapes import (CATEGORIES, GENERATOR_SCALE, category, held_out_seeds,  # noqa: E402
+from cfd.shapes import (CATEGORIES, category, held_out_seeds,  # noqa: E402
                         object_splats, occupancy_grid, render_views)
 from jobs import generate  # noqa: E402
 from relaxflow.runner import voxel_projections  # noqa: E402
@@ -67,7 +67,7 @@ def lift(model: str, image: Path, truth: str, out: Path) -> Dict[str, Any]:
 
 def input_view_scores(run_dir: Path, name: str, seed: int, cameras) -> Dict[str, float]:
     splats = Splats.load_ply(run_dir / "splats.ply")
-    scores = view_scores(splats, category(name).sample(seed), cameras)
+    scores = view_scores(to_world(splats), category(name).sample(seed), cameras)
     return {"psnr_input": scores["psnr"][0], "mask_iou_input": scores["mask_iou"][0]}
 
 
@@ -117,7 +117,7 @@ def grid_row(result: Dict[str, Any], out: Path) -> List[Image.Image]:
     tiles.append(tile(voxel_projections(truth.nonzero(), result["resolution"]).numpy()))
     if (run_dir / "splats.ply").is_file():
         _, cameras = input_view(name, seed, result["index"])
-        generated = Splats.load_ply(run_dir / "splats.ply").scaled(1 / GENERATOR_SCALE)
+        generated = to_world(Splats.load_ply(run_dir / "splats.ply"))
         for splats in (generated, object_splats(category(name).sample(seed))):
             with torch.no_grad():
                 tiles.append(tile(render(splats, cameras, background=0.5).rgb[0].numpy()))

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cfd.evaluation.generation import cameras_around, instance, structure_iou, view_scores
+from cfd.evaluation.generation import (cameras_around, instance, structure_iou, to_world,
+                                       view_scores)
 from cfd.utils.media import save_image
 from cfd.visualize import write_orbit_video
 from core.devices import Precision, resolve_device
@@ -178,7 +179,7 @@ def run(cfg) -> Dict[str, Any]:
     write_orbit_video(splats, folder.path / "orbit.mp4", n_frames=c.video_frames,
                       size=c.video_size, distance=2.0, background=1.0)
     if truth is not None:
-        around = view_scores(splats, truth, cameras_around().to(splats.device))
+        around = view_scores(to_world(splats), truth, cameras_around().to(splats.device))
         scores.update({f"{key}_around": float(np.median(values))
                        for key, values in around.items()})
     return folder.finish({**clock.seconds, "voxels": voxels, "splats": len(splats),

@@ -10,7 +10,7 @@ import torch
 
 import run
 from cfd.evaluation.generation import (cameras_around, instance, parse_instance,
-                                       structure_iou, view_scores)
+                                       structure_iou, to_world, view_scores)
 from cfd.shapes import GENERATOR_SCALE, category, object_splats, occupancy_grid
 from relaxflow.loading import conditioning_model, read_pipeline
 from tests.test_trellis_loading import pipeline_dir  # noqa: F401 (a fixture)
@@ -74,9 +74,9 @@ def test_an_instance_scores_perfectly_against_itself():
     assert structure_iou(cells, 16, obj) == 1.0
     assert structure_iou(cells[: len(cells) // 2], 16, obj) == pytest.approx(0.5, abs=0.01)
     own = object_splats(obj).scaled(GENERATOR_SCALE)  # as a generator would give it
-    scores = view_scores(own, obj, cameras_around(4, 48))
+    scores = view_scores(to_world(own), obj, cameras_around(4, 48))
     assert min(scores["mask_iou"]) > 0.99 and min(scores["psnr"]) > 50
-    other = object_splats(category("table").sample(1000001)).scaled(GENERATOR_SCALE)
+    other = object_splats(category("table").sample(1000001))
     worse = view_scores(other, obj, cameras_around(4, 48))
     assert max(worse["psnr"]) < 40 and max(worse["mask_iou"]) < 0.9
 

@@ -4,9 +4,9 @@ Frames: the generator works in TRELLIS's box [-0.5, 0.5]^3, the world scaled by
 ``cfd.shapes.GENERATOR_SCALE`` about the origin. Its voxels ``coords [N, 3]`` index the ``[x, y, z]``
 cells of that box at its resolution, the cells of :func:`cfd.shapes.occupancy_grid` at the same
 resolution (the generator was trained on those grids), so the structure's IoU needs no
-alignment. Its splats are scaled back into the world by ``1 / GENERATOR_SCALE`` and rendered
-beside the instance's own splats from the same cameras: PSNR of the colours composited on the
-same background, and IoU of the silhouettes (alpha > 0.5).
+alignment. Its splats are scaled back into the world by ``1 / GENERATOR_SCALE``
+(:func:`to_world`) and rendered beside the instance's own splats from the same cameras: PSNR of
+the colours composited on the same background, and IoU of the silhouettes (alpha > 0.5).
 
 An instance is named ``<category>/<seed>`` (``chair/1000003``; ``cfd.shapes.held_out_seeds``
 gives seeds no generator trained on).
@@ -66,14 +66,18 @@ def cameras_around(n: int = 8, resolution: int = 96) -> Cameras:
                          full(AROUND_FOV), resolution, resolution)
 
 
-def view_scores(splats: Splats, obj: CategoryObject, cameras: Cameras,
+def to_world(splats: Splats) -> Splats:
+    """A generator's splats (in its box) in the shape world's frame."""
+    return splats.scaled(1.0 / GENERATOR_SCALE)
+
+
+def view_scores(world: Splats, obj: CategoryObject, cameras: Cameras,
                 background: float = 0.5) -> Dict[str, List[float]]:
-    """Per camera, ``psnr`` (dB, every pixel) and ``mask_iou`` of generated ``splats`` (in the
-    generator's box) against the instance's own, both rendered from ``cameras`` (on the splats'
-    device) on ``background``."""
-    world = splats.scaled(1.0 / GENERATOR_SCALE)
+    """Per camera, ``psnr`` (dB, every pixel) and ``mask_iou`` of splats in the world's frame
+    (a generator's through :func:`to_world`) against the instance's own, both rendered from
+    ``cameras`` (on the splats' device) on ``background``."""
     own = object_splats(obj)
-    truth_splats = Splats({k: v.to(splats.device) for k, v in own.params.items()},
+    truth_splats = Splats({k: v.to(world.device) for k, v in own.params.items()},
                           own.sh_degree)
     with torch.no_grad():
         pred = render(world, cameras, background=background)
