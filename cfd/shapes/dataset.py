@@ -62,7 +62,7 @@ class ShapeDatasetConfig:
     views_per_object: int = 300  # of each named object (``world.SHAPE_WORLD``)
     # of each category variant (``catalogue``): fewer than a named object's, because every image
     # adds to the cost of the prior's unconditional branch (BENCHMARKS.md, issue 19)
-    views_per_variant: int = 100
+    views_per_variant: int = 64
     resolution: int = 64
     elevation_range: List[float] = field(default_factory=lambda: [-10.0, 45.0])
     azimuth_range: List[float] = field(default_factory=lambda: [-180.0, 180.0])
