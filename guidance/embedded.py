@@ -197,8 +197,8 @@ class ClosedFormPrior(Guidance):
             shifted_x = (flat.view(B, 3, -1) * shift[:, :, None]).sum(1)  # [B, H*W]
             shift_sq = (shift ** 2).sum(-1, keepdim=True)
         n = self.data.shape[0] if images is None else images.shape[0]
-        # Streaming softmax over chunks of images; a finite floor, so that the first chunk's
-        # rescale is exp(-huge) = 0 rather than exp(-inf + inf) = NaN.
+        # Streaming softmax over chunks of images, from a running maximum below any score (the
+        # first chunk's rescale is then 0).
         running_max = torch.full((B, 1), -1e300, dtype=flat.dtype, device=flat.device)
         total = torch.zeros_like(running_max)
         acc = torch.zeros_like(flat)
