@@ -2,7 +2,7 @@
 
     python benchmarks/shape_categories_grid.py out.png [--seeds 3] [--resolution 128]
 
-Each tile is ``categories.render_views(sample, 1, resolution, seed)`` (a camera drawn in the
+Each tile is ``cfd.shapes.render_views(sample, 1, resolution, seed)`` (a camera drawn in the
 prior dataset's ranges, on its grey background); the category's name heads its row.
 """
 
@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cfd.shapes.categories import CATEGORIES, render_views  # noqa: E402
+from cfd.shapes import CATEGORIES, render_views  # noqa: E402
 
 LABEL_WIDTH = 90  # pixels left of each row for the category's name
 

@@ -1,5 +1,6 @@
 """The shape world, its cached dataset and the closed-form embedded prior."""
 
+import json
 import math
 import os
 import stat
@@ -7,16 +8,17 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from cfd.cameras import Cameras, fixed_orbit_cameras, intrinsics_from_fov, look_at
+from cfd.cameras import Cameras, fixed_orbit_cameras, intrinsics_from_fov, look_at, orbit_cameras
 from cfd.renderers import render
 from cfd.shapes import (SHAPE_WORLD, ShapeDatasetConfig, build_shape_dataset, dataset_dir,
-                        object_splats, prompts)
+                        object_splats, prior_objects, prompts)
 from cfd.shapes import dataset as shape_dataset
 from guidance.embedded import ClosedFormPrior
 from guidance.prompts import PromptConfig, PromptProcessor, view_directions
@@ -27,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    cfg = ShapeDatasetConfig(views_per_object=24, resolution=32,
+    cfg = ShapeDatasetConfig(views_per_object=24, views_per_variant=3, resolution=32,
                              cache_dir=str(tmp_path_factory.mktemp("cache")))
     return cfg, build_shape_dataset(cfg)
 
@@ -185,8 +187,92 @@ def test_split_sides_tell_left_from_right(dataset, tmp_path):
 
 
 def test_unknown_prompt_lists_the_known_ones(prior):
-    with pytest.raises(ValueError, match=r"unknown prompt 'a dragon'[\s\S]*a mug[\s\S]*a lamp"):
+    with pytest.raises(ValueError, match=r"unknown prompt 'a dragon'[\s\S]*a mug[\s\S]*a lamp"
+                                         r"[\s\S]*a stool[\s\S]*a lighthouse"):
         prior.encode_text(["a dragon"])
+
+
+def _dataset_tensors(folder):
+    return load_file(str(Path(folder) / "images.safetensors"))
+
+
+def test_dataset_holds_every_variant_with_its_labels(dataset):
+    """The named objects' views, then each category variant's, labelled with their object and
+    prompt; a variant's images are its renders from the cameras recorded with them."""
+    cfg, folder = dataset
+    meta = json.loads((folder / "meta.json").read_text())
+    t = _dataset_tensors(folder)
+    objects = prior_objects()
+    assert meta["prompts"] == prompts() and meta["objects"] == [o.name for o in objects]
+    assert meta["object_prompts"] == [o.prompt for o in objects]
+    views = [cfg.views_per_object] * len(SHAPE_WORLD) + [cfg.views_per_variant] * (
+        len(objects) - len(SHAPE_WORLD))
+    assert t["object_index"].tolist() == [k for k, n in enumerate(views) for _ in range(n)]
+    assert t["prompt_index"].tolist() == [prompts().index(o.prompt)
+                                          for o, n in zip(objects, views) for _ in range(n)]
+    assert set(t["prompt_index"].tolist()) == set(range(len(prompts())))  # each prompt has images
+
+    def rerendered(k):
+        rows = t["object_index"] == k
+        cams = orbit_cameras(t["elevation"][rows], t["azimuth"][rows], t["distance"][rows],
+                             t["fov"][rows], cfg.resolution, cfg.resolution)
+        return render(object_splats(objects[k]), cams, background=cfg.background).rgb
+
+    stored = t["rgb"][t["object_index"] == len(objects) - 1].float() / 255
+    assert (rerendered(len(objects) - 1) - stored).abs().mean() < 2 / 255
+    assert (rerendered(len(objects) - 2) - stored).abs().mean() > 10 / 255  # another variant
+
+
+def test_variants_leave_the_named_objects_images_unchanged(dataset, tmp_path, monkeypatch):
+    """The variants come after the named objects and draw their cameras after theirs: the named
+    objects' rows are those of a dataset of the named objects alone."""
+    cfg, folder = dataset
+    full = _dataset_tensors(folder)
+    monkeypatch.setattr(shape_dataset, "prior_objects", lambda: SHAPE_WORLD)
+    named = _dataset_tensors(build_shape_dataset(replace(cfg, cache_dir=str(tmp_path))))
+    n = len(SHAPE_WORLD) * cfg.views_per_object
+    assert named["rgb"].shape[0] == n < full["rgb"].shape[0]
+    for key in ("rgb", "alpha", "prompt_index", "object_index", "elevation", "azimuth",
+                "distance", "fov"):
+        assert torch.equal(full[key][:n], named[key]), key
+
+
+def test_a_category_prompt_conditions_the_prior(prior):
+    """A category's prompt (and its view suffixes) ranges over that category's variants."""
+    barn = prompts().index("a barn")
+    front = prior.encode_text(["a barn, front view"])
+    mask = prior.subset_mask(int(front["prompt"][0]), int(front["direction"][0]))
+    assert mask.any() and (prior.prompt_index[mask] == barn).all()
+    k = int(mask.nonzero()[0, 0])
+    image = prior.data[k].float().reshape(1, 3, 32, 32)
+    t = torch.tensor([0.01], dtype=torch.float64)
+    a = prior.schedule.alpha(t).item()
+    assert torch.allclose(prior.model_output(a * image, t, front), image, atol=1e-6)
+
+
+def test_a_condition_streams_only_its_own_images():
+    """Each item's estimate is that of a prior over its condition's images alone, however the
+    chunks fall and whatever else the batch asks for."""
+    g = torch.Generator().manual_seed(4)
+    n, r = 13, 4
+    images, opacity = torch.rand(n, r, r, 3, generator=g), torch.rand(n, r, r, 1, generator=g)
+    prompt_index, azimuth = torch.arange(n) % 3, torch.linspace(-180, 150, n)
+    prior = ClosedFormPrior(images, prompt_index, torch.zeros(n), azimuth, ["a", "b", "c"],
+                            opacity=opacity, chunk_size=2)
+    texts = ["b", "", "a, back view", "b"]
+    x_t = torch.randn(4, 3, r, r, generator=g)
+    t = torch.tensor([0.2, 0.5, 0.7, 0.9])
+    background = torch.rand(4, 3, generator=g)
+    cond = prior.encode_text(texts)
+    got = prior.model_output(x_t, t, {**cond, "background": background})
+    for i in range(len(texts)):
+        mask = prior.subset_mask(int(cond["prompt"][i]), int(cond["direction"][i]))
+        assert 0 < mask.sum() < n or texts[i] == ""
+        alone = ClosedFormPrior(images[mask], torch.zeros(int(mask.sum())), torch.zeros(
+            int(mask.sum())), azimuth[mask], ["x"], opacity=opacity[mask])
+        want = alone.model_output(x_t[i:i + 1], t[i:i + 1], {
+            **alone.encode_text([""]), "background": background[i:i + 1]})
+        assert torch.allclose(got[i:i + 1], want, atol=1e-6), texts[i]
 
 
 class _Views:
@@ -357,7 +443,7 @@ def test_equal_settings_spelled_differently_share_a_dataset(tmp_path):
 
 def _one_object_config(tmp_path, monkeypatch):
     """A one-view, one-object dataset: the cheapest real build."""
-    monkeypatch.setattr(shape_dataset, "SHAPE_WORLD", SHAPE_WORLD[:1])
+    monkeypatch.setattr(shape_dataset, "prior_objects", lambda: SHAPE_WORLD[:1])
     return ShapeDatasetConfig(views_per_object=1, resolution=8, cache_dir=str(tmp_path))
 
 

@@ -250,7 +250,8 @@ def test_embedded_prior_draws_views_of_a_prompt_with_their_alpha(tmp_path):
     from cfd.systems.prior import ModelChoice
     from relaxflow.priors import PriorImagesConfig, prior_images
 
-    dataset = ShapeDatasetConfig(views_per_object=12, resolution=32, cache_dir=str(tmp_path))
+    dataset = ShapeDatasetConfig(views_per_object=12, views_per_variant=2, resolution=32,
+                                 cache_dir=str(tmp_path))
     rgba = prior_images("a lamp", 0, PriorImagesConfig(steps=20,
                                                        model=ModelChoice(dataset=dataset)))
     assert rgba.shape == (3, 32, 32, 4) and rgba.dtype == np.uint8
@@ -261,6 +262,31 @@ def test_embedded_prior_draws_views_of_a_prompt_with_their_alpha(tmp_path):
     background = rgba[..., :3][alpha == 0] / 255.0
     assert abs(background.mean() - 0.5) < 0.05
     assert preprocess_image(rgba[0]).shape == (3, 518, 518)
+
+
+def test_embedded_prior_draws_a_category_prompt(tmp_path):
+    """A category's prompt ("a stool") draws views of its variants: each prior image is one of
+    the dataset's stool images, with that image's alpha."""
+    from safetensors.torch import load_file
+
+    from cfd.shapes import build_shape_dataset, prompts
+    from cfd.shapes.dataset import ShapeDatasetConfig
+    from cfd.systems.prior import ModelChoice
+    from relaxflow.priors import PriorImagesConfig, prior_images
+
+    dataset = ShapeDatasetConfig(views_per_object=2, views_per_variant=12, resolution=32,
+                                 cache_dir=str(tmp_path))
+    rgba = prior_images("a stool", 0, PriorImagesConfig(steps=20,
+                                                        model=ModelChoice(dataset=dataset)))
+    assert rgba.shape == (3, 32, 32, 4)
+    data = load_file(str(build_shape_dataset(dataset) / "images.safetensors"))
+    drawn = torch.from_numpy(rgba).float()
+    stored = torch.cat([data["rgb"], data["alpha"]], -1).float()
+    nearest = ((drawn[:, None] - stored[None]) ** 2).flatten(2).sum(-1).argmin(1)
+    assert (data["prompt_index"][nearest] == prompts().index("a stool")).all()
+    assert (drawn - stored[nearest]).abs().amax(dim=(1, 2, 3)).max() <= 2  # the image itself
+    with pytest.raises(ValueError, match=r"cannot draw 'a sofa' \(it knows: a mug, .*a stool"):
+        prior_images("a sofa", 0, PriorImagesConfig(model=ModelChoice(dataset=dataset)))
 
 
 def test_padded_conditions_attend_to_their_own_keys_only():

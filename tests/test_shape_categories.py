@@ -9,8 +9,9 @@ import torch
 from cfd.renderers.projection import ALPHA_THRESHOLD, MAX_EXTENT_SIGMAS, quat_to_rotmat
 from cfd.scene.splats import PARAM_KEYS
 from cfd.shapes import categories as C
-from cfd.shapes.dataset import ShapeDatasetConfig
-from cfd.shapes.world import SHAPE_WORLD, ShapeObject, object_splats, objects_for, part, prompts
+from cfd.shapes.catalogue import VARIANTS_PER_CATEGORY, objects_for, prior_objects, prompts
+from cfd.shapes.dataset import ShapeDatasetConfig, render_views
+from cfd.shapes.world import SHAPE_WORLD, ShapeObject, object_splats, part
 
 # sha256 (first 16 hex digits) of each object's splat parameters, recorded before the categories
 # were added: the embedded prior and its benchmarks depend on them bit for bit.
@@ -44,14 +45,35 @@ def splat_hash(obj) -> str:
 
 def test_existing_objects_and_prompts_are_unchanged():
     assert {o.name: splat_hash(o) for o in SHAPE_WORLD} == WORLD_SPLAT_HASHES
-    assert prompts() == WORLD_PROMPTS
+    assert prompts()[:len(WORLD_PROMPTS)] == WORLD_PROMPTS
+    assert prior_objects()[:len(SHAPE_WORLD)] == SHAPE_WORLD
+    for prompt in WORLD_PROMPTS:
+        assert objects_for(prompt) == [o for o in SHAPE_WORLD if o.prompt == prompt]
+
+
+def test_the_prior_knows_every_category_by_its_fixed_training_variants():
+    """A category without named members joins the prior as the instances of its first training
+    seeds, under its own prompt, after today's prompts; one with named members keeps them."""
+    new = [c for c in C.CATEGORIES.values() if not c.fixed]
+    assert len(new) == len(C.CATEGORIES) - len(WORLD_PROMPTS)
+    assert prompts() == WORLD_PROMPTS + [c.prompt for c in new]
+    for c in new:
+        variants = objects_for(c.prompt)
+        assert variants == [c.sample(seed) for seed in C.train_seeds(VARIANTS_PER_CATEGORY)]
+        assert not any(C.is_held_out(v.seed) for v in variants)
+    assert 2 <= VARIANTS_PER_CATEGORY <= 4
+    assert len(prior_objects()) == len(SHAPE_WORLD) + len(new) * VARIANTS_PER_CATEGORY
+    assert len({o.name for o in prior_objects()}) == len(prior_objects())
+    with pytest.raises(ValueError, match=r"unknown prompt 'a sofa'[\s\S]*a mug[\s\S]*a stool"
+                                         r"[\s\S]*a tower"):
+        objects_for("a sofa")
 
 
 def test_categories_extend_todays_prompts_with_their_objects_as_fixed_members():
     assert len(C.CATEGORIES) >= 12
     by_prompt = {c.prompt: c for c in C.CATEGORIES.values()}
     assert len(by_prompt) == len(C.CATEGORIES)  # one prompt per category
-    for prompt in prompts():
+    for prompt in WORLD_PROMPTS:
         assert list(by_prompt[prompt].fixed) == objects_for(prompt)
         assert by_prompt[prompt].sample(0).prompt == prompt
     assert [o.name for o in C.category("chair").fixed] == ["chair_wood", "chair_green_tall"]
@@ -225,7 +247,7 @@ def test_train_and_held_out_seeds_are_disjoint():
 def test_render_views_uses_the_dataset_cameras_and_background():
     cfg = ShapeDatasetConfig()
     obj = C.category("lamp").sample(4)
-    rgba, cams = C.render_views(obj, 3, 24, seed=5)
+    rgba, cams = render_views(obj, 3, 24, seed=5)
     assert rgba.shape == (3, 24, 24, 4) and len(cams) == 3
     assert rgba.min() >= 0 and rgba.max() <= 1
     alpha = rgba[..., 3]
@@ -234,6 +256,6 @@ def test_render_views_uses_the_dataset_cameras_and_background():
     assert torch.allclose(background, torch.full_like(background, cfg.background), atol=1e-3)
     lo, hi = cfg.distance_range
     assert ((cams.distance >= lo) & (cams.distance <= hi)).all()
-    again, _ = C.render_views(obj, 3, 24, seed=5)
-    other, _ = C.render_views(obj, 3, 24, seed=6)
+    again, _ = render_views(obj, 3, 24, seed=5)
+    other, _ = render_views(obj, 3, 24, seed=6)
     assert torch.equal(rgba, again) and not torch.equal(rgba, other)

@@ -5,7 +5,8 @@ part sizes and positions, colours and optional parts, from a NumPy generator see
 (category name, seed), so an instance is the same on every machine and run. Instances are
 ``ShapeObject``s as in ``world`` (facing +x, +z up, drawn by ``object_splats``); today's named
 objects of ``SHAPE_WORLD`` are the fixed members of their category (``category("mug").fixed``)
-and keep their prompts, which the new categories extend ("a stool", "a barn", ...).
+and keep their prompts, which the new categories extend ("a stool", "a barn", ...). The embedded
+prior knows every category's prompt (``catalogue``).
 
 Conventions
 -----------
@@ -67,11 +68,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..cameras import Cameras
-from ..renderers import render
 from . import primitives
-from .dataset import ShapeDatasetConfig, dataset_cameras
-from .world import SHAPE_WORLD, Part, ShapeObject, _area, _rotation, object_splats, part
+from .world import SHAPE_WORLD, Part, ShapeObject, _area, _rotation, part
 
 GENERATOR_SCALE = 0.5 / 0.8  # world -> TRELLIS's [-0.5, 0.5]^3, about the origin
 GRID_HALF_EXTENT = 0.8  # world units: the occupancy grid's cube, the generator's whole cube
@@ -809,27 +807,7 @@ def to_generator_box(points: Tensor) -> Tensor:
     return points * GENERATOR_SCALE
 
 
-@torch.no_grad()
-def render_views(obj: ShapeObject, n_views: int, resolution: int, seed: int,
-                 batch: int = 25) -> Tuple[Tensor, Cameras]:
-    """``n_views`` views of the object from cameras drawn (from ``seed``) in the prior dataset's
-    orbit ranges, on its grey background, as it renders them.
-
-    Returns ``(rgba [V, H, W, 4] in [0, 1], cameras)``: RGB composited over the background,
-    alpha the splats' coverage.
-    """
-    cfg = ShapeDatasetConfig(resolution=resolution)
-    cameras = dataset_cameras(cfg, n_views, torch.Generator().manual_seed(seed))
-    splats = object_splats(obj)
-    rgba = []
-    for i in range(0, n_views, batch):
-        out = render(splats, cameras[i: i + batch], background=cfg.background)
-        rgba.append(torch.cat([out.rgb, out.alpha], -1).clamp(0, 1))
-    return torch.cat(rgba), cameras
-
-
 __all__ = ["CATEGORIES", "Category", "CategoryObject", "GENERATOR_SCALE", "GRID_HALF_EXTENT",
            "HELD_OUT_SEED_START", "REACH", "SHARED_PARTS", "ambiguous_with", "category",
-           "part_surface_points",
-           "grid_centres", "held_out_seeds", "is_held_out", "occupancy_grid", "render_views",
-           "surface_points", "to_generator_box", "train_seeds"]
+           "grid_centres", "held_out_seeds", "is_held_out", "occupancy_grid",
+           "part_surface_points", "surface_points", "to_generator_box", "train_seeds"]

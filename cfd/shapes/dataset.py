@@ -1,5 +1,10 @@
 """Multi-view renders of the shape world: the data of the embedded prior.
 
+It holds the objects of ``catalogue.prior_objects()`` in order: ``views_per_object`` views of
+each named object, then ``views_per_variant`` of each category variant, all from one seeded
+stream of cameras (so the named objects' images are those of the dataset before the variants
+were added).
+
 Built once per (code, settings) on first use with a progress bar, then cached under
 ``<cache_dir>/shape_world/<fingerprint>/`` (an atomic rename of a finished folder, with the
 umask's modes; a folder there without ``meta.json`` is a broken build and is replaced). Runs
@@ -25,9 +30,10 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
+from torch import Tensor
 from tqdm import tqdm
 
 from core.errors import UserError
@@ -35,7 +41,10 @@ from core.runtime import cache_root, share_as_created
 
 from ..cameras import Cameras, sample_orbit_cameras
 from ..renderers import render
-from .world import SHAPE_WORLD, object_splats, prompts
+from ..scene import Splats
+from .catalogue import prior_objects, prompts
+from .categories import CategoryObject
+from .world import ShapeObject, object_splats
 
 try:
     import fcntl
@@ -50,7 +59,10 @@ IMAGE_SOURCES = ("cfd.shapes", "cfd.renderers", "cfd.cameras", "cfd.scene.splats
 
 @dataclass
 class ShapeDatasetConfig:
-    views_per_object: int = 300
+    views_per_object: int = 300  # of each named object (``world.SHAPE_WORLD``)
+    # of each category variant (``catalogue``): fewer than a named object's, because every image
+    # adds to the cost of the prior's unconditional branch (BENCHMARKS.md, issue 19)
+    views_per_variant: int = 64
     resolution: int = 64
     elevation_range: List[float] = field(default_factory=lambda: [-10.0, 45.0])
     azimuth_range: List[float] = field(default_factory=lambda: [-180.0, 180.0])
@@ -88,6 +100,9 @@ def canonical_settings(cfg: ShapeDatasetConfig) -> Dict[str, object]:
                 raise UserError(f"ShapeDatasetConfig.{f.name} must be a whole number, got "
                                 f"{value!r}")
             value = int(value)
+            if f.name.startswith("views_per_") and value < 1:
+                raise UserError(f"ShapeDatasetConfig.{f.name} must be at least 1 (each object "
+                                f"of the prior needs images), got {value}")
         else:
             value = float(value)
         settings[f.name] = value
@@ -150,10 +165,34 @@ def build_lock(out_dir: Path) -> Iterator[None]:
 
 def dataset_cameras(cfg: ShapeDatasetConfig, n: int, generator: torch.Generator) -> Cameras:
     """``n`` cameras drawn from the settings' orbit ranges, ``cfg.resolution`` pixels square:
-    the views of the dataset (and of ``categories.render_views``)."""
+    the views of the dataset (and of ``render_views``)."""
     return sample_orbit_cameras(n, cfg.resolution, cfg.resolution, cfg.elevation_range,
                                 cfg.azimuth_range, cfg.distance_range, cfg.fov_range,
                                 generator=generator)
+
+
+def _render_rgba(splats: Splats, cameras: Cameras, background: float, batch: int) -> Tensor:
+    """Views of ``splats`` on a plain ``background``, ``batch`` cameras at a time: RGB
+    composited over it and alpha, ``[V, H, W, 4]`` in [0, 1]."""
+    rgba = []
+    for i in range(0, len(cameras), batch):
+        out = render(splats, cameras[i: i + batch], background=background)
+        rgba.append(torch.cat([out.rgb, out.alpha], -1).clamp(0, 1))
+    return torch.cat(rgba)
+
+
+@torch.no_grad()
+def render_views(obj: ShapeObject, n_views: int, resolution: int, seed: int,
+                 batch: int = 25) -> Tuple[Tensor, Cameras]:
+    """``n_views`` views of the object from cameras drawn (from ``seed``) in the prior dataset's
+    orbit ranges, on its grey background, as it renders them.
+
+    Returns ``(rgba [V, H, W, 4] in [0, 1], cameras)``: RGB composited over the background,
+    alpha the splats' coverage.
+    """
+    cfg = ShapeDatasetConfig(resolution=resolution)
+    cameras = dataset_cameras(cfg, n_views, torch.Generator().manual_seed(seed))
+    return _render_rgba(object_splats(obj), cameras, cfg.background, batch), cameras
 
 
 @torch.no_grad()
@@ -162,21 +201,22 @@ def _render_and_publish(cfg: ShapeDatasetConfig, out_dir: Path, batch: int) -> N
     from safetensors.torch import save_file
 
     names = prompts()
+    objects = prior_objects()
     gen = torch.Generator().manual_seed(cfg.seed)
     keys = ("rgb", "alpha", "prompt_index", "object_index", "elevation", "azimuth", "distance",
             "fov")
     data = {k: [] for k in keys}
-    n = cfg.views_per_object
-    bar = tqdm(total=len(SHAPE_WORLD) * n, desc="rendering the shape world", unit="view")
-    for obj_index, obj in enumerate(SHAPE_WORLD):
-        splats = object_splats(obj)
+    # The named objects come first, each drawing its cameras from ``gen`` in turn as before the
+    # categories' variants came after them: their images stay the same.
+    views = [cfg.views_per_variant if isinstance(o, CategoryObject) else cfg.views_per_object
+             for o in objects]
+    bar = tqdm(total=sum(views), desc="rendering the shape world", unit="view")
+    for obj_index, (obj, n) in enumerate(zip(objects, views)):
         cams = dataset_cameras(cfg, n, gen)
-        for i in range(0, n, batch):
-            part = cams[i : i + batch]
-            out = render(splats, part, background=cfg.background)
-            data["rgb"].append((out.rgb.clamp(0, 1) * 255 + 0.5).to(torch.uint8))
-            data["alpha"].append((out.alpha.clamp(0, 1) * 255 + 0.5).to(torch.uint8))
-            bar.update(len(part))
+        rgba = _render_rgba(object_splats(obj), cams, cfg.background, batch)
+        bar.update(n)
+        data["rgb"].append((rgba[..., :3] * 255 + 0.5).to(torch.uint8))
+        data["alpha"].append((rgba[..., 3:] * 255 + 0.5).to(torch.uint8))
         data["prompt_index"].append(torch.full((n,), names.index(obj.prompt)))
         data["object_index"].append(torch.full((n,), obj_index))
         data["elevation"].append(cams.elevation)
@@ -186,8 +226,8 @@ def _render_and_publish(cfg: ShapeDatasetConfig, out_dir: Path, batch: int) -> N
         data["fov"].append(fov)
     bar.close()
     tensors = {k: torch.cat(v).contiguous() for k, v in data.items()}
-    meta = {"prompts": names, "objects": [o.name for o in SHAPE_WORLD],
-            "object_prompts": [o.prompt for o in SHAPE_WORLD],
+    meta = {"prompts": names, "objects": [o.name for o in objects],
+            "object_prompts": [o.prompt for o in objects],
             "settings": canonical_settings(cfg), "fingerprint": out_dir.name}
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=out_dir.name + ".tmp"))
     try:

@@ -6,6 +6,7 @@ deterministically. Its splats, out to where the renderer stops drawing them, sta
 0.8 of the origin: inside the view of the dataset's nearest camera (distance 2.4, 40 degree field
 of view: 2.4 sin 20 = 0.82), so no image cuts an object off. Prompts group objects: several prompts
 have 2-3 variants (other proportions or colours), which makes the embedded prior multimodal.
+These are the named objects; ``catalogue`` adds the categories' variants to what the prior knows.
 """
 
 from __future__ import annotations
@@ -13,11 +14,9 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Tuple
 
 import torch
-
-from core.errors import UserError
 
 from ..scene import Splats
 from . import primitives
@@ -213,22 +212,4 @@ def _build_world() -> Tuple[ShapeObject, ...]:
 
 SHAPE_WORLD: Tuple[ShapeObject, ...] = _build_world()
 
-
-def prompts() -> List[str]:
-    """The prompts the shape world (and so the embedded prior) knows, in a fixed order."""
-    seen: Dict[str, None] = {}
-    for obj in SHAPE_WORLD:
-        seen.setdefault(obj.prompt, None)
-    return list(seen)
-
-
-def objects_for(prompt: str) -> List[ShapeObject]:
-    """The variants of a prompt; an unknown prompt is an error that lists the known ones."""
-    found = [o for o in SHAPE_WORLD if o.prompt == prompt]
-    if not found:
-        known = "\n  ".join(prompts())
-        raise UserError(f"unknown prompt {prompt!r} for the embedded prior; it knows:\n  {known}")
-    return found
-
-
-__all__ = ["SHAPE_WORLD", "ShapeObject", "Part", "object_splats", "prompts", "objects_for"]
+__all__ = ["SHAPE_WORLD", "ShapeObject", "Part", "object_splats"]
