@@ -61,8 +61,13 @@ def window_partition(coords: Tensor, window: int, shift: int):
     """Rows grouped by (item, shifted window): ``order [N]`` (rows sorted by window) and
     ``counts [W]`` (rows per window, in that order)."""
     cells = torch.div(coords[:, 1:].long() + shift, window, rounding_mode="floor")
-    keys = torch.cat([coords[:, :1].long(), cells], dim=1)
-    _, window_id = torch.unique(keys, dim=0, return_inverse=True)
+    # one int64 per (item, cell), ordered as the rows (item, cell) are: a 1-D unique is many
+    # times faster than one over rows, and numbers the windows the same
+    extent = int(cells.max()) + 1 if len(cells) else 1
+    keys = coords[:, 0].long()
+    for axis in range(3):
+        keys = keys * extent + cells[:, axis]
+    _, window_id = torch.unique(keys, return_inverse=True)
     return torch.argsort(window_id, stable=True), torch.bincount(window_id)
 
 
