@@ -9,6 +9,9 @@ settings and the source of everything that draws the data (the shape world, the 
 cameras, the splat conversions and this module). The folder holds ``train.safetensors`` and
 ``held_out.safetensors`` (see :class:`ShapeSet`) and ``meta.json``.
 
+Stage 2's dataset (``slat_data``) is cached by the same code (:func:`build_cached`), under a
+fingerprint of its own settings and sources.
+
 Seeds: ``train_seeds(n)`` of every category for training, ``held_out_seeds(n)`` for metrics; the
 two ranges never meet (``cfd.shapes.categories``).
 """

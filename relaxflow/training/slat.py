@@ -65,7 +65,7 @@ BACKGROUND = ShapeDatasetConfig().background  # the ground-truth renders' grey
 class SlatVaeTraining:
     steps: int = 1500
     batch_size: int = 4  # instances a step
-    views: int = 4  # of each instance's renders, drawn anew each step
+    views: int = 2  # of each instance's renders, drawn anew each step (TRELLIS: 1)
     lr: float = 5e-4  # TRELLIS 1e-4 (at batch 8 x 1 view, a million steps)
     kl_weight: float = 1e-6  # of the mean KL per latent value (TRELLIS's)
     ssim_weight: float = 0.2  # TRELLIS's
