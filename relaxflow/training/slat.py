@@ -63,10 +63,11 @@ BACKGROUND = ShapeDatasetConfig().background  # the ground-truth renders' grey
 
 @dataclass
 class SlatVaeTraining:
-    steps: int = 1500
+    steps: int = 800
     batch_size: int = 4  # instances a step
     views: int = 2  # of each instance's renders, drawn anew each step (TRELLIS: 1)
-    lr: float = 5e-4  # TRELLIS 1e-4 (at batch 8 x 1 view, a million steps)
+    # TRELLIS 1e-4 (batch 8 x 1 view, a million steps); 3e-3 learnt no faster in 100 steps
+    lr: float = 1e-3
     kl_weight: float = 1e-6  # of the mean KL per latent value (TRELLIS's)
     ssim_weight: float = 0.2  # TRELLIS's
     alpha_weight: float = 1.0
@@ -74,7 +75,7 @@ class SlatVaeTraining:
 
 @dataclass
 class SlatFlowTraining:
-    steps: int = 3000
+    steps: int = 1000
     batch_size: int = 8
     lr: float = 3e-4
     p_uncond: float = 0.1
@@ -231,8 +232,10 @@ class SlatTrainer:
         g = self.decoder.gaussians(raw, x.coords)
         terms = {"l1": 0.0, "ssim": 0.0, "alpha_l1": 0.0}
         for item, (i, v) in enumerate(zip(index.tolist(), views)):
-            out = render_gaussians(g, x.coords[:, 0] == item, self.train_set.viewmats[i, v].to(
-                self.device), self.train_set.Ks[i, v].to(self.device), self.s.data.render_resolution)
+            out = render_gaussians(g, x.coords[:, 0] == item,
+                                   self.train_set.viewmats[i, v].to(self.device),
+                                   self.train_set.Ks[i, v].to(self.device),
+                                   self.s.data.render_resolution)
             rgb, alpha = (t.to(self.device) for t in ground_truth(self.train_set.rgba[i, v]))
             terms["l1"] = terms["l1"] + F.l1_loss(out.rgb, rgb) / len(index)
             terms["ssim"] = terms["ssim"] + ssim(out.rgb, rgb) / len(index)
@@ -382,7 +385,8 @@ class SlatTrainer:
                 "vae_optimizer": self.vae_optimizer.state_dict(),
                 "flow_optimizer": self.flow_optimizer.state_dict(),
                 "rng": self.rng.get_state(), "normalization": self.normalization,
-                "orders": {phase.value: order.state_dict() for phase, order in self.orders.items()}}
+                "orders": {phase.value: order.state_dict()
+                           for phase, order in self.orders.items()}}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.step, self.wall_s = state["step"], state["wall_s"]
