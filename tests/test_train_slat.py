@@ -13,7 +13,7 @@ import torch
 from cfd.config import load_config
 from cfd.renderers import rasterization
 from cfd.scene import Splats
-from cfd.shapes import category
+from cfd.shapes import category, occupancy_grid
 from cfd.shapes.categories import GENERATOR_SCALE
 from cfd.shapes.world import object_splats
 from core.errors import UserError
@@ -119,8 +119,6 @@ def test_the_data_holds_voxels_features_and_renders_in_the_generators_box(cache_
                                                        len(VOXEL_FEATURES))
     i = 1
     obj = category(voxels.categories[int(voxels.category[i])]).sample(int(voxels.seed[i]))
-    from cfd.shapes import occupancy_grid
-
     grid = occupancy_grid(obj, 32)
     assert torch.equal(voxels.coords[voxels.rows(torch.tensor([i]))], torch.argwhere(grid))
     colour = voxels.feats[:, :3]
