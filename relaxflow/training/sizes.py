@@ -240,6 +240,24 @@ def initialise_slat_vae(model: nn.Module, logvar: Optional[float] = None) -> Non
             model.out_layer.bias[model.out_layer.out_features // 2:] = logvar
 
 
+def initialise_slat_encoder(model: nn.Module, logvar: float = -6.0) -> None:
+    """:func:`initialise_slat_vae` with the posterior's log-variance at ``logvar``, and each
+    transformer block's output projections (attention's ``to_out``, the MLP's last linear) at
+    zero, so every block starts as the identity: the torso's output is then a layer-normed
+    linear map of the voxel features and positions, which
+    :func:`relaxflow.training.slat.fit_latent_readout` reads the latent from. (With TRELLIS's
+    start the latent carries nothing for the decoder to read and a short run learns only the
+    mean colour: 150 steps at the stage-2 config's sizes on 34 shapes gave a held-out PSNR of
+    20.9 dB (mask IoU 0.91), every shape in the dataset's average colours; with this start and
+    the readout 24.0 dB (0.92), each shape's colours appearing; with the features themselves
+    as the latent, 25.2 dB.)"""
+    initialise_slat_vae(model, logvar)
+    for block in model.blocks:
+        for layer in (block.attn.to_out, block.mlp.mlp[2]):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+
 def initialise_slat_flow(model: nn.Module) -> None:
     """:func:`initialise_flow`, and the io residual blocks' last convolutions at zero (each
     starts as its skip connection, TRELLIS's start)."""

@@ -11,6 +11,9 @@ L1(alpha) (TRELLIS: L1 + 0.2 D-SSIM + 0.2 LPIPS; no LPIPS here, which needs a pr
 and an alpha term, since a grey part on the grey background leaves its coverage to it), plus
 ``kl_weight`` KL (TRELLIS: 1e-6). Its last step records the per-channel mean and standard
 deviation of the training latents (the encoder's means), the released ``slat_normalization``.
+The encoder starts with identity blocks and a least-squares readout of its input features
+(``sizes.initialise_slat_encoder``, :func:`fit_latent_readout`), not TRELLIS's zero output:
+a short run learns colours from the first steps.
 
 Phase ``flow`` freezes the VAE, encodes every training instance once (means, normalised), and
 trains ``SLatFlowModel`` on them with stage 1's objective (``structure``'s ``noisy_latent``,
@@ -38,7 +41,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from cfd.evaluation import mask_iou, psnr
 from cfd.renderers import RenderOutput, rasterization
@@ -51,14 +54,15 @@ from relaxflow.models.sparse import SparseTensor
 from relaxflow.sampler import FlowEulerSampler
 from relaxflow.stages import guided, sample_latent
 
-from .sizes import (SlatFlowSize, SlatVaeSize, initialise_slat_flow, initialise_slat_vae,
-                    slat_decoder_args, slat_encoder_args, slat_flow_args)
+from .sizes import (SlatFlowSize, SlatVaeSize, initialise_slat_encoder, initialise_slat_flow,
+                    initialise_slat_vae, slat_decoder_args, slat_encoder_args, slat_flow_args)
 from .slat_data import VOXEL_FEATURES, SlatDataConfig, VoxelSet, load_voxel_set
 from .structure import (EpochOrder, Phase, SamplerSettings, autocast, condition_embeddings,
                         gaussian_kl, logit_normal_times, noisy_latent, optimise, sampler_entry,
                         write_pipeline_folder)
 
 BACKGROUND = ShapeDatasetConfig().background  # the ground-truth renders' grey
+READOUT_INSTANCES = 8  # training instances whose voxels fit the encoder's initial readout
 
 
 @dataclass
@@ -149,6 +153,30 @@ def ground_truth(rgba: Tensor) -> Tuple[Tensor, Tensor]:
     return image[..., :3], image[..., 3:]
 
 
+@torch.no_grad()
+def fit_latent_readout(encoder: nn.Module, x: SparseTensor) -> None:
+    """Set the encoder's mean output (the first half of ``out_layer``) to the least-squares
+    linear map from its torso's features of the voxels ``x`` to the leading principal
+    components of their input features (each standardised, then scaled to unit variance), so
+    the latent carries the voxel features from the first step (see
+    :func:`~relaxflow.training.sizes.initialise_slat_encoder`). ``x``: ``feats [M, F]``."""
+    h = encoder.torso(x).feats.double()
+    feats = x.feats.double()
+    feats = (feats - feats.mean(0)) / feats.std(0).clamp(min=1e-6)
+    channels = min(encoder.latent_channels, feats.shape[1], len(feats))
+    _, _, directions = torch.linalg.svd(feats, full_matrices=False)
+    target = feats @ directions[:channels].T
+    target = target / target.std(0).clamp(min=1e-6)
+    design = torch.cat([h, torch.ones(len(h), 1, dtype=h.dtype, device=h.device)], 1)
+    # singular directions of the torso's features below 1e-4 of the largest are dropped: a map
+    # that fits through them has huge weights, and the first steps' changes blew the latent up
+    solution = torch.linalg.lstsq(design.cpu(), target.cpu(), rcond=1e-4,
+                                  driver="gelsd").solution.to(h.device)
+    out = encoder.out_layer
+    out.weight[:channels] = solution[:-1].T.to(out.weight.dtype)
+    out.bias[:channels] = solution[-1].to(out.bias.dtype)
+
+
 # -- the trainer ---------------------------------------------------------------------------------
 @dataclass
 class SlatFlowData:
@@ -184,11 +212,13 @@ class SlatTrainer:
             self.encoder = build("SLatEncoder", self.args["encoder"])
             self.decoder = build("SLatGaussianDecoder", self.args["decoder"])
             self.flow = build("SLatFlowModel", self.args["flow"])
-            initialise_slat_vae(self.encoder, logvar=-6.0)
+            initialise_slat_encoder(self.encoder)
             initialise_slat_vae(self.decoder)
             initialise_slat_flow(self.flow)
         for model in (self.encoder, self.decoder, self.flow):
             model.to(device).train()
+        fit_latent_readout(self.encoder, self._voxels(
+            self.train_set, torch.arange(min(READOUT_INSTANCES, len(self.train_set)))))
         self.vae_optimizer = torch.optim.AdamW(
             [*self.encoder.parameters(), *self.decoder.parameters()], lr=s.vae.lr)
         self.flow_optimizer = torch.optim.AdamW(self.flow.parameters(), lr=s.flow.lr)
