@@ -1,11 +1,17 @@
 """The ``train-generator`` job: a TRELLIS-architecture generator trained on the shape world.
 
     python run.py train-generator --config configs/train-generator-structure.yaml
+    python run.py train-generator --config configs/train-generator-slat.yaml \
+        structure_pipeline=outputs/train-generator-structure/structure@<time>/pipeline
     python run.py --resume outputs/train-generator-structure/structure@<time>
 
-Stage 1 (``stage: structure``, the only one so far): the sparse-structure VAE, then the
-structure flow on its latents (``relaxflow.training.structure``). The first run draws the
-dataset into the cache (``relaxflow.training.data``); later ones start at once.
+Stage 1 (``stage: structure``): the sparse-structure VAE, then the structure flow on its
+latents (``relaxflow.training.structure``). Stage 2 (``stage: slat``, settings under ``slat:``):
+the structured-latent VAE (voxel features -> Gaussians, trained through renders), then the
+latent flow, conditioned on the stage-1 pipeline folder ``structure_pipeline``'s frozen
+conditioner (``relaxflow.training.slat``); its export is that folder completed with stage 2.
+The first run of a stage draws its dataset into the cache (``relaxflow.training.data``,
+``slat_data``); later ones start at once.
 
 Writes ``config.yaml``, ``source.json`` (the commit of the code at each start and resume, for
 the shipped generator's manifest: ``relaxflow.training.ship``), ``metrics.jsonl`` (every step; held-out metrics at each log step, marked
@@ -27,10 +33,10 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 from tqdm import tqdm
 
@@ -40,10 +46,13 @@ from core.devices import resolve_device
 from core.errors import UserError
 from core.runtime import RunInterrupted, TrainingStopped, atomic_write
 from jobs.skeleton import RunFolder, check_output, finished_run, typed
-from relaxflow.training.data import build_structure_data, category_names, check_data_config
+from relaxflow.loading import PIPELINE_FILE, check_pipeline_files
+from relaxflow.training.data import build_structure_data, check_data_config
 from relaxflow.training.plots import plot_losses
 from relaxflow.training.ship import record_source
 from relaxflow.training.sizes import IMAGE_SIZE
+from relaxflow.training.slat import SlatTrainer, SlatTraining
+from relaxflow.training.slat_data import build_slat_data, check_slat_data
 from relaxflow.training.structure import CONDITIONER_FOLDER, StructureTrainer, StructureTraining
 
 log = logging.getLogger(__name__)
@@ -53,13 +62,21 @@ CODE_ROOT = Path(__file__).resolve().parents[1]  # the checkout whose commit sou
 
 class Stage(Enum):
     structure = "structure"  # stage 1: the sparse-structure VAE, then its flow
+    slat = "slat"  # stage 2: the structured-latent VAE, then its flow
 
 
 @dataclass
 class TrainGeneratorConfig(StructureTraining):
+    """Stage 1's settings at the top level (``StructureTraining``), stage 2's under ``slat``;
+    ``seed`` and ``grad_clip`` serve both."""
+
     job: str = "train-generator"
     name: str = "train-generator-structure"
     stage: Stage = Stage.structure
+    # stage 2: the stage-1 pipeline folder (a structure run's pipeline/) whose conditioner
+    # conditions the latent flow, frozen, and which the exported pipeline completes
+    structure_pipeline: str = ""
+    slat: SlatTraining = field(default_factory=SlatTraining)
     # core.devices: auto (CUDA when present, else the CPU), cpu, cuda:<i>. On CUDA the models
     # run under bfloat16 autocast (weights and optimiser in float32).
     device: str = "auto"
@@ -76,23 +93,48 @@ def _require(ok: bool, message: str) -> None:
         raise UserError(message)
 
 
+def _setting(c: Any, key: str) -> Any:
+    for part in key.split("."):
+        c = getattr(c, part)
+    return c
+
+
+def _check_phases(c: Any, prefix: str) -> None:
+    """The settings both stages have (``vae``, ``flow``, ``eval``), under ``prefix``."""
+    for key in ("vae.batch_size", "flow.batch_size", "eval.batch_size", "eval.flow_samples",
+                "eval.sampler.steps"):
+        value = _setting(c, key)
+        _require(value >= 1, f"{prefix}{key} must be >= 1, got {value}")
+    vae, flow = c.vae.steps, c.flow.steps
+    _require(vae >= 0 and flow >= 0 and vae + flow >= 1,
+             f"{prefix}vae.steps={vae}, {prefix}flow.steps={flow}: both >= 0, not both 0")
+    _require(vae >= 1 or flow == 0,
+             f"the flow trains on the VAE's latents: set {prefix}vae.steps >= 1")
+    for key in ("vae.lr", "flow.lr"):
+        _require(_setting(c, key) > 0, f"{prefix}{key} must be > 0, got {_setting(c, key)}")
+    _require(0 <= c.flow.p_uncond < 1, f"{prefix}flow.p_uncond is a probability in [0, 1), "
+             f"got {c.flow.p_uncond}")
+    _require(len(c.eval.sampler.cfg_interval) == 2,
+             f"{prefix}eval.sampler.cfg_interval is [low, high] in t")
+
+
 def check(c: TrainGeneratorConfig) -> None:
     """Every setting, the device and the output folder, before any data or model."""
+    for key in ("checkpoint_every", "log_every"):
+        _require(_setting(c, key) >= 1, f"{key} must be >= 1, got {_setting(c, key)}")
+    _require(c.grad_clip > 0, f"grad_clip must be > 0, got {c.grad_clip}")
+    if c.stage is Stage.structure:
+        check_structure(c)
+    else:
+        check_slat(c)
+    resolve_device(c.device)
+    check_output(c.output_dir, c.name)
+
+
+def check_structure(c: TrainGeneratorConfig) -> None:
+    """Stage 1's settings."""
     check_data_config(c.data)
-    for key in ("checkpoint_every", "log_every", "vae.batch_size", "flow.batch_size",
-                "eval.batch_size", "eval.flow_samples", "eval.sampler.steps"):
-        value = c
-        for part in key.split("."):
-            value = getattr(value, part)
-        _require(value >= 1, f"{key} must be >= 1, got {value}")
-    _require(c.vae.steps >= 0 and c.flow.steps >= 0 and c.vae.steps + c.flow.steps >= 1,
-             f"vae.steps={c.vae.steps}, flow.steps={c.flow.steps}: both >= 0, not both 0")
-    _require(c.vae.steps >= 1 or c.flow.steps == 0,
-             "the flow trains on the VAE's latents: set vae.steps >= 1")
-    for key, lr in (("vae.lr", c.vae.lr), ("flow.lr", c.flow.lr)):
-        _require(lr > 0, f"{key} must be > 0, got {lr}")
-    _require(0 <= c.flow.p_uncond < 1, f"flow.p_uncond is a probability in [0, 1), got "
-             f"{c.flow.p_uncond}")
+    _check_phases(c, "")
     levels = len(c.vae_size.channels)
     _require(levels >= 2, f"vae_size.channels needs >= 2 levels, got {c.vae_size.channels}")
     _require(c.data.occupancy_resolution % 2 ** (levels - 1) == 0,
@@ -109,18 +151,71 @@ def check(c: TrainGeneratorConfig) -> None:
              "conditioner_size.hidden_size must be a multiple of its num_attention_heads")
     _require(IMAGE_SIZE % cs.patch_size == 0,
              f"conditioner_size.patch_size must divide the {IMAGE_SIZE} px input (14, 37, ...)")
-    _require(len(c.eval.sampler.cfg_interval) == 2,
-             "eval.sampler.cfg_interval is [low, high] in t")
-    _require(c.grad_clip > 0, f"grad_clip must be > 0, got {c.grad_clip}")
-    resolve_device(c.device)
-    check_output(c.output_dir, c.name)
+
+
+def structure_resolution(folder: Path) -> int:
+    """The occupancy resolution a stage-1 pipeline folder's structure decoder gives: its
+    flow's latent resolution, doubled at each decoder level but the first."""
+    spec = check_pipeline_files(folder)
+    flow, decoder = (json.loads((spec.root / f"{spec.models[key]}.json").read_text())["args"]
+                     for key in ("sparse_structure_flow_model", "sparse_structure_decoder"))
+    return flow["resolution"] * 2 ** (len(decoder["channels"]) - 1)
+
+
+def check_slat(c: TrainGeneratorConfig) -> None:
+    """Stage 2's settings and its stage-1 pipeline folder (files checked, not loaded)."""
+    s, fix = c.slat, ("set structure_pipeline to a stage-1 pipeline folder: the pipeline/ of a "
+                      "finished 'stage: structure' run of this job")
+    _require(bool(c.structure_pipeline), f"stage: slat needs structure_pipeline: {fix}")
+    folder = Path(c.structure_pipeline)
+    _require((folder / PIPELINE_FILE).is_file(),
+             f"structure_pipeline={folder} is not a pipeline folder (no {folder / PIPELINE_FILE}"
+             f"): {fix}")
+    spec = check_pipeline_files(folder)
+    _require(spec.condition == "image" and spec.cond_model is not None
+             and (folder / str(spec.cond_model) / "config.json").is_file(),
+             f"structure_pipeline={folder} has no image conditioner folder (its "
+             f"{PIPELINE_FILE}'s image_cond_model, with a config.json): {fix}")
+    resolution = structure_resolution(folder)
+    _require(resolution == s.data.resolution,
+             f"slat.data.resolution={s.data.resolution}, but structure_pipeline={folder} gives "
+             f"{resolution}^3 structures: set slat.data.resolution: {resolution}")
+    check_slat_data(s.data)
+    _check_phases(s, "slat.")
+    for key in ("vae.views", "eval.views", "flow.condition_views"):
+        value = _setting(s, key)
+        _require(1 <= value <= s.data.views, f"slat.{key}={value} must be in 1..slat.data.views"
+                 f"={s.data.views} (the renders each instance has)")
+    v, f = s.vae_size, s.flow_size
+    for key in ("vae_size.num_gaussians", "vae_size.window_size", "vae_size.num_blocks",
+                "flow_size.num_blocks"):
+        _require(_setting(s, key) >= 1, f"slat.{key} must be >= 1, got {_setting(s, key)}")
+    _require(v.scaling_bias > 0, f"slat.vae_size.scaling_bias must be > 0, got {v.scaling_bias}")
+    for key, size in (("vae_size", v), ("flow_size", f)):
+        _require(size.model_channels % size.num_head_channels == 0,
+                 f"slat.{key}.model_channels must be a multiple of its num_head_channels")
+    patch = 2 ** len(f.io_block_channels)
+    _require(s.data.resolution % patch == 0,
+             f"slat.flow_size.io_block_channels: {len(f.io_block_channels)} levels halve the "
+             f"grid {len(f.io_block_channels)} times, which must divide "
+             f"slat.data.resolution={s.data.resolution}")
+
+
+def make_trainer(c: TrainGeneratorConfig) -> Union[StructureTrainer, SlatTrainer]:
+    """The trainer of the configured stage, its dataset drawn or found in the cache."""
+    device = resolve_device(c.device)
+    if c.stage is Stage.structure:
+        return StructureTrainer(c, build_structure_data(c.data), device)
+    return SlatTrainer(c.slat, c.seed, c.grad_clip, Path(c.structure_pipeline),
+                       build_slat_data(c.slat.data), device)
 
 
 def run(cfg) -> Dict[str, Any]:
-    """Train stage 1 from scratch; returns the final metrics (with ``run_dir``)."""
+    """Train the configured stage from scratch; returns the final metrics (with
+    ``run_dir``)."""
     c: TrainGeneratorConfig = typed(cfg)
     check(c)
-    trainer = StructureTrainer(c, build_structure_data(c.data), resolve_device(c.device))
+    trainer = make_trainer(c)
     folder = RunFolder.create(c.output_dir, c.name, c.stage.value, cfg)
     record_source(folder.path, 0, CODE_ROOT)
     return _train(trainer, c, folder, checkpoint_step=None)
@@ -136,7 +231,7 @@ def resume(run_dir: Path) -> Dict[str, Any]:
     state = load_checkpoint(run_dir / "ckpt")  # a damaged one is refused before any work
     c: TrainGeneratorConfig = typed(load_config(TrainGeneratorConfig, run_dir / "config.yaml"))
     check(c)
-    trainer = StructureTrainer(c, build_structure_data(c.data), resolve_device(c.device))
+    trainer = make_trainer(c)
     if state is not None:
         trainer.load_state_dict(state)
         log.info("resumed %s at step %d", run_dir, trainer.step)
@@ -163,16 +258,17 @@ def _summary(metrics: Dict[str, Any]) -> str:
                      for k, v in metrics.items() if k not in ("step", "phase", "held_out"))
 
 
-def _train(trainer: StructureTrainer, c: TrainGeneratorConfig, folder: RunFolder,
-           checkpoint_step: Optional[int]) -> Dict[str, Any]:
+def _train(trainer: Union[StructureTrainer, SlatTrainer], c: TrainGeneratorConfig,
+           folder: RunFolder, checkpoint_step: Optional[int]) -> Dict[str, Any]:
     """The step loop from ``trainer.step`` to the end, then the exported pipeline."""
     run_dir, total = folder.path, trainer.total_steps
     try:
         records = _metrics_log(run_dir, trainer.step)
         held_out: Dict[str, Any] = {}
         wall_before, start = trainer.wall_s, time.perf_counter()
-        print(f"training on {len(trainer.train_set)} shapes ({len(category_names(c.data))} "
-              f"categories), held out {len(trainer.held_out)}; device {trainer.device}")
+        print(f"training on {len(trainer.train_set)} shapes "
+              f"({len(trainer.train_set.categories)} categories), held out "
+              f"{len(trainer.held_out)}; device {trainer.device}")
         bar = tqdm(total=total, initial=trainer.step, desc=trainer.phase.value,
                    dynamic_ncols=True)
         with open(run_dir / "metrics.jsonl", "a") as metrics_file:
@@ -186,7 +282,7 @@ def _train(trainer: StructureTrainer, c: TrainGeneratorConfig, folder: RunFolder
                 bar.set_postfix(loss=f"{record['loss']:.4g}")
                 bar.update(1)
                 step = trainer.step
-                if step % c.log_every == 0 or step in (c.vae.steps, total):
+                if step % c.log_every == 0 or step in (trainer.s.vae.steps, total):
                     held_out = {"step": step, "phase": record["phase"], "held_out": True,
                                 **trainer.evaluate()}
                     records.append(held_out)

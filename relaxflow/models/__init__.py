@@ -18,6 +18,7 @@ from core.devices import torso_dtype
 from .gaussian_decoder import SLatGaussianDecoder
 from .sparse_structure_flow import SparseStructureFlowModel
 from .sparse_structure_vae import SparseStructureDecoder, SparseStructureEncoder
+from .structured_latent_encoder import SLatEncoder
 from .structured_latent_flow import SLatFlowModel
 
 MODELS: Dict[str, type] = {
@@ -28,6 +29,8 @@ MODELS: Dict[str, type] = {
     "ElasticSLatFlowModel": SLatFlowModel,  # its elasticity is a training-time memory option
     "SLatGaussianDecoder": SLatGaussianDecoder,
     "ElasticSLatGaussianDecoder": SLatGaussianDecoder,
+    "SLatEncoder": SLatEncoder,
+    "ElasticSLatEncoder": SLatEncoder,
 }
 
 
@@ -50,4 +53,4 @@ def build(name: str, args: Dict[str, Any], device: Union[str, torch.device] = "c
 
 
 __all__ = ["MODELS", "build", "SparseStructureFlowModel", "SparseStructureDecoder",
-           "SparseStructureEncoder", "SLatFlowModel", "SLatGaussianDecoder"]
+           "SparseStructureEncoder", "SLatEncoder", "SLatFlowModel", "SLatGaussianDecoder"]

@@ -9,6 +9,9 @@ settings and the source of everything that draws the data (the shape world, the 
 cameras, the splat conversions and this module). The folder holds ``train.safetensors`` and
 ``held_out.safetensors`` (see :class:`ShapeSet`) and ``meta.json``.
 
+Stage 2's dataset (``slat_data``) is cached by the same code (:func:`build_cached`), under a
+fingerprint of its own settings and sources.
+
 Seeds: ``train_seeds(n)`` of every category for training, ``held_out_seeds(n)`` for metrics; the
 two ranges never meet (``cfd.shapes.categories``).
 """
@@ -20,7 +23,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -64,50 +67,73 @@ class ShapeSet:
         return len(self.occupancy)
 
 
-def check_data_config(c: StructureDataConfig, key: str = "data") -> None:
-    """A :class:`UserError` naming the setting for values that cannot build a dataset."""
-    unknown = [name for name in c.categories if name not in CATEGORIES]
+def check_categories(categories: List[str], key: str) -> None:
+    """A :class:`UserError` naming ``key`` for category names the shape world does not have."""
+    unknown = [name for name in categories if name not in CATEGORIES]
     if unknown:
-        raise UserError(f"{key}.categories: unknown {', '.join(unknown)}; known: "
+        raise UserError(f"{key}: unknown {', '.join(unknown)}; known: "
                         f"{', '.join(CATEGORIES)} (an empty list takes them all)")
-    for name in ("train_seeds", "held_out_seeds", "views", "render_resolution",
-                 "occupancy_resolution"):
+
+
+def check_counts(c: Any, names: Sequence[str], key: str) -> None:
+    """A :class:`UserError` for any of the settings ``names`` of ``c`` below 1."""
+    for name in names:
         if getattr(c, name) < 1:
             raise UserError(f"{key}.{name} must be >= 1, got {getattr(c, name)}")
+
+
+def check_data_config(c: StructureDataConfig, key: str = "data") -> None:
+    """A :class:`UserError` naming the setting for values that cannot build a dataset."""
+    check_categories(c.categories, f"{key}.categories")
+    check_counts(c, ("train_seeds", "held_out_seeds", "views", "render_resolution",
+                     "occupancy_resolution"), key)
     if c.render_resolution < 32:
         raise UserError(f"{key}.render_resolution={c.render_resolution} is too small for the "
                         "object's box to be found in it; use >= 32")
 
 
-def category_names(c: StructureDataConfig) -> List[str]:
-    """The categories the dataset covers, in ``CATEGORIES`` order."""
+def category_names(c: Any) -> List[str]:
+    """The categories a dataset config ``c`` covers, in ``CATEGORIES`` order."""
     return [name for name in CATEGORIES if not c.categories or name in c.categories]
 
 
-def data_fingerprint(c: StructureDataConfig) -> str:
-    """Hash of the settings (all but ``cache_dir``, categories in canonical order) and the bytes
-    of every source file that draws the data."""
+def data_fingerprint(c: Any, sources: Sequence[Path] = (Path(__file__),)) -> str:
+    """Hash of a dataset config's settings (all but ``cache_dir``, categories in canonical
+    order) and the bytes of every source file that draws the data: the shape world's and
+    renderer's, and ``sources`` (the modules that draw this dataset)."""
     settings = {k: v for k, v in asdict(c).items() if k != "cache_dir"}
     settings["categories"] = category_names(c)
     return source_fingerprint(json.dumps(settings, sort_keys=True).encode(),
-                              [*image_source_files(), Path(__file__)])
+                              [*image_source_files(), *sources])
 
 
-def data_dir(c: StructureDataConfig) -> Path:
+def data_dir(c: Any, sources: Sequence[Path] = (Path(__file__),)) -> Path:
     """``<cache_dir>/generator_data/<fingerprint>``: where the dataset of ``c`` is cached."""
     root = Path(c.cache_dir) if c.cache_dir else cache_root()
-    return root / "generator_data" / data_fingerprint(c)
+    return root / "generator_data" / data_fingerprint(c, sources)
 
 
-def build_structure_data(c: StructureDataConfig) -> Path:
-    """Draw (or find in the cache) the dataset ``c`` describes; returns its folder."""
-    out_dir = data_dir(c)
+# (dataset config, seeds, progress bar) -> the split's tensors, one bar step per instance
+DrawSplit = Callable[[Any, List[int], tqdm], Dict[str, Tensor]]
+
+
+def build_cached(c: Any, draw_split: DrawSplit, sources: Sequence[Path],
+                 description: str) -> Path:
+    """Draw (or find in the cache) the dataset of config ``c`` (``train_seeds``,
+    ``held_out_seeds``, ``categories``, ``cache_dir`` and what ``draw_split`` reads); returns
+    its folder of ``train.safetensors``, ``held_out.safetensors`` and ``meta.json``."""
+    out_dir = data_dir(c, sources)
     if (out_dir / "meta.json").is_file():
         return out_dir
     with build_lock(out_dir):
         if not (out_dir / "meta.json").is_file():  # the process we waited for built it
-            _draw_and_publish(c, out_dir)
+            _draw_and_publish(c, draw_split, out_dir, description)
     return out_dir
+
+
+def build_structure_data(c: StructureDataConfig) -> Path:
+    """Draw (or find in the cache) the dataset ``c`` describes; returns its folder."""
+    return build_cached(c, _draw_split, [Path(__file__)], "drawing the generator's shapes")
 
 
 def view_seed(category_index: int, seed: int) -> int:
@@ -132,18 +158,18 @@ def _draw_split(c: StructureDataConfig, seeds: List[int], bar: tqdm) -> Dict[str
             "category": torch.tensor(labels), "seed": torch.tensor(instance_seeds)}
 
 
-def _draw_and_publish(c: StructureDataConfig, out_dir: Path) -> None:
+def _draw_and_publish(c: Any, draw_split: DrawSplit, out_dir: Path, description: str) -> None:
     from safetensors.torch import save_file
 
     names = category_names(c)
     split_seeds = {"train": train_seeds(c.train_seeds),
                    "held_out": held_out_seeds(c.held_out_seeds)}
-    bar = tqdm(total=len(names) * (c.train_seeds + c.held_out_seeds),
-               desc="drawing the generator's shapes", unit="shape")
+    bar = tqdm(total=len(names) * (c.train_seeds + c.held_out_seeds), desc=description,
+               unit="shape")
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=out_dir.name + ".tmp"))
     try:
         for split, seeds in split_seeds.items():
-            save_file(_draw_split(c, seeds, bar), str(tmp / f"{split}.safetensors"))
+            save_file(draw_split(c, seeds, bar), str(tmp / f"{split}.safetensors"))
         bar.close()
         meta = {"categories": names, "settings": {**asdict(c), "categories": names},
                 "fingerprint": out_dir.name}
@@ -157,14 +183,19 @@ def _draw_and_publish(c: StructureDataConfig, out_dir: Path) -> None:
         raise
 
 
-def load_shape_set(folder: Path, split: str) -> ShapeSet:
-    """Split ``split`` (``train`` or ``held_out``) of a built dataset folder."""
+def read_split(folder: Path, split: str) -> Tuple[Dict[str, Tensor], List[str]]:
+    """The tensors of split ``split`` (``train`` or ``held_out``) of a built dataset folder,
+    and its categories."""
     from safetensors.torch import load_file
 
     if split not in SPLITS:
         raise ValueError(f"split is one of {SPLITS}, got {split!r}")
-    tensors = load_file(str(Path(folder) / f"{split}.safetensors"))
     meta = json.loads((Path(folder) / "meta.json").read_text())
+    return load_file(str(Path(folder) / f"{split}.safetensors")), meta["categories"]
+
+
+def load_shape_set(folder: Path, split: str) -> ShapeSet:
+    """Split ``split`` (``train`` or ``held_out``) of a built dataset folder."""
+    tensors, categories = read_split(folder, split)
     return ShapeSet(occupancy=tensors["occupancy"].bool(), rgba=tensors["rgba"],
-                    category=tensors["category"], seed=tensors["seed"],
-                    categories=meta["categories"])
+                    category=tensors["category"], seed=tensors["seed"], categories=categories)

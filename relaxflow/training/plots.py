@@ -9,15 +9,21 @@ from matplotlib.figure import Figure
 
 from core.runtime import atomic_write
 
-# held-out metrics drawn on the right, with their labels
+# held-out metrics drawn on the right, with their labels: IoUs (stage 1's of occupancy, stage
+# 2's of the rendered silhouettes) on the left axis, stage 2's PSNRs on the right one
 HELD_OUT = {"vae_iou": "VAE reconstruction IoU", "flow_iou": "sampled structure IoU",
-            "flow_iou_other_render": "sampled IoU, another render's condition"}
+            "flow_iou_other_render": "sampled IoU, another render's condition",
+            "vae_mask_iou": "VAE mask IoU", "flow_mask_iou": "sampled mask IoU",
+            "flow_other_render_mask_iou": "sampled mask IoU, another render's condition"}
+HELD_OUT_PSNR = {"vae_psnr": "VAE PSNR", "flow_psnr": "sampled PSNR",
+                 "flow_other_render_psnr": "sampled PSNR, another render's condition"}
 
 
 def plot_losses(records: List[Dict[str, Any]], path: Path) -> Path:
     """Training losses per phase (log scale, left) and held-out metrics (right) against the
     step, written atomically to ``path`` (PNG). ``records``: training records carry
-    ``phase`` and ``loss``, held-out ones ``held_out: true`` and the metrics of ``HELD_OUT``."""
+    ``phase`` and ``loss``, held-out ones ``held_out: true`` and the metrics of ``HELD_OUT``
+    and ``HELD_OUT_PSNR``."""
     figure = Figure(figsize=(10, 4), tight_layout=True)
     losses, held_out = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
     train = [r for r in records if not r.get("held_out")]
@@ -32,7 +38,17 @@ def plot_losses(records: List[Dict[str, Any]], path: Path) -> Path:
         if points:
             held_out.plot(*zip(*points), marker="o", label=label)
     held_out.set(xlabel="step", ylabel="IoU", ylim=(0, 1), title="held-out seeds")
-    for axes in (losses, held_out):
+    axes_list = [losses, held_out]
+    if any(key in r for r in evaluated for key in HELD_OUT_PSNR):
+        decibels = held_out.twinx()
+        for key, label in HELD_OUT_PSNR.items():
+            points = [(r["step"], r[key]) for r in evaluated if key in r]
+            if points:
+                decibels.plot(*zip(*points), marker="s", ls="--", label=label)
+        decibels.set(ylabel="PSNR (dB)")
+        axes_list.append(decibels)
+    for axes in axes_list:
         if axes.get_legend_handles_labels()[0]:
-            axes.legend(fontsize=8)
+            axes.legend(fontsize=8, loc="lower right" if axes not in (losses, held_out)
+                        else "best")
     return atomic_write(Path(path), lambda f: figure.savefig(f, format="png", dpi=100))

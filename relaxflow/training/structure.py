@@ -95,6 +95,14 @@ class SamplerSettings:
     rescale_t: float = 3.0
 
 
+def sampler_entry(sampler: SamplerSettings, sigma_min: float) -> Dict[str, Any]:
+    """``pipeline.json``'s entry of a stage's sampler."""
+    return {"name": "FlowEulerGuidanceIntervalSampler", "args": {"sigma_min": sigma_min},
+            "params": {"steps": sampler.steps, "cfg_strength": sampler.cfg_strength,
+                       "cfg_interval": list(sampler.cfg_interval),
+                       "rescale_t": sampler.rescale_t}}
+
+
 @dataclass
 class Evaluation:
     flow_samples: int = 4  # held-out instances sampled from one render each, per log step
@@ -183,6 +191,17 @@ def fold_latent_scale(encoder: nn.Module, decoder: nn.Module, scale: Tensor) -> 
     out.bias[:channels] /= scale
     out.bias[channels:] -= 2 * scale.log()
     first.weight *= scale.view(1, -1, 1, 1, 1)
+
+
+def optimise(loss: Tensor, optimizer: torch.optim.Optimizer, params: List[nn.Parameter],
+             grad_clip: float) -> float:
+    """Backward, clip the gradient norm at ``grad_clip``, step; returns the norm before
+    clipping."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    return float(norm)
 
 
 # -- the data order ------------------------------------------------------------------------------
@@ -277,15 +296,6 @@ class StructureTrainer:
         self.step += 1
         return {"step": self.step, "phase": phase.value, **record}
 
-    def _optimise(self, loss: Tensor, optimizer: torch.optim.Optimizer,
-                  params: List[nn.Parameter]) -> float:
-        """Backward, clip, step; returns the gradient norm before clipping."""
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(params, self.s.grad_clip)
-        optimizer.step()
-        return float(norm)
-
     def _vae_step(self) -> Dict[str, float]:
         c = self.s.vae
         index = self.orders[Phase.vae].take(c.batch_size, self.rng)
@@ -299,7 +309,7 @@ class StructureTrainer:
         kl = gaussian_kl(mean.float(), logvar.float())
         loss = bce + c.dice_weight * dice + c.kl_weight * kl
         params = [*self.encoder.parameters(), *self.decoder.parameters()]
-        grad_norm = self._optimise(loss, self.vae_optimizer, params)
+        grad_norm = optimise(loss, self.vae_optimizer, params, self.s.grad_clip)
         record = {"loss": loss.item(), "bce": bce.item(), "dice": dice.item(), "kl": kl.item(),
                   "grad_norm": grad_norm}
         if self.step + 1 == c.steps:  # the VAE's last step: its latents get unit scale
@@ -346,7 +356,7 @@ class StructureTrainer:
         with autocast(self.device):
             velocity = self.flow(x_t.to(self.device), 1000 * t.to(self.device), cond)
         loss = F.mse_loss(velocity.float(), target.to(self.device))
-        grad_norm = self._optimise(loss, self.flow_optimizer, self.flow_parameters())
+        grad_norm = optimise(loss, self.flow_optimizer, self.flow_parameters(), self.s.grad_clip)
         return {"loss": loss.item(), "t_mean": t.mean().item(), "grad_norm": grad_norm}
 
     # -- held-out metrics --------------------------------------------------------------------
@@ -445,15 +455,9 @@ class StructureTrainer:
         models = {"sparse_structure_encoder": ("SparseStructureEncoder", self.encoder, "encoder"),
                   "sparse_structure_decoder": ("SparseStructureDecoder", self.decoder, "decoder"),
                   "sparse_structure_flow_model": ("SparseStructureFlowModel", self.flow, "flow")}
-        sampler = self.s.eval.sampler
         spec = {"name": "TrellisImageTo3DPipeline", "args": {
             "models": refs,
-            "sparse_structure_sampler": {
-                "name": "FlowEulerGuidanceIntervalSampler",
-                "args": {"sigma_min": self.s.flow.sigma_min},
-                "params": {"steps": sampler.steps, "cfg_strength": sampler.cfg_strength,
-                           "cfg_interval": list(sampler.cfg_interval),
-                           "rescale_t": sampler.rescale_t}},
+            "sparse_structure_sampler": sampler_entry(self.s.eval.sampler, self.s.flow.sigma_min),
             "image_cond_model": CONDITIONER_FOLDER}}
         with replacing_folder(folder) as tmp:  # over an export a killed run left, or an older one
             for key, (name, model, args) in models.items():
