@@ -58,8 +58,9 @@ from relaxflow.stages import guided, sample_latent
 from .sizes import (SlatFlowSize, SlatVaeSize, initialise_slat_encoder, initialise_slat_flow,
                     initialise_slat_vae, slat_decoder_args, slat_encoder_args, slat_flow_args)
 from .slat_data import VOXEL_FEATURES, SlatDataConfig, VoxelSet, load_voxel_set
-from .structure import (EpochOrder, Phase, SamplerSettings, autocast, condition_embeddings,
-                        gaussian_kl, logit_normal_times, noisy_latent, optimise, sampler_entry)
+from .structure import (EpochOrder, Phase, SamplerSettings, TwoPhaseTrainer, autocast,
+                        condition_embeddings, gaussian_kl, logit_normal_times, noisy_latent,
+                        optimise, sampler_entry)
 
 BACKGROUND = ShapeDatasetConfig().background  # the ground-truth renders' grey
 READOUT_INSTANCES = 8  # training instances whose voxels fit the encoder's initial readout
@@ -186,7 +187,7 @@ class SlatFlowData:
     tokens: Tensor  # [N, condition_views, T, D]: the conditioner's tokens of each render
 
 
-class SlatTrainer:
+class SlatTrainer(TwoPhaseTrainer):
     """The models, optimisers, data and random state of a stage-2 training run.
 
     ``structure_pipeline``: the stage-1 pipeline folder whose conditioner conditions the flow
@@ -228,21 +229,6 @@ class SlatTrainer:
         self.normalization: Optional[Dict[str, Tensor]] = None  # {"mean", "std"}: [C] each
         self.flow_data: Optional[SlatFlowData] = None
 
-    @property
-    def total_steps(self) -> int:
-        return self.s.vae.steps + self.s.flow.steps
-
-    @property
-    def phase(self) -> Phase:
-        """The phase the next step belongs to."""
-        return Phase.vae if self.step < self.s.vae.steps else Phase.flow
-
-    def train_step(self) -> Dict[str, Any]:
-        """One optimiser step of the current phase; its record ``{step, phase, loss, ...}``."""
-        phase = self.phase
-        record = self._vae_step() if phase is Phase.vae else self._flow_step()
-        self.step += 1
-        return {"step": self.step, "phase": phase.value, **record}
 
     def _voxels(self, voxels: VoxelSet, index: Tensor) -> SparseTensor:
         """The encoder's input of instances ``index``: features at ``(item, x, y, z)``."""

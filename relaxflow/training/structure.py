@@ -240,7 +240,32 @@ class FlowData:
     embeddings: Tensor  # [N, V, S, C_cond]: each training render's conditioner input embeddings
 
 
-class StructureTrainer:
+class TwoPhaseTrainer:
+    """What a stage's trainer shares: a VAE phase (``s.vae.steps``), then a flow phase
+    (``s.flow.steps``), counted by ``step``; subclasses give ``_vae_step`` and ``_flow_step``."""
+
+    s: Any
+    step: int
+
+    @property
+    def total_steps(self) -> int:
+        return self.s.vae.steps + self.s.flow.steps
+
+    @property
+    def phase(self) -> Phase:
+        """The phase the next step belongs to."""
+        return Phase.vae if self.step < self.s.vae.steps else Phase.flow
+
+    def train_step(self) -> Dict[str, Any]:
+        """One optimiser step of the current phase; its record ``{step, phase, loss, ...}``
+        (``step``: steps done, this one included)."""
+        phase = self.phase
+        record = self._vae_step() if phase is Phase.vae else self._flow_step()
+        self.step += 1
+        return {"step": self.step, "phase": phase.value, **record}
+
+
+class StructureTrainer(TwoPhaseTrainer):
     """The models, optimisers, data and random state of a stage-1 training run."""
 
     def __init__(self, s: StructureTraining, data_folder: Path, device: torch.device):
@@ -279,22 +304,6 @@ class StructureTrainer:
             else []
         return [*self.flow.parameters(), *trained]
 
-    @property
-    def total_steps(self) -> int:
-        return self.s.vae.steps + self.s.flow.steps
-
-    @property
-    def phase(self) -> Phase:
-        """The phase the next step belongs to."""
-        return Phase.vae if self.step < self.s.vae.steps else Phase.flow
-
-    def train_step(self) -> Dict[str, Any]:
-        """One optimiser step of the current phase; its record ``{step, phase, loss, ...}``
-        (``step``: steps done, this one included)."""
-        phase = self.phase
-        record = self._vae_step() if phase is Phase.vae else self._flow_step()
-        self.step += 1
-        return {"step": self.step, "phase": phase.value, **record}
 
     def _vae_step(self) -> Dict[str, float]:
         c = self.s.vae
