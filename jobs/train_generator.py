@@ -4,6 +4,8 @@
     python run.py train-generator --config configs/train-generator-slat.yaml \
         structure_pipeline=outputs/train-generator-structure/structure@<time>/pipeline
     python run.py --resume outputs/train-generator-structure/structure@<time>
+    python run.py train-generator --config configs/train-generator-structure.yaml \
+        init_from=<stage-1 run> vae.steps=0 flow.steps=3000 name=<new name>   (train on)
 
 Stage 1 (``stage: structure``): the sparse-structure VAE, then the structure flow on its
 latents (``relaxflow.training.structure``). Stage 2 (``stage: slat``, settings under ``slat:``):
@@ -12,6 +14,12 @@ latent flow, conditioned on the stage-1 pipeline folder ``structure_pipeline``'s
 conditioner (``relaxflow.training.slat``); its export is that folder completed with stage 2.
 The first run of a stage draws its dataset into the cache (``relaxflow.training.data``,
 ``slat_data``); later ones start at once.
+
+``init_from`` (stage 1) starts a new run from another stage-1 run's last checkpoint: its four
+models' weights (VAE, flow, conditioner), with fresh optimisers and data order; with
+``vae.steps=0`` its VAE (its latent scale already folded in) is kept as it is and only the flow
+trains on, so a flow that underfits gets more steps without redoing the VAE. Ship such a run
+with the one it started from: ``ship-generator <first run> <continued run>``.
 
 Writes ``config.yaml``, ``source.json`` (the commit of the code at each start and resume, for
 the shipped generator's manifest: ``relaxflow.training.ship``), ``metrics.jsonl`` (every step; held-out metrics at each log step, marked
@@ -76,6 +84,8 @@ class TrainGeneratorConfig(StructureTraining):
     # stage 2: the stage-1 pipeline folder (a structure run's pipeline/) whose conditioner
     # conditions the latent flow, frozen, and which the exported pipeline completes
     structure_pipeline: str = ""
+    # stage 1: a stage-1 run folder whose last checkpoint's weights start this run (see above)
+    init_from: str = ""
     slat: SlatTraining = field(default_factory=SlatTraining)
     # core.devices: auto (CUDA when present, else the CPU), cpu, cuda:<i>. On CUDA the models
     # run under bfloat16 autocast (weights and optimiser in float32).
@@ -99,7 +109,7 @@ def _setting(c: Any, key: str) -> Any:
     return c
 
 
-def _check_phases(c: Any, prefix: str) -> None:
+def _check_phases(c: Any, prefix: str, vae_trained: bool = False) -> None:
     """The settings both stages have (``vae``, ``flow``, ``eval``), under ``prefix``."""
     for key in ("vae.batch_size", "flow.batch_size", "eval.batch_size", "eval.flow_samples",
                 "eval.sampler.steps"):
@@ -108,8 +118,9 @@ def _check_phases(c: Any, prefix: str) -> None:
     vae, flow = c.vae.steps, c.flow.steps
     _require(vae >= 0 and flow >= 0 and vae + flow >= 1,
              f"{prefix}vae.steps={vae}, {prefix}flow.steps={flow}: both >= 0, not both 0")
-    _require(vae >= 1 or flow == 0,
-             f"the flow trains on the VAE's latents: set {prefix}vae.steps >= 1")
+    _require(vae >= 1 or flow == 0 or vae_trained,
+             f"the flow trains on the VAE's latents: set {prefix}vae.steps >= 1 (or start from a "
+             "trained one: init_from=<stage-1 run>)")
     for key in ("vae.lr", "flow.lr"):
         _require(_setting(c, key) > 0, f"{prefix}{key} must be > 0, got {_setting(c, key)}")
     _require(0 <= c.flow.p_uncond < 1, f"{prefix}flow.p_uncond is a probability in [0, 1), "
@@ -134,7 +145,9 @@ def check(c: TrainGeneratorConfig) -> None:
 def check_structure(c: TrainGeneratorConfig) -> None:
     """Stage 1's settings."""
     check_data_config(c.data)
-    _check_phases(c, "")
+    _check_phases(c, "", vae_trained=bool(c.init_from))
+    if c.init_from:
+        check_init_from(c)
     levels = len(c.vae_size.channels)
     _require(levels >= 2, f"vae_size.channels needs >= 2 levels, got {c.vae_size.channels}")
     _require(c.data.occupancy_resolution % 2 ** (levels - 1) == 0,
@@ -153,6 +166,24 @@ def check_structure(c: TrainGeneratorConfig) -> None:
              f"conditioner_size.patch_size must divide the {IMAGE_SIZE} px input (14, 37, ...)")
 
 
+SIZE_SETTINGS = ("data.occupancy_resolution", "vae_size", "flow_size", "conditioner_size")
+
+
+def check_init_from(c: TrainGeneratorConfig) -> None:
+    """``init_from`` names a stage-1 run with a checkpoint, of the same model sizes."""
+    folder = Path(c.init_from)
+    _require((folder / "config.yaml").is_file() and (folder / "ckpt").is_dir(),
+             f"init_from={folder} is not a train-generator run folder with a checkpoint (it "
+             "needs config.yaml and ckpt/): give the folder a stage-1 run printed")
+    source = typed(load_config(TrainGeneratorConfig, folder / "config.yaml"))
+    _require(source.stage is Stage.structure,
+             f"init_from={folder} is a stage-{source.stage.value} run: give a stage-1 run")
+    for key in SIZE_SETTINGS:
+        _require(_setting(source, key) == _setting(c, key),
+                 f"{key} is {_setting(c, key)} here but {_setting(source, key)} in init_from="
+                 f"{folder}: the weights only fit the same sizes (drop the override)")
+
+
 def structure_resolution(folder: Path) -> int:
     """The occupancy resolution a stage-1 pipeline folder's structure decoder gives: its
     flow's latent resolution, doubled at each decoder level but the first."""
@@ -167,6 +198,8 @@ def check_slat(c: TrainGeneratorConfig) -> None:
     s, fix = c.slat, ("set structure_pipeline to a stage-1 pipeline folder: the pipeline/ of a "
                       "finished 'stage: structure' run of this job")
     _require(bool(c.structure_pipeline), f"stage: slat needs structure_pipeline: {fix}")
+    _require(not c.init_from, "init_from starts a stage-1 run from another: stage: slat has no "
+             "use for it (null it)")
     folder = Path(c.structure_pipeline)
     _require((folder / PIPELINE_FILE).is_file(),
              f"structure_pipeline={folder} is not a pipeline folder (no {folder / PIPELINE_FILE}"
@@ -210,12 +243,22 @@ def make_trainer(c: TrainGeneratorConfig) -> Union[StructureTrainer, SlatTrainer
                        build_slat_data(c.slat.data), device)
 
 
+def start_from(trainer: StructureTrainer, run_dir: Path) -> None:
+    """Give ``trainer`` the model weights of stage-1 run ``run_dir``'s last checkpoint."""
+    state = load_checkpoint(run_dir / "ckpt")
+    if state is None:
+        raise UserError(f"init_from={run_dir} has no checkpoint yet: train it first")
+    trainer.load_weights(state)
+
+
 def run(cfg) -> Dict[str, Any]:
     """Train the configured stage from scratch; returns the final metrics (with
     ``run_dir``)."""
     c: TrainGeneratorConfig = typed(cfg)
     check(c)
     trainer = make_trainer(c)
+    if c.init_from:
+        start_from(trainer, Path(c.init_from))
     folder = RunFolder.create(c.output_dir, c.name, c.stage.value, cfg)
     record_source(folder.path, 0, CODE_ROOT)
     return _train(trainer, c, folder, checkpoint_step=None)

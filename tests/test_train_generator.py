@@ -234,3 +234,36 @@ def test_shipping_an_unfinished_run_is_refused(straight_run, tmp_path):
     unfinished.mkdir()
     assert run.main(["ship-generator", str(unfinished), "--to", str(tmp_path / "x")]) == 2
     assert not (tmp_path / "x").exists()
+
+
+def test_a_run_starts_from_another_runs_weights_and_trains_the_flow_on(straight_run, cache_dir,
+                                                                       tmp_path, capsys):
+    source = Path(straight_run["run_dir"])
+    c = config(*micro(tmp_path, cache_dir, **{"vae.steps": 0, "flow.steps": 3,
+                                              "init_from": str(source)}))
+    trainer = train_generator.make_trainer(c)
+    train_generator.start_from(trainer, source)
+    trained = torch.load(source / "ckpt" / "last.pt", weights_only=False)
+    for name in ("encoder", "decoder", "flow"):
+        for key, value in getattr(trainer, name).state_dict().items():
+            assert torch.equal(value, trained[name][key]), (name, key)
+    assert trainer.phase.value == "flow"
+    result = train_generator.run(c)
+    assert result["steps"] == 3 and 0 <= result["flow_iou"] <= 1
+    continued = torch.load(Path(result["run_dir"]) / "ckpt" / "last.pt", weights_only=False)
+    assert all(torch.equal(continued["encoder"][k], v)
+               for k, v in trained["encoder"].items())  # the VAE is kept
+    assert not all(torch.equal(continued["flow"][k], trained["flow"][k])
+                   for k in trained["flow"])  # the flow trained on
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"flow_size.model_channels": 64}, "flow_size is"),
+    ({"init_from": "/nowhere"}, "is not a train-generator run folder with a checkpoint"),
+])
+def test_init_from_is_checked_before_a_run_folder(straight_run, cache_dir, tmp_path, override,
+                                                  message):
+    extra = {"vae.steps": 0, "init_from": straight_run["run_dir"], **override}
+    with pytest.raises(UserError, match=message):
+        train_generator.run(config(*micro(tmp_path / "out", cache_dir, **extra)))
+    assert not (tmp_path / "out").exists()

@@ -438,11 +438,16 @@ class StructureTrainer(TwoPhaseTrainer):
                 "rng": self.rng.get_state(),
                 "orders": {phase.value: order.state_dict() for phase, order in self.orders.items()}}
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.step, self.wall_s = state["step"], state["wall_s"]
+    def load_weights(self, state: Dict[str, Any]) -> None:
+        """The four models' weights from a checkpoint's ``state`` (nothing else of it)."""
         for name in ("encoder", "decoder", "flow"):
             getattr(self, name).load_state_dict(state[name])
         self.conditioner.model.load_state_dict(state["conditioner"])
+        self.flow_data = None
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.step, self.wall_s = state["step"], state["wall_s"]
+        self.load_weights(state)
         self.vae_optimizer.load_state_dict(state["vae_optimizer"])
         self.flow_optimizer.load_state_dict(state["flow_optimizer"])
         self.rng.set_state(state["rng"])
