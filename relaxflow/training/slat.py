@@ -325,21 +325,7 @@ class SlatTrainer(TwoPhaseTrainer):
                              self.grad_clip)
         return {"loss": loss.item(), "t_mean": t.mean().item(), "grad_norm": grad_norm}
 
-    # -- held-out metrics --------------------------------------------------------------------
-    @torch.no_grad()
-    def evaluate(self) -> Dict[str, float]:
-        """Held-out metrics of the phase just trained (module docstring)."""
-        was_training = [m.training for m in (self.encoder, self.decoder, self.flow)]
-        for model in (self.encoder, self.decoder, self.flow):
-            model.eval()
-        try:
-            if self.step <= self.s.vae.steps:
-                return self._evaluate_vae()
-            return self._evaluate_flow()
-        finally:
-            for model, training in zip((self.encoder, self.decoder, self.flow), was_training):
-                model.train(training)
-
+    # -- held-out metrics (TwoPhaseTrainer.evaluate; the module docstring) ----------------------
     def _image_metrics(self, latent: SparseTensor, index: Tensor) -> Tuple[float, float]:
         """Mean PSNR and mask IoU of the decoded ``latent`` (items ``0..b-1`` = held-out
         instances ``index``) against the ground truth from the first ``eval.views``

@@ -246,6 +246,9 @@ class TwoPhaseTrainer:
 
     s: Any
     step: int
+    encoder: nn.Module
+    decoder: nn.Module
+    flow: nn.Module
 
     @property
     def total_steps(self) -> int:
@@ -263,6 +266,22 @@ class TwoPhaseTrainer:
         record = self._vae_step() if phase is Phase.vae else self._flow_step()
         self.step += 1
         return {"step": self.step, "phase": phase.value, **record}
+
+    @torch.no_grad()
+    def evaluate(self) -> Dict[str, float]:
+        """Held-out metrics of the phase just trained (``_evaluate_vae`` or ``_evaluate_flow``),
+        with the VAE (``encoder``, ``decoder``) and ``flow`` in eval mode meanwhile."""
+        models = (self.encoder, self.decoder, self.flow)
+        was_training = [m.training for m in models]
+        for model in models:
+            model.eval()
+        try:
+            if self.step <= self.s.vae.steps:
+                return self._evaluate_vae()
+            return self._evaluate_flow()
+        finally:
+            for model, training in zip(models, was_training):
+                model.train(training)
 
 
 class StructureTrainer(TwoPhaseTrainer):
@@ -368,23 +387,10 @@ class StructureTrainer(TwoPhaseTrainer):
         grad_norm = optimise(loss, self.flow_optimizer, self.flow_parameters(), self.s.grad_clip)
         return {"loss": loss.item(), "t_mean": t.mean().item(), "grad_norm": grad_norm}
 
-    # -- held-out metrics --------------------------------------------------------------------
-    @torch.no_grad()
-    def evaluate(self) -> Dict[str, float]:
-        """Held-out metrics of the phase just trained: the VAE's reconstruction IoU, or the IoU
-        of structures sampled from held-out renders (and, as a control, from the render of
-        another held-out instance: the gap is what the condition tells the flow)."""
-        was_training = [m.training for m in (self.encoder, self.decoder, self.flow)]
-        for model in (self.encoder, self.decoder, self.flow):
-            model.eval()
-        try:
-            if self.step <= self.s.vae.steps:
-                return self._evaluate_vae()
-            return self._evaluate_flow()
-        finally:
-            for model, training in zip((self.encoder, self.decoder, self.flow), was_training):
-                model.train(training)
-
+    # -- held-out metrics (TwoPhaseTrainer.evaluate) --------------------------------------------
+    # the VAE's reconstruction IoU, or the IoU of structures sampled from held-out renders (and,
+    # as a control, from the render of another held-out instance: the gap is what the condition
+    # tells the flow)
     def _evaluate_vae(self) -> Dict[str, float]:
         ious = []
         for start in range(0, len(self.held_out), self.s.eval.batch_size):
