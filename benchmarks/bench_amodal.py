@@ -35,6 +35,7 @@ the visible mask); PSNR and mask IoU from 8 views around; wall time per branch.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -106,11 +107,15 @@ def run_method(case: AmodalCase, method: str, inputs: Dict[str, Path], out: Path
     return {**metrics, "wall_s": time.perf_counter() - start}
 
 
+@functools.lru_cache(maxsize=None)
+def category_references(name: str) -> List[torch.Tensor]:
+    """Surface samples of :data:`REFERENCES` training instances of a category (drawn once)."""
+    return [surface_points(category(name).sample(seed), 2000, torch.Generator().manual_seed(seed))
+            for seed in train_seeds(REFERENCES)]
+
+
 def references(names: List[str]) -> Dict[str, List[torch.Tensor]]:
-    """Surface samples of :data:`REFERENCES` training instances of each category."""
-    return {name: [surface_points(category(name).sample(seed), 2000,
-                                  torch.Generator().manual_seed(seed))
-                   for seed in train_seeds(REFERENCES)] for name in names}
+    return {name: category_references(name) for name in names}
 
 
 def score(case: AmodalCase, run_dir: Path, branch: str) -> Dict[str, Any]:

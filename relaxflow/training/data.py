@@ -87,9 +87,14 @@ def check_data_config(c: StructureDataConfig, key: str = "data") -> None:
     check_categories(c.categories, f"{key}.categories")
     check_counts(c, ("train_seeds", "held_out_seeds", "views", "render_resolution",
                      "occupancy_resolution"), key)
-    if c.render_resolution < 32:
-        raise UserError(f"{key}.render_resolution={c.render_resolution} is too small for the "
-                        "object's box to be found in it; use >= 32")
+    check_render_resolution(c.render_resolution, key)
+
+
+def check_render_resolution(value: int, key: str) -> None:
+    """Renders must be large enough for preprocessing to find the object's box in them."""
+    if value < 32:
+        raise UserError(f"{key}.render_resolution={value} is too small for the object's box to "
+                        "be found in it (the flow's condition); use >= 32")
 
 
 def category_names(c: Any) -> List[str]:

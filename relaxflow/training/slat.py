@@ -52,7 +52,6 @@ from relaxflow.loading import PIPELINE_FILE, read_pipeline, save_model
 from relaxflow.models import build
 from relaxflow.models.gaussian_decoder import VoxelGaussians
 from relaxflow.models.sparse import SparseTensor
-from relaxflow.sampler import FlowEulerSampler
 from relaxflow.stages import guided, sample_latent
 
 from .sizes import (SlatFlowSize, SlatVaeSize, initialise_slat_encoder, initialise_slat_flow,
@@ -356,12 +355,6 @@ class SlatTrainer(TwoPhaseTrainer):
             ious.append(iou * len(index))
             counts.append(len(index))
         return {"vae_psnr": sum(psnrs) / sum(counts), "vae_mask_iou": sum(ious) / sum(counts)}
-
-    def flow_sampler(self) -> FlowEulerSampler:
-        e = self.s.eval.sampler
-        return FlowEulerSampler(sigma_min=self.s.flow.sigma_min, steps=e.steps,
-                                cfg_strength=e.cfg_strength,
-                                cfg_interval=tuple(e.cfg_interval), rescale_t=e.rescale_t)
 
     def _evaluate_flow(self) -> Dict[str, float]:
         n = min(self.s.eval.flow_samples, len(self.held_out))

@@ -38,10 +38,9 @@ from cfd.scene.sh import sh0_to_rgb
 from cfd.shapes import CATEGORIES, category, occupancy_grid, render_views
 from cfd.shapes.categories import GENERATOR_SCALE, GRID_HALF_EXTENT
 from cfd.shapes.world import object_splats
-from core.errors import UserError
 
-from .data import (build_cached, category_names, check_categories, check_counts, read_split,
-                   view_seed)
+from .data import (build_cached, category_names, check_categories, check_counts,
+                   check_render_resolution, read_split, view_seed)
 
 VOXEL_FEATURES = ("red", "green", "blue", "normal_x", "normal_y", "normal_z", "offset_x",
                   "offset_y", "offset_z", "density")
@@ -99,9 +98,7 @@ def check_slat_data(c: SlatDataConfig, key: str = "slat.data") -> None:
     check_categories(c.categories, f"{key}.categories")
     check_counts(c, ("train_seeds", "held_out_seeds", "resolution", "views",
                      "render_resolution"), key)
-    if c.render_resolution < 32:
-        raise UserError(f"{key}.render_resolution={c.render_resolution} is too small for the "
-                        "object's box to be found in it (the flow's condition); use >= 32")
+    check_render_resolution(c.render_resolution, key)
 
 
 def voxel_features(obj, coords: Tensor, resolution: int) -> Tensor:

@@ -267,6 +267,13 @@ class TwoPhaseTrainer:
         self.step += 1
         return {"step": self.step, "phase": phase.value, **record}
 
+    def flow_sampler(self) -> FlowEulerSampler:
+        """The sampler of held-out metrics (``s.eval.sampler``, the flow's ``sigma_min``)."""
+        e = self.s.eval.sampler
+        return FlowEulerSampler(sigma_min=self.s.flow.sigma_min, steps=e.steps,
+                                cfg_strength=e.cfg_strength,
+                                cfg_interval=tuple(e.cfg_interval), rescale_t=e.rescale_t)
+
     @torch.no_grad()
     def evaluate(self) -> Dict[str, float]:
         """Held-out metrics of the phase just trained (``_evaluate_vae`` or ``_evaluate_flow``),
@@ -404,12 +411,6 @@ class StructureTrainer(TwoPhaseTrainer):
         worst = min(per_category, key=per_category.get)
         return {"vae_iou": float(iou.mean()), "vae_iou_worst": per_category[worst],
                 "vae_iou_worst_category": worst}
-
-    def flow_sampler(self) -> FlowEulerSampler:
-        e = self.s.eval.sampler
-        return FlowEulerSampler(sigma_min=self.s.flow.sigma_min, steps=e.steps,
-                                cfg_strength=e.cfg_strength,
-                                cfg_interval=tuple(e.cfg_interval), rescale_t=e.rescale_t)
 
     def _evaluate_flow(self) -> Dict[str, float]:
         n = min(self.s.eval.flow_samples, len(self.held_out))
