@@ -151,16 +151,17 @@ def run_subprocess(argv: List[str], spec: RunSpec, log_path: Path) -> Tuple[int,
         process = subprocess.Popen(argv, cwd=spec.workdir, env=child_environment(spec.threads),
                                    stdin=subprocess.DEVNULL, stdout=log,
                                    stderr=subprocess.STDOUT, preexec_fn=preexec)
-        peak = None
+        peak, interval = None, 0.005
         try:
             while True:  # Popen returned after the exec: the readings are the job's
                 reading = resident_peak_mb(process.pid)
                 if reading is not None:
                     peak = max(peak or 0.0, reading)
                 try:
-                    return process.wait(timeout=MEMORY_POLL_S), peak
+                    return process.wait(timeout=interval), peak
                 except subprocess.TimeoutExpired:
-                    continue
+                    # often at first, so a job of a fraction of a second is read too
+                    interval = min(2 * interval, MEMORY_POLL_S)
         except BaseException:
             process.kill()
             process.wait()
