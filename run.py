@@ -90,8 +90,11 @@ def _ship(argv) -> int:
 
     parser = argparse.ArgumentParser(prog="run.py ship-generator",
                                      description="Ship a trained generator (float16, with a "
-                                                 "manifest); the last run's pipeline is shipped")
-    parser.add_argument("runs", nargs="+", type=Path, help="training run folders, stage 1 first")
+                                                 "manifest); the runs' pipelines are laid over one "
+                                                 "another, a later run's files winning")
+    parser.add_argument("runs", nargs="+", type=Path, help="training run folders, in the order they "
+                        "are laid over one another (e.g. stage 2, then a stage-1 run continued "
+                        "since)")
     parser.add_argument("--to", type=Path, default=EMBEDDED_PIPELINES["embedded"],
                         help="the folder to write (default: the embedded generator's)")
     args = parser.parse_args(argv)
@@ -100,7 +103,7 @@ def _ship(argv) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"shipped {args.runs[-1] / 'pipeline'} to {dest} ({size_bytes(dest) / 2**20:.2f} MiB)")
+    print(f"shipped {len(args.runs)} run(s) to {dest} ({size_bytes(dest) / 2**20:.2f} MiB)")
     return 0
 
 

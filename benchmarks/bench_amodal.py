@@ -2,9 +2,10 @@
 
     python benchmarks/bench_amodal.py cases benchmarks/amodal_cases.json [--per-category-band 2]
     python benchmarks/bench_amodal.py run OUT [--cases benchmarks/amodal_cases.json]
-        [--methods relaxflow,flat,...] [--limit N] [--model embedded]
+        [--methods relaxflow,flat,...] [--stride K] [--limit N] [--model embedded]
     python benchmarks/bench_amodal.py report OUT
-    python benchmarks/bench_amodal.py refine OUT [--steps 300] [--limit N] [--model embedded]
+    python benchmarks/bench_amodal.py refine OUT [--steps 300] [--stride K] [--limit N]
+        [--model embedded]
 
 ``cases`` draws the fixed case list (``cfd.evaluation.amodal.make_cases``: every category x
 the three hidden-share bands, seeded). ``run`` writes each case's observation and visible mask
@@ -49,14 +50,14 @@ from PIL import Image, ImageDraw
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from cfd.cameras import orbit_cameras  # noqa: E402
 from cfd.config import load_config  # noqa: E402
-from cfd.evaluation import (chamfer_distance, confidence_interval, f_score,  # noqa: E402
-                            mask_iou, nearest_category, psnr, restrict_to_region,
-                            splat_surface_points, voxel_iou)
+from cfd.evaluation import (chamfer_distance, confidence_interval, f_score, mask_iou,  # noqa: E402
+                            nearest_category, psnr, restrict_to_region, splat_surface_points,
+                            voxel_iou)
 from cfd.evaluation.amodal import (AmodalCase, generator_camera, hidden_points,  # noqa: E402
                                    hidden_region, make_cases, observe)
 from cfd.evaluation.generation import cameras_around, to_world, view_scores  # noqa: E402
-from cfd.cameras import orbit_cameras  # noqa: E402
 from cfd.renderers import render  # noqa: E402
 from cfd.scene import Splats  # noqa: E402
 from cfd.shapes import category, object_splats, occupancy_grid, train_seeds  # noqa: E402
@@ -155,7 +156,7 @@ def branch_seconds(metrics: Dict[str, Any], branch: str) -> float:
 
 
 def run(args) -> None:
-    cases = read_cases(args.cases)[: args.limit]
+    cases = read_cases(args.cases)[:: args.stride][: args.limit]
     methods = args.methods.split(",") if args.methods else list(METHODS)
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
@@ -239,7 +240,7 @@ def refine_case(case: AmodalCase, out: Path, steps: int, model: str) -> List[Dic
 
 
 def refine_cases(args) -> None:
-    cases = read_cases(args.cases)[: args.limit]
+    cases = read_cases(args.cases)[:: args.stride][: args.limit]
     path = args.out / "refine.jsonl"
     args.out.mkdir(parents=True, exist_ok=True)
     done = ({json.loads(line)["case"] for line in path.read_text().splitlines()}
@@ -391,6 +392,8 @@ def main() -> None:
     runs.add_argument("--cases", type=Path, default=ROOT / "benchmarks" / "amodal_cases.json")
     runs.add_argument("--methods", default="")
     runs.add_argument("--limit", type=int, default=None)
+    runs.add_argument("--stride", type=int, default=1,
+                      help="every n-th case (2: one per category and band)")
     runs.add_argument("--model", default="embedded")
     rep = sub.add_parser("report")
     rep.add_argument("out", type=Path)
@@ -400,6 +403,8 @@ def main() -> None:
     ref.add_argument("--cases", type=Path, default=ROOT / "benchmarks" / "amodal_cases.json")
     ref.add_argument("--steps", type=int, default=300)
     ref.add_argument("--limit", type=int, default=None)
+    ref.add_argument("--stride", type=int, default=1,
+                     help="every n-th case (6: one per category)")
     ref.add_argument("--model", default="embedded")
     args = parser.parse_args()
     if args.command == "cases":

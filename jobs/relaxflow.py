@@ -133,12 +133,10 @@ def check(c: RelaxFlowConfig) -> Tensor:
     return observation
 
 
-def _relax_sampler(base: FlowEulerSampler, settings: BranchSettings, n_priors: int,
-                   query_grid: Optional[Tuple[int, int, int]],
-                   pooling: Pooling) -> RelaxFlowSampler:
+def _relax_sampler(base: FlowEulerSampler, settings: BranchSettings, keys: KeyLayout,
+                   query_grid: Optional[Tuple[int, int, int]]) -> RelaxFlowSampler:
     relaxation = None
     if settings.sigma_query > 0 or settings.sigma_key > 0:
-        keys = KeyLayout(n_images=n_priors if pooling is Pooling.concat else 1)
         relaxation = AttentionRelaxation(settings.sigma_query, settings.sigma_key,
                                          settings.topology.value, query_grid, keys)
     return RelaxFlowSampler(base=with_overrides(base, settings.sampler),
@@ -168,12 +166,16 @@ def _observation_camera(cam: ObservationCamera) -> Cameras:
 
 def _tokens(c: RelaxFlowConfig, spec: PipelineSpec, observation: Tensor,
             prior_images: Tensor, device: torch.device):
-    """(condition, negative) of the observation and of the pooled priors."""
+    """(condition, negative) of the observation and of the pooled priors, and the layout of
+    the prior condition's tokens (the keys the relaxation blurs)."""
     conditioner = ImageConditioner.from_pretrained(conditioning_model(spec, c.image_cond_model),
                                                    device)
     obs_cond = conditioner(observation[None])
     prior_cond = pool_priors(conditioner(prior_images), c.prior_pooling.value)
-    return (obs_cond, torch.zeros_like(obs_cond)), (prior_cond, torch.zeros_like(prior_cond))
+    prefix, grid = conditioner.token_layout()
+    keys = KeyLayout(len(prior_images) if c.prior_pooling is Pooling.concat else 1, prefix, grid)
+    return ((obs_cond, torch.zeros_like(obs_cond)), (prior_cond, torch.zeros_like(prior_cond)),
+            keys)
 
 
 def _three_branches(sampler: RelaxFlowSampler, obs, prior, visibility=None,
@@ -201,7 +203,7 @@ def run(cfg) -> Dict[str, Any]:
                                            offload=c.offload)
     # 2. the prior images (drawn from a 2D model when none are given) and both conditions
     priors, drawn = _prior_images(c, device)
-    obs, prior = _tokens(c, pipe.spec, observation, priors, device)
+    obs, prior, keys = _tokens(c, pipe.spec, observation, priors, device)
     # 3. the run folder
     folder = RunFolder.create(c.output_dir, c.name, Path(c.image).stem, cfg)
     for i, rgba in enumerate([] if drawn is None else drawn):
@@ -213,8 +215,7 @@ def run(cfg) -> Dict[str, Any]:
 
     def stage1_branches(flow):
         grid = (flow.resolution // flow.patch_size,) * 3
-        stage1 = _relax_sampler(pipe.sampler("structure"), c.stage1, n_priors, grid,
-                                c.prior_pooling)
+        stage1 = _relax_sampler(pipe.sampler("structure"), c.stage1, keys, grid)
         return _three_branches(stage1, obs, prior, progress=True)
 
     voxels, resolution = sample_structures(pipe, stage1_branches, generators, device, clock)
@@ -224,7 +225,7 @@ def run(cfg) -> Dict[str, Any]:
                                    _observation_camera(c.camera).to(device))
                   if c.camera.enabled else torch.zeros(len(completed), device=device))
     # 6. stage 2 on each branch's structure, RelaxFlow's fused by that visibility
-    stage2 = _relax_sampler(pipe.sampler("latent"), c.stage2, n_priors, None, c.prior_pooling)
+    stage2 = _relax_sampler(pipe.sampler("latent"), c.stage2, keys, None)
     latents = sample_latents(pipe, _three_branches(stage2, obs, prior, visibility[:, None]),
                              voxels, generators, clock)
     # 7. the splats of each branch; the completion's carry each voxel's visibility (what CFD

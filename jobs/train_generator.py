@@ -19,7 +19,9 @@ The first run of a stage draws its dataset into the cache (``relaxflow.training.
 models' weights (VAE, flow, conditioner), with fresh optimisers and data order; with
 ``vae.steps=0`` its VAE (its latent scale already folded in) is kept as it is and only the flow
 trains on, so a flow that underfits gets more steps without redoing the VAE. Ship such a run
-with the one it started from: ``ship-generator <first run> <continued run>``.
+after the ones it builds on: ``ship-generator <first run> <continued run>``, or with stage 2
+trained on the first run, ``ship-generator <first run> <stage-2 run> <continued run>`` (later
+runs' files win; a continuation that shares stage 2 keeps ``flow.train_conditioner=false``).
 
 Writes ``config.yaml``, ``source.json`` (the commit of the code at each start and resume, for
 the shipped generator's manifest: ``relaxflow.training.ship``), ``metrics.jsonl`` (every step; held-out metrics at each log step, marked
@@ -123,6 +125,8 @@ def _check_phases(c: Any, prefix: str, vae_trained: bool = False) -> None:
              "trained one: init_from=<stage-1 run>)")
     for key in ("vae.lr", "flow.lr"):
         _require(_setting(c, key) > 0, f"{prefix}{key} must be > 0, got {_setting(c, key)}")
+    _require(0 <= c.flow.ema_decay < 1, f"{prefix}flow.ema_decay is a decay in [0, 1) (0: no "
+             f"average), got {c.flow.ema_decay}")
     _require(0 <= c.flow.p_uncond < 1, f"{prefix}flow.p_uncond is a probability in [0, 1), "
              f"got {c.flow.p_uncond}")
     _require(len(c.eval.sampler.cfg_interval) == 2,
@@ -338,7 +342,8 @@ def _train(trainer: Union[StructureTrainer, SlatTrainer], c: TrainGeneratorConfi
                     save_checkpoint(run_dir / "ckpt", trainer.state_dict())
                     checkpoint_step = step
         bar.close()
-        pipeline = trainer.export_pipeline(run_dir / "pipeline")
+        with trainer.averaged():  # the flow's average, when it keeps one, is what ships
+            pipeline = trainer.export_pipeline(run_dir / "pipeline")
     except KeyboardInterrupt:  # the last checkpoint is whole; a half-done step is not saved
         raise RunInterrupted(run_dir, trainer.step, checkpoint_step) from None
     wall_s = wall_before + time.perf_counter() - start

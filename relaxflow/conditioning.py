@@ -14,7 +14,7 @@ their ids are settings.
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -139,6 +139,14 @@ class ImageConditioner:
 
         folder = resolve_model_path(model_id, index_file="config.json", option=option)
         return cls(Dinov2WithRegistersModel.from_pretrained(folder, local_files_only=True), device)
+
+    def token_layout(self) -> Tuple[int, Tuple[int, int]]:
+        """How its tokens of one image are laid out: ``(prefix, grid)``, the class and register
+        tokens, then the patch grid (the released ViT-L/14 with 4 registers at 518 px: 5 and
+        37 x 37)."""
+        config = self.model.config
+        side = IMAGE_SIZE // config.patch_size
+        return 1 + config.num_register_tokens, (side, side)
 
     def embed(self, images: Tensor) -> Tensor:
         """``[B, 3, S, S]`` premultiplied images in [0, 1] -> the model's input embeddings

@@ -3,6 +3,7 @@ for bit, the exported folder loads through the generator's own loaders, bad sett
 before a run folder exists."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,7 @@ def micro(output_dir: Path, cache_dir: Path, **extra) -> list:
         "conditioner_size.intermediate_size": 32,
         "vae.steps": 4, "flow.steps": 5, "vae.batch_size": 2, "flow.batch_size": 3,
         "checkpoint_every": 3, "log_every": 3, "eval.flow_samples": 2, "eval.sampler.steps": 2,
+        "flow.ema_decay": 0.9,
     }
     items.update(extra)
     return [f"{k}={v}" for k, v in items.items()]
@@ -130,9 +132,43 @@ def test_a_stopped_run_resumes_bit_for_bit(straight_run, cache_dir, tmp_path, mo
             for key, value in state.items():
                 assert torch.equal(value, b[optimizer]["state"][slot][key]), f"{optimizer} {key}"
     assert torch.equal(a["rng"], b["rng"])
+    assert a["flow_average"]["updates"] == b["flow_average"]["updates"] == 5
+    for x, y in zip(a["flow_average"]["average"], b["flow_average"]["average"]):
+        assert torch.equal(x, y)
     # the same records, the redone steps' once
     assert (straight_dir / "metrics.jsonl").read_text() == (run_dir / "metrics.jsonl").read_text()
     assert resumed["flow_iou"] == straight_run["flow_iou"]
+
+
+def test_the_flows_average_is_what_ships(straight_run):
+    """With flow.ema_decay the exported flow (and conditioner, trained with it) is the
+    average the checkpoint holds, not the last step's weights."""
+    state = torch.load(Path(straight_run["run_dir"]) / "ckpt" / "last.pt", weights_only=False)
+    spec = read_pipeline(Path(straight_run["pipeline"]))
+    flow = load_model(spec.root, spec.models["sparse_structure_flow_model"])
+    average = state["flow_average"]["average"]  # the flow's parameters first, in order
+    names = [name for name, _ in flow.named_parameters()]
+    for name, param, averaged in zip(names, flow.parameters(), average):
+        assert torch.equal(param.detach(), averaged), name
+    assert any(not torch.equal(state["flow"][name], averaged)
+               for name, averaged in zip(names, average))
+
+
+def test_a_parameter_average_warms_up_and_swaps_in_and_out():
+    from relaxflow.training.structure import ParameterAverage
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    average = ParameterAverage([p], decay=0.99)
+    with torch.no_grad():
+        p.fill_(1.0)
+    average.update()  # warm-up decay min(0.99, 1/10): the average moves 0.9 of the way
+    torch.testing.assert_close(average.average[0], torch.full((3,), 0.9))
+    with average.applied():
+        torch.testing.assert_close(p.detach(), torch.full((3,), 0.9))
+    torch.testing.assert_close(p.detach(), torch.ones(3))
+    copy = ParameterAverage([p], decay=0.99)
+    copy.load_state_dict(average.state_dict())
+    assert copy.updates == 1 and torch.equal(copy.average[0], average.average[0])
 
 
 def test_the_exported_folder_loads_with_the_generators_loaders(straight_run, tmp_path):
@@ -143,11 +179,20 @@ def test_the_exported_folder_loads_with_the_generators_loaders(straight_run, tmp
     models = {}
     for key, state in zip(STRUCTURE_MODELS, ("encoder", "decoder", "flow")):
         models[key] = load_model(pipeline, spec.models[key])
-        for name, tensor in models[key].state_dict().items():
-            assert torch.equal(tensor, trained[state][name]), f"{key}.{name}"
     conditioner = ImageConditioner.from_pretrained(str(pipeline / CONDITIONER_FOLDER))
+    # what the flow phase trained ships as its average (flow.ema_decay): the flow's parameters,
+    # then the conditioner's layers'
+    averaged = [*(f"flow.{n}" for n, _ in models["sparse_structure_flow_model"].named_parameters()),
+                *(f"conditioner.encoder.{n}"
+                  for n, _ in conditioner.model.encoder.named_parameters())]
+    expected = {f"{state}.{name}": value for state in ("encoder", "decoder", "flow", "conditioner")
+                for name, value in trained[state].items()}
+    expected.update(zip(averaged, trained["flow_average"]["average"]))
+    for key, state in zip(STRUCTURE_MODELS, ("encoder", "decoder", "flow")):
+        for name, tensor in models[key].state_dict().items():
+            assert torch.equal(tensor, expected[f"{state}.{name}"]), f"{key}.{name}"
     for name, tensor in conditioner.model.state_dict().items():
-        assert torch.equal(tensor, trained["conditioner"][name]), name
+        assert torch.equal(tensor, expected[f"conditioner.{name}"]), name
 
     # the generate job's stage-1 path: an RGBA file -> tokens -> the pipeline's sampler -> voxels
     rgba = np.zeros((64, 64, 4), dtype=np.uint8)
@@ -225,6 +270,46 @@ def test_a_run_records_its_code_and_ships_in_float16_with_a_manifest(straight_ru
     (dest / "notes.txt").write_text("x")
     assert verify(dest) == [f"{first} differs from the manifest's sha256",
                             "pipeline.json is missing", "notes.txt is not in the manifest"]
+
+
+def _copy_run(run_dir: Path, to: Path) -> Path:
+    shutil.copytree(run_dir, to, ignore=shutil.ignore_patterns("ckpt"))
+    return to
+
+
+def test_runs_ship_laid_over_one_another_with_one_conditioner(straight_run, tmp_path):
+    """A later run's files and pipeline.json entries replace an earlier one's (a stage-2 run,
+    then a stage-1 run continued since); runs of different conditioners are refused."""
+    from safetensors.torch import load_file, save_file
+
+    from relaxflow.training.ship import ship, verify
+
+    run_dir = Path(straight_run["run_dir"])
+    first = _copy_run(run_dir, tmp_path / "first")
+    later = _copy_run(run_dir, tmp_path / "later")
+    spec = json.loads((later / "pipeline" / "pipeline.json").read_text())
+    flow = spec["args"]["models"]["sparse_structure_flow_model"]
+    weights = later / "pipeline" / f"{flow}.safetensors"
+    save_file({k: v + 1.0 for k, v in load_file(str(weights)).items()}, str(weights))
+    spec["args"]["models"] = {"sparse_structure_flow_model": flow}  # only what it trained
+    spec["args"]["sparse_structure_sampler"]["params"]["steps"] = 7
+    (later / "pipeline" / "pipeline.json").write_text(json.dumps(spec))
+    dest = ship([first, later], tmp_path / "shipped")
+    assert verify(dest) == []
+    merged = read_pipeline(dest)
+    assert set(merged.models) == set(STRUCTURE_MODELS)  # the first run's models stay
+    merged_json = json.loads((dest / "pipeline.json").read_text())
+    assert merged_json["args"]["sparse_structure_sampler"]["params"]["steps"] == 7
+    shipped, trained = (load_file(str(p / f"{flow}.safetensors"))
+                        for p in (dest, first / "pipeline"))
+    for name, value in trained.items():  # the later run's flow replaced the first's
+        torch.testing.assert_close(shipped[name].float(), value.float() + 1.0, rtol=1e-3,
+                                   atol=1e-3)
+    conditioner = later / "pipeline" / CONDITIONER_FOLDER / "model.safetensors"
+    save_file({k: v * 2 for k, v in load_file(str(conditioner)).items()}, str(conditioner))
+    with pytest.raises(UserError, match="the conditioner of .* differs .* train stage 2 again"):
+        ship([first, later], tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
 
 
 def test_shipping_an_unfinished_run_is_refused(straight_run, tmp_path):

@@ -71,7 +71,7 @@ def micro(output_dir: Path, cache_dir: Path, structure: Path, **extra) -> list:
         "slat.vae.steps": 4, "slat.flow.steps": 5, "slat.vae.batch_size": 2,
         "slat.vae.views": 2, "slat.flow.batch_size": 3, "slat.eval.views": 2,
         "slat.eval.flow_samples": 2, "slat.eval.sampler.steps": 2,
-        "checkpoint_every": 3, "log_every": 3,
+        "checkpoint_every": 3, "log_every": 3, "slat.flow.ema_decay": 0.9,
     }
     items.update(extra)
     return [f"{k}={v}" for k, v in items.items()]
@@ -205,6 +205,9 @@ def test_a_stopped_run_resumes_bit_for_bit(straight_run, cache_dir, structure_pi
     assert torch.equal(a["rng"], b["rng"])
     for key in ("mean", "std"):
         assert torch.equal(a["normalization"][key], b["normalization"][key])
+    assert a["flow_average"]["updates"] == b["flow_average"]["updates"] == 5
+    for x, y in zip(a["flow_average"]["average"], b["flow_average"]["average"]):
+        assert torch.equal(x, y)
     assert (straight_dir / "metrics.jsonl").read_text() == (run_dir / "metrics.jsonl").read_text()
     assert resumed["flow_psnr"] == straight_run["flow_psnr"]
 
@@ -234,8 +237,12 @@ def test_the_exported_folder_is_a_complete_pipeline(straight_run, structure_pipe
     trained = torch.load(Path(straight_run["run_dir"]) / "ckpt" / "last.pt", weights_only=False)
     for key, state in zip(SLAT_MODELS, ("encoder", "decoder", "flow")):
         model = load_model(pipeline, spec.models[key])
+        expected = dict(trained[state])
+        if state == "flow":  # the flow ships as its average (slat.flow.ema_decay)
+            expected.update(zip((n for n, _ in model.named_parameters()),
+                                trained["flow_average"]["average"]))
         for name, tensor in model.state_dict().items():
-            assert torch.equal(tensor, trained[state][name]), f"{key}.{name}"
+            assert torch.equal(tensor, expected[name]), f"{key}.{name}"
     assert spec.slat_normalization == {k: v.tolist() for k, v in trained["normalization"].items()}
     assert spec.samplers["slat_sampler"].steps == 2
 

@@ -77,6 +77,22 @@ def test_dinov2_tokens_are_every_token_before_the_final_norm_then_normalised(tmp
     assert torch.equal(conditioner.negative(tokens), torch.zeros_like(tokens))
 
 
+def test_the_token_layout_is_the_models_own(tmp_path):
+    """Class + registers, then the patch grid: what RelaxFlow's key blur reads (the released
+    model's 5 + 37 x 37; the embedded generator's conditioner has 37 px patches, 14 x 14)."""
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    released_like = ImageConditioner.from_pretrained(str(build_tiny_dinov2(tmp_path / "a")))
+    assert released_like.token_layout() == (5, (37, 37))
+    config = Dinov2WithRegistersConfig(hidden_size=16, num_hidden_layers=1,
+                                       num_attention_heads=2, intermediate_size=32,
+                                       patch_size=37, image_size=518, num_register_tokens=2)
+    coarse = ImageConditioner(Dinov2WithRegistersModel(config))
+    prefix, grid = coarse.token_layout()
+    assert (prefix, grid) == (3, (14, 14))
+    assert coarse(torch.zeros(1, 3, 518, 518)).shape[1] == prefix + grid[0] * grid[1]
+
+
 def test_clip_tokens_and_the_empty_prompt_negative(tmp_path):
     conditioner = TextConditioner.from_pretrained(str(build_tiny_clip_text(tmp_path / "clip")))
     tokens = conditioner(["a red chair", "a lamp"])

@@ -2,12 +2,17 @@
 
     python run.py ship-generator <training run> [<training run> ...] [--to relaxflow/embedded]
 
-The last run's ``pipeline/`` (a stage-2 run's holds both stages) is copied in the released
-layout: ``pipeline.json``, ``ckpts/<model>.json`` and ``.safetensors`` (floating-point weights
-cast to float16, as TRELLIS releases them; the loader casts them to the model's dtypes), the
-conditioner as a transformers folder (its ``model.safetensors`` in float16 too; its
-``config.json`` keeps float32, the dtype it loads in). ``MANIFEST.json`` then records what was
-shipped and how it was made:
+The runs' ``pipeline/`` folders are laid over one another in the order named, a later run's
+file replacing an earlier one's and its ``pipeline.json`` entries (models, samplers) replacing
+the earlier's: so a stage-2 run (whose folder holds both stages, stage 1 as it was when stage 2
+trained) followed by a stage-1 run continued since ships the continued structure flow with stage
+2. Every run's conditioner must be the same file: stage 2's flow was trained on its stage-1
+folder's conditioner, and a continuation that trained it on needs stage 2 trained again.
+The result is written in the released layout: ``pipeline.json``, ``ckpts/<model>.json`` and
+``.safetensors`` (floating-point weights cast to float16, as TRELLIS releases them; the loader
+casts them to the model's dtypes), the conditioner as a transformers folder (its
+``model.safetensors`` in float16 too; its ``config.json`` keeps float32, the dtype it loads in).
+``MANIFEST.json`` then records what was shipped and how it was made:
 
 * ``files``: the sha256 and size of every other file in the folder;
 * ``runs``: per training run, its folder name, ``config.yaml`` (the settings, as a mapping), the
@@ -75,9 +80,43 @@ def _run_record(run_dir: Path) -> Dict[str, Any]:
             "source": read(SOURCE, json.loads), "metrics": read("metrics.json", json.loads)}
 
 
+def _merged_pipeline_json(pipelines: Sequence[Path]) -> Dict[str, Any]:
+    """The runs' ``pipeline.json`` laid over one another in order: a later run's entries under
+    ``args`` (its models one by one) replace an earlier one's."""
+    merged: Dict[str, Any] = {}
+    for pipeline in pipelines:
+        spec = json.loads((pipeline / "pipeline.json").read_text())
+        args = merged.get("args", {})
+        models = {**args.get("models", {}), **spec["args"].get("models", {})}
+        merged = {**merged, **spec, "args": {**args, **spec["args"], "models": models}}
+    return merged
+
+
+def _conditioner_weights(pipeline: Path) -> Dict[str, str]:
+    """sha256 of each conditioner weight file in a pipeline folder, by its path in the folder."""
+    name = json.loads((pipeline / "pipeline.json").read_text())["args"].get("image_cond_model")
+    folder = pipeline / name if isinstance(name, str) else None
+    if folder is None or not folder.is_dir():
+        return {}
+    return {str(p.relative_to(pipeline)): file_sha256(p)
+            for p in sorted(folder.rglob("*.safetensors"))}
+
+
+def _check_one_conditioner(pipelines: Sequence[Path]) -> None:
+    shipped = [(p, _conditioner_weights(p)) for p in pipelines]
+    shipped = [(p, w) for p, w in shipped if w]
+    for pipeline, weights in shipped[1:]:
+        if weights != shipped[0][1]:
+            raise UserError(
+                f"the conditioner of {pipeline} differs from that of {shipped[0][0]}: the "
+                "stage-2 flow was trained on one conditioner, so the runs cannot ship together; "
+                "continue stage 1 with flow.train_conditioner=false, or train stage 2 again on "
+                "the continued run's pipeline (structure_pipeline=<run>/pipeline)")
+
+
 def ship(run_dirs: Sequence[Path], dest: Path) -> Path:
-    """Write the last run's pipeline in float16 with its manifest to ``dest`` (replacing what is
-    there, in one rename); returns ``dest``."""
+    """Write the runs' pipelines, laid over one another in order, in float16 with their manifest
+    to ``dest`` (replacing what is there, in one rename); returns ``dest``."""
     run_dirs = [Path(r) for r in run_dirs]
     if not run_dirs:
         raise UserError("name at least one training run folder to ship")
@@ -85,15 +124,20 @@ def ship(run_dirs: Sequence[Path], dest: Path) -> Path:
         if not (run_dir / "metrics.json").is_file():
             raise UserError(f"{run_dir} is not a finished training run (no metrics.json): "
                             "finish it first (python run.py --resume <folder>)")
-    pipeline = run_dirs[-1] / "pipeline"
-    if not (pipeline / "pipeline.json").is_file():
-        raise UserError(f"{pipeline} holds no pipeline.json: the last run named must be the "
-                        "one whose pipeline is shipped")
+        if not (run_dir / "pipeline" / "pipeline.json").is_file():
+            raise UserError(f"{run_dir / 'pipeline'} holds no pipeline.json: the run did not "
+                            "export its pipeline (resume it to finish)")
+    pipelines = [r / "pipeline" for r in run_dirs]
+    _check_one_conditioner(pipelines)
+    sources = {source.relative_to(pipeline): source for pipeline in pipelines
+               for source in sorted(pipeline.rglob("*")) if source.is_file()}
     with replacing_folder(dest) as tmp:
-        for source in sorted(p for p in pipeline.rglob("*") if p.is_file()):
-            target = tmp / source.relative_to(pipeline)
+        for name, source in sorted(sources.items()):
+            target = tmp / name
             target.parent.mkdir(parents=True, exist_ok=True)
-            if source.suffix == ".safetensors":
+            if name == Path("pipeline.json"):
+                write_json(target, _merged_pipeline_json(pipelines))
+            elif source.suffix == ".safetensors":
                 _half_safetensors(source, target)
             else:
                 shutil.copyfile(source, target)

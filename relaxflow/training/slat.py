@@ -87,6 +87,7 @@ class SlatFlowTraining:
     t_logit_mean: float = 1.0
     t_logit_std: float = 1.0
     condition_views: int = 2  # the first renders of each instance whose tokens condition it
+    ema_decay: float = 0.0  # as stage 1's flow.ema_decay
 
 
 @dataclass
@@ -320,8 +321,8 @@ class SlatTrainer(TwoPhaseTrainer):
             velocity = self.flow(SparseTensor(x_t.to(self.device), coords.to(self.device)),
                                  1000 * t.to(self.device), cond.to(self.device)).feats
         loss = F.mse_loss(velocity.float(), target.to(self.device))
-        grad_norm = optimise(loss, self.flow_optimizer, list(self.flow.parameters()),
-                             self.grad_clip)
+        grad_norm = optimise(loss, self.flow_optimizer, self.flow_parameters(), self.grad_clip)
+        self.average_flow()
         return {"loss": loss.item(), "t_mean": t.mean().item(), "grad_norm": grad_norm}
 
     # -- held-out metrics (TwoPhaseTrainer.evaluate; the module docstring) ----------------------
@@ -381,7 +382,9 @@ class SlatTrainer(TwoPhaseTrainer):
                 "flow_optimizer": self.flow_optimizer.state_dict(),
                 "rng": self.rng.get_state(), "normalization": self.normalization,
                 "orders": {phase.value: order.state_dict()
-                           for phase, order in self.orders.items()}}
+                           for phase, order in self.orders.items()},
+                "flow_average": None if self.flow_average is None
+                else self.flow_average.state_dict()}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.step, self.wall_s = state["step"], state["wall_s"]
@@ -393,6 +396,7 @@ class SlatTrainer(TwoPhaseTrainer):
         self.normalization = state["normalization"]
         for phase, order in self.orders.items():
             order.load_state_dict(state["orders"][phase.value])
+        self.load_average(state)
         self.flow_data = None
 
     # -- the released layout -------------------------------------------------------------------

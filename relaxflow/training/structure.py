@@ -31,11 +31,11 @@ from __future__ import annotations
 
 import copy
 import json
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, ContextManager, Dict, List, Optional, Tuple
+from typing import Any, ContextManager, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -82,6 +82,9 @@ class FlowTraining:
     # Train the conditioner's transformer layers with the flow (its input embeddings stay as
     # initialised); false keeps it frozen and random.
     train_conditioner: bool = True
+    # Decay of the exponential moving average of what the flow phase trains (ParameterAverage):
+    # held-out metrics and the exported pipeline use the average. 0: none, the last weights.
+    ema_decay: float = 0.0
 
 
 @dataclass
@@ -204,6 +207,49 @@ def optimise(loss: Tensor, optimizer: torch.optim.Optimizer, params: List[nn.Par
     return float(norm)
 
 
+class ParameterAverage:
+    """An exponential moving average of parameters, the weights a flow is evaluated and shipped
+    with (TRELLIS keeps one at 0.9999 over a million steps; short runs want less). The decay
+    warms up as ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates, so the first steps'
+    weights do not linger.
+
+    Owns its state (``state_dict``): the average ``[same shapes as the parameters]`` and the
+    update count, so a resumed run continues it exactly."""
+
+    def __init__(self, params: Sequence[nn.Parameter], decay: float):
+        self.params, self.decay = list(params), decay
+        self.average = [p.detach().clone() for p in self.params]
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Move the average toward the parameters (after an optimiser step)."""
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(self.average, [p.detach() for p in self.params], 1.0 - decay)
+        self.updates += 1
+
+    @contextmanager
+    def applied(self):
+        """The parameters hold the average inside the block, their own values again after."""
+        own = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, a in zip(self.params, self.average):
+                p.copy_(a)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, o in zip(self.params, own):
+                    p.copy_(o)
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"average": [a.clone() for a in self.average], "updates": self.updates}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.average = [a.to(p.device, p.dtype) for a, p in zip(state["average"], self.params)]
+        self.updates = state["updates"]
+
+
 # -- the data order ------------------------------------------------------------------------------
 class EpochOrder:
     """Indices ``0..n-1`` in a fresh random order every epoch, taken a batch at a time."""
@@ -249,6 +295,7 @@ class TwoPhaseTrainer:
     encoder: nn.Module
     decoder: nn.Module
     flow: nn.Module
+    flow_average: Optional[ParameterAverage] = None  # made at the flow phase's first step
 
     @property
     def total_steps(self) -> int:
@@ -266,6 +313,35 @@ class TwoPhaseTrainer:
         record = self._vae_step() if phase is Phase.vae else self._flow_step()
         self.step += 1
         return {"step": self.step, "phase": phase.value, **record}
+
+    def flow_parameters(self) -> List[nn.Parameter]:
+        """What the flow phase trains (and averages): the flow's parameters."""
+        return list(self.flow.parameters())
+
+    def load_average(self, state: Dict[str, Any]) -> None:
+        """The flow phase's average from a checkpoint's ``state`` (none before the phase)."""
+        self.flow_average = None
+        if state.get("flow_average") is not None:
+            self.flow_average = ParameterAverage(self.flow_parameters(), self.s.flow.ema_decay)
+            self.flow_average.load_state_dict(state["flow_average"])
+
+    def average_flow(self) -> None:
+        """Update the flow phase's average (``s.flow.ema_decay`` > 0), made at its first
+        step: from the weights the phase starts with (a VAE just trained, or ``init_from``'s)."""
+        if self.s.flow.ema_decay <= 0:
+            return
+        if self.flow_average is None:
+            self.flow_average = ParameterAverage(self.flow_parameters(), self.s.flow.ema_decay)
+        self.flow_average.update()
+
+    @contextmanager
+    def averaged(self):
+        """The flow phase's models hold their average inside the block (when there is one)."""
+        if self.flow_average is None:
+            yield
+        else:
+            with self.flow_average.applied():
+                yield
 
     def flow_sampler(self) -> FlowEulerSampler:
         """The sampler of held-out metrics (``s.eval.sampler``, the flow's ``sigma_min``)."""
@@ -285,7 +361,8 @@ class TwoPhaseTrainer:
         try:
             if self.step <= self.s.vae.steps:
                 return self._evaluate_vae()
-            return self._evaluate_flow()
+            with self.averaged():
+                return self._evaluate_flow()
         finally:
             for model, training in zip(models, was_training):
                 model.train(training)
@@ -392,6 +469,7 @@ class StructureTrainer(TwoPhaseTrainer):
             velocity = self.flow(x_t.to(self.device), 1000 * t.to(self.device), cond)
         loss = F.mse_loss(velocity.float(), target.to(self.device))
         grad_norm = optimise(loss, self.flow_optimizer, self.flow_parameters(), self.s.grad_clip)
+        self.average_flow()
         return {"loss": loss.item(), "t_mean": t.mean().item(), "grad_norm": grad_norm}
 
     # -- held-out metrics (TwoPhaseTrainer.evaluate) --------------------------------------------
@@ -443,7 +521,9 @@ class StructureTrainer(TwoPhaseTrainer):
                 "vae_optimizer": self.vae_optimizer.state_dict(),
                 "flow_optimizer": self.flow_optimizer.state_dict(),
                 "rng": self.rng.get_state(),
-                "orders": {phase.value: order.state_dict() for phase, order in self.orders.items()}}
+                "orders": {phase.value: order.state_dict() for phase, order in self.orders.items()},
+                "flow_average": None if self.flow_average is None
+                else self.flow_average.state_dict()}
 
     def load_weights(self, state: Dict[str, Any]) -> None:
         """The four models' weights from a checkpoint's ``state`` (nothing else of it)."""
@@ -460,6 +540,7 @@ class StructureTrainer(TwoPhaseTrainer):
         self.rng.set_state(state["rng"])
         for phase, order in self.orders.items():
             order.load_state_dict(state["orders"][phase.value])
+        self.load_average(state)
         self.flow_data = None
 
     # -- the released layout -------------------------------------------------------------------
