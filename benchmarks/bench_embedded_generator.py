@@ -6,7 +6,7 @@ For every category, ``--per-category`` held-out instances (seeds no training run
 ``cfd.shapes.held_out_seeds``), one random view each (a camera drawn in the shape dataset's
 ranges, 96 px, as the training renders), lifted by the ``generate`` job in this process
 (``image=`` the view, ``truth=`` the instance), exactly as a user runs it. Per instance: the
-stage-1 occupancy's IoU with the analytic grid; when the pipeline has stage 2, the splats'
+stage-1 occupancy's IoU with the analytic grid and its F-score at one voxel of tolerance; when the pipeline has stage 2, the splats'
 PSNR and mask IoU from 8 views around the object (``cfd.evaluation.generation``) and from the
 input view; the job's wall time (loading and running every stage).
 
@@ -92,7 +92,7 @@ def median(values: List[float]) -> float:
 
 
 def summary(results: List[Dict[str, Any]]) -> str:
-    keys = [k for k in ("structure_iou", "psnr_around", "mask_iou_around", "psnr_input",
+    keys = [k for k in ("structure_iou", "structure_f_score", "psnr_around", "mask_iou_around", "psnr_input",
                         "mask_iou_input", "wall_s") if any(k in r for r in results)]
     references = {name: reference_ious(name, held_out_seeds(max(2, len(
         [r for r in results if r["category"] == name]))), results[0]["resolution"])

@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cfd.evaluation.generation import (cameras_around, instance, structure_iou, to_world,
-                                       view_scores)
+from cfd.evaluation.generation import (cameras_around, instance, structure_f_score,
+                                       structure_iou, to_world, view_scores)
 from cfd.utils.media import save_image
 from cfd.visualize import write_orbit_video
 from core.devices import Precision, resolve_device
@@ -162,7 +162,8 @@ def run(cfg) -> Dict[str, Any]:
     voxels = len(coords["plain"])
     truth = None if c.truth is None else instance(c.truth)
     scores = {} if truth is None else {
-        "structure_iou": structure_iou(coords["plain"][:, 1:], resolution, truth)}
+        "structure_iou": structure_iou(coords["plain"][:, 1:], resolution, truth),
+        "structure_f_score": structure_f_score(coords["plain"][:, 1:], resolution, truth)}
     absent = [STAGE_NAMES[stage] for stage in ("latent", "decode") if stage not in pipe.stages]
     if absent:
         return folder.finish({**clock.seconds, "voxels": voxels, "stages": list(pipe.stages),

@@ -10,7 +10,7 @@ import torch
 
 import run
 from cfd.evaluation.generation import (cameras_around, instance, parse_instance,
-                                       structure_iou, to_world, view_scores)
+                                       structure_f_score, structure_iou, to_world, view_scores)
 from cfd.shapes import GENERATOR_SCALE, category, object_splats, occupancy_grid
 from relaxflow.loading import conditioning_model, read_pipeline
 from tests.test_trellis_loading import pipeline_dir  # noqa: F401 (a fixture)
@@ -50,7 +50,7 @@ def test_generate_lifts_a_drawn_prompt_and_scores_it(own_conditioner_pipeline, t
         assert (folder / name).is_file(), name
     metrics = json.loads((folder / "metrics.json").read_text())
     assert metrics["draw_s"] > 0 and metrics["splats"] > 0
-    assert 0 <= metrics["structure_iou"] <= 1
+    assert 0 <= metrics["structure_iou"] <= metrics["structure_f_score"] <= 1
     assert 0 < metrics["psnr_around"] < 60 and 0 <= metrics["mask_iou_around"] <= 1
 
 
@@ -73,6 +73,14 @@ def test_an_instance_scores_perfectly_against_itself():
     cells = occupancy_grid(obj, 16).nonzero()
     assert structure_iou(cells, 16, obj) == 1.0
     assert structure_iou(cells[: len(cells) // 2], 16, obj) == pytest.approx(0.5, abs=0.01)
+    # one voxel off: the IoU falls, the F-score at one voxel of tolerance does not
+    moved = cells + torch.tensor([1, 0, 0])
+    moved = moved[moved[:, 0] < 16]
+    assert structure_iou(moved, 16, obj) < 0.9 and structure_f_score(moved, 16, obj) > 0.97
+    assert structure_f_score(cells, 16, obj) == 1.0
+    far = category("house").sample(1000001)  # another shape: both fall
+    far_cells = occupancy_grid(far, 16).nonzero()
+    assert structure_f_score(far_cells, 16, obj) < 0.8
     own = object_splats(obj).scaled(GENERATOR_SCALE)  # as a generator would give it
     scores = view_scores(to_world(own), obj, cameras_around(4, 48))
     assert min(scores["mask_iou"]) > 0.99 and min(scores["psnr"]) > 50
