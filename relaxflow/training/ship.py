@@ -93,7 +93,9 @@ def _merged_pipeline_json(pipelines: Sequence[Path]) -> Dict[str, Any]:
 
 
 def _conditioner_weights(pipeline: Path) -> Dict[str, str]:
-    """sha256 of each conditioner weight file in a pipeline folder, by its path in the folder."""
+    """sha256 of each conditioner weight file in a pipeline folder, by its path in the folder.
+    (Its pipeline.json is read as JSON, not by ``read_pipeline``: a run laid over others may
+    name only the models it trained.)"""
     name = json.loads((pipeline / "pipeline.json").read_text())["args"].get("image_cond_model")
     folder = pipeline / name if isinstance(name, str) else None
     if folder is None or not folder.is_dir():

@@ -383,8 +383,7 @@ class SlatTrainer(TwoPhaseTrainer):
                 "rng": self.rng.get_state(), "normalization": self.normalization,
                 "orders": {phase.value: order.state_dict()
                            for phase, order in self.orders.items()},
-                "flow_average": None if self.flow_average is None
-                else self.flow_average.state_dict()}
+                "flow_average": self.average_state()}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.step, self.wall_s = state["step"], state["wall_s"]

@@ -318,6 +318,10 @@ class TwoPhaseTrainer:
         """What the flow phase trains (and averages): the flow's parameters."""
         return list(self.flow.parameters())
 
+    def average_state(self) -> Optional[Dict[str, Any]]:
+        """The flow phase's average for a checkpoint (None before the phase, or without one)."""
+        return None if self.flow_average is None else self.flow_average.state_dict()
+
     def load_average(self, state: Dict[str, Any]) -> None:
         """The flow phase's average from a checkpoint's ``state`` (none before the phase)."""
         self.flow_average = None
@@ -326,22 +330,17 @@ class TwoPhaseTrainer:
             self.flow_average.load_state_dict(state["flow_average"])
 
     def average_flow(self) -> None:
-        """Update the flow phase's average (``s.flow.ema_decay`` > 0), made at its first
-        step: from the weights the phase starts with (a VAE just trained, or ``init_from``'s)."""
+        """Update the flow phase's average (``s.flow.ema_decay`` > 0), made at the phase's
+        first step (so ``init_from``'s weights, not a fresh start, are what it begins from)."""
         if self.s.flow.ema_decay <= 0:
             return
         if self.flow_average is None:
             self.flow_average = ParameterAverage(self.flow_parameters(), self.s.flow.ema_decay)
         self.flow_average.update()
 
-    @contextmanager
-    def averaged(self):
+    def averaged(self) -> ContextManager:
         """The flow phase's models hold their average inside the block (when there is one)."""
-        if self.flow_average is None:
-            yield
-        else:
-            with self.flow_average.applied():
-                yield
+        return nullcontext() if self.flow_average is None else self.flow_average.applied()
 
     def flow_sampler(self) -> FlowEulerSampler:
         """The sampler of held-out metrics (``s.eval.sampler``, the flow's ``sigma_min``)."""
@@ -522,8 +521,7 @@ class StructureTrainer(TwoPhaseTrainer):
                 "flow_optimizer": self.flow_optimizer.state_dict(),
                 "rng": self.rng.get_state(),
                 "orders": {phase.value: order.state_dict() for phase, order in self.orders.items()},
-                "flow_average": None if self.flow_average is None
-                else self.flow_average.state_dict()}
+                "flow_average": self.average_state()}
 
     def load_weights(self, state: Dict[str, Any]) -> None:
         """The four models' weights from a checkpoint's ``state`` (nothing else of it)."""
