@@ -227,8 +227,8 @@ def refine_case(case: AmodalCase, out: Path, steps: int, model: str) -> List[Dic
             *[f"relaxflow.camera.{k}={v}" for k, v in camera.items()],
             f"output_dir={out / 'runs' / f'refine_{budget}'}"]))
         if budget == steps:
-            rows.append(("relaxflow", 0, Path(result["relaxflow"]["run_dir"]) / "splats.ply",
-                         result["relaxflow"]))
+            rows.append(("relaxflow", 0, Path(result["start"]["run_dir"]) / "splats.ply",
+                         result["start"]))
         rows.append((f"refine_{'full' if budget == steps else 'third'}", budget,
                      Path(result["cfd"]["run_dir"]) / "splats.ply", result["cfd"]))
     scored = []

@@ -10,9 +10,13 @@ first drawn as an image by a 2D model (``draw``: the embedded prior by default, 
 prompts ``python run.py prompts`` lists), written as ``input.png``, and lifted.
 
 Writes ``splats.ply``, ``orbit.mp4``, ``occupancy.npz`` (the stage-1 voxels, ``coords [N, 3]``
-at ``resolution``) with a PNG of them, and ``metrics.json`` (stage timings, counts; with
+at ``resolution``) with a PNG of them, and ``metrics.json`` (stage timings, the whole run's
+``wall_s``, counts; with
 ``truth=<category>/<seed>``, the shape-world instance the image shows, the structure's IoU and
-the splats' PSNR and mask IoU from 8 views around it: ``cfd.evaluation.generation``). Stage
+the splats' PSNR and mask IoU from 8 views around it: ``cfd.evaluation.generation``; for a
+prompt of the shape world lifted by the embedded generator, whose box is the world's, the
+``psnr`` and ``mask_iou`` of held-out views best over the prompt's variants and turns, as the
+distill job measures them, with ``vs_truth.png``). Stage
 models are loaded when their stage starts and released after it (``offload=reload``), so only
 one stage's weights are in memory at a time.
 
@@ -23,6 +27,7 @@ splats were made and which stage is absent.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -33,13 +38,15 @@ from torch import Tensor
 
 from cfd.evaluation.generation import (cameras_around, instance, structure_f_score,
                                        structure_iou, to_world, view_scores)
+from cfd.systems.ground_truth import evaluate_against_shape_world, has_ground_truth
 from cfd.utils.media import save_image
 from cfd.visualize import write_orbit_video
 from core.devices import Precision, resolve_device
 from core.errors import UserError
 from jobs.skeleton import RunFolder, check_output, typed
 from relaxflow.conditioning import ImageConditioner, TextConditioner, load_object, preprocess_image
-from relaxflow.loading import STAGE_NAMES, PipelineSpec, conditioning_model, read_pipeline
+from relaxflow.loading import (EMBEDDED_PIPELINES, STAGE_NAMES, PipelineSpec, conditioning_model,
+                               read_pipeline)
 from relaxflow.pipeline import Offload, Stopwatch, TrellisPipeline
 from relaxflow.priors import PriorImagesConfig, check_prior_request, prior_images
 from relaxflow.runner import decode, sample_latents, sample_structures, save_voxels
@@ -129,12 +136,21 @@ def _conditions(c: GenerateConfig, image: Optional[Tensor], spec: PipelineSpec,
     return cond, text.negative(cond)
 
 
-def run(cfg) -> Dict[str, Any]:
-    c: GenerateConfig = typed(cfg)
-    # 1. every input, the output folder and the pipeline folder, before a model loads
-    device = resolve_device(c.device)
+def check(c: GenerateConfig) -> Optional[Tensor]:
+    """Every input, the pipeline folder's files and the output folder, before a model loads or
+    a file is written; the preprocessed image ``[3, S, S]`` of an image run, None for a
+    prompt."""
     image = _observation(c, read_pipeline(c.model))
     check_output(c.output_dir, c.name)
+    return image
+
+
+def run(cfg) -> Dict[str, Any]:
+    c: GenerateConfig = typed(cfg)
+    start = time.perf_counter()
+    # 1. every input, the output folder and the pipeline folder, before a model loads
+    device = resolve_device(c.device)
+    image = check(c)
     pipe = TrellisPipeline.from_pretrained(c.model, device=device, precision=c.precision,
                                            offload=c.offload)
     # 2. a prompt for an image pipeline drawn as an image, the condition (its model loads
@@ -166,7 +182,8 @@ def run(cfg) -> Dict[str, Any]:
         "structure_f_score": structure_f_score(coords["plain"][:, 1:], resolution, truth)}
     absent = [STAGE_NAMES[stage] for stage in ("latent", "decode") if stage not in pipe.stages]
     if absent:
-        return folder.finish({**clock.seconds, "voxels": voxels, "stages": list(pipe.stages),
+        return folder.finish({**clock.seconds, "wall_s": time.perf_counter() - start,
+                              "voxels": voxels, "stages": list(pipe.stages),
                               "device": str(device), **scores},
                              f"{voxels} voxels; wrote occupancy.npz only: the pipeline "
                              f"{pipe.spec.root} has no {' and no '.join(absent)}, so no splats")
@@ -183,7 +200,13 @@ def run(cfg) -> Dict[str, Any]:
         around = view_scores(to_world(splats), truth, cameras_around().to(splats.device))
         scores.update({f"{key}_around": float(np.median(values))
                        for key, values in around.items()})
-    return folder.finish({**clock.seconds, "voxels": voxels, "splats": len(splats),
+    elif c.prompt is not None and c.model in EMBEDDED_PIPELINES and has_ground_truth(c.prompt):
+        scores.update(evaluate_against_shape_world(to_world(splats), c.prompt, background=1.0,
+                                                   comparison_path=folder.path / "vs_truth.png"))
+        print(f"held-out PSNR {scores['psnr']:.2f} dB, mask IoU {scores['mask_iou']:.3f} "
+              f"(best: {scores['variant']} rotated {scores['rotation_deg']:.0f} deg)")
+    return folder.finish({**clock.seconds, "wall_s": time.perf_counter() - start,
+                          "voxels": voxels, "splats": len(splats),
                           "device": str(device), **scores},
                          f"{voxels} voxels, {len(splats)} splats; wrote splats.ply, orbit.mp4 "
                          "and occupancy.npz")

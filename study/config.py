@@ -40,6 +40,11 @@ class MethodConfig:
     config: str = MISSING
     overrides: List[str] = field(default_factory=list)
     job_keys: JobKeys = field(default_factory=JobKeys)
+    # What the study's scoring multiplies the run's saved splats by (about the origin) to bring
+    # them into the frame of the ground truth and of the other methods: 1 for the distill and
+    # refine jobs, whose scenes are the world's; the embedded generator's box is the world
+    # scaled by cfd.shapes.GENERATOR_SCALE, so its generate runs take 1 / 0.625 = 1.6.
+    scene_scale: float = 1.0
 
 
 @dataclass

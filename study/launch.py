@@ -42,6 +42,7 @@ class RunSpec:
     overrides: Tuple[str, ...]  # the method's, then prompt, seed and output folder
     workdir: str
     threads: int
+    scene_scale: float = 1.0  # the method's (study.config.MethodConfig)
 
     def start_command(self) -> List[str]:
         return [*self.command, "--config", self.config, *self.overrides]

@@ -59,7 +59,8 @@ def method_run(cfg: StudyConfig, method: MethodConfig, prompt: str, seed: int) -
     return RunSpec(key=key, method=method.name, prompt=prompt, seed=seed,
                    output_dir=str(output_dir),
                    command=job_command(cfg.command), config=method.config, overrides=overrides,
-                   workdir=str(workdir), threads=cfg.threads_per_run)
+                   workdir=str(workdir), threads=cfg.threads_per_run,
+                   scene_scale=method.scene_scale)
 
 
 def plan_runs(cfg: StudyConfig) -> List[RunSpec]:
@@ -77,6 +78,9 @@ def plan_runs(cfg: StudyConfig) -> List[RunSpec]:
         if slugify(method.name) != method.name:
             raise ConfigError(f"method name '{method.name}' is not a folder name; use e.g. "
                               f"'{slugify(method.name)}'")
+        if not method.scene_scale > 0:
+            raise ConfigError(f"method '{method.name}': scene_scale must be > 0, got "
+                              f"{method.scene_scale}")
         if not (workdir / method.config).is_file():
             raise ConfigError(f"method '{method.name}': config file {workdir / method.config} "
                               "does not exist")

@@ -2,7 +2,8 @@
 config, :class:`~study.config.ScoringConfig`), in two stages:
 
 Per run, after it finished (:func:`score_runs`)
-    The run's scene (``splats.ply``, or ``nerf.safetensors`` with its config) is loaded and:
+    The run's scene (``splats.ply``, or ``nerf.safetensors`` with its config) is loaded,
+    brought into the world's frame by its method's ``scene_scale`` (a generator's box), and:
 
     * **geometry** (``scoring.geometry`` or ``scoring.diversity``): ``surface_points`` points on
       its surface (splats: drawn by opacity, each from its Gaussian; a NeRF: boundary cells of
@@ -54,7 +55,7 @@ import itertools
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -66,6 +67,7 @@ from cfd.evaluation import (ClipModels, chamfer_distance, clip_r_precision, clip
                             dinov2_cls_features, export_gpteval3d, frechet_distance, load_clip,
                             load_dinov2, scene_surface_points)
 from cfd.renderers import render
+from cfd.scene import Splats
 from cfd.shapes import object_splats, objects_for
 from cfd.systems.ground_truth import geometry_against_shape_world, has_ground_truth
 from cfd.systems.scenes import load_saved_scene
@@ -166,11 +168,11 @@ class Scorers:
             if dinov2 and cfg.dinov2_model else None)
 
 
-def score_settings(cfg: ScoringConfig) -> Dict[str, object]:
+def score_settings(cfg: ScoringConfig, spec: RunSpec) -> Dict[str, object]:
     """The settings a run's scores depend on (not where they were computed)."""
     settings = asdict(cfg)
     del settings["device"]
-    return settings
+    return {**settings, "scene_scale": spec.scene_scale}
 
 
 @torch.no_grad()
@@ -184,11 +186,23 @@ def orbit_renders(scene, render_options: dict, cfg: ScoringConfig) -> Tensor:
                       for i in range(len(cameras))]).clamp(0, 1)
 
 
+def world_scene(run_dir: Path, scene_scale: float, device: str) -> Tuple[object, dict]:
+    """A finished run's saved scene in the world's frame (its method's ``scene_scale``) and
+    its render options."""
+    scene, render_options = load_saved_scene(run_dir, device)
+    if scene_scale == 1.0:
+        return scene, render_options
+    if not isinstance(scene, Splats):
+        raise UserError(f"{run_dir} saved a NeRF, which the study cannot rescale: leave its "
+                        f"method's scene_scale at 1 (got {scene_scale})")
+    return scene.scaled(scene_scale), render_options
+
+
 def score_run(cfg: ScoringConfig, scorers: Scorers, spec: RunSpec, run_dir: Path,
               prompts: List[str], export_dir: Path) -> Dict[str, object]:
     """Score one finished run (module docstring); its scores, its surface and features written
     into ``run_dir``."""
-    scene, render_options = load_saved_scene(run_dir, cfg.device)
+    scene, render_options = world_scene(run_dir, spec.scene_scale, cfg.device)
     scores: Dict[str, object] = {}
     if measures_geometry(cfg):
         # not the ground truth's seed (0): a draw on a run that is the ground truth then
@@ -231,13 +245,12 @@ def score_runs(cfg: StudyConfig, specs: List[RunSpec], state: StudyState,
     scoring = cfg.scoring
     if not scores_anything(scoring):
         return
-    settings = score_settings(scoring)
     todo = []
     for spec in specs:
         record = state.record(spec)
         if record.status != RunStatus.done.value:
             continue
-        scores = saved_scores(Path(record.run_dir), settings)
+        scores = saved_scores(Path(record.run_dir), score_settings(scoring, spec))
         if scores is None:
             todo.append(spec)
         elif record.scores != scores:  # a state file older than the scores
@@ -257,7 +270,8 @@ def score_runs(cfg: StudyConfig, specs: List[RunSpec], state: StudyState,
         except (UserError, ValueError) as err:  # an unreadable scene: the study goes on
             tqdm.write(f"run {spec.key} not scored: {err}")
             continue
-        write_json(run_dir / SCORES_NAME, {"settings": settings, "scores": scores})
+        write_json(run_dir / SCORES_NAME, {"settings": score_settings(scoring, spec),
+                                           "scores": scores})
         record.scores = scores
         state.save()
 
@@ -300,13 +314,13 @@ def scored_run_dirs(cfg: ScoringConfig, specs: List[RunSpec], state: StudyState,
                     name: str) -> Dict[str, Path]:
     """The folders of the runs scored with the current settings that hold the scoring's file
     ``name``, by run key."""
-    settings = score_settings(cfg)
     found = {}
     for spec in specs:
         record = state.record(spec)
         if record.status == RunStatus.done.value:
             run_dir = Path(record.run_dir)
-            if saved_scores(run_dir, settings) is not None and (run_dir / name).is_file():
+            if saved_scores(run_dir, score_settings(cfg, spec)) is not None and \
+                    (run_dir / name).is_file():
                 found[spec.key] = run_dir
     return found
 

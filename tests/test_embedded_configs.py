@@ -5,6 +5,7 @@ import pytest
 
 from cfd.config import load_config
 from core.errors import UserError
+import run
 from jobs import distill, generate, refine, relaxflow
 
 
@@ -46,3 +47,17 @@ def test_scale_by_multiplies_the_ply_about_the_origin(tmp_path):
     scene = SplatScene(cfg, torch.device("cpu"), torch.Generator()).scene
     torch.testing.assert_close(scene.means, source.means * 1.6)
     torch.testing.assert_close(scene.scales, source.scales * 1.6)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["mask=m.png"], "mask= and priors= belong to an observation"),
+    (["generate.model=/nowhere/trellis"], "generate."),
+    (["generate.draw.n_images=2"], "generate lifts one image")])
+def test_refine_from_a_prompt_checks_its_start_before_any_folder(tmp_path, capsys, extra,
+                                                                 message):
+    out = tmp_path / "out"
+    code = run.main(["refine", "--config", "configs/refine-embedded.yaml", "prompt=a mug",
+                     f"output_dir={out}", *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err
+    assert not out.exists()

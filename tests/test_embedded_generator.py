@@ -6,11 +6,14 @@ import json
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 from PIL import Image
 from safetensors.torch import load_file
 
 import run
 from cfd.evaluation.amodal import generator_camera, make_cases, observe
+from cfd.scene import Splats
+from cfd.shapes import objects_for
 from relaxflow.loading import EMBEDDED_PIPELINES, load_model, read_pipeline
 from relaxflow.training.ship import MANIFEST, size_bytes, verify
 
@@ -82,4 +85,28 @@ def test_refine_runs_the_stack_on_the_generator(occluded, tmp_path):
                      f"prompt={case.prompt}", f"output_dir={tmp_path}", "distill.steps=6",
                      "distill.video_frames=2", "relaxflow.video_frames=2",
                      *[f"relaxflow.{c}" for c in camera]]) == 0
-    assert list(Path(tmp_path).rglob("splats.ply"))
+    (run_dir,) = (tmp_path / "refine-embedded").iterdir()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert (run_dir / "splats.ply").is_file() and (run_dir / "orbit.mp4").is_file()
+    assert Path(metrics["start"]["run_dir"]).parent.name == "relaxflow-embedded"
+    assert metrics["variant"] in {o.name for o in objects_for(case.prompt)}
+    assert metrics["psnr"] > 10
+
+
+def test_refine_from_a_prompt_refines_the_generated_object(tmp_path):
+    """No observation: the generator's output for the prompt starts CFD, nothing locked, and
+    the top of the run holds the refined scene, measured as the distill job measures."""
+    assert run.main(["refine", "--config", "configs/refine-embedded.yaml", "prompt=a mug",
+                     "seed=3", f"output_dir={tmp_path}", "distill.steps=4",
+                     "distill.video_frames=2", "generate.video_frames=2"]) == 0
+    (run_dir,) = (tmp_path / "refine-embedded").iterdir()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    start = Path(metrics["start"]["run_dir"])
+    assert start.parent.name == "generate-embedded" and (start / "input.png").is_file()
+    mugs = {o.name for o in objects_for("a mug")}
+    assert metrics["start"]["variant"] in mugs and metrics["variant"] in mugs
+    assert metrics["cfd"]["steps"] == 4 and metrics["wall_s"] > metrics["cfd"]["wall_s"]
+    saved = OmegaConf.load(Path(metrics["cfd"]["run_dir"]) / "config.yaml")
+    assert saved.seed == 3 and saved.splats.init.lock_visible is False
+    refined, generated = (Splats.load_ply(d / "splats.ply") for d in (run_dir, start))
+    assert len(refined) == len(generated)

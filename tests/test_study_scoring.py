@@ -13,7 +13,8 @@ import torch
 
 from cfd.evaluation import scene_surface_points
 from cfd.scene import NeRFConfig, NeRFField
-from cfd.shapes import object_splats, objects_for
+from cfd.config import ConfigError
+from cfd.shapes import GENERATOR_SCALE, object_splats, objects_for
 from cfd.systems.ground_truth import geometry_against_shape_world
 from cfd.systems.scenes import load_saved_scene, save_nerf_outputs
 from core.errors import UserError
@@ -82,6 +83,28 @@ def test_geometry_and_diversity_of_known_scenes(tmp_path):
     run_study(load_study(path))
     assert scores_file.stat().st_mtime_ns == before
     assert read_rows(tmp_path)[("alpha", "0")]["chamfer"] == rows[("alpha", "0")]["chamfer"]
+
+
+def test_a_generators_box_is_scaled_into_the_world_before_scoring(tmp_path):
+    """A method whose scenes are in a generator's box (the world scaled by 0.625) is scored
+    in the world's frame through its scene_scale; changing the scale scores it again."""
+    obj = next(o for o in objects_for("a mug") if o.name == "mug_red")
+    object_splats(obj).scaled(GENERATOR_SCALE).save_ply(tmp_path / "boxed.ply")
+    method = {"name": "gen", "config": str(tmp_path / "fake.yaml"),
+              "overrides": [f"splats={tmp_path}/boxed.ply"]}
+
+    def study(scale: float) -> Path:
+        return write_fake_study(tmp_path, study={
+            "methods": [{**method, "scene_scale": scale}], "prompts": ["a mug"], "seeds": [0],
+            "scoring": {"geometry": True, "diversity": False, "surface_points": 3000}})
+
+    assert run_study(load_study(study(1 / GENERATOR_SCALE)))["done"] == 1
+    row = read_rows(tmp_path)[("gen", "0")]
+    assert float(row["chamfer"]) < 0.028 and row["gt_variant"] == "mug_red"
+    run_study(load_study(study(1.0)))
+    assert float(read_rows(tmp_path)[("gen", "0")]["chamfer"]) > 0.1  # unscaled: too small
+    with pytest.raises(ConfigError, match="scene_scale must be > 0"):
+        run_study(load_study(study(0.0)))
 
 
 def test_an_empty_result_is_infinitely_far():
