@@ -5,7 +5,7 @@
         [--methods relaxflow,flat,...] [--stride K] [--limit N] [--model embedded]
     python benchmarks/bench_amodal.py report OUT
     python benchmarks/bench_amodal.py refine OUT [--steps 300] [--stride K] [--limit N]
-        [--model embedded]
+        [--model embedded] [--refine-overrides key=value ...]
 
 ``cases`` draws the fixed case list (``cfd.evaluation.amodal.make_cases``: every category x
 the three hidden-share bands, seeded). ``run`` writes each case's observation and visible mask
@@ -209,8 +209,9 @@ def scene_scores(case: AmodalCase, world: Splats) -> Dict[str, float]:
             "mask_iou_visible": mask_iou(seen.alpha[0], mask[..., None].float(), mask)}
 
 
-def refine_case(case: AmodalCase, out: Path, steps: int, model: str) -> List[Dict[str, Any]]:
-    """The four results of one case, scored."""
+def refine_case(case: AmodalCase, out: Path, steps: int, model: str,
+                overrides: List[str]) -> List[Dict[str, Any]]:
+    """The four results of one case, scored (``overrides``: more settings of the refine runs)."""
     inputs = write_inputs(case, out / "inputs")
     camera = generator_camera(case)
     rows = []
@@ -225,7 +226,7 @@ def refine_case(case: AmodalCase, out: Path, steps: int, model: str) -> List[Dic
             f"relaxflow.model={model}", f"distill.steps={budget}", "distill.video_frames=12",
             f"relaxflow.camera.resolution={case.resolution}",
             *[f"relaxflow.camera.{k}={v}" for k, v in camera.items()],
-            f"output_dir={out / 'runs' / f'refine_{budget}'}"]))
+            f"output_dir={out / 'runs' / f'refine_{budget}'}", *overrides]))
         if budget == steps:
             rows.append(("relaxflow", 0, Path(result["start"]["run_dir"]) / "splats.ply",
                          result["start"]))
@@ -251,13 +252,13 @@ def refine_cases(args) -> None:
     for case in cases:
         if case.case_id in done:
             continue
-        rows = refine_case(case, args.out, args.steps, args.model)
+        rows = refine_case(case, args.out, args.steps, args.model, args.refine_overrides)
         with open(path, "a") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
         print(case.case_id + ": " + ", ".join(f"{r['result']} {r['psnr_around']:.2f} dB"
                                               for r in rows), flush=True)
     rows = [json.loads(line) for line in path.read_text().splitlines()]
-    keys = ("psnr_around", "mask_iou_around", "psnr_visible")
+    keys = ("psnr_around", "mask_iou_around", "psnr_visible", "wall_s")
     lines = [f"# refine on {len({r['case'] for r in rows})} cases", "",
              "| result | n | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
     for name in dict.fromkeys(r["result"] for r in rows):
@@ -409,6 +410,8 @@ def main() -> None:
     ref.add_argument("--stride", type=int, default=1,
                      help="every n-th case (6: one per category)")
     ref.add_argument("--model", default="embedded")
+    ref.add_argument("--refine-overrides", nargs="*", default=[],
+                     help="more settings of the refine runs, e.g. distill.splats.init.merge_cell=0.05")
     args = parser.parse_args()
     if args.command == "cases":
         drawn = make_cases(args.per_category_band, args.seed)

@@ -4,7 +4,10 @@ Each camera gets a direction from its elevation and azimuth (degrees; azimuth 0 
 front): ``overhead`` when ``elevation > overhead_threshold``, else ``front`` when
 ``|azimuth| < front_threshold``, ``back`` when ``|azimuth| > 180 - back_threshold``, ``side``
 otherwise; with ``split_sides``, ``side`` becomes ``left side`` (azimuth > 0: the camera on the
-object's left, +y) and ``right side``. With ``view_dependent`` on, the direction's suffix is
+object's left, +y) and ``right side``; with ``diagonal_views`` as well, the circle is cut into
+eight equal sectors centred on 0, 45, ..., 315 degrees (the thresholds then unused), the four
+between the others called ``front left``, ``back left``, ``back right`` and ``front right``.
+With ``view_dependent`` on, the direction's suffix is
 appended to the prompt ("a mug" -> "a mug, side view"). A text encoder reads a fixed window of
 tokens (CLIP: 77) and cuts what follows, so for a guidance model that names its windows
 (``text_windows``) a prompt too long to keep the suffixes inside them is cut at its end first,
@@ -25,6 +28,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from core.errors import UserError
 from core.runtime import atomic_write, cache_root
 
 from .base import Condition, Guidance, select
@@ -55,27 +59,50 @@ class PromptConfig:
     split_sides: bool = False
     left_side_suffix: str = ", left side view"
     right_side_suffix: str = ", right side view"
+    # Eight azimuth sectors of 45 degrees instead of four (needs split_sides): a prior that
+    # knows its cameras is told each view's azimuth to within 22.5 degrees, not 45.
+    diagonal_views: bool = False
+    front_left_suffix: str = ", front left view"
+    back_left_suffix: str = ", back left view"
+    back_right_suffix: str = ", back right view"
+    front_right_suffix: str = ", front right view"
     cache_dir: Optional[str] = None
     use_cache: bool = True
 
     def suffixes(self) -> Tuple[str, ...]:
         """The suffix of each direction index of ``view_directions``."""
         if self.split_sides:
-            return (self.front_suffix, self.left_side_suffix, self.back_suffix,
-                    self.overhead_suffix, self.right_side_suffix)
+            split = (self.front_suffix, self.left_side_suffix, self.back_suffix,
+                     self.overhead_suffix, self.right_side_suffix)
+            if self.diagonal_views:
+                return split + (self.front_left_suffix, self.back_left_suffix,
+                                self.back_right_suffix, self.front_right_suffix)
+            return split
         return (self.front_suffix, self.side_suffix, self.back_suffix, self.overhead_suffix)
+
+
+# the direction of each 45-degree sector, counter-clockwise from the front (diagonal_views)
+_SECTORS = (0, 5, 1, 6, 2, 7, 4, 8)
 
 
 def view_directions(elevation: Tensor, azimuth: Tensor, cfg: PromptConfig) -> Tensor:
     """Direction index per camera (0 front, 1 side, 2 back, 3 overhead; with ``split_sides``
-    1 is the left side and 4 the right). ``[B] -> [B]`` long."""
+    1 is the left side and 4 the right; with ``diagonal_views`` 5 front left, 6 back left,
+    7 back right, 8 front right). ``[B] -> [B]`` long."""
+    if cfg.diagonal_views and not cfg.split_sides:
+        raise UserError("prompt_processor.diagonal_views names left and right views: set "
+                        "prompt_processor.split_sides=true as well")
     az = torch.remainder(torch.as_tensor(azimuth, dtype=torch.float64) + 180.0, 360.0) - 180.0
     el = torch.as_tensor(elevation, dtype=torch.float64)
-    direction = torch.ones_like(az, dtype=torch.long)
-    if cfg.split_sides:
-        direction[az < 0] = 4
-    direction[az.abs() < cfg.front_threshold] = 0
-    direction[az.abs() > 180.0 - cfg.back_threshold] = 2
+    if cfg.diagonal_views:
+        sector = torch.remainder(torch.round(az / 45.0).long(), 8)
+        direction = torch.tensor(_SECTORS)[sector]
+    else:
+        direction = torch.ones_like(az, dtype=torch.long)
+        if cfg.split_sides:
+            direction[az < 0] = 4
+        direction[az.abs() < cfg.front_threshold] = 0
+        direction[az.abs() > 180.0 - cfg.back_threshold] = 2
     direction[el > cfg.overhead_threshold] = 3
     return direction
 

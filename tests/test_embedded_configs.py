@@ -49,6 +49,30 @@ def test_scale_by_multiplies_the_ply_about_the_origin(tmp_path):
     torch.testing.assert_close(scene.scales, source.scales * 1.6)
 
 
+def test_merge_cell_merges_the_ply_after_scaling_and_its_visibility_with_it(tmp_path):
+    import torch
+
+    from cfd.scene import group_mean, merge_in_cells, random_ball
+    from cfd.systems.scenes import InitConfig, InitKind, SplatScene, SplatSceneConfig
+
+    ply = tmp_path / "x.ply"
+    source = random_ball(400, 0.4, 0.02, 0.5, 0, generator=torch.Generator().manual_seed(0))
+    visibility = torch.rand(400, generator=torch.Generator().manual_seed(1))
+    source.save_ply(ply, {"visibility": visibility})
+    cfg = SplatSceneConfig(init=InitConfig(kind=InitKind.ply, path=str(ply), scale_by=1.6,
+                                           merge_cell=0.2, lock_visible=True))
+    cfg.densify.enabled = False
+    scene = SplatScene(cfg, torch.device("cpu"), torch.Generator())
+    want, group = merge_in_cells(source.scaled(1.6), 0.2)
+    assert 20 < len(scene.scene) == len(want) < 400  # cubes of 0.2 in a ball of 0.64
+    torch.testing.assert_close(scene.scene.means, want.means)
+    torch.testing.assert_close(scene.change_weight, 1 - group_mean(
+        visibility, source.opacities.detach(), group, len(want)))
+    with pytest.raises(UserError, match="merge_cell must be > 0"):
+        SplatScene.check(SplatSceneConfig(init=InitConfig(kind=InitKind.ply, path=str(ply),
+                                                          merge_cell=0.0)))
+
+
 @pytest.mark.parametrize("extra, message", [
     (["mask=m.png"], "mask= and priors= belong to an observation"),
     (["generate.model=/nowhere/trellis"], "generate."),

@@ -20,6 +20,7 @@ from cfd.renderers import render
 from cfd.shapes import (SHAPE_WORLD, ShapeDatasetConfig, build_shape_dataset, dataset_dir,
                         object_splats, prior_objects, prompts)
 from cfd.shapes import dataset as shape_dataset
+from core.errors import UserError
 from guidance.embedded import ClosedFormPrior
 from guidance.prompts import PromptConfig, PromptProcessor, view_directions
 from guidance.sampling import sample_latents
@@ -543,3 +544,26 @@ def test_guidance_takes_cameras_built_from_poses_alone(tmp_path):
     assert cond["direction"].tolist() == [0, 1, 2]  # front, side, back
     out = prior(torch.rand(3, 4, 4, 3), cams, processor, 0.5, torch.randn(3, 3, 4, 4))
     assert torch.isfinite(out["loss_sds"])
+
+
+def test_diagonal_views_cut_the_circle_into_eight_sectors(dataset, tmp_path):
+    """With ``diagonal_views`` each 45-degree sector has its own text, and the prior draws a
+    view from its own sector's images only."""
+    from cfd.systems.prior import GuidanceConfig, build_guidance
+
+    views = PromptConfig(prompt="a mug", split_sides=True, diagonal_views=True,
+                         overhead_threshold=30.0, cache_dir=str(tmp_path))
+    azimuth = torch.tensor([0.0, 20.0, 45.0, 90.0, 135.0, 180.0, -135.0, -90.0, -45.0, -25.0])
+    directions = view_directions(torch.zeros(10), azimuth, views).tolist()
+    assert directions == [0, 0, 5, 1, 6, 2, 7, 4, 8, 8]
+    assert view_directions(torch.tensor([40.0]), torch.tensor([45.0]), views).tolist() == [3]
+
+    prior = build_guidance(GuidanceConfig(dataset=dataset[0]), "cpu", views)
+    processor = PromptProcessor(views, prior)
+    assert processor.texts[5:] == ["a mug, front left view", "a mug, back left view",
+                                   "a mug, back right view", "a mug, front right view"]
+    cond, _ = processor(torch.zeros(1), torch.tensor([135.0]))
+    mask = prior.subset_mask(int(cond["prompt"][0]), int(cond["direction"][0]))
+    assert mask.any() and (prior.direction[mask] == 6).all()
+    with pytest.raises(UserError, match="split_sides=true"):
+        view_directions(torch.zeros(1), torch.zeros(1), PromptConfig(diagonal_views=True))

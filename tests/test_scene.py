@@ -208,3 +208,31 @@ def test_a_turned_scene_seen_from_a_turned_camera_looks_the_same():
     assert not torch.allclose(render(s, camera(100.0), "torch", 0.3).rgb, want, atol=1e-3)
     with pytest.raises(ValueError, match="SH degree 1"):
         _scene(degree=1).turned(10.0)
+
+
+def test_merge_in_cells_keeps_one_splat_per_occupied_cube():
+    """Two splats sharing a cube become one at their opacity-weighted centre and colour,
+    covering what both covered; a splat alone in its cube keeps its centre and colour."""
+    from cfd.scene import group_mean, merge_in_cells
+
+    means = torch.tensor([[0.01, 0.01, 0.01], [0.03, 0.01, 0.01], [0.51, 0.0, 0.0]])
+    colors = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    opacity = torch.tensor([0.2, 0.6, 0.5])
+    splats = Splats.from_activated(means, torch.full((3, 3), 0.01),
+                                   torch.tensor([[1.0, 0, 0, 0]]).repeat(3, 1), opacity, colors)
+    merged, group = merge_in_cells(splats, 0.1)
+    merged = merged.requires_grad_(False)
+    assert len(merged) == 2 and group[0] == group[1] != group[2]
+    pair, alone = int(group[0]), int(group[2])
+    assert torch.allclose(merged.means[pair], torch.tensor([0.025, 0.01, 0.01]), atol=1e-6)
+    assert torch.allclose(merged.base_colors[pair], torch.tensor([0.25, 0.0, 0.75]), atol=1e-5)
+    assert merged.opacities[pair] == pytest.approx(1 - 0.8 * 0.4, abs=1e-5)
+    # the pair's spread along x (std 0.00866 at weights 1:3) widens it there only
+    assert merged.scales[pair, 0] == pytest.approx(0.01 + 0.0075 ** 0.5 * 0.1, abs=1e-5)
+    assert merged.scales[pair, 1] == pytest.approx(0.01, abs=1e-6)
+    assert torch.allclose(merged.means[alone], means[2]) and \
+        torch.allclose(merged.base_colors[alone], colors[2], atol=1e-5)
+    visibility = group_mean(torch.tensor([1.0, 0.0, 0.5]), opacity, group, len(merged))
+    assert visibility[pair] == pytest.approx(0.25) and visibility[alone] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="cell size must be > 0"):
+        merge_in_cells(splats, 0.0)

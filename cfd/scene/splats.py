@@ -19,7 +19,7 @@ The keys match gsplat's strategies, so ``DefaultStrategy`` can grow and prune th
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -225,6 +225,59 @@ def random_ball(
         colors=torch.rand(n, 3, generator=generator),
         sh_degree=sh_degree,
     )
+
+
+def cell_groups(means: Tensor, cell: float) -> Tuple[Tensor, int]:
+    """The cube of side ``cell`` (a grid through the origin) each centre ``[N,3]`` falls in,
+    numbered ``0..G-1`` in sorted order: ``[N]`` long, and G."""
+    if not cell > 0:
+        raise ValueError(f"a cell size must be > 0, got {cell}")
+    keys = torch.floor(means.detach() / cell).long()
+    _, group = torch.unique(keys, dim=0, return_inverse=True)
+    return group, int(group.max()) + 1 if len(group) else 0
+
+
+def group_mean(values: Tensor, weights: Tensor, group: Tensor, groups: int) -> Tensor:
+    """Per group, the ``weights [N]``-weighted mean of ``values [N, ...]``: ``[G, ...]``."""
+    shape = values.shape[1:]
+    flat = values.reshape(len(values), -1) * weights[:, None]
+    total = flat.new_zeros(groups, flat.shape[1]).index_add_(0, group, flat)
+    norm = weights.new_zeros(groups).index_add_(0, group, weights).clamp_min(1e-12)
+    return (total / norm[:, None]).reshape(groups, *shape)
+
+
+def merge_in_cells(splats: Splats, cell: float) -> Tuple[Splats, Tensor]:
+    """Fewer, larger splats: those whose centres share a cube of side ``cell`` become one
+    (a voxel-grid downsampling), for a start with fewer splats than a generator gives (its
+    32 per voxel make every step of a later optimisation slow).
+
+    Within a cube, weighted by opacity: the centre and the colour (all SH bands) are averaged,
+    the scale per axis is the members' spread (standard deviation of their centres) plus their
+    mean size, axis-aligned; the opacity is what the members cover together,
+    ``1 - prod(1 - o)``, kept below 0.99 so the merged splat can still learn.
+
+    Returns the merged splats (``G`` of them) and each input splat's group ``[N]`` (to merge
+    other per-splat values with :func:`group_mean`).
+    """
+    group, groups = cell_groups(splats.means, cell)
+    with torch.no_grad():
+        opacity = splats.opacities.detach()
+        means = group_mean(splats.means.detach(), opacity, group, groups)
+        spread = group_mean((splats.means.detach() - means[group]).square(), opacity, group,
+                            groups).sqrt()
+        size = group_mean(splats.scales.detach(), opacity, group, groups)
+        # prod(1 - o) as exp(sum(log(1 - o)))
+        uncovered = opacity.new_zeros(groups).index_add_(
+            0, group, torch.log1p(-opacity.clamp(max=1 - 1e-6))).exp()
+        params = {
+            "means": means,
+            "scales": torch.log(spread + size),
+            "quats": means.new_tensor([1.0, 0.0, 0.0, 0.0]).repeat(groups, 1),
+            "opacities": torch.logit((1 - uncovered).clamp(1e-4, 0.99)),
+            "sh0": group_mean(splats.params["sh0"].detach(), opacity, group, groups),
+            "shN": group_mean(splats.params["shN"].detach(), opacity, group, groups),
+        }
+    return Splats(params, splats.sh_degree), group
 
 
 def from_point_cloud(

@@ -25,6 +25,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save as safetensors_bytes
+from torch import Tensor
 
 from core.errors import InputFileError, UserError
 from core.runtime import atomic_write
@@ -33,7 +34,7 @@ from ..cameras import Cameras
 from ..renderers.occupancy import OccupancyConfig, OccupancyGrid
 from ..renderers.types import RenderOutput
 from ..scene import (Densifier, DensifyConfig, NeRFConfig, NeRFField, NeRFLearningRates, Splats,
-                     random_ball)
+                     group_mean, merge_in_cells, random_ball)
 from ..scene.mesh import check_mesh_resolution, extract_mesh, write_glb, write_obj
 from ..scene.ply import read_ply_property
 from .common import LearningRates, ShadingConfig, check_counts
@@ -74,6 +75,10 @@ class InitConfig:
     # step, v its `visibility` property (RelaxFlow writes it: 1 seen, 0 hidden), so CFD changes
     # only what the image did not show.
     lock_visible: bool = False
+    # ply: then merge the splats whose centres share a cube of this side (world units) into one
+    # (cfd.scene.merge_in_cells; their visibility averaged): a generator's 32 splats per voxel
+    # make every step slow, and a few thousand hold an object at 64 px. null: keep them all.
+    merge_cell: Optional[float] = None
 
 
 @dataclass
@@ -111,10 +116,11 @@ class SplatScene:
     def __init__(self, cfg: SplatSceneConfig, device: torch.device,
                  generator: torch.Generator):
         self.cfg, self.device = cfg, device
-        self.scene = self._initial_splats(generator).to(device)
+        splats, visibility = self._initial_splats(generator)
+        self.scene = splats.to(device)
         # [N] share of each optimiser step a splat takes (1 - visibility); None: all of it
-        self.change_weight = (1 - read_ply_property(cfg.init.path, "visibility")
-                              .clamp(0, 1)).to(device) if cfg.init.lock_visible else None
+        self.change_weight = None if visibility is None else (1 - visibility.clamp(0, 1)).to(
+            device)
         self.optimizers = self.scene.make_optimizers(asdict(cfg.lr))
         self.densifier = Densifier(cfg.densify, scene_scale=cfg.init.radius)
         self.densifier.check(self.scene, self.optimizers)
@@ -134,29 +140,41 @@ class SplatScene:
                             "ply: set one of them (null the other)")
         if init.scale_by is not None and not init.scale_by > 0:
             raise UserError(f"splats.init.scale_by must be > 0, got {init.scale_by}")
+        if init.merge_cell is not None and not init.merge_cell > 0:
+            raise UserError(f"splats.init.merge_cell must be > 0 (world units), got "
+                            f"{init.merge_cell}; null keeps every splat")
         if init.lock_visible and (InitKind(init.kind) is not InitKind.ply or cfg.densify.enabled):
             raise UserError("splats.init.lock_visible needs splats.init.kind=ply and "
                             "splats.densify.enabled=false (densification would split and prune "
                             "the splats the visibility belongs to)")
 
-    def _initial_splats(self, generator: torch.Generator) -> Splats:
+    def _initial_splats(self, generator: torch.Generator) -> Tuple[Splats, Optional[Tensor]]:
+        """The starting splats, and with ``lock_visible`` each one's visibility ``[N]``."""
         init = self.cfg.init
-        if InitKind(init.kind) is InitKind.ply:
-            splats = Splats.load_ply(init.path)
-            if not len(splats):
-                raise UserError(f"splats.init.path={init.path} holds no splats; a run needs at "
-                                "least one to train")
-            if init.fit_radius is not None:
-                extent = torch.quantile(splats.means.detach().norm(dim=-1), 0.99).item()
-                splats = splats.scaled(init.fit_radius / max(extent, 1e-6))
-            if init.scale_by is not None:
-                splats = splats.scaled(init.scale_by)
-            return splats.turned(init.turn_deg) if init.turn_deg else splats
-        splats = random_ball(init.n_splats, init.radius, init.scale, init.opacity,
-                             self.cfg.sh_degree, generator=generator)
-        with torch.no_grad():
-            splats.params["sh0"].zero_()  # grey: colour 0.5
-        return splats
+        if InitKind(init.kind) is not InitKind.ply:
+            splats = random_ball(init.n_splats, init.radius, init.scale, init.opacity,
+                                 self.cfg.sh_degree, generator=generator)
+            with torch.no_grad():
+                splats.params["sh0"].zero_()  # grey: colour 0.5
+            return splats, None
+        splats = Splats.load_ply(init.path)
+        if not len(splats):
+            raise UserError(f"splats.init.path={init.path} holds no splats; a run needs at "
+                            "least one to train")
+        visibility = read_ply_property(init.path, "visibility") if init.lock_visible else None
+        if init.fit_radius is not None:
+            extent = torch.quantile(splats.means.detach().norm(dim=-1), 0.99).item()
+            splats = splats.scaled(init.fit_radius / max(extent, 1e-6))
+        if init.scale_by is not None:
+            splats = splats.scaled(init.scale_by)
+        if init.turn_deg:
+            splats = splats.turned(init.turn_deg)
+        if init.merge_cell is not None:
+            opacity = splats.opacities.detach()
+            splats, group = merge_in_cells(splats, init.merge_cell)
+            if visibility is not None:
+                visibility = group_mean(visibility, opacity, group, len(splats))
+        return splats, visibility
 
     # -- one step -------------------------------------------------------------------------------
     def before_render(self, step: int, generator: torch.Generator) -> None:
