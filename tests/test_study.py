@@ -173,3 +173,15 @@ def test_summary_interval_is_students_t():
     assert summary.n == 4 and summary.mean == pytest.approx(22.625)
     assert (summary.low, summary.high) == (pytest.approx(low), pytest.approx(high))
     assert summarize([5.0]).text() == "5 (n=1)" and summarize([]).text() == "–"
+
+
+@pytest.mark.parametrize("name", ["study-embedded", "study-embedded-quick"])
+def test_the_shipped_studies_plan_every_method_with_its_own_keys(name):
+    cfg = OmegaConf.to_object(load_study(REPO / "configs" / f"{name}.yaml"))
+    specs = plan_runs(cfg)
+    assert len(specs) == len(cfg.methods) * len(cfg.prompts) * len(cfg.seeds)
+    for spec in specs:
+        prompt_key = "prompt" if spec.method in ("generate", "refine") else \
+            "prompt_processor.prompt"
+        assert f"{prompt_key}={spec.prompt}" in spec.overrides
+        assert spec.scene_scale == (1.6 if spec.method == "generate" else 1.0)
