@@ -270,7 +270,7 @@ def refine_cases(args) -> None:
 
 
 def mean_ci(values: List[float]) -> str:
-    values = [v for v in values if np.isfinite(v)]
+    values = [v for v in values if v is not None and np.isfinite(v)]
     if not values:
         return "-"
     if len(values) == 1:

@@ -49,28 +49,35 @@ def test_scale_by_multiplies_the_ply_about_the_origin(tmp_path):
     torch.testing.assert_close(scene.scales, source.scales * 1.6)
 
 
-def test_merge_cell_merges_the_ply_after_scaling_and_its_visibility_with_it(tmp_path):
+def test_max_splats_merges_the_ply_after_scaling_and_its_visibility_with_it(tmp_path):
     import torch
 
-    from cfd.scene import group_mean, merge_in_cells, random_ball
+    from cfd.scene import group_mean, merge_to_count, random_ball
     from cfd.systems.scenes import InitConfig, InitKind, SplatScene, SplatSceneConfig
 
     ply = tmp_path / "x.ply"
     source = random_ball(400, 0.4, 0.02, 0.5, 0, generator=torch.Generator().manual_seed(0))
     visibility = torch.rand(400, generator=torch.Generator().manual_seed(1))
     source.save_ply(ply, {"visibility": visibility})
-    cfg = SplatSceneConfig(init=InitConfig(kind=InitKind.ply, path=str(ply), scale_by=1.6,
-                                           merge_cell=0.2, lock_visible=True))
-    cfg.densify.enabled = False
-    scene = SplatScene(cfg, torch.device("cpu"), torch.Generator())
-    want, group = merge_in_cells(source.scaled(1.6), 0.2)
-    assert 20 < len(scene.scene) == len(want) < 400  # cubes of 0.2 in a ball of 0.64
-    torch.testing.assert_close(scene.scene.means, want.means)
-    torch.testing.assert_close(scene.change_weight, 1 - group_mean(
+
+    def scene(max_splats):
+        cfg = SplatSceneConfig(init=InitConfig(kind=InitKind.ply, path=str(ply), scale_by=1.6,
+                                               max_splats=max_splats, lock_visible=True))
+        cfg.densify.enabled = False
+        return SplatScene(cfg, torch.device("cpu"), torch.Generator())
+
+    merged = scene(100)
+    want, group = merge_to_count(source.scaled(1.6), 100)
+    assert 50 < len(merged.scene) == len(want) <= 100
+    torch.testing.assert_close(merged.scene.means, want.means)
+    torch.testing.assert_close(merged.change_weight, 1 - group_mean(
         visibility, source.opacities.detach(), group, len(want)))
-    with pytest.raises(UserError, match="merge_cell must be > 0"):
+    kept = scene(400)  # no more than allowed: every splat kept as it is
+    torch.testing.assert_close(kept.scene.means, source.means * 1.6)
+    torch.testing.assert_close(kept.change_weight, 1 - visibility)
+    with pytest.raises(UserError, match="max_splats must be >= 1"):
         SplatScene.check(SplatSceneConfig(init=InitConfig(kind=InitKind.ply, path=str(ply),
-                                                          merge_cell=0.0)))
+                                                          max_splats=0)))
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -280,6 +280,21 @@ def merge_in_cells(splats: Splats, cell: float) -> Tuple[Splats, Tensor]:
     return Splats(params, splats.sh_degree), group
 
 
+def merge_to_count(splats: Splats, max_count: int, first_cell: float = 0.005,
+                   growth: float = 1.25) -> Tuple[Splats, Tensor]:
+    """:func:`merge_in_cells` in the smallest cubes (``first_cell`` times powers of
+    ``growth``) that leave at most ``max_count`` splats; splats already that few are kept as
+    they are (each its own group ``[N]``)."""
+    if max_count < 1:
+        raise ValueError(f"max_count must be >= 1, got {max_count}")
+    if len(splats) <= max_count:
+        return splats, torch.arange(len(splats), device=splats.device)
+    cell = first_cell
+    while cell_groups(splats.means, cell)[1] > max_count:
+        cell *= growth
+    return merge_in_cells(splats, cell)
+
+
 def from_point_cloud(
     points: Tensor,
     colors: Optional[Tensor] = None,

@@ -34,7 +34,7 @@ from ..cameras import Cameras
 from ..renderers.occupancy import OccupancyConfig, OccupancyGrid
 from ..renderers.types import RenderOutput
 from ..scene import (Densifier, DensifyConfig, NeRFConfig, NeRFField, NeRFLearningRates, Splats,
-                     group_mean, merge_in_cells, random_ball)
+                     group_mean, merge_to_count, random_ball)
 from ..scene.mesh import check_mesh_resolution, extract_mesh, write_glb, write_obj
 from ..scene.ply import read_ply_property
 from .common import LearningRates, ShadingConfig, check_counts
@@ -75,10 +75,11 @@ class InitConfig:
     # step, v its `visibility` property (RelaxFlow writes it: 1 seen, 0 hidden), so CFD changes
     # only what the image did not show.
     lock_visible: bool = False
-    # ply: then merge the splats whose centres share a cube of this side (world units) into one
-    # (cfd.scene.merge_in_cells; their visibility averaged): a generator's 32 splats per voxel
-    # make every step slow, and a few thousand hold an object at 64 px. null: keep them all.
-    merge_cell: Optional[float] = None
+    # ply: then, if it holds more splats than this, merge those whose centres share a cube
+    # into one, in the smallest cubes that leave at most this many (cfd.scene.merge_to_count;
+    # their visibility merged with them): a generator's 32 splats per voxel make every step
+    # slow, and a few thousand hold an object at 64 px. null: keep them all.
+    max_splats: Optional[int] = None
 
 
 @dataclass
@@ -140,9 +141,9 @@ class SplatScene:
                             "ply: set one of them (null the other)")
         if init.scale_by is not None and not init.scale_by > 0:
             raise UserError(f"splats.init.scale_by must be > 0, got {init.scale_by}")
-        if init.merge_cell is not None and not init.merge_cell > 0:
-            raise UserError(f"splats.init.merge_cell must be > 0 (world units), got "
-                            f"{init.merge_cell}; null keeps every splat")
+        if init.max_splats is not None and init.max_splats < 1:
+            raise UserError(f"splats.init.max_splats must be >= 1, got {init.max_splats}; null "
+                            "keeps every splat")
         if init.lock_visible and (InitKind(init.kind) is not InitKind.ply or cfg.densify.enabled):
             raise UserError("splats.init.lock_visible needs splats.init.kind=ply and "
                             "splats.densify.enabled=false (densification would split and prune "
@@ -169,9 +170,9 @@ class SplatScene:
             splats = splats.scaled(init.scale_by)
         if init.turn_deg:
             splats = splats.turned(init.turn_deg)
-        if init.merge_cell is not None:
+        if init.max_splats is not None:
             opacity = splats.opacities.detach()
-            splats, group = merge_in_cells(splats, init.merge_cell)
+            splats, group = merge_to_count(splats, init.max_splats)
             if visibility is not None:
                 visibility = group_mean(visibility, opacity, group, len(splats))
         return splats, visibility
