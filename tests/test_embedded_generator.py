@@ -109,4 +109,4 @@ def test_refine_from_a_prompt_refines_the_generated_object(tmp_path):
     saved = OmegaConf.load(Path(metrics["cfd"]["run_dir"]) / "config.yaml")
     assert saved.seed == 3 and saved.splats.init.lock_visible is False
     refined, generated = (Splats.load_ply(d / "splats.ply") for d in (run_dir, start))
-    assert len(refined) == len(generated)
+    assert len(refined) <= 5000 < len(generated)  # the config's max_splats merged the start
