@@ -411,7 +411,8 @@ def main() -> None:
                      help="every n-th case (6: one per category)")
     ref.add_argument("--model", default="embedded")
     ref.add_argument("--refine-overrides", nargs="*", default=[],
-                     help="more settings of the refine runs, e.g. distill.splats.init.merge_cell=0.05")
+                     help="more settings of the refine runs, e.g. "
+                          "distill.splats.init.max_splats=3000")
     args = parser.parse_args()
     if args.command == "cases":
         drawn = make_cases(args.per_category_band, args.seed)

@@ -17,9 +17,9 @@ Every run is ``python run.py --config <method config> <overrides> <prompt key>=<
 seed=<k> output_dir=<study>/runs/<method>/<prompt slug>/seed<k>``, in its own folder, with its
 output in ``run.log`` there (a method's ``job_keys`` name its job's prompt, seed and output keys:
 ``prompt`` for ``generate`` and ``refine``; its ``scene_scale`` brings the scene it saves into
-the world's frame for scoring: 1.6 for the embedded generator's box). Running the same study again continues it: finished runs (a
-``metrics.json``) are skipped, runs stopped after a checkpoint continue with ``run.py --resume``,
-failed runs are retried (``retry_failed``). A failed run is recorded with its exit code and the end
+the world's frame for scoring: 1.6 for the embedded generator's box). Running the same study
+again continues it: finished runs (a ``metrics.json``) are skipped, runs stopped after a
+checkpoint continue with ``run.py --resume``, failed runs are retried (``retry_failed``). A failed run is recorded with its exit code and the end
 of its log, and the study goes on. ``state.json`` (rewritten atomically) holds every run's status;
 a driver killed even with SIGKILL loses nothing, and the runs it had started die with it.
 

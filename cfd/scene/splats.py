@@ -259,7 +259,12 @@ def merge_in_cells(splats: Splats, cell: float) -> Tuple[Splats, Tensor]:
     Returns the merged splats (``G`` of them) and each input splat's group ``[N]`` (to merge
     other per-splat values with :func:`group_mean`).
     """
-    group, groups = cell_groups(splats.means, cell)
+    return _merge_groups(splats, *cell_groups(splats.means, cell))
+
+
+def _merge_groups(splats: Splats, group: Tensor, groups: int) -> Tuple[Splats, Tensor]:
+    """The splats of each group ``[N]`` (numbered ``0..groups-1``) merged into one, as
+    :func:`merge_in_cells` describes; the merged splats and ``group``."""
     with torch.no_grad():
         opacity = splats.opacities.detach()
         means = group_mean(splats.means.detach(), opacity, group, groups)
@@ -290,9 +295,11 @@ def merge_to_count(splats: Splats, max_count: int, first_cell: float = 0.005,
     if len(splats) <= max_count:
         return splats, torch.arange(len(splats), device=splats.device)
     cell = first_cell
-    while cell_groups(splats.means, cell)[1] > max_count:
+    group, groups = cell_groups(splats.means, cell)
+    while groups > max_count:
         cell *= growth
-    return merge_in_cells(splats, cell)
+        group, groups = cell_groups(splats.means, cell)
+    return _merge_groups(splats, group, groups)
 
 
 def from_point_cloud(
