@@ -92,9 +92,10 @@ def _ship(argv) -> int:
                                      description="Ship a trained generator (float16, with a "
                                                  "manifest); the runs' pipelines are laid over one "
                                                  "another, a later run's files winning")
-    parser.add_argument("runs", nargs="+", type=Path, help="training run folders, in the order they "
-                        "are laid over one another (e.g. stage 2, then a stage-1 run continued "
-                        "since)")
+    parser.add_argument("runs", nargs="+", type=Path, help="training run folders (or a shipped "
+                        "generator's folder), in the order they are laid over one another (e.g. "
+                        "stage 2, then a stage-1 run continued since; or relaxflow/embedded, then "
+                        "a new stage-1 flow)")
     parser.add_argument("--to", type=Path, default=EMBEDDED_PIPELINES["embedded"],
                         help="the folder to write (default: the embedded generator's)")
     args = parser.parse_args(argv)

@@ -15,13 +15,17 @@ conditioner (``relaxflow.training.slat``); its export is that folder completed w
 The first run of a stage draws its dataset into the cache (``relaxflow.training.data``,
 ``slat_data``); later ones start at once.
 
-``init_from`` (stage 1) starts a new run from another stage-1 run's last checkpoint: its four
-models' weights (VAE, flow, conditioner), with fresh optimisers and data order; with
-``vae.steps=0`` its VAE (its latent scale already folded in) is kept as it is and only the flow
-trains on, so a flow that underfits gets more steps without redoing the VAE. Ship such a run
-after the ones it builds on: ``ship-generator <first run> <continued run>``, or with stage 2
-trained on the first run, ``ship-generator <first run> <stage-2 run> <continued run>`` (later
-runs' files win; a continuation that shares stage 2 keeps ``flow.train_conditioner=false``).
+``init_from`` (stage 1) starts a new run from another stage-1 run's last checkpoint, or from a
+pipeline folder's stage 1 (``embedded``, the shipped generator; float16 weights cast to
+float32): its models' weights (VAE, flow, conditioner), with fresh optimisers and data order;
+with ``vae.steps=0`` its VAE (its latent scale already folded in) is kept as it is and only the
+flow trains on, so a flow that underfits gets more steps without redoing the VAE;
+``init_flow=false`` takes only the VAE and conditioner and trains a fresh flow of
+``flow_size`` (``configs/train-generator-structure-flow.yaml``). Ship such a run after the ones
+it builds on: ``ship-generator <first run> <continued run>``, with stage 2 trained on the first
+run ``ship-generator <first run> <stage-2 run> <continued run>``, or over the shipped generator
+``ship-generator relaxflow/embedded <continued run>`` (later files win; a run that shares
+stage 2 keeps ``flow.train_conditioner=false``).
 
 Writes ``config.yaml``, ``source.json`` (the commit of the code at each start and resume, for
 the shipped generator's manifest: ``relaxflow.training.ship``), ``metrics.jsonl`` (every step; held-out metrics at each log step, marked
@@ -43,7 +47,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
@@ -56,11 +60,13 @@ from core.devices import resolve_device
 from core.errors import UserError
 from core.runtime import RunInterrupted, TrainingStopped, atomic_write
 from jobs.skeleton import RunFolder, check_output, finished_run, typed
-from relaxflow.loading import PIPELINE_FILE, check_pipeline_files
+from relaxflow.loading import (EMBEDDED_PIPELINES, PIPELINE_FILE, check_pipeline_files,
+                               resolve_pipeline_folder)
 from relaxflow.training.data import build_structure_data, check_data_config
 from relaxflow.training.plots import plot_losses
 from relaxflow.training.ship import record_source
-from relaxflow.training.sizes import IMAGE_SIZE
+from relaxflow.training.sizes import (IMAGE_SIZE, decoder_args, encoder_args, flow_args,
+                                      latent_resolution)
 from relaxflow.training.slat import SlatTrainer, SlatTraining
 from relaxflow.training.slat_data import build_slat_data, check_slat_data
 from relaxflow.training.structure import CONDITIONER_FOLDER, StructureTrainer, StructureTraining
@@ -86,8 +92,12 @@ class TrainGeneratorConfig(StructureTraining):
     # stage 2: the stage-1 pipeline folder (a structure run's pipeline/) whose conditioner
     # conditions the latent flow, frozen, and which the exported pipeline completes
     structure_pipeline: str = ""
-    # stage 1: a stage-1 run folder whose last checkpoint's weights start this run (see above)
+    # stage 1: where this run's weights start (see above): a stage-1 run folder (its last
+    # checkpoint) or a pipeline folder with stage 1 (``embedded``: the shipped generator)
     init_from: str = ""
+    # take init_from's flow too; false: only its VAE and conditioner, with a fresh flow of
+    # flow_size (a new flow architecture trained on a shipped VAE and conditioner)
+    init_flow: bool = True
     slat: SlatTraining = field(default_factory=SlatTraining)
     # core.devices: auto (CUDA when present, else the CPU), cpu, cuda:<i>. On CUDA the models
     # run under bfloat16 autocast (weights and optimiser in float32).
@@ -173,19 +183,66 @@ def check_structure(c: TrainGeneratorConfig) -> None:
 SIZE_SETTINGS = ("data.occupancy_resolution", "vae_size", "flow_size", "conditioner_size")
 
 
+def init_pipeline(c: TrainGeneratorConfig) -> Optional[Path]:
+    """The pipeline folder ``init_from`` names (a short id such as ``embedded``, or a folder
+    holding ``pipeline.json``), or None when it names something else (a run folder)."""
+    if c.init_from in EMBEDDED_PIPELINES or (Path(c.init_from) / PIPELINE_FILE).is_file():
+        return resolve_pipeline_folder(c.init_from, option="init_from")
+    return None
+
+
 def check_init_from(c: TrainGeneratorConfig) -> None:
-    """``init_from`` names a stage-1 run with a checkpoint, of the same model sizes."""
+    """``init_from`` names a stage-1 run with a checkpoint, or a pipeline folder with stage 1,
+    of the same model sizes (the flow's only with ``init_flow``)."""
+    pipeline = init_pipeline(c)
+    if pipeline is not None:
+        check_init_pipeline(c, pipeline)
+        return
     folder = Path(c.init_from)
     _require((folder / "config.yaml").is_file() and (folder / "ckpt").is_dir(),
              f"init_from={folder} is not a train-generator run folder with a checkpoint (it "
-             "needs config.yaml and ckpt/): give the folder a stage-1 run printed")
+             "needs config.yaml and ckpt/) nor a pipeline folder (pipeline.json): give the "
+             "folder a stage-1 run printed, or a generator such as init_from=embedded")
     source = typed(load_config(TrainGeneratorConfig, folder / "config.yaml"))
     _require(source.stage is Stage.structure,
              f"init_from={folder} is a stage-{source.stage.value} run: give a stage-1 run")
     for key in SIZE_SETTINGS:
+        if key == "flow_size" and not c.init_flow:
+            continue
         _require(_setting(source, key) == _setting(c, key),
                  f"{key} is {_setting(c, key)} here but {_setting(source, key)} in init_from="
-                 f"{folder}: the weights only fit the same sizes (drop the override)")
+                 f"{folder}: the weights only fit the same sizes (drop the override"
+                 f"{', or init_flow=false for a fresh flow' if key == 'flow_size' else ''})")
+
+
+def check_init_pipeline(c: TrainGeneratorConfig, folder: Path) -> None:
+    """The stage-1 models of pipeline ``folder`` have the arguments this config builds (read
+    from their json files and the conditioner's config.json; no weights loaded)."""
+    keys = ["sparse_structure_encoder", "sparse_structure_decoder"]
+    keys += ["sparse_structure_flow_model"] if c.init_flow else []
+    spec = check_pipeline_files(folder, keys=keys)
+    resolution = latent_resolution(c.data.occupancy_resolution, c.vae_size)
+    expected = {"sparse_structure_encoder": ("vae_size", encoder_args(c.vae_size)),
+                "sparse_structure_decoder": ("vae_size", decoder_args(c.vae_size)),
+                "sparse_structure_flow_model": ("flow_size", flow_args(
+                    c.flow_size, resolution, c.vae_size.latent_channels,
+                    c.conditioner_size.hidden_size))}
+    for key in keys:
+        setting, args = expected[key]
+        found = json.loads((spec.root / f"{spec.models[key]}.json").read_text())["args"]
+        _require(found == args,
+                 f"init_from={c.init_from}: its {key} was built with {found}, this config builds "
+                 f"{args}: set {setting} (and data.occupancy_resolution) to the pipeline's"
+                 f"{', or init_flow=false for a fresh flow' if setting == 'flow_size' else ''}")
+    config_file = spec.root / str(spec.cond_model) / "config.json"
+    _require(spec.condition == "image" and config_file.is_file(),
+             f"init_from={c.init_from} has no image conditioner folder with a config.json (its "
+             f"{PIPELINE_FILE}'s image_cond_model): give a stage-1 pipeline of this job")
+    found = json.loads(config_file.read_text())
+    for name, value in asdict(c.conditioner_size).items():
+        _require(found.get(name) == value,
+                 f"conditioner_size.{name} is {value} here but {found.get(name)} in "
+                 f"{config_file}: set it to the pipeline's")
 
 
 def structure_resolution(folder: Path) -> int:
@@ -247,12 +304,17 @@ def make_trainer(c: TrainGeneratorConfig) -> Union[StructureTrainer, SlatTrainer
                        build_slat_data(c.slat.data), device)
 
 
-def start_from(trainer: StructureTrainer, run_dir: Path) -> None:
-    """Give ``trainer`` the model weights of stage-1 run ``run_dir``'s last checkpoint."""
-    state = load_checkpoint(run_dir / "ckpt")
-    if state is None:
-        raise UserError(f"init_from={run_dir} has no checkpoint yet: train it first")
-    trainer.load_weights(state)
+def start_from(trainer: StructureTrainer, c: TrainGeneratorConfig) -> None:
+    """Give ``trainer`` the model weights ``init_from`` names: a stage-1 run's last checkpoint
+    or a pipeline folder's models (the flow's only with ``init_flow``)."""
+    pipeline = init_pipeline(c)
+    if pipeline is not None:
+        state = trainer.pipeline_weights(pipeline)
+    else:
+        state = load_checkpoint(Path(c.init_from) / "ckpt")
+        if state is None:
+            raise UserError(f"init_from={c.init_from} has no checkpoint yet: train it first")
+    trainer.load_weights(state, flow=c.init_flow)
 
 
 def run(cfg) -> Dict[str, Any]:
@@ -262,7 +324,7 @@ def run(cfg) -> Dict[str, Any]:
     check(c)
     trainer = make_trainer(c)
     if c.init_from:
-        start_from(trainer, Path(c.init_from))
+        start_from(trainer, c)
     folder = RunFolder.create(c.output_dir, c.name, c.stage.value, cfg)
     record_source(folder.path, 0, CODE_ROOT)
     return _train(trainer, c, folder, checkpoint_step=None)

@@ -312,6 +312,30 @@ def test_runs_ship_laid_over_one_another_with_one_conditioner(straight_run, tmp_
     assert not (tmp_path / "refused").exists()
 
 
+def test_a_shipped_folder_ships_again_with_a_later_run_over_it(straight_run, tmp_path):
+    """A shipped folder stands for its runs: a new run laid over it ships in its place (the
+    manifest keeps the old runs first), its float16 conditioner matching the run's float32
+    one."""
+    from safetensors.torch import load_file, save_file
+
+    from relaxflow.training.ship import MANIFEST, ship, verify
+
+    run_dir = Path(straight_run["run_dir"])
+    shipped = ship([run_dir], tmp_path / "shipped")
+    later = _copy_run(run_dir, tmp_path / "later")
+    spec = json.loads((later / "pipeline" / "pipeline.json").read_text())
+    flow = spec["args"]["models"]["sparse_structure_flow_model"]
+    weights = later / "pipeline" / f"{flow}.safetensors"
+    save_file({k: v + 1.0 for k, v in load_file(str(weights)).items()}, str(weights))
+    dest = ship([shipped, later], shipped)  # over itself
+    assert verify(dest) == []
+    runs = json.loads((dest / MANIFEST).read_text())["runs"]
+    assert [r["run"] for r in runs] == [run_dir.name, "later"]
+    trained = load_file(str(run_dir / "pipeline" / f"{flow}.safetensors"))
+    for name, value in load_file(str(dest / f"{flow}.safetensors")).items():
+        torch.testing.assert_close(value.float(), trained[name] + 1.0, rtol=1e-3, atol=1e-3)
+
+
 def test_shipping_an_unfinished_run_is_refused(straight_run, tmp_path):
     import run
 
@@ -327,7 +351,7 @@ def test_a_run_starts_from_another_runs_weights_and_trains_the_flow_on(straight_
     c = config(*micro(tmp_path, cache_dir, **{"vae.steps": 0, "flow.steps": 3,
                                               "init_from": str(source)}))
     trainer = train_generator.make_trainer(c)
-    train_generator.start_from(trainer, source)
+    train_generator.start_from(trainer, c)
     trained = torch.load(source / "ckpt" / "last.pt", weights_only=False)
     for name in ("encoder", "decoder", "flow"):
         for key, value in getattr(trainer, name).state_dict().items():
@@ -342,9 +366,35 @@ def test_a_run_starts_from_another_runs_weights_and_trains_the_flow_on(straight_
                    for k in trained["flow"])  # the flow trained on
 
 
+def test_a_run_starts_a_fresh_flow_on_a_pipelines_vae_and_conditioner(straight_run,
+                                                                         cache_dir, tmp_path):
+    """``init_from=<pipeline folder> init_flow=false``: the folder's VAE and conditioner, a
+    new flow of another size, trained from its seeded start."""
+    pipeline = Path(straight_run["run_dir"]) / "pipeline"
+    c = config(*micro(tmp_path, cache_dir, **{
+        "vae.steps": 0, "flow.steps": 2, "init_from": str(pipeline), "init_flow": "false",
+        "flow_size.model_channels": 64, "flow_size.patch_size": 2}))
+    trainer = train_generator.make_trainer(c)
+    fresh = {k: v.clone() for k, v in trainer.flow.state_dict().items()}
+    train_generator.start_from(trainer, c)
+    spec = read_pipeline(pipeline)
+    for key, name in zip(STRUCTURE_MODELS[:2], ("encoder", "decoder")):
+        for k, v in load_model(spec.root, spec.models[key]).state_dict().items():
+            assert torch.equal(getattr(trainer, name).state_dict()[k], v), (name, k)
+    conditioner = ImageConditioner.from_pretrained(str(pipeline / CONDITIONER_FOLDER))
+    for k, v in conditioner.model.state_dict().items():
+        assert torch.equal(trainer.conditioner.model.state_dict()[k], v), k
+    assert all(torch.equal(trainer.flow.state_dict()[k], v) for k, v in fresh.items())
+    result = train_generator.run(c)
+    assert result["steps"] == 2 and 0 <= result["flow_iou"] <= 1
+
+
 @pytest.mark.parametrize("override, message", [
     ({"flow_size.model_channels": 64}, "flow_size is"),
     ({"init_from": "/nowhere"}, "is not a train-generator run folder with a checkpoint"),
+    ({"init_from": "embedded"}, "sparse_structure_encoder was built with .* set vae_size"),
+    ({"init_from": "embedded", "init_flow": "false", "vae_size.channels": "[8,32,64]",
+      "vae_size.latent_channels": 8}, "conditioner_size.hidden_size is 16 here but 64"),
 ])
 def test_init_from_is_checked_before_a_run_folder(straight_run, cache_dir, tmp_path, override,
                                                   message):

@@ -1,13 +1,18 @@
 """A trained generator made ready to ship: its pipeline folder in float16, with a manifest.
 
     python run.py ship-generator <training run> [<training run> ...] [--to relaxflow/embedded]
+    python run.py ship-generator relaxflow/embedded <training run>     (a shipped one, updated)
 
 The runs' ``pipeline/`` folders are laid over one another in the order named, a later run's
 file replacing an earlier one's and its ``pipeline.json`` entries (models, samplers) replacing
 the earlier's: so a stage-2 run (whose folder holds both stages, stage 1 as it was when stage 2
 trained) followed by a stage-1 run continued since ships the continued structure flow with stage
-2. Every run's conditioner must be the same file: stage 2's flow was trained on its stage-1
-folder's conditioner, and a continuation that trained it on needs stage 2 trained again.
+2. A shipped folder (one with ``MANIFEST.json``) may stand for the runs it was made of: its
+files are a layer as a run's pipeline is, and its manifest's runs come first in the new one's
+(so a session without the old run folders can ship a new flow over the shipped generator).
+Every layer's conditioner must hold the same weights (compared in float16, as shipped): stage
+2's flow was trained on its stage-1 folder's conditioner, and a continuation that trained it on
+needs stage 2 trained again.
 The result is written in the released layout: ``pipeline.json``, ``ckpts/<model>.json`` and
 ``.safetensors`` (floating-point weights cast to float16, as TRELLIS releases them; the loader
 casts them to the model's dtypes), the conditioner as a transformers folder (its
@@ -25,12 +30,14 @@ repository's own).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
+import torch
 from omegaconf import OmegaConf
 
 from core.errors import UserError
@@ -92,15 +99,28 @@ def _merged_pipeline_json(pipelines: Sequence[Path]) -> Dict[str, Any]:
     return merged
 
 
+def _half_digest(path: Path) -> str:
+    """sha256 of a safetensors file's tensors as shipped (floating point in float16), by name:
+    the same for a run's float32 file and the float16 file shipped from it."""
+    from safetensors.torch import load_file
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(load_file(str(path)).items()):
+        tensor = tensor.half() if tensor.is_floating_point() else tensor
+        digest.update(f"{name}{tensor.dtype}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _conditioner_weights(pipeline: Path) -> Dict[str, str]:
-    """sha256 of each conditioner weight file in a pipeline folder, by its path in the folder.
-    (Its pipeline.json is read as JSON, not by ``read_pipeline``: a run laid over others may
-    name only the models it trained.)"""
+    """:func:`_half_digest` of each conditioner weight file in a pipeline folder, by its path
+    in the folder. (Its pipeline.json is read as JSON, not by ``read_pipeline``: a run laid
+    over others may name only the models it trained.)"""
     name = json.loads((pipeline / "pipeline.json").read_text())["args"].get("image_cond_model")
     folder = pipeline / name if isinstance(name, str) else None
     if folder is None or not folder.is_dir():
         return {}
-    return {str(p.relative_to(pipeline)): file_sha256(p)
+    return {str(p.relative_to(pipeline)): _half_digest(p)
             for p in sorted(folder.rglob("*.safetensors"))}
 
 
@@ -116,23 +136,44 @@ def _check_one_conditioner(pipelines: Sequence[Path]) -> None:
                 "the continued run's pipeline (structure_pipeline=<run>/pipeline)")
 
 
+def _is_shipped(folder: Path) -> bool:
+    return (folder / MANIFEST).is_file() and (folder / "pipeline.json").is_file()
+
+
+def _layer(folder: Path) -> Path:
+    """The pipeline folder a named folder contributes: a shipped folder itself, or a finished
+    training run's ``pipeline/``."""
+    if _is_shipped(folder):
+        return folder
+    if not (folder / "metrics.json").is_file():
+        raise UserError(f"{folder} is neither a finished training run (no metrics.json) nor a "
+                        f"shipped generator (no {MANIFEST}): finish the run first (python "
+                        "run.py --resume <folder>)")
+    if not (folder / "pipeline" / "pipeline.json").is_file():
+        raise UserError(f"{folder / 'pipeline'} holds no pipeline.json: the run did not "
+                        "export its pipeline (resume it to finish)")
+    return folder / "pipeline"
+
+
+def _run_records(folder: Path) -> List[Dict[str, Any]]:
+    """The manifest's records of a named folder: a run's own, or a shipped folder's runs."""
+    if _is_shipped(folder):
+        return json.loads((folder / MANIFEST).read_text())["runs"]
+    return [_run_record(folder)]
+
+
 def ship(run_dirs: Sequence[Path], dest: Path) -> Path:
-    """Write the runs' pipelines, laid over one another in order, in float16 with their manifest
-    to ``dest`` (replacing what is there, in one rename); returns ``dest``."""
+    """Write the runs' pipelines (or shipped folders), laid over one another in order, in
+    float16 with their manifest to ``dest`` (replacing what is there, in one rename; ``dest``
+    may be one of them); returns ``dest``."""
     run_dirs = [Path(r) for r in run_dirs]
     if not run_dirs:
         raise UserError("name at least one training run folder to ship")
-    for run_dir in run_dirs:
-        if not (run_dir / "metrics.json").is_file():
-            raise UserError(f"{run_dir} is not a finished training run (no metrics.json): "
-                            "finish it first (python run.py --resume <folder>)")
-        if not (run_dir / "pipeline" / "pipeline.json").is_file():
-            raise UserError(f"{run_dir / 'pipeline'} holds no pipeline.json: the run did not "
-                            "export its pipeline (resume it to finish)")
-    pipelines = [r / "pipeline" for r in run_dirs]
+    pipelines = [_layer(r) for r in run_dirs]
     _check_one_conditioner(pipelines)
     sources = {source.relative_to(pipeline): source for pipeline in pipelines
-               for source in sorted(pipeline.rglob("*")) if source.is_file()}
+               for source in sorted(pipeline.rglob("*"))
+               if source.is_file() and source != pipeline / MANIFEST}
     with replacing_folder(dest) as tmp:
         for name, source in sorted(sources.items()):
             target = tmp / name
@@ -145,7 +186,8 @@ def ship(run_dirs: Sequence[Path], dest: Path) -> Path:
                 shutil.copyfile(source, target)
         files = {str(p.relative_to(tmp)): {"sha256": file_sha256(p), "bytes": p.stat().st_size}
                  for p in sorted(tmp.rglob("*")) if p.is_file()}
-        manifest = {"files": files, "runs": [_run_record(r) for r in run_dirs],
+        manifest = {"files": files, "runs": [record for r in run_dirs
+                                             for record in _run_records(r)],
                     "weights": "float16 (cast from the float32 training weights)"}
         write_json(tmp / MANIFEST, manifest)
     return Path(dest)

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from core.runtime import replacing_folder
 from relaxflow.conditioning import ImageConditioner, preprocess_image
-from relaxflow.loading import PIPELINE_FILE, save_model
+from relaxflow.loading import PIPELINE_FILE, load_model, read_pipeline, save_model
 from relaxflow.models import build
 from relaxflow.sampler import FlowEulerSampler
 from relaxflow.stages import guided, sample_structure
@@ -523,9 +523,10 @@ class StructureTrainer(TwoPhaseTrainer):
                 "orders": {phase.value: order.state_dict() for phase, order in self.orders.items()},
                 "flow_average": self.average_state()}
 
-    def load_weights(self, state: Dict[str, Any]) -> None:
-        """The four models' weights from a checkpoint's ``state`` (nothing else of it)."""
-        for name in ("encoder", "decoder", "flow"):
+    def load_weights(self, state: Dict[str, Any], flow: bool = True) -> None:
+        """The four models' weights from a checkpoint's ``state`` (nothing else of it);
+        ``flow=False`` keeps this trainer's own (fresh) flow."""
+        for name in ("encoder", "decoder", "flow") if flow else ("encoder", "decoder"):
             getattr(self, name).load_state_dict(state[name])
         self.conditioner.model.load_state_dict(state["conditioner"])
         self.flow_data = None
@@ -542,6 +543,26 @@ class StructureTrainer(TwoPhaseTrainer):
         self.flow_data = None
 
     # -- the released layout -------------------------------------------------------------------
+    def pipeline_models(self) -> Dict[str, Tuple[str, nn.Module, str]]:
+        """``{pipeline.json key: (class name, model, key of self.args)}`` of stage 1's models."""
+        return {"sparse_structure_encoder": ("SparseStructureEncoder", self.encoder, "encoder"),
+                "sparse_structure_decoder": ("SparseStructureDecoder", self.decoder, "decoder"),
+                "sparse_structure_flow_model": ("SparseStructureFlowModel", self.flow, "flow")}
+
+    def pipeline_weights(self, folder: Path) -> Dict[str, Any]:
+        """The models' weights of a stage-1 pipeline folder (an export, or a shipped generator
+        in float16: cast to these models' float32), keyed as :meth:`load_weights` reads them.
+        Its models must have this trainer's arguments (``jobs.train_generator`` checks)."""
+        from transformers import Dinov2WithRegistersModel
+
+        spec = read_pipeline(folder)
+        state = {args: load_model(spec.root, spec.models[key]).state_dict()
+                 for key, (_, _, args) in self.pipeline_models().items()}
+        conditioner = Dinov2WithRegistersModel.from_pretrained(
+            str(spec.root / str(spec.cond_model)), local_files_only=True,
+            torch_dtype=torch.float32)
+        return {**state, "conditioner": conditioner.state_dict()}
+
     def export_pipeline(self, folder: Path) -> Path:
         """Write the trained stage 1 as a released-layout pipeline folder (replacing one there):
         ``pipeline.json``, ``ckpts/<model>.json`` + ``.safetensors`` and the conditioner as a
@@ -552,9 +573,7 @@ class StructureTrainer(TwoPhaseTrainer):
         refs = {"sparse_structure_encoder": f"ckpts/ss_enc_conv3d_{r}l{c}",
                 "sparse_structure_decoder": f"ckpts/ss_dec_conv3d_{r}l{c}",
                 "sparse_structure_flow_model": f"ckpts/ss_flow_img_dit_tiny_{r}l{c}"}
-        models = {"sparse_structure_encoder": ("SparseStructureEncoder", self.encoder, "encoder"),
-                  "sparse_structure_decoder": ("SparseStructureDecoder", self.decoder, "decoder"),
-                  "sparse_structure_flow_model": ("SparseStructureFlowModel", self.flow, "flow")}
+        models = self.pipeline_models()
         spec = {"name": "TrellisImageTo3DPipeline", "args": {
             "models": refs,
             "sparse_structure_sampler": sampler_entry(self.s.eval.sampler, self.s.flow.sigma_min),
