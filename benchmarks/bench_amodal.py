@@ -2,10 +2,11 @@
 
     python benchmarks/bench_amodal.py cases benchmarks/amodal_cases.json [--per-category-band 2]
     python benchmarks/bench_amodal.py run OUT [--cases benchmarks/amodal_cases.json]
-        [--methods relaxflow,flat,...] [--stride K] [--limit N] [--model embedded]
-    python benchmarks/bench_amodal.py report OUT
-    python benchmarks/bench_amodal.py refine OUT [--steps 300] [--stride K] [--limit N]
-        [--model embedded] [--refine-overrides key=value ...]
+        [--methods relaxflow,flat,...] [--stride K] [--offset I] [--limit N]
+        [--model embedded]
+    python benchmarks/bench_amodal.py report OUT [--also OUT2 ...]
+    python benchmarks/bench_amodal.py refine OUT [--steps 300] [--stride K] [--offset I]
+        [--limit N] [--model embedded] [--refine-overrides key=value ...]
 
 ``cases`` draws the fixed case list (``cfd.evaluation.amodal.make_cases``: every category x
 the three hidden-share bands, seeded). ``run`` writes each case's observation and visible mask
@@ -159,7 +160,7 @@ def branch_seconds(metrics: Dict[str, Any], branch: str) -> float:
 
 
 def run(args) -> None:
-    cases = read_cases(args.cases)[:: args.stride][: args.limit]
+    cases = read_cases(args.cases)[args.offset:: args.stride][: args.limit]
     methods = args.methods.split(",") if args.methods else list(METHODS)
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
@@ -244,7 +245,7 @@ def refine_case(case: AmodalCase, out: Path, steps: int, model: str,
 
 
 def refine_cases(args) -> None:
-    cases = read_cases(args.cases)[:: args.stride][: args.limit]
+    cases = read_cases(args.cases)[args.offset:: args.stride][: args.limit]
     path = args.out / "refine.jsonl"
     args.out.mkdir(parents=True, exist_ok=True)
     done = ({json.loads(line)["case"] for line in path.read_text().splitlines()}
@@ -328,7 +329,8 @@ KEYS = ("iou", "iou_hidden", "chamfer", "chamfer_hidden", "f_score_hidden", "adh
 
 
 def report(args) -> None:
-    rows = [json.loads(line) for line in (args.out / "results.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for out in (args.out, *args.also)
+            for line in (out / "results.jsonl").read_text().splitlines()]
     results = list(dict.fromkeys(r["result"] for r in rows))
     lines = [f"# Amodal benchmark: {len({r['case'] for r in rows})} cases", ""]
     for band in [*sorted({r["band"] for r in rows}), "all"]:
@@ -398,9 +400,15 @@ def main() -> None:
     runs.add_argument("--limit", type=int, default=None)
     runs.add_argument("--stride", type=int, default=1,
                       help="every n-th case (2: one per category and band)")
+    runs.add_argument("--offset", type=int, default=0,
+                      help="the first case taken (with --stride 2, offsets 0 and 1 split the "
+                           "cases between two processes, each with its own OUT; report OUT "
+                           "--also OUT2 joins them)")
     runs.add_argument("--model", default="embedded")
     rep = sub.add_parser("report")
     rep.add_argument("out", type=Path)
+    rep.add_argument("--also", type=Path, nargs="*", default=[],
+                     help="more OUT folders whose results join OUT's (runs split by --offset)")
     rep.add_argument("--cases", type=Path, default=ROOT / "benchmarks" / "amodal_cases.json")
     ref = sub.add_parser("refine")
     ref.add_argument("out", type=Path)
@@ -409,11 +417,14 @@ def main() -> None:
     ref.add_argument("--limit", type=int, default=None)
     ref.add_argument("--stride", type=int, default=1,
                      help="every n-th case (6: one per category)")
+    ref.add_argument("--offset", type=int, default=0, help="the first case taken")
     ref.add_argument("--model", default="embedded")
     ref.add_argument("--refine-overrides", nargs="*", default=[],
                      help="more settings of the refine runs, e.g. "
                           "distill.splats.init.max_splats=3000")
     args = parser.parse_args()
+    if getattr(args, "offset", 0) < 0 or getattr(args, "stride", 1) < 1:
+        parser.error("--offset must be >= 0 and --stride >= 1")
     if args.command == "cases":
         drawn = make_cases(args.per_category_band, args.seed)
         args.path.write_text(json.dumps([c.to_dict() for c in drawn], indent=1))

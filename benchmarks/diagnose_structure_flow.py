@@ -1,6 +1,7 @@
 """Stage 1's flow, diagnosed from a training run's checkpoint: IoU of structures sampled from
 renders of held-out and of training shapes (equal scores: the flow underfits; training far
-above held-out: it overfits), at three CFG scales, and per category.
+above held-out: it overfits), at three CFG scales, and per category; with the flow's parameter
+average when the run keeps one (``flow.ema_decay``).
 
     python benchmarks/diagnose_structure_flow.py <train-generator run folder> [--probe]
 
@@ -127,12 +128,13 @@ def main() -> None:
         return
     held_out = torch.arange(len(trainer.held_out))
     train = torch.linspace(0, len(trainer.train_set) - 1, 34).round().long()
-    for cfg_strength in (1.0, 3.0, 7.5):
-        a = sampled_iou(trainer, trainer.held_out, held_out, cfg_strength)
-        b = sampled_iou(trainer, trainer.train_set, train, cfg_strength)
-        print(f"cfg {cfg_strength}: held-out IoU mean {a.mean():.3f} median {a.median():.3f}; "
-              f"training mean {b.mean():.3f} median {b.median():.3f}")
-    iou = sampled_iou(trainer, trainer.held_out, held_out, 3.0)
+    with trainer.averaged():  # the flow's average, as the held-out log and the export use
+        for cfg_strength in (1.0, 3.0, 7.5):
+            a = sampled_iou(trainer, trainer.held_out, held_out, cfg_strength)
+            b = sampled_iou(trainer, trainer.train_set, train, cfg_strength)
+            print(f"cfg {cfg_strength}: held-out IoU mean {a.mean():.3f} median "
+                  f"{a.median():.3f}; training mean {b.mean():.3f} median {b.median():.3f}")
+        iou = sampled_iou(trainer, trainer.held_out, held_out, 3.0)
     for i, name in enumerate(trainer.held_out.categories):
         print(f"{name} {iou[trainer.held_out.category == i].mean():.3f}")
 

@@ -61,12 +61,12 @@ from core.errors import UserError
 from core.runtime import RunInterrupted, TrainingStopped, atomic_write
 from jobs.skeleton import RunFolder, check_output, finished_run, typed
 from relaxflow.loading import (EMBEDDED_PIPELINES, PIPELINE_FILE, check_pipeline_files,
-                               resolve_pipeline_folder)
+                               model_args, read_pipeline, resolve_pipeline_folder)
 from relaxflow.training.data import build_structure_data, check_data_config
 from relaxflow.training.plots import plot_losses
 from relaxflow.training.ship import record_source
-from relaxflow.training.sizes import (IMAGE_SIZE, decoder_args, encoder_args, flow_args,
-                                      latent_resolution)
+from relaxflow.training.sizes import (IMAGE_SIZE, conditioner_config, decoder_args,
+                                      encoder_args, flow_args, latent_resolution)
 from relaxflow.training.slat import SlatTrainer, SlatTraining
 from relaxflow.training.slat_data import build_slat_data, check_slat_data
 from relaxflow.training.structure import CONDITIONER_FOLDER, StructureTrainer, StructureTraining
@@ -216,40 +216,52 @@ def check_init_from(c: TrainGeneratorConfig) -> None:
 
 
 def check_init_pipeline(c: TrainGeneratorConfig, folder: Path) -> None:
-    """The stage-1 models of pipeline ``folder`` have the arguments this config builds (read
-    from their json files and the conditioner's config.json; no weights loaded)."""
+    """Pipeline ``folder`` has stage 1's models (the flow only with ``init_flow``) with the
+    arguments this config builds, its conditioner's and its occupancy resolution (read from
+    the json files and the conditioner's config.json; no weights loaded)."""
+    spec = read_pipeline(folder)
     keys = ["sparse_structure_encoder", "sparse_structure_decoder"]
     keys += ["sparse_structure_flow_model"] if c.init_flow else []
-    spec = check_pipeline_files(folder, keys=keys)
-    resolution = latent_resolution(c.data.occupancy_resolution, c.vae_size)
-    expected = {"sparse_structure_encoder": ("vae_size", encoder_args(c.vae_size)),
-                "sparse_structure_decoder": ("vae_size", decoder_args(c.vae_size)),
-                "sparse_structure_flow_model": ("flow_size", flow_args(
-                    c.flow_size, resolution, c.vae_size.latent_channels,
-                    c.conditioner_size.hidden_size))}
-    for key in keys:
-        setting, args = expected[key]
-        found = json.loads((spec.root / f"{spec.models[key]}.json").read_text())["args"]
-        _require(found == args,
-                 f"init_from={c.init_from}: its {key} was built with {found}, this config builds "
-                 f"{args}: set {setting} (and data.occupancy_resolution) to the pipeline's"
-                 f"{', or init_flow=false for a fresh flow' if setting == 'flow_size' else ''}")
+    absent = [key for key in keys if key not in spec.models]
+    _require(not absent, f"init_from={c.init_from}: its {PIPELINE_FILE} names no "
+             f"{', '.join(absent)} (a released TRELLIS pipeline ships no structure encoder): "
+             "give a pipeline this job exported, such as init_from=embedded")
+    check_pipeline_files(folder, keys=keys)
+    resolution = structure_resolution(folder)
+    _require(resolution == c.data.occupancy_resolution,
+             f"data.occupancy_resolution is {c.data.occupancy_resolution} here but init_from="
+             f"{c.init_from} decodes {resolution}^3: set it to {resolution}")
     config_file = spec.root / str(spec.cond_model) / "config.json"
     _require(spec.condition == "image" and config_file.is_file(),
              f"init_from={c.init_from} has no image conditioner folder with a config.json (its "
              f"{PIPELINE_FILE}'s image_cond_model): give a stage-1 pipeline of this job")
-    found = json.loads(config_file.read_text())
-    for name, value in asdict(c.conditioner_size).items():
-        _require(found.get(name) == value,
-                 f"conditioner_size.{name} is {value} here but {found.get(name)} in "
-                 f"{config_file}: set it to the pipeline's")
+    found, expected = (json.loads(config_file.read_text()),
+                       conditioner_config(c.conditioner_size).to_dict())
+    for name in (*asdict(c.conditioner_size), "image_size"):
+        _require(found.get(name) == expected[name],
+                 f"the conditioner's {name} is {expected[name]} here but {found.get(name)} in "
+                 f"{config_file}: set conditioner_size to the pipeline's")
+    latent = latent_resolution(c.data.occupancy_resolution, c.vae_size)
+    builds = {"sparse_structure_encoder": ("vae_size", encoder_args(c.vae_size)),
+              "sparse_structure_decoder": ("vae_size", decoder_args(c.vae_size)),
+              "sparse_structure_flow_model": ("flow_size", flow_args(
+                  c.flow_size, latent, c.vae_size.latent_channels,
+                  c.conditioner_size.hidden_size))}
+    for key in keys:
+        setting, args = builds[key]
+        shipped = model_args(spec, key)
+        differ = ", ".join(f"{name} (here {value}, there {shipped.get(name)})"
+                           for name, value in args.items() if shipped.get(name) != value)
+        _require(not differ, f"init_from={c.init_from}: its {key} differs from what this config "
+                 f"builds in {differ}: set {setting} to the pipeline's"
+                 f"{', or init_flow=false for a fresh flow' if setting == 'flow_size' else ''}")
 
 
 def structure_resolution(folder: Path) -> int:
     """The occupancy resolution a stage-1 pipeline folder's structure decoder gives: its
     flow's latent resolution, doubled at each decoder level but the first."""
     spec = check_pipeline_files(folder)
-    flow, decoder = (json.loads((spec.root / f"{spec.models[key]}.json").read_text())["args"]
+    flow, decoder = (model_args(spec, key)
                      for key in ("sparse_structure_flow_model", "sparse_structure_decoder"))
     return flow["resolution"] * 2 ** (len(decoder["channels"]) - 1)
 
@@ -309,7 +321,7 @@ def start_from(trainer: StructureTrainer, c: TrainGeneratorConfig) -> None:
     or a pipeline folder's models (the flow's only with ``init_flow``)."""
     pipeline = init_pipeline(c)
     if pipeline is not None:
-        state = trainer.pipeline_weights(pipeline)
+        state = trainer.pipeline_weights(pipeline, flow=c.init_flow)
     else:
         state = load_checkpoint(Path(c.init_from) / "ckpt")
         if state is None:

@@ -145,11 +145,11 @@ def resolve_pipeline_folder(path_or_repo: Union[str, os.PathLike],
         return resolve_model_path(path_or_repo, index_file=PIPELINE_FILE, option=option)
     if not (shipped / PIPELINE_FILE).is_file():
         folder = shipped.relative_to(shipped.parents[1])
-        raise UserError(f"model={path_or_repo} names the generator shipped in the repository, "
+        raise UserError(f"{option}={path_or_repo} names the generator shipped in the repository, "
                         f"but {shipped / PIPELINE_FILE} is missing: this checkout has no trained "
                         f"generator yet (`python run.py ship-generator <training runs>` puts one "
                         f"in {folder}; if `git ls-files {folder}` lists it, restore it with "
-                        f"`git checkout -- {folder}`), or give a pipeline folder as model=")
+                        f"`git checkout -- {folder}`), or give a pipeline folder as {option}=")
     return shipped
 
 
@@ -190,6 +190,11 @@ def _model_files(root: Path, ref: str):
     if not weights.is_file():
         raise _missing(root, f"the checkpoint weights {weights} are missing")
     return stem, spec, weights
+
+
+def model_args(spec: "PipelineSpec", key: str) -> Dict[str, Any]:
+    """The constructor arguments of the pipeline's model ``key`` (its json file; no weights)."""
+    return _model_files(spec.root, spec.models[key])[1]["args"]
 
 
 def load_model(root: Union[str, Path], ref: str, device: Union[str, torch.device] = "cpu",

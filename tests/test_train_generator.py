@@ -327,10 +327,16 @@ def test_a_shipped_folder_ships_again_with_a_later_run_over_it(straight_run, tmp
     flow = spec["args"]["models"]["sparse_structure_flow_model"]
     weights = later / "pipeline" / f"{flow}.safetensors"
     save_file({k: v + 1.0 for k, v in load_file(str(weights)).items()}, str(weights))
+    settings = (later / "config.yaml").read_text()
+    (later / "config.yaml").write_text(settings.replace("init_from: ''",
+                                                        f"init_from: {run_dir}"))
     dest = ship([shipped, later], shipped)  # over itself
     assert verify(dest) == []
     runs = json.loads((dest / MANIFEST).read_text())["runs"]
     assert [r["run"] for r in runs] == [run_dir.name, "later"]
+    # the run it started from is recorded with it, as far as its log went
+    assert runs[1]["started_from"]["run"] == run_dir.name
+    assert runs[1]["started_from"]["last_step"] == runs[0]["last_step"] == 9
     trained = load_file(str(run_dir / "pipeline" / f"{flow}.safetensors"))
     for name, value in load_file(str(dest / f"{flow}.safetensors")).items():
         torch.testing.assert_close(value.float(), trained[name] + 1.0, rtol=1e-3, atol=1e-3)
@@ -366,25 +372,28 @@ def test_a_run_starts_from_another_runs_weights_and_trains_the_flow_on(straight_
                    for k in trained["flow"])  # the flow trained on
 
 
-def test_a_run_starts_a_fresh_flow_on_a_pipelines_vae_and_conditioner(straight_run,
-                                                                         cache_dir, tmp_path):
-    """``init_from=<pipeline folder> init_flow=false``: the folder's VAE and conditioner, a
-    new flow of another size, trained from its seeded start."""
+@pytest.mark.parametrize("init_flow", [True, False])
+def test_a_run_starts_from_a_pipeline_folder(straight_run, cache_dir, tmp_path, init_flow):
+    """``init_from=<pipeline folder>``: the folder's VAE, conditioner and flow; with
+    ``init_flow=false`` a new flow of another size instead, trained from its seeded start."""
     pipeline = Path(straight_run["run_dir"]) / "pipeline"
+    sizes = {} if init_flow else {"flow_size.model_channels": 64, "flow_size.patch_size": 2}
     c = config(*micro(tmp_path, cache_dir, **{
-        "vae.steps": 0, "flow.steps": 2, "init_from": str(pipeline), "init_flow": "false",
-        "flow_size.model_channels": 64, "flow_size.patch_size": 2}))
+        "vae.steps": 0, "flow.steps": 2, "init_from": str(pipeline),
+        "init_flow": str(init_flow).lower(), **sizes}))
     trainer = train_generator.make_trainer(c)
     fresh = {k: v.clone() for k, v in trainer.flow.state_dict().items()}
     train_generator.start_from(trainer, c)
     spec = read_pipeline(pipeline)
-    for key, name in zip(STRUCTURE_MODELS[:2], ("encoder", "decoder")):
+    names = ("encoder", "decoder", "flow") if init_flow else ("encoder", "decoder")
+    for key, name in zip(STRUCTURE_MODELS, names):
         for k, v in load_model(spec.root, spec.models[key]).state_dict().items():
             assert torch.equal(getattr(trainer, name).state_dict()[k], v), (name, k)
     conditioner = ImageConditioner.from_pretrained(str(pipeline / CONDITIONER_FOLDER))
     for k, v in conditioner.model.state_dict().items():
         assert torch.equal(trainer.conditioner.model.state_dict()[k], v), k
-    assert all(torch.equal(trainer.flow.state_dict()[k], v) for k, v in fresh.items())
+    kept = all(torch.equal(trainer.flow.state_dict()[k], v) for k, v in fresh.items())
+    assert kept is not init_flow
     result = train_generator.run(c)
     assert result["steps"] == 2 and 0 <= result["flow_iou"] <= 1
 
@@ -392,9 +401,14 @@ def test_a_run_starts_a_fresh_flow_on_a_pipelines_vae_and_conditioner(straight_r
 @pytest.mark.parametrize("override, message", [
     ({"flow_size.model_channels": 64}, "flow_size is"),
     ({"init_from": "/nowhere"}, "is not a train-generator run folder with a checkpoint"),
-    ({"init_from": "embedded"}, "sparse_structure_encoder was built with .* set vae_size"),
-    ({"init_from": "embedded", "init_flow": "false", "vae_size.channels": "[8,32,64]",
-      "vae_size.latent_channels": 8}, "conditioner_size.hidden_size is 16 here but 64"),
+    ({"init_from": "embedded"}, "the conditioner's hidden_size is 16 here but 64"),
+    ({"init_from": "embedded", "conditioner_size.hidden_size": 64,
+      "conditioner_size.num_hidden_layers": 2, "conditioner_size.num_attention_heads": 4,
+      "conditioner_size.intermediate_size": 128, "conditioner_size.patch_size": 37},
+     r"sparse_structure_encoder differs .* in channels \(here \[4, 8, 8\], there \[8, 32, 64\]\)"
+     ".* set vae_size"),
+    ({"init_from": "embedded", "init_flow": "false", "data.occupancy_resolution": 16},
+     "data.occupancy_resolution is 16 here but init_from=embedded decodes 32"),
 ])
 def test_init_from_is_checked_before_a_run_folder(straight_run, cache_dir, tmp_path, override,
                                                   message):

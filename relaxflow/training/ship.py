@@ -22,7 +22,8 @@ casts them to the model's dtypes), the conditioner as a transformers folder (its
 * ``files``: the sha256 and size of every other file in the folder;
 * ``runs``: per training run, its folder name, ``config.yaml`` (the settings, as a mapping), the
   commits its code came from (``source.json``: one entry per start or resume, with the step it
-  started at and whether the working tree had changes), and its final ``metrics.json``.
+  started at and whether the working tree had changes), its final ``metrics.json``, the step
+  its log reached, and the record of the run its weights started from (``init_from``).
 
 :func:`verify` checks a shipped folder against its manifest (the tests run it on the
 repository's own).
@@ -68,23 +69,39 @@ def record_source(run_dir: Path, step: int, root: Path) -> None:
     write_json(path, entries)
 
 
-def _half_safetensors(source: Path, target: Path) -> None:
-    """``source``'s tensors with floating-point ones cast to float16, written to ``target``."""
-    from safetensors.torch import load_file, save_file
+def _half_tensors(source: Path) -> Dict[str, torch.Tensor]:
+    """A safetensors file's tensors as shipped: floating-point ones cast to float16."""
+    from safetensors.torch import load_file
 
-    tensors = {k: v.half() if v.is_floating_point() else v
-               for k, v in load_file(str(source)).items()}
-    save_file(tensors, str(target), metadata={"format": "pt"})
+    return {k: v.half() if v.is_floating_point() else v for k, v in load_file(str(source)).items()}
+
+
+def _half_safetensors(source: Path, target: Path) -> None:
+    """``source``'s tensors as shipped, written to ``target``."""
+    from safetensors.torch import save_file
+
+    save_file(_half_tensors(source), str(target), metadata={"format": "pt"})
 
 
 def _run_record(run_dir: Path) -> Dict[str, Any]:
+    """A run's folder name, settings, code versions, final metrics and ``last_step`` (the step
+    its log reached: a run a later one started from may have been stopped; None without a
+    log); for a run whose weights started from another run (``init_from``, a run folder still
+    on disk), that run's record as ``started_from``."""
     def read(name: str, parse):
         path = run_dir / name
         return parse(path.read_text()) if path.is_file() else None
-    return {"run": run_dir.name,
-            "config": read("config.yaml", lambda text: OmegaConf.to_container(
-                OmegaConf.create(text))),
-            "source": read(SOURCE, json.loads), "metrics": read("metrics.json", json.loads)}
+    record = {"run": run_dir.name,
+              "config": read("config.yaml", lambda text: OmegaConf.to_container(
+                  OmegaConf.create(text))),
+              "source": read(SOURCE, json.loads), "metrics": read("metrics.json", json.loads)}
+    log = read("metrics.jsonl", lambda text: [json.loads(line) for line in text.splitlines()
+                                              if line.strip()])
+    record["last_step"] = log[-1]["step"] if log else None
+    start = Path(str((record["config"] or {}).get("init_from") or ""))
+    if start.name and (start / "config.yaml").is_file():
+        record["started_from"] = _run_record(start)
+    return record
 
 
 def _merged_pipeline_json(pipelines: Sequence[Path]) -> Dict[str, Any]:
@@ -102,11 +119,8 @@ def _merged_pipeline_json(pipelines: Sequence[Path]) -> Dict[str, Any]:
 def _half_digest(path: Path) -> str:
     """sha256 of a safetensors file's tensors as shipped (floating point in float16), by name:
     the same for a run's float32 file and the float16 file shipped from it."""
-    from safetensors.torch import load_file
-
     digest = hashlib.sha256()
-    for name, tensor in sorted(load_file(str(path)).items()):
-        tensor = tensor.half() if tensor.is_floating_point() else tensor
+    for name, tensor in sorted(_half_tensors(path).items()):
         digest.update(f"{name}{tensor.dtype}{tuple(tensor.shape)}".encode())
         digest.update(tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()

@@ -549,15 +549,17 @@ class StructureTrainer(TwoPhaseTrainer):
                 "sparse_structure_decoder": ("SparseStructureDecoder", self.decoder, "decoder"),
                 "sparse_structure_flow_model": ("SparseStructureFlowModel", self.flow, "flow")}
 
-    def pipeline_weights(self, folder: Path) -> Dict[str, Any]:
+    def pipeline_weights(self, folder: Path, flow: bool = True) -> Dict[str, Any]:
         """The models' weights of a stage-1 pipeline folder (an export, or a shipped generator
-        in float16: cast to these models' float32), keyed as :meth:`load_weights` reads them.
-        Its models must have this trainer's arguments (``jobs.train_generator`` checks)."""
+        in float16: cast to these models' float32), keyed as :meth:`load_weights` reads them;
+        ``flow=False`` leaves the flow out. Its models must have this trainer's arguments
+        (``jobs.train_generator.check_init_pipeline`` checks)."""
         from transformers import Dinov2WithRegistersModel
 
         spec = read_pipeline(folder)
         state = {args: load_model(spec.root, spec.models[key]).state_dict()
-                 for key, (_, _, args) in self.pipeline_models().items()}
+                 for key, (_, _, args) in self.pipeline_models().items()
+                 if flow or args != "flow"}
         conditioner = Dinov2WithRegistersModel.from_pretrained(
             str(spec.root / str(spec.cond_model)), local_files_only=True,
             torch_dtype=torch.float32)
