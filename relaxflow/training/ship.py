@@ -95,9 +95,9 @@ def _run_record(run_dir: Path) -> Dict[str, Any]:
               "config": read("config.yaml", lambda text: OmegaConf.to_container(
                   OmegaConf.create(text))),
               "source": read(SOURCE, json.loads), "metrics": read("metrics.json", json.loads)}
-    log = read("metrics.jsonl", lambda text: [json.loads(line) for line in text.splitlines()
-                                              if line.strip()])
-    record["last_step"] = log[-1]["step"] if log else None
+    # a killed run's log can end in a torn line (jobs.train_generator drops it on resume)
+    complete = read("metrics.jsonl", lambda text: text.split("\n")[:-1]) or []
+    record["last_step"] = json.loads(complete[-1])["step"] if complete else None
     start = Path(str((record["config"] or {}).get("init_from") or ""))
     if start.name and (start / "config.yaml").is_file():
         record["started_from"] = _run_record(start)
