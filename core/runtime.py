@@ -1,6 +1,6 @@
 """Process-level set-up shared by every layer: seeding, the cache folder, run folders, atomic
 writes, allocator tuning, the error a run stops itself with, and the interruption of a run that
-can be resumed."""
+can be resumed (and the few writes a Ctrl-C must wait for)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import os
 import random
 import re
 import shutil
+import signal
 import tempfile
+import threading
 import time
 import unicodedata
 from contextlib import contextmanager
@@ -43,6 +45,31 @@ class RunInterrupted(KeyboardInterrupt):
     def __init__(self, run_dir: Path, step: int, checkpoint_step: Optional[int]):
         super().__init__(str(run_dir))
         self.run_dir, self.step, self.checkpoint_step = Path(run_dir), step, checkpoint_step
+
+
+@contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) off while the block runs, then deliver it as it would have been.
+
+    For a write and the bookkeeping that records it, which a KeyboardInterrupt must not cut in
+    two: ``torch.save`` interrupted half-way turns the KeyboardInterrupt into a RuntimeError
+    ("unexpected pos") when its zip writer closes, and the run would stop with a traceback
+    instead of its resume command. A signal that came in the block is raised again once the
+    previous handler is back, so that handler decides (a KeyboardInterrupt, or nothing when
+    SIGINT is ignored); if the block raised, its error wins. Outside the main thread, where no
+    handler can be set, the block just runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    came: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, _frame: came.append(signum))
+    try:
+        yield
+    finally:
+        # None: a handler not set from Python, which the default stands for
+        signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
+    if came:
+        signal.raise_signal(signal.SIGINT)
 
 
 def seed_everything(seed: int) -> torch.Generator:

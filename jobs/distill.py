@@ -33,7 +33,7 @@ from cfd.systems.prior import GuidanceKind
 from cfd.utils.media import save_grid
 from cfd.visualize import write_orbit_video
 from core.errors import UserError
-from core.runtime import RunInterrupted, TrainingStopped, atomic_write
+from core.runtime import RunInterrupted, TrainingStopped, atomic_write, interrupts_held
 from jobs.skeleton import RunFolder, check_output, finished_run, typed
 
 log = logging.getLogger(__name__)
@@ -124,8 +124,9 @@ def _train(system: Distillation, c: DistillConfig, folder: RunFolder,
                 if system.step % c.checkpoint_every == 0 or system.step == c.steps:
                     metrics_file.flush()
                     system.wall_s = wall_before + time.perf_counter() - start
-                    save_checkpoint(run_dir / "ckpt", system.state_dict())
-                    checkpoint_step = system.step
+                    with interrupts_held():  # Ctrl-C lands after the save, with its step known
+                        save_checkpoint(run_dir / "ckpt", system.state_dict())
+                        checkpoint_step = system.step
                 if system.step % c.log_every == 0 or system.step == c.steps:
                     with torch.no_grad():
                         pred = system.render_eval(eval_cams)

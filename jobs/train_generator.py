@@ -58,7 +58,7 @@ from cfd.config import load_config
 from cfd.systems.checkpoint import load_checkpoint, save_checkpoint
 from core.devices import resolve_device
 from core.errors import UserError
-from core.runtime import RunInterrupted, TrainingStopped, atomic_write
+from core.runtime import RunInterrupted, TrainingStopped, atomic_write, interrupts_held
 from jobs.skeleton import RunFolder, check_output, finished_run, typed
 from relaxflow.loading import (EMBEDDED_PIPELINES, PIPELINE_FILE, check_pipeline_files,
                                model_args, read_pipeline, resolve_pipeline_folder)
@@ -413,8 +413,9 @@ def _train(trainer: Union[StructureTrainer, SlatTrainer], c: TrainGeneratorConfi
                 if step % c.checkpoint_every == 0 or step == total:
                     metrics_file.flush()
                     trainer.wall_s = wall_before + time.perf_counter() - start
-                    save_checkpoint(run_dir / "ckpt", trainer.state_dict())
-                    checkpoint_step = step
+                    with interrupts_held():  # Ctrl-C lands after the save, with its step known
+                        save_checkpoint(run_dir / "ckpt", trainer.state_dict())
+                        checkpoint_step = step
         bar.close()
         with trainer.averaged():  # the flow's average, when it keeps one, is what ships
             pipeline = trainer.export_pipeline(run_dir / "pipeline")

@@ -493,6 +493,33 @@ def test_resumed_run_counts_the_time_before_the_resume(tmp_path, cache_dir, monk
     assert f"s of them before the resume); results in {run_dir}" in capsys.readouterr().out
 
 
+def test_ctrl_c_during_a_checkpoint_write_stops_after_it_with_that_step(tmp_path, cache_dir,
+                                                                      monkeypatch):
+    """The CI failure of stop 28: a SIGINT that lands inside torch.save must not tear the write
+    into a RuntimeError; the save ends, and the run stops with that checkpoint as its resume
+    point."""
+    import signal
+
+    from cfd.systems import checkpoint
+    from cfd.systems.checkpoint import load_checkpoint
+    from core.runtime import RunInterrupted
+
+    save = torch.save
+
+    def save_hit_by_ctrl_c(obj, f):
+        if obj["step"] == 2:
+            signal.raise_signal(signal.SIGINT)  # the handler runs now, as a real Ctrl-C would
+        return save(obj, f)
+
+    monkeypatch.setattr(checkpoint.torch, "save", save_hit_by_ctrl_c)
+    cfg = load_config(DistillConfig, CONFIG, small_overrides(tmp_path, cache_dir, steps=4,
+                                                            checkpoint_every=1))
+    with pytest.raises(RunInterrupted) as stop:
+        distill.run(cfg)
+    assert stop.value.step == stop.value.checkpoint_step == 2
+    assert load_checkpoint(stop.value.run_dir / "ckpt")["step"] == 2
+
+
 def test_ctrl_c_stops_a_run_with_the_command_that_resumes_it(tmp_path, cache_dir):
     """A real SIGINT: no traceback, exit status 130, the step it stopped at and the command."""
     import re

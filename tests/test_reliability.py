@@ -5,6 +5,7 @@ silently different result."""
 import errno
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import zipfile
@@ -466,3 +467,37 @@ def test_a_truncated_safetensors_in_a_diffusers_folder_is_named(tmp_path, monkey
     with pytest.raises(ValueError, match=rf"^{weights} is damaged or cut short \(.+\): "
                                          r"re-download or re-copy it"):
         StableDiffusionGuidance.from_pretrained(str(path))
+
+
+def test_a_ctrl_c_held_off_during_a_block_is_delivered_after_it():
+    from core.runtime import interrupts_held
+
+    finished = []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_held():
+            signal.raise_signal(signal.SIGINT)
+            finished.append(True)  # the block is not cut short
+    assert finished == [True]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_held_ctrl_c_goes_to_the_handler_that_was_there():
+    from core.runtime import interrupts_held
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with interrupts_held():  # an ignored SIGINT (a background job) stays ignored
+            signal.raise_signal(signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_an_error_in_a_held_block_wins_over_the_held_ctrl_c():
+    from core.runtime import interrupts_held
+
+    with pytest.raises(OSError, match="disk full"):
+        with interrupts_held():
+            signal.raise_signal(signal.SIGINT)
+            raise OSError("disk full")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
