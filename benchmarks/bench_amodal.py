@@ -187,6 +187,9 @@ def run(args) -> None:
                              "band": case.band, "category": case.category,
                              "ambiguous": bool(case.ambiguous_with), "run_dir": str(run_dir),
                              "seconds": branch_seconds(metrics, branch),
+                             "seconds_structure": metrics[f"structure_{branch}_s"],
+                             "seconds_latent": metrics[f"latent_{branch}_s"],
+                             "voxels": metrics["voxels"][branch],
                              "wall_s": metrics["wall_s"], **score(case, run_dir, branch)})
             with open(results_path, "a") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
@@ -324,6 +327,30 @@ def claims(rows: List[Dict[str, Any]]) -> List[str]:
     return lines
 
 
+def time_ratios(rows: List[Dict[str, Any]]) -> List[str]:
+    """Each result's sampling time against observation-only's on the same cases: in all, in
+    stage 1 (the same dense latent for every branch: the dual branch's own cost) and in stage 2
+    per voxel (stage 2 runs on each branch's own structure, and a completion has more voxels
+    than the visible part alone)."""
+    by = {(r["case"], r["result"]): r for r in rows if "seconds_structure" in r}
+    lines = ["## Time against observation only (sampling stages, paired cases)", "",
+             "| result | n | all | stage 1 | stage 2 per voxel | voxels |", "|---" * 6 + "|"]
+    for name in dict.fromkeys(result for _, result in by):
+        pairs = [(by[(case, name)], by[(case, "observation_only")]) for case, result in by
+                 if result == name and (case, "observation_only") in by]
+        if name == "observation_only" or not pairs:
+            continue
+
+        def ratio(seconds) -> str:
+            return f"{sum(seconds(a) for a, _ in pairs) / sum(seconds(b) for _, b in pairs):.2f}"
+
+        lines.append(f"| {name} | {len(pairs)} | {ratio(lambda r: r['seconds'])} | "
+                     f"{ratio(lambda r: r['seconds_structure'])} | "
+                     f"{ratio(lambda r: r['seconds_latent'] / r['voxels'])} | "
+                     f"{ratio(lambda r: r['voxels'])} |")
+    return lines
+
+
 KEYS = ("iou", "iou_hidden", "chamfer", "chamfer_hidden", "f_score_hidden", "adherent",
         "psnr_visible", "mask_iou_visible", "psnr_around", "mask_iou_around", "seconds")
 
@@ -341,7 +368,7 @@ def report(args) -> None:
             lines.append(f"| {name} | {len(mine)} | " + " | ".join(
                 mean_ci([r[k] for r in mine if k in r]) for k in KEYS) + " |")
         lines.append("")
-    lines += claims(rows)
+    lines += claims(rows) + [""] + time_ratios(rows)
     (args.out / "report.md").write_text("\n".join(lines) + "\n")
     picture(rows, read_cases(args.cases), args.out)
     print("\n".join(lines))

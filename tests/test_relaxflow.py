@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from relaxflow.dual_branch import RelaxFlowSampler, alpha_schedule, pool_priors
 from relaxflow.models import build
 from relaxflow.models.layers import attention
-from relaxflow.relaxation import AttentionRelaxation, KeyLayout, gaussian_kernel, kernel_size
+from relaxflow.relaxation import (MATRIX_BLUR_MAX_LENGTH, AttentionRelaxation, KeyLayout,
+                                  gaussian_kernel, kernel_size)
 from relaxflow.sampler import FlowEulerSampler
 
 TINY_FLOW = dict(resolution=4, in_channels=2, model_channels=32, cond_channels=16,
@@ -56,10 +57,12 @@ def released_flat_blur(logits, sigma_query, sigma_key):
 
 
 @pytest.mark.parametrize("sigmas", [(0.7, 1.3), (1.5, 0.0), (2.5, 2.5), (1.0, 2.5)])
-def test_flat_query_and_key_blur_equals_the_released_2d_logit_blur(sigmas):
+@pytest.mark.parametrize("lengths", [(40, 30), (100, 90)])  # by the blur matrix, by conv1d
+def test_flat_query_and_key_blur_equals_the_released_2d_logit_blur(sigmas, lengths):
+    assert 40 <= MATRIX_BLUR_MAX_LENGTH < 90  # so the two cases take the two paths
     g = torch.Generator().manual_seed(3)
-    q = torch.randn(2, 40, 3, 8, generator=g)
-    k = torch.randn(2, 30, 3, 8, generator=g)
+    q = torch.randn(2, lengths[0], 3, 8, generator=g)
+    k = torch.randn(2, lengths[1], 3, 8, generator=g)
     relax = AttentionRelaxation(*sigmas, topology="flat", query_grid=None)
     bq, bk = relax.apply(q, k)
     want = released_flat_blur(torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double())
