@@ -81,6 +81,11 @@ METHODS: Dict[str, List[str]] = {
     "stage2_blur": ["stage2.sigma_query=2.5", "stage2.sigma_key=2.5"],
     "cosine": ["stage1.schedule=cosine", "stage2.schedule=cosine"],
     "sigmoid": ["stage1.schedule=sigmoid", "stage2.schedule=sigmoid"],
+    # the embedded configs' RelaxFlow (no blur) with the settings the ablations favour
+    "no_blur_sigmoid": ["stage1.sigma_query=0.0", "stage1.sigma_key=0.0",
+                        "stage1.schedule=sigmoid", "stage2.schedule=sigmoid"],
+    "no_blur_priors_1": ["stage1.sigma_query=0.0", "stage1.sigma_key=0.0",
+                         "generate_priors.n_images=1"],
 }
 BRANCHES = {"relaxflow": "splats.ply", "observation_only": "observation_only.ply",
             "prior_only": "prior_only.ply"}
@@ -273,14 +278,15 @@ def refine_cases(args) -> None:
     print("\n".join(lines))
 
 
-def mean_ci(values: List[float]) -> str:
+def mean_ci(values: List[float], signed: bool = False) -> str:
     values = [v for v in values if v is not None and np.isfinite(v)]
+    sign = "+" if signed else ""
     if not values:
         return "-"
     if len(values) == 1:
-        return f"{values[0]:.3f}"
+        return f"{values[0]:{sign}.3f}"
     mean, half = confidence_interval(values)
-    return f"{mean:.3f} ± {half:.3f}"
+    return f"{mean:{sign}.3f} ± {half:.3f}"
 
 
 # The paper's claims as paired comparisons: (claim, result A, result B, score, A should be
@@ -301,15 +307,21 @@ CLAIMS = [
 ]
 
 
+def paired(rows: List[Dict[str, Any]], a: str, b: str, key: str,
+           ambiguous_only: bool = False) -> List[float]:
+    """``key`` of result ``a`` minus that of ``b`` over the cases that have both."""
+    by = {(r["case"], r["result"]): r for r in rows}
+    diffs = [by[(case, a)][key] - by[(case, b)][key] for case, name in by
+             if name == a and (case, b) in by and key in by[(case, a)]
+             and key in by[(case, b)] and (by[(case, a)]["ambiguous"] or not ambiguous_only)]
+    return [d for d in diffs if np.isfinite(d)]
+
+
 def claims(rows: List[Dict[str, Any]]) -> List[str]:
     """Each claim's paired difference (A - B over the cases both have) with its 95% interval."""
     lines = ["## The paper's claims on this testbed", ""]
-    by = {(r["case"], r["result"]): r for r in rows}
     for text, a, b, key, higher, ambiguous_only in CLAIMS:
-        diffs = [by[(case, a)][key] - by[(case, b)][key] for case, name in by
-                 if name == a and (case, b) in by and key in by[(case, a)]
-                 and key in by[(case, b)] and (by[(case, a)]["ambiguous"] or not ambiguous_only)]
-        diffs = [d for d in diffs if np.isfinite(d)]
+        diffs = paired(rows, a, b, key, ambiguous_only)
         if not diffs:
             lines.append(f"- {text}: no cases yet")
             continue
@@ -324,6 +336,25 @@ def claims(rows: List[Dict[str, Any]]) -> List[str]:
             verdict = "not decided at 95%"
         lines.append(f"- {text}: {a} - {b} = {mean:+.3f} ± {half:.3f} over {len(diffs)} cases: "
                      f"{verdict}")
+    return lines
+
+
+ABLATION_KEYS = ("iou_hidden", "adherent", "psnr_visible", "psnr_around")
+
+
+def ablations(rows: List[Dict[str, Any]], base: str, title: str) -> List[str]:
+    """Every other result minus ``base``, paired over the cases both ran (means with 95%
+    intervals; adherence over the ambiguous cases only)."""
+    lines = [f"## Each result minus {title} (paired cases)", "",
+             "| result | n | " + " | ".join(ABLATION_KEYS) + " |",
+             "|---" * (len(ABLATION_KEYS) + 2) + "|"]
+    for name in dict.fromkeys(r["result"] for r in rows):
+        n = len(paired(rows, name, base, "iou_hidden"))
+        if name == base or not n:
+            continue
+        cells = [mean_ci(paired(rows, name, base, key, key == "adherent"), signed=True)
+                 for key in ABLATION_KEYS]
+        lines.append(f"| {name} | {n} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -368,7 +399,9 @@ def report(args) -> None:
             lines.append(f"| {name} | {len(mine)} | " + " | ".join(
                 mean_ci([r[k] for r in mine if k in r]) for k in KEYS) + " |")
         lines.append("")
-    lines += claims(rows) + [""] + time_ratios(rows)
+    lines += [*claims(rows), "", *ablations(rows, "relaxflow", "the paper's RelaxFlow"), "",
+              *ablations(rows, "no_blur", "no blur (the embedded configs' RelaxFlow)"), "",
+              *time_ratios(rows)]
     (args.out / "report.md").write_text("\n".join(lines) + "\n")
     picture(rows, read_cases(args.cases), args.out)
     print("\n".join(lines))
