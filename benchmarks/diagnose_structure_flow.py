@@ -6,7 +6,8 @@ average when the run keeps one (``flow.ema_decay``).
     python benchmarks/diagnose_structure_flow.py <train-generator run folder> [--probe]
 
 One render per shape (its first), 12 Euler steps, the same noise for every shape; 34 training
-shapes spread over the categories against every held-out one.
+shapes spread over the categories against every held-out one. Per category, next to the flow's
+IoU: the VAE's reconstruction IoU of the same shapes, the most the flow can reach.
 
 ``--probe`` asks instead whether the condition can tell the categories apart at all: a linear
 classifier of the category, fitted on the training renders' features (every view) and scored on
@@ -55,6 +56,14 @@ def sampled_iou(trainer: StructureTrainer, shapes: ShapeSet, index: torch.Tensor
     coords = coords.long()
     pred[coords[:, 0], coords[:, 1], coords[:, 2], coords[:, 3]] = True
     return occupancy_iou(pred, truth)
+
+
+@torch.no_grad()
+def reconstruction_iou(trainer: StructureTrainer, shapes: ShapeSet) -> torch.Tensor:
+    """IoU ``[len(shapes)]`` of each shape's occupancy encoded and decoded by the VAE."""
+    truth = shapes.occupancy
+    logits = trainer.decoder(trainer.encoder(truth[:, None].float()))
+    return occupancy_iou(logits[:, 0] > 0, truth)
 
 
 def linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor,
@@ -120,7 +129,7 @@ def main() -> None:
     c = typed(load_config(TrainGeneratorConfig, run_dir / "config.yaml"))
     trainer = StructureTrainer(c, build_structure_data(c.data), torch.device("cpu"))
     trainer.load_state_dict(load_checkpoint(run_dir / "ckpt"))
-    for model in (trainer.flow, trainer.decoder):
+    for model in (trainer.encoder, trainer.flow, trainer.decoder):
         model.eval()
     print("step", trainer.step)
     if "--probe" in sys.argv[2:]:
@@ -135,8 +144,11 @@ def main() -> None:
             print(f"cfg {cfg_strength}: held-out IoU mean {a.mean():.3f} median "
                   f"{a.median():.3f}; training mean {b.mean():.3f} median {b.median():.3f}")
         iou = sampled_iou(trainer, trainer.held_out, held_out, 3.0)
+    ceiling = reconstruction_iou(trainer, trainer.held_out)
+    print("held-out IoU per category: flow at cfg 3 / VAE reconstruction")
     for i, name in enumerate(trainer.held_out.categories):
-        print(f"{name} {iou[trainer.held_out.category == i].mean():.3f}")
+        mine = trainer.held_out.category == i
+        print(f"{name} {iou[mine].mean():.3f} / {ceiling[mine].mean():.3f}")
 
 
 if __name__ == "__main__":
