@@ -362,7 +362,9 @@ def time_ratios(rows: List[Dict[str, Any]]) -> List[str]:
     """Each result's sampling time against observation-only's on the same cases: in all, in
     stage 1 (the same dense latent for every branch: the dual branch's own cost) and in stage 2
     per voxel (stage 2 runs on each branch's own structure, and a completion has more voxels
-    than the visible part alone)."""
+    than the visible part alone). Observation-only's times are those of the case's ``relaxflow``
+    run (the only method whose single branches are kept; they do not depend on the settings),
+    so a method's ratio pairs two runs; a run times its RelaxFlow branch first in each stage."""
     by = {(r["case"], r["result"]): r for r in rows if "seconds_structure" in r}
     lines = ["## Time against observation only (sampling stages, paired cases)", "",
              "| result | n | all | stage 1 | stage 2 per voxel | voxels |", "|---" * 6 + "|"]

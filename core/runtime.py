@@ -55,18 +55,27 @@ def interrupts_held() -> Iterator[None]:
     two: ``torch.save`` interrupted half-way turns the KeyboardInterrupt into a RuntimeError
     ("unexpected pos") when its zip writer closes, and the run would stop with a traceback
     instead of its resume command. A signal that came in the block is raised again once the
-    previous handler is back, so that handler decides (a KeyboardInterrupt, or nothing when
-    SIGINT is ignored); if the block raised, its error wins. Outside the main thread, where no
-    handler can be set, the block just runs."""
-    if threading.current_thread() is not threading.main_thread():
+    previous handler is back, so that handler decides; if the block raised, its error wins. A
+    second Ctrl-C in the block is let through at once (a save that hangs, on a stalled disk,
+    can still be stopped). An ignored SIGINT (a background job) stays ignored; outside the main
+    thread, where no handler can be set, the block just runs."""
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous is signal.SIG_IGN:
         yield
         return
     came: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, _frame: came.append(signum))
+
+    def hold(signum, _frame):
+        if came:
+            raise KeyboardInterrupt
+        came.append(signum)
+
+    signal.signal(signal.SIGINT, hold)
     try:
         yield
     finally:
-        # None: a handler not set from Python, which the default stands for
+        # None: a handler set outside Python, which Python cannot put back; the default is the
+        # nearest it can
         signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
     if came:
         signal.raise_signal(signal.SIGINT)

@@ -23,6 +23,7 @@ Topologies:
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from enum import Enum
@@ -59,10 +60,12 @@ def gaussian_kernel(sigma: float, dtype=torch.float32, device=None) -> Tensor:
 MATRIX_BLUR_MAX_LENGTH = 64
 
 
+@functools.lru_cache(maxsize=64)
 def blur_matrix(sigma: float, length: int, device=None) -> Tensor:
     """The zero-padded blur of an axis of ``length`` tokens as a float32 ``[length, length]``
     matrix ``B`` (``blurred = B @ x``): row ``i`` holds the kernel centred on ``i``, cut where
-    it passes the ends."""
+    it passes the ends. Cached (every layer of every step asks for the same few): callers must
+    not modify it."""
     kernel = gaussian_kernel(sigma, torch.float32, device)
     i = torch.arange(length, device=device)
     offset = i[None, :] - i[:, None] + len(kernel) // 2  # [i, j]: j's place in i's kernel

@@ -493,6 +493,20 @@ def test_a_held_ctrl_c_goes_to_the_handler_that_was_there():
         signal.signal(signal.SIGINT, previous)
 
 
+def test_a_second_ctrl_c_in_a_held_block_goes_through_at_once():
+    from core.runtime import interrupts_held
+
+    reached = []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_held():
+            signal.raise_signal(signal.SIGINT)
+            reached.append(1)
+            signal.raise_signal(signal.SIGINT)  # a save that hangs can still be stopped
+            reached.append(2)
+    assert reached == [1]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_an_error_in_a_held_block_wins_over_the_held_ctrl_c():
     from core.runtime import interrupts_held
 
