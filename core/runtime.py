@@ -151,6 +151,16 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> Path:
     return Path(path)
 
 
+def log_records(path: Path) -> list[dict]:
+    """The records of a JSON-lines log (``metrics.jsonl``), none when it does not exist. A
+    killed run can leave a torn last line (logs are flushed in blocks); it is dropped."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    *complete, _torn = path.read_text().split("\n")
+    return [json.loads(line) for line in complete]
+
+
 def write_json(path: Path, obj: Any) -> None:
     data = (json.dumps(obj, indent=2) + "\n").encode()
     atomic_write(path, lambda f: f.write(data))

@@ -33,7 +33,8 @@ from cfd.systems.prior import GuidanceKind
 from cfd.utils.media import save_grid
 from cfd.visualize import write_orbit_video
 from core.errors import UserError
-from core.runtime import RunInterrupted, TrainingStopped, atomic_write, interrupts_held
+from core.runtime import (RunInterrupted, TrainingStopped, atomic_write, interrupts_held,
+                          log_records)
 from jobs.skeleton import RunFolder, check_output, finished_run, typed
 
 log = logging.getLogger(__name__)
@@ -153,11 +154,10 @@ def _diverged(bad_steps: int, run_dir: Path, checkpoint_step: Optional[int]) -> 
 
 def _metrics_log(run_dir: Path, keep_below: int) -> Path:
     """metrics.jsonl without the lines of steps a resumed run will redo, rewritten atomically.
-    A killed run can leave a torn last line (the log is flushed in blocks); it is dropped."""
+    A killed run's torn last line is dropped."""
     path = run_dir / "metrics.jsonl"
     if path.is_file():
-        *complete, _torn = path.read_text().split("\n")
-        kept = "".join(ln + "\n" for ln in complete if json.loads(ln)["step"] < keep_below)
+        kept = "".join(json.dumps(r) + "\n" for r in log_records(path) if r["step"] < keep_below)
         atomic_write(path, lambda f: f.write(kept.encode()))
     return path
 

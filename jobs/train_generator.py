@@ -58,7 +58,8 @@ from cfd.config import load_config
 from cfd.systems.checkpoint import load_checkpoint, save_checkpoint
 from core.devices import resolve_device
 from core.errors import UserError
-from core.runtime import RunInterrupted, TrainingStopped, atomic_write, interrupts_held
+from core.runtime import (RunInterrupted, TrainingStopped, atomic_write, interrupts_held,
+                          log_records)
 from jobs.skeleton import RunFolder, check_output, finished_run, typed
 from relaxflow.loading import (EMBEDDED_PIPELINES, PIPELINE_FILE, check_pipeline_files,
                                model_args, read_pipeline, resolve_pipeline_folder)
@@ -363,13 +364,11 @@ def resume(run_dir: Path) -> Dict[str, Any]:
 
 def _metrics_log(run_dir: Path, keep_through: int) -> List[Dict[str, Any]]:
     """The records of ``metrics.jsonl`` up to step ``keep_through`` (those a resumed run does
-    not redo), the file rewritten atomically to hold only them. A killed run can leave a torn
-    last line; it is dropped."""
+    not redo), the file rewritten atomically to hold only them (a torn last line dropped)."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return []
-    *complete, _torn = path.read_text().split("\n")
-    records = [r for r in map(json.loads, complete) if r["step"] <= keep_through]
+    records = [r for r in log_records(path) if r["step"] <= keep_through]
     atomic_write(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in records).encode()))
     return records
 

@@ -42,7 +42,7 @@ import torch
 from omegaconf import OmegaConf
 
 from core.errors import UserError
-from core.runtime import file_sha256, replacing_folder, write_json
+from core.runtime import file_sha256, log_records, replacing_folder, write_json
 
 MANIFEST = "MANIFEST.json"
 SOURCE = "source.json"  # in a training run's folder: the code of each start and resume
@@ -95,9 +95,8 @@ def _run_record(run_dir: Path) -> Dict[str, Any]:
               "config": read("config.yaml", lambda text: OmegaConf.to_container(
                   OmegaConf.create(text))),
               "source": read(SOURCE, json.loads), "metrics": read("metrics.json", json.loads)}
-    # a killed run's log can end in a torn line (jobs.train_generator drops it on resume)
-    complete = read("metrics.jsonl", lambda text: text.split("\n")[:-1]) or []
-    record["last_step"] = json.loads(complete[-1])["step"] if complete else None
+    log = log_records(run_dir / "metrics.jsonl")
+    record["last_step"] = log[-1]["step"] if log else None
     start = Path(str((record["config"] or {}).get("init_from") or ""))
     if start.name and (start / "config.yaml").is_file():
         record["started_from"] = _run_record(start)
