@@ -136,6 +136,10 @@ def _check_phases(c: Any, prefix: str, vae_trained: bool = False) -> None:
              "trained one: init_from=<stage-1 run>)")
     for key in ("vae.lr", "flow.lr"):
         _require(_setting(c, key) > 0, f"{prefix}{key} must be > 0, got {_setting(c, key)}")
+        final = _setting(c, key + "_final")
+        _require(final is None or 0 <= final <= _setting(c, key),
+                 f"{prefix}{key}_final is where a cosine decay of {prefix}{key} ends: in [0, "
+                 f"{prefix}{key}] (or null: no decay), got {final}")
     _require(0 <= c.flow.ema_decay < 1, f"{prefix}flow.ema_decay is a decay in [0, 1) (0: no "
              f"average), got {c.flow.ema_decay}")
     _require(0 <= c.flow.p_uncond < 1, f"{prefix}flow.p_uncond is a probability in [0, 1), "

@@ -19,7 +19,8 @@ from relaxflow.conditioning import ImageConditioner, load_object
 from relaxflow.loading import check_pipeline_files, load_model, read_pipeline
 from relaxflow.stages import guided, sample_structure
 from relaxflow.training.data import build_structure_data
-from relaxflow.training.structure import CONDITIONER_FOLDER, StructureTrainer, fold_latent_scale
+from relaxflow.training.structure import (CONDITIONER_FOLDER, StructureTrainer, fold_latent_scale,
+                                          phase_learning_rate)
 
 STRUCTURE_MODELS = ("sparse_structure_encoder", "sparse_structure_decoder",
                     "sparse_structure_flow_model")
@@ -38,7 +39,7 @@ def micro(output_dir: Path, cache_dir: Path, **extra) -> list:
         "conditioner_size.intermediate_size": 32,
         "vae.steps": 4, "flow.steps": 5, "vae.batch_size": 2, "flow.batch_size": 3,
         "checkpoint_every": 3, "log_every": 3, "eval.flow_samples": 2, "eval.sampler.steps": 2,
-        "flow.ema_decay": 0.9,
+        "flow.ema_decay": 0.9, "flow.lr_final": 3e-5,
     }
     items.update(extra)
     return [f"{k}={v}" for k, v in items.items()]
@@ -140,6 +141,21 @@ def test_a_stopped_run_resumes_bit_for_bit(straight_run, cache_dir, tmp_path, mo
     assert resumed["flow_iou"] == straight_run["flow_iou"]
 
 
+def test_a_phase_decays_its_learning_rate_to_lr_final_only_when_asked(straight_run):
+    assert phase_learning_rate(1e-3, None, 7, 10) == 1e-3
+    rates = [phase_learning_rate(1e-3, 1e-4, done, 11) for done in range(11)]
+    assert rates[0] == pytest.approx(1e-3) and rates[-1] == pytest.approx(1e-4)
+    assert rates[5] == pytest.approx(5.5e-4)  # the cosine's middle
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+    # the micro run: its VAE at vae.lr throughout, its flow from flow.lr down to flow.lr_final
+    records = [json.loads(line) for line in
+               (Path(straight_run["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    lrs = {phase: [r["lr"] for r in records if r.get("phase") == phase and "lr" in r]
+           for phase in ("vae", "flow")}
+    assert lrs["vae"] == [1e-3] * 4
+    assert lrs["flow"][0] == pytest.approx(3e-4) and lrs["flow"][-1] == pytest.approx(3e-5)
+
+
 def test_the_flows_average_is_what_ships(straight_run):
     """With flow.ema_decay the exported flow (and conditioner, trained with it) is the
     average the checkpoint holds, not the last step's weights."""
@@ -228,6 +244,7 @@ def test_metrics_and_curve_are_written(straight_run):
     ("data.categories=[mug,spaceship]", "unknown spaceship"),
     ("flow.p_uncond=1.5", "flow.p_uncond"),
     ("vae.steps=0", "set vae.steps >= 1"),
+    ("flow.lr_final=1e-2", "flow.lr_final is where a cosine decay"),
 ])
 def test_bad_settings_stop_before_a_run_folder(tmp_path, cache_dir, override, message):
     with pytest.raises(UserError, match=message):

@@ -72,6 +72,7 @@ class SlatVaeTraining:
     views: int = 2  # of each instance's renders, drawn anew each step (TRELLIS: 1)
     # TRELLIS 1e-4 (batch 8 x 1 view, a million steps); 3e-3 learnt no faster in 100 steps
     lr: float = 1e-3
+    lr_final: Optional[float] = None  # as stage 1's vae.lr_final
     kl_weight: float = 1e-6  # of the mean KL per latent value (TRELLIS's)
     ssim_weight: float = 0.2  # TRELLIS's
     alpha_weight: float = 1.0
@@ -82,6 +83,7 @@ class SlatFlowTraining:
     steps: int = 1000
     batch_size: int = 8
     lr: float = 3e-4
+    lr_final: Optional[float] = None  # as stage 1's flow.lr_final
     p_uncond: float = 0.1
     sigma_min: float = 1e-5
     t_logit_mean: float = 1.0

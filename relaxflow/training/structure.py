@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from enum import Enum
@@ -66,6 +67,7 @@ class VaeTraining:
     steps: int = 3000
     batch_size: int = 8
     lr: float = 1e-3
+    lr_final: Optional[float] = None  # None: lr throughout; a value: cosine decay to it
     kl_weight: float = 1e-3  # of the mean KL per latent value (TRELLIS's SS VAE: 1e-3)
     dice_weight: float = 1.0  # occupancy is 1-7% of the cells: dice keeps thin parts
 
@@ -75,6 +77,9 @@ class FlowTraining:
     steps: int = 3000
     batch_size: int = 16
     lr: float = 3e-4
+    # None: lr throughout; a value: cosine decay from lr to it over the phase's steps (a flow
+    # that has reached its loss floor at lr settles lower as the step shrinks)
+    lr_final: Optional[float] = None
     p_uncond: float = 0.1  # condition dropout, for classifier-free guidance (TRELLIS: 0.1)
     sigma_min: float = 1e-5
     t_logit_mean: float = 1.0  # t = sigmoid(N(mean, std)), TRELLIS's logit-normal
@@ -196,6 +201,16 @@ def fold_latent_scale(encoder: nn.Module, decoder: nn.Module, scale: Tensor) -> 
     first.weight *= scale.view(1, -1, 1, 1, 1)
 
 
+def phase_learning_rate(lr: float, lr_final: Optional[float], done: int, steps: int) -> float:
+    """The learning rate of a phase's step after ``done`` of its ``steps``: ``lr`` throughout
+    when ``lr_final`` is None, else a cosine from ``lr`` (first step) to ``lr_final`` (last).
+    A function of the step alone, so a resumed run continues it exactly."""
+    if lr_final is None or steps <= 1:
+        return lr
+    progress = min(done / (steps - 1), 1.0)
+    return lr_final + (lr - lr_final) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def optimise(loss: Tensor, optimizer: torch.optim.Optimizer, params: List[nn.Parameter],
              grad_clip: float) -> float:
     """Backward, clip the gradient norm at ``grad_clip``, step; returns the norm before
@@ -295,6 +310,8 @@ class TwoPhaseTrainer:
     encoder: nn.Module
     decoder: nn.Module
     flow: nn.Module
+    vae_optimizer: torch.optim.Optimizer
+    flow_optimizer: torch.optim.Optimizer
     flow_average: Optional[ParameterAverage] = None  # made at the flow phase's first step
 
     @property
@@ -310,9 +327,17 @@ class TwoPhaseTrainer:
         """One optimiser step of the current phase; its record ``{step, phase, loss, ...}``
         (``step``: steps done, this one included)."""
         phase = self.phase
+        if phase is Phase.vae:
+            settings, optimizer, done = self.s.vae, self.vae_optimizer, self.step
+        else:
+            settings, optimizer, done = self.s.flow, self.flow_optimizer, \
+                self.step - self.s.vae.steps
+        lr = phase_learning_rate(settings.lr, settings.lr_final, done, settings.steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         record = self._vae_step() if phase is Phase.vae else self._flow_step()
         self.step += 1
-        return {"step": self.step, "phase": phase.value, **record}
+        return {"step": self.step, "phase": phase.value, **record, "lr": lr}
 
     def flow_parameters(self) -> List[nn.Parameter]:
         """What the flow phase trains (and averages): the flow's parameters."""
