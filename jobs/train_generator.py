@@ -15,17 +15,20 @@ conditioner (``relaxflow.training.slat``); its export is that folder completed w
 The first run of a stage draws its dataset into the cache (``relaxflow.training.data``,
 ``slat_data``); later ones start at once.
 
-``init_from`` (stage 1) starts a new run from another stage-1 run's last checkpoint, or from a
-pipeline folder's stage 1 (``embedded``, the shipped generator; float16 weights cast to
-float32): its models' weights (VAE, flow, conditioner), with fresh optimisers and data order;
-with ``vae.steps=0`` its VAE (its latent scale already folded in) is kept as it is and only the
-flow trains on, so a flow that underfits gets more steps without redoing the VAE;
-``init_flow=false`` takes only the VAE and conditioner and trains a fresh flow of
-``flow_size`` (``configs/train-generator-structure-flow.yaml``). Ship such a run after the ones
-it builds on: ``ship-generator <first run> <continued run>``, with stage 2 trained on the first
-run ``ship-generator <first run> <stage-2 run> <continued run>``, or over the shipped generator
-``ship-generator relaxflow/embedded <continued run>`` (later files win; a run that shares
-stage 2 keeps ``flow.train_conditioner=false``).
+``init_from`` starts a new run from another stage-1 run's last checkpoint, or from a pipeline
+folder's stage 1 (``embedded``, the shipped generator; float16 weights cast to float32): its
+models' weights (VAE, flow, conditioner), with fresh optimisers and data order; with
+``vae.steps=0`` its VAE (its latent scale already folded in) is kept as it is and only the flow
+trains on, so a flow that underfits gets more steps without redoing the VAE; ``init_flow=false``
+takes only the VAE and conditioner and trains a fresh flow of ``flow_size``
+(``configs/train-generator-structure-flow.yaml``). Stage 2 takes ``init_from`` the same way (a
+stage-2 run, or a pipeline with stage 2 such as ``embedded``: its SLat encoder, Gaussian
+decoder, flow and ``slat_normalization``), so ``slat.vae.steps=0`` trains its flow on
+(``structure_pipeline=embedded``, whose conditioner the shipped flow was trained with). Ship
+such a run after the ones it builds on: ``ship-generator <first run> <continued run>``, with
+stage 2 trained on the first run ``ship-generator <first run> <stage-2 run> <continued run>``,
+or over the shipped generator ``ship-generator relaxflow/embedded <continued run>`` (later files
+win; a run that shares stage 2 keeps ``flow.train_conditioner=false``).
 
 Writes ``config.yaml``, ``source.json`` (the commit of the code at each start and resume, for
 the shipped generator's manifest: ``relaxflow.training.ship``), ``metrics.jsonl`` (every step; held-out metrics at each log step, marked
@@ -67,9 +70,10 @@ from relaxflow.training.data import build_structure_data, check_data_config
 from relaxflow.training.plots import plot_losses
 from relaxflow.training.ship import record_source
 from relaxflow.training.sizes import (IMAGE_SIZE, conditioner_config, decoder_args,
-                                      encoder_args, flow_args, latent_resolution)
+                                      encoder_args, flow_args, latent_resolution,
+                                      slat_decoder_args, slat_encoder_args, slat_flow_args)
 from relaxflow.training.slat import SlatTrainer, SlatTraining
-from relaxflow.training.slat_data import build_slat_data, check_slat_data
+from relaxflow.training.slat_data import VOXEL_FEATURES, build_slat_data, check_slat_data
 from relaxflow.training.structure import CONDITIONER_FOLDER, StructureTrainer, StructureTraining
 
 log = logging.getLogger(__name__)
@@ -93,11 +97,11 @@ class TrainGeneratorConfig(StructureTraining):
     # stage 2: the stage-1 pipeline folder (a structure run's pipeline/) whose conditioner
     # conditions the latent flow, frozen, and which the exported pipeline completes
     structure_pipeline: str = ""
-    # stage 1: where this run's weights start (see above): a stage-1 run folder (its last
-    # checkpoint) or a pipeline folder with stage 1 (``embedded``: the shipped generator)
+    # where this run's weights start (see above): a run folder of the same stage (its last
+    # checkpoint) or a pipeline folder with the stage (``embedded``: the shipped generator)
     init_from: str = ""
-    # take init_from's flow too; false: only its VAE and conditioner, with a fresh flow of
-    # flow_size (a new flow architecture trained on a shipped VAE and conditioner)
+    # take init_from's flow too; false: only its VAE (and stage 1's conditioner), with a fresh
+    # flow of flow_size (a new flow architecture trained on a shipped VAE and conditioner)
     init_flow: bool = True
     slat: SlatTraining = field(default_factory=SlatTraining)
     # core.devices: auto (CUDA when present, else the CPU), cpu, cuda:<i>. On CUDA the models
@@ -133,7 +137,7 @@ def _check_phases(c: Any, prefix: str, vae_trained: bool = False) -> None:
              f"{prefix}vae.steps={vae}, {prefix}flow.steps={flow}: both >= 0, not both 0")
     _require(vae >= 1 or flow == 0 or vae_trained,
              f"the flow trains on the VAE's latents: set {prefix}vae.steps >= 1 (or start from a "
-             "trained one: init_from=<stage-1 run>)")
+             "trained one: init_from=<run of this stage>)")
     for key in ("vae.lr", "flow.lr"):
         _require(_setting(c, key) > 0, f"{prefix}{key} must be > 0, got {_setting(c, key)}")
         final = _setting(c, key + "_final")
@@ -185,7 +189,11 @@ def check_structure(c: TrainGeneratorConfig) -> None:
              f"conditioner_size.patch_size must divide the {IMAGE_SIZE} px input (14, 37, ...)")
 
 
-SIZE_SETTINGS = ("data.occupancy_resolution", "vae_size", "flow_size", "conditioner_size")
+# the settings that decide the models' shapes, per stage: a run starts from another's weights
+# only when they agree
+SIZE_SETTINGS = {Stage.structure: ("data.occupancy_resolution", "vae_size", "flow_size",
+                                   "conditioner_size"),
+                 Stage.slat: ("slat.data.resolution", "slat.vae_size", "slat.flow_size")}
 
 
 def init_pipeline(c: TrainGeneratorConfig) -> Optional[Path]:
@@ -197,27 +205,45 @@ def init_pipeline(c: TrainGeneratorConfig) -> Optional[Path]:
 
 
 def check_init_from(c: TrainGeneratorConfig) -> None:
-    """``init_from`` names a stage-1 run with a checkpoint, or a pipeline folder with stage 1,
-    of the same model sizes (the flow's only with ``init_flow``)."""
+    """``init_from`` names a run of this stage with a checkpoint, or a pipeline folder with
+    the stage, of the same model sizes (the flow's only with ``init_flow``)."""
     pipeline = init_pipeline(c)
     if pipeline is not None:
-        check_init_pipeline(c, pipeline)
+        if c.stage is Stage.structure:
+            check_init_pipeline(c, pipeline)
+        else:
+            check_slat_init_pipeline(c, pipeline)
         return
-    folder = Path(c.init_from)
+    folder, stage = Path(c.init_from), c.stage.value
     _require((folder / "config.yaml").is_file() and (folder / "ckpt").is_dir(),
              f"init_from={folder} is not a train-generator run folder with a checkpoint (it "
              "needs config.yaml and ckpt/) nor a pipeline folder (pipeline.json): give the "
-             "folder a stage-1 run printed, or a generator such as init_from=embedded")
+             f"folder a '{stage}' run printed, or a generator such as init_from=embedded")
     source = typed(load_config(TrainGeneratorConfig, folder / "config.yaml"))
-    _require(source.stage is Stage.structure,
-             f"init_from={folder} is a stage-{source.stage.value} run: give a stage-1 run")
-    for key in SIZE_SETTINGS:
-        if key == "flow_size" and not c.init_flow:
+    _require(source.stage is c.stage,
+             f"init_from={folder} is a '{source.stage.value}' run: give a '{stage}' run")
+    for key in SIZE_SETTINGS[c.stage]:
+        flow = key.endswith("flow_size")
+        if flow and not c.init_flow:
             continue
         _require(_setting(source, key) == _setting(c, key),
                  f"{key} is {_setting(c, key)} here but {_setting(source, key)} in init_from="
                  f"{folder}: the weights only fit the same sizes (drop the override"
-                 f"{', or init_flow=false for a fresh flow' if key == 'flow_size' else ''})")
+                 f"{', or init_flow=false for a fresh flow' if flow else ''})")
+
+
+def _check_model_args(c: TrainGeneratorConfig, spec, builds: Dict[str, Any],
+                      keys: List[str]) -> None:
+    """Each of the pipeline's models ``keys`` has the arguments this config builds
+    (``builds``: key -> (setting, arguments))."""
+    for key in keys:
+        setting, args = builds[key]
+        shipped = model_args(spec, key)
+        differ = ", ".join(f"{name} (here {value}, there {shipped.get(name)})"
+                           for name, value in args.items() if shipped.get(name) != value)
+        fresh = ", or init_flow=false for a fresh flow" if setting.endswith("flow_size") else ""
+        _require(not differ, f"init_from={c.init_from}: its {key} differs from what this config "
+                 f"builds in {differ}: set {setting} to the pipeline's{fresh}")
 
 
 def check_init_pipeline(c: TrainGeneratorConfig, folder: Path) -> None:
@@ -252,14 +278,43 @@ def check_init_pipeline(c: TrainGeneratorConfig, folder: Path) -> None:
               "sparse_structure_flow_model": ("flow_size", flow_args(
                   c.flow_size, latent, c.vae_size.latent_channels,
                   c.conditioner_size.hidden_size))}
-    for key in keys:
-        setting, args = builds[key]
-        shipped = model_args(spec, key)
-        differ = ", ".join(f"{name} (here {value}, there {shipped.get(name)})"
-                           for name, value in args.items() if shipped.get(name) != value)
-        _require(not differ, f"init_from={c.init_from}: its {key} differs from what this config "
-                 f"builds in {differ}: set {setting} to the pipeline's"
-                 f"{', or init_flow=false for a fresh flow' if setting == 'flow_size' else ''}")
+    _check_model_args(c, spec, builds, keys)
+
+
+def check_slat_init_pipeline(c: TrainGeneratorConfig, folder: Path) -> None:
+    """Pipeline ``folder`` has stage 2's encoder, decoder (and flow, with ``init_flow``) with
+    the arguments this config builds, and its latent normalisation (json files only)."""
+    spec = read_pipeline(folder)
+    keys = ["slat_encoder", "slat_decoder_gs"] + (["slat_flow_model"] if c.init_flow else [])
+    absent = [key for key in keys if key not in spec.models]
+    _require(not absent and spec.slat_normalization is not None,
+             f"init_from={c.init_from}: its {PIPELINE_FILE} names no "
+             f"{', '.join(absent or ['slat_normalization'])} (a released TRELLIS pipeline ships "
+             "no structured-latent encoder): give a pipeline this job exported with stage 2, "
+             "such as init_from=embedded")
+    check_pipeline_files(folder, keys=keys)
+    s, cond = c.slat, conditioner_width(structure_folder(c))
+    r = s.data.resolution
+    builds = {"slat_encoder": ("slat.vae_size",
+                               slat_encoder_args(s.vae_size, r, len(VOXEL_FEATURES))),
+              "slat_decoder_gs": ("slat.vae_size", slat_decoder_args(s.vae_size, r)),
+              "slat_flow_model": ("slat.flow_size", slat_flow_args(
+                  s.flow_size, r, s.vae_size.latent_channels, cond))}
+    _check_model_args(c, spec, builds, keys)
+
+
+def structure_folder(c: TrainGeneratorConfig) -> Path:
+    """The folder ``structure_pipeline`` names (a short id such as ``embedded``, or a path)."""
+    if c.structure_pipeline in EMBEDDED_PIPELINES:
+        return resolve_pipeline_folder(c.structure_pipeline, option="structure_pipeline")
+    return Path(c.structure_pipeline)
+
+
+def conditioner_width(folder: Path) -> int:
+    """The hidden size of a pipeline folder's image conditioner (its config.json)."""
+    spec = read_pipeline(folder)
+    return json.loads((spec.root / str(spec.cond_model) / "config.json").read_text())[
+        "hidden_size"]
 
 
 def structure_resolution(folder: Path) -> int:
@@ -276,9 +331,7 @@ def check_slat(c: TrainGeneratorConfig) -> None:
     s, fix = c.slat, ("set structure_pipeline to a stage-1 pipeline folder: the pipeline/ of a "
                       "finished 'stage: structure' run of this job")
     _require(bool(c.structure_pipeline), f"stage: slat needs structure_pipeline: {fix}")
-    _require(not c.init_from, "init_from starts a stage-1 run from another: stage: slat has no "
-             "use for it (null it)")
-    folder = Path(c.structure_pipeline)
+    folder = structure_folder(c)
     _require((folder / PIPELINE_FILE).is_file(),
              f"structure_pipeline={folder} is not a pipeline folder (no {folder / PIPELINE_FILE}"
              f"): {fix}")
@@ -292,7 +345,7 @@ def check_slat(c: TrainGeneratorConfig) -> None:
              f"slat.data.resolution={s.data.resolution}, but structure_pipeline={folder} gives "
              f"{resolution}^3 structures: set slat.data.resolution: {resolution}")
     check_slat_data(s.data)
-    _check_phases(s, "slat.")
+    _check_phases(s, "slat.", vae_trained=bool(c.init_from))
     for key in ("vae.views", "eval.views", "flow.condition_views"):
         value = _setting(s, key)
         _require(1 <= value <= s.data.views, f"slat.{key}={value} must be in 1..slat.data.views"
@@ -310,6 +363,8 @@ def check_slat(c: TrainGeneratorConfig) -> None:
              f"slat.flow_size.io_block_channels: {len(f.io_block_channels)} levels halve the "
              f"grid {len(f.io_block_channels)} times, which must divide "
              f"slat.data.resolution={s.data.resolution}")
+    if c.init_from:
+        check_init_from(c)
 
 
 def make_trainer(c: TrainGeneratorConfig) -> Union[StructureTrainer, SlatTrainer]:
@@ -317,13 +372,13 @@ def make_trainer(c: TrainGeneratorConfig) -> Union[StructureTrainer, SlatTrainer
     device = resolve_device(c.device)
     if c.stage is Stage.structure:
         return StructureTrainer(c, build_structure_data(c.data), device)
-    return SlatTrainer(c.slat, c.seed, c.grad_clip, Path(c.structure_pipeline),
+    return SlatTrainer(c.slat, c.seed, c.grad_clip, structure_folder(c),
                        build_slat_data(c.slat.data), device)
 
 
-def start_from(trainer: StructureTrainer, c: TrainGeneratorConfig) -> None:
-    """Give ``trainer`` the model weights ``init_from`` names: a stage-1 run's last checkpoint
-    or a pipeline folder's models (the flow's only with ``init_flow``)."""
+def start_from(trainer: Union[StructureTrainer, SlatTrainer], c: TrainGeneratorConfig) -> None:
+    """Give ``trainer`` the model weights ``init_from`` names: a run's last checkpoint or a
+    pipeline folder's models of the stage (the flow's only with ``init_flow``)."""
     pipeline = init_pipeline(c)
     if pipeline is not None:
         state = trainer.pipeline_weights(pipeline, flow=c.init_flow)

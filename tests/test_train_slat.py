@@ -4,6 +4,7 @@ complete pipeline the generator's loaders and stage runner take, bad settings st
 run folder exists."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -284,4 +285,63 @@ def test_bad_settings_stop_before_a_run_folder(tmp_path, cache_dir, structure_pi
     with pytest.raises(UserError, match=message):
         train_generator.run(config(*micro(tmp_path / "out", cache_dir, structure_pipeline),
                                    override))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("source", ["pipeline", "run"])
+def test_a_run_starts_from_a_stage_2_pipeline_or_run_and_trains_its_flow_on(
+        straight_run, cache_dir, structure_pipeline, tmp_path, source):
+    """init_from with slat.vae.steps=0: the VAE and its latent normalisation are kept as they
+    were (a float16-free export, so exactly), only the flow trains on, from the source's flow."""
+    init = straight_run["pipeline"] if source == "pipeline" else straight_run["run_dir"]
+    c = config(*micro(tmp_path, cache_dir, structure_pipeline,
+                      **{"init_from": init, "slat.vae.steps": 0, "slat.flow.steps": 2}))
+    trainer = train_generator.make_trainer(c)
+    train_generator.start_from(trainer, c)
+    source_spec = read_pipeline(straight_run["pipeline"])
+    source_flow = load_model(straight_run["pipeline"], source_spec.models["slat_flow_model"])
+    if source == "pipeline":  # the exported flow is the average, the checkpoint's the last step
+        for name, tensor in source_flow.state_dict().items():
+            assert torch.equal(trainer.flow.state_dict()[name], tensor), name
+    result = train_generator.run(c)
+    spec = read_pipeline(result["pipeline"])
+    assert spec.slat_normalization == source_spec.slat_normalization
+    for key in ("slat_encoder", "slat_decoder_gs"):
+        kept, was = (load_model(p, s.models[key]).state_dict()
+                     for p, s in ((result["pipeline"], spec),
+                                  (straight_run["pipeline"], source_spec)))
+        assert all(torch.equal(kept[name], was[name]) for name in kept), key
+    flow = load_model(result["pipeline"], spec.models["slat_flow_model"]).state_dict()
+    assert any(not torch.equal(flow[name], tensor)
+               for name, tensor in source_flow.state_dict().items())
+    assert not (Path(result["pipeline"]) / "MANIFEST.json").exists()
+
+
+def test_a_shipped_structure_folders_manifest_is_not_copied_into_an_export(
+        straight_run, cache_dir, structure_pipeline, tmp_path):
+    shipped = tmp_path / "shipped"
+    shutil.copytree(structure_pipeline, shipped)
+    (shipped / "MANIFEST.json").write_text("{}")
+    c = config(*micro(tmp_path / "out", cache_dir, shipped,
+                      **{"init_from": straight_run["run_dir"], "slat.vae.steps": 0,
+                         "slat.flow.steps": 1}))
+    result = train_generator.run(c)
+    assert not (Path(result["pipeline"]) / "MANIFEST.json").exists()
+    assert (Path(result["pipeline"]) / "pipeline.json").is_file()
+
+
+@pytest.mark.parametrize("init, override, message", [
+    ("structure", "slat.vae.steps=0", "names no slat_encoder"),
+    ("run", "slat.vae_size.num_gaussians=4", "slat.vae_size is .* here but"),
+    ("pipeline", "slat.flow_size.model_channels=64", "its slat_flow_model differs"),
+    ("nowhere", "slat.vae.steps=0", "is not a train-generator run folder"),
+])
+def test_stage_2_init_from_is_checked_before_a_run_folder(straight_run, cache_dir,
+                                                          structure_pipeline, tmp_path, init,
+                                                          override, message):
+    folder = {"structure": str(structure_pipeline), "run": straight_run["run_dir"],
+              "pipeline": straight_run["pipeline"], "nowhere": str(tmp_path / "nowhere")}[init]
+    with pytest.raises(UserError, match=message):
+        train_generator.run(config(*micro(tmp_path / "out", cache_dir, structure_pipeline,
+                                          **{"init_from": folder}), override))
     assert not (tmp_path / "out").exists()

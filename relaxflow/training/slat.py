@@ -48,7 +48,7 @@ from cfd.renderers import RenderOutput, rasterization
 from cfd.shapes.dataset import ShapeDatasetConfig
 from core.runtime import replacing_folder
 from relaxflow.conditioning import ImageConditioner
-from relaxflow.loading import PIPELINE_FILE, read_pipeline, save_model
+from relaxflow.loading import PIPELINE_FILE, PipelineSpec, read_pipeline, save_model
 from relaxflow.models import build
 from relaxflow.models.gaussian_decoder import VoxelGaussians
 from relaxflow.models.sparse import SparseTensor
@@ -56,6 +56,7 @@ from relaxflow.stages import guided, sample_latent
 
 from .sizes import (SlatFlowSize, SlatVaeSize, initialise_slat_encoder, initialise_slat_flow,
                     initialise_slat_vae, slat_decoder_args, slat_encoder_args, slat_flow_args)
+from .ship import MANIFEST
 from .slat_data import VOXEL_FEATURES, SlatDataConfig, VoxelSet, load_voxel_set
 from .structure import (EpochOrder, Phase, SamplerSettings, TwoPhaseTrainer, autocast,
                         condition_embeddings, gaussian_kl, logit_normal_times, noisy_latent,
@@ -389,18 +390,29 @@ class SlatTrainer(TwoPhaseTrainer):
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.step, self.wall_s = state["step"], state["wall_s"]
-        for name in ("encoder", "decoder", "flow"):
-            getattr(self, name).load_state_dict(state[name])
+        self.load_weights(state)
         self.vae_optimizer.load_state_dict(state["vae_optimizer"])
         self.flow_optimizer.load_state_dict(state["flow_optimizer"])
         self.rng.set_state(state["rng"])
-        self.normalization = state["normalization"]
         for phase, order in self.orders.items():
             order.load_state_dict(state["orders"][phase.value])
         self.load_average(state)
-        self.flow_data = None
+
+    def companion_weights(self, spec: PipelineSpec) -> Dict[str, Any]:
+        """The pipeline's ``slat_normalization``: the flow's latents are the encoder's means
+        normalised by it."""
+        return {"normalization": {key: torch.tensor(values, dtype=torch.float32)
+                                  for key, values in spec.slat_normalization.items()}}
+
+    def load_companions(self, state: Dict[str, Any]) -> None:
+        self.normalization = state["normalization"]
 
     # -- the released layout -------------------------------------------------------------------
+    def pipeline_models(self) -> Dict[str, Tuple[str, nn.Module, str]]:
+        return {"slat_encoder": ("SLatEncoder", self.encoder, "encoder"),
+                "slat_decoder_gs": ("SLatGaussianDecoder", self.decoder, "decoder"),
+                "slat_flow_model": ("SLatFlowModel", self.flow, "flow")}
+
     def export_pipeline(self, folder: Path) -> Path:
         """Write the stage-1 pipeline folder's contents completed with stage 2 (replacing a
         folder there): ``ckpts/`` gains the SLat encoder, Gaussian decoder and flow, and
@@ -412,9 +424,6 @@ class SlatTrainer(TwoPhaseTrainer):
         refs = {"slat_encoder": f"ckpts/slat_enc_swin8_tiny_{r}l{c}",
                 "slat_decoder_gs": f"ckpts/slat_dec_gs_swin8_tiny_{r}l{c}gs{g}",
                 "slat_flow_model": f"ckpts/slat_flow_img_dit_tiny_{r}l{c}p{patch}"}
-        models = {"slat_encoder": ("SLatEncoder", self.encoder, "encoder"),
-                  "slat_decoder_gs": ("SLatGaussianDecoder", self.decoder, "decoder"),
-                  "slat_flow_model": ("SLatFlowModel", self.flow, "flow")}
         spec = json.loads((self.structure_pipeline / PIPELINE_FILE).read_text())
         spec["args"]["models"].update(refs)
         spec["args"]["slat_sampler"] = sampler_entry(self.s.eval.sampler, self.s.flow.sigma_min)
@@ -423,8 +432,10 @@ class SlatTrainer(TwoPhaseTrainer):
                 k: v.tolist() for k, v in self.normalization.items()}
 
         with replacing_folder(Path(folder)) as tmp:
-            shutil.copytree(self.structure_pipeline, tmp, dirs_exist_ok=True)
-            for key, (name, model, args) in models.items():
+            # a shipped folder's manifest describes that folder, not this export
+            shutil.copytree(self.structure_pipeline, tmp, dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns(MANIFEST))
+            for key, (name, model, args) in self.pipeline_models().items():
                 save_model(copy.deepcopy(model).cpu(), name, self.args[args], tmp, refs[key])
             (tmp / PIPELINE_FILE).write_text(json.dumps(spec, indent=2))
         return Path(folder)

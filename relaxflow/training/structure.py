@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from core.runtime import replacing_folder
 from relaxflow.conditioning import ImageConditioner, preprocess_image
-from relaxflow.loading import PIPELINE_FILE, load_model, read_pipeline, save_model
+from relaxflow.loading import PIPELINE_FILE, PipelineSpec, load_model, read_pipeline, save_model
 from relaxflow.models import build
 from relaxflow.sampler import FlowEulerSampler
 from relaxflow.stages import guided, sample_structure
@@ -343,6 +343,39 @@ class TwoPhaseTrainer:
         """What the flow phase trains (and averages): the flow's parameters."""
         return list(self.flow.parameters())
 
+    # -- weights from another run or a pipeline folder (init_from) ----------------------------
+    def pipeline_models(self) -> Dict[str, Tuple[str, nn.Module, str]]:
+        """``{pipeline.json key: (class name, model, key of self.args)}`` of the stage's
+        encoder, decoder and flow."""
+        raise NotImplementedError
+
+    def pipeline_weights(self, folder: Path, flow: bool = True) -> Dict[str, Any]:
+        """The stage's weights in a pipeline folder (an export, or a shipped generator in
+        float16: cast to these models' float32), keyed as :meth:`load_weights` reads them;
+        ``flow=False`` leaves the flow out. Its models must have this trainer's arguments
+        (``jobs.train_generator`` checks before any run)."""
+        spec = read_pipeline(folder)
+        state = {args: load_model(spec.root, spec.models[key]).state_dict()
+                 for key, (_, _, args) in self.pipeline_models().items()
+                 if flow or args != "flow"}
+        return {**state, **self.companion_weights(spec)}
+
+    def companion_weights(self, spec: PipelineSpec) -> Dict[str, Any]:
+        """What the stage's models need with them from a pipeline (see subclasses)."""
+        raise NotImplementedError
+
+    def load_weights(self, state: Dict[str, Any], flow: bool = True) -> None:
+        """The models' weights from a checkpoint's or :meth:`pipeline_weights`' ``state``
+        (nothing else of it); ``flow=False`` keeps this trainer's own (fresh) flow."""
+        for name in ("encoder", "decoder", "flow") if flow else ("encoder", "decoder"):
+            getattr(self, name).load_state_dict(state[name])
+        self.load_companions(state)
+        self.flow_data = None
+
+    def load_companions(self, state: Dict[str, Any]) -> None:
+        """The part of ``state`` :meth:`companion_weights` gives (see subclasses)."""
+        raise NotImplementedError
+
     def average_state(self) -> Optional[Dict[str, Any]]:
         """The flow phase's average for a checkpoint (None before the phase, or without one)."""
         return None if self.flow_average is None else self.flow_average.state_dict()
@@ -548,13 +581,9 @@ class StructureTrainer(TwoPhaseTrainer):
                 "orders": {phase.value: order.state_dict() for phase, order in self.orders.items()},
                 "flow_average": self.average_state()}
 
-    def load_weights(self, state: Dict[str, Any], flow: bool = True) -> None:
-        """The four models' weights from a checkpoint's ``state`` (nothing else of it);
-        ``flow=False`` keeps this trainer's own (fresh) flow."""
-        for name in ("encoder", "decoder", "flow") if flow else ("encoder", "decoder"):
-            getattr(self, name).load_state_dict(state[name])
+    def load_companions(self, state: Dict[str, Any]) -> None:
+        """The conditioner, trained with the flow (or as shipped)."""
         self.conditioner.model.load_state_dict(state["conditioner"])
-        self.flow_data = None
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.step, self.wall_s = state["step"], state["wall_s"]
@@ -574,21 +603,14 @@ class StructureTrainer(TwoPhaseTrainer):
                 "sparse_structure_decoder": ("SparseStructureDecoder", self.decoder, "decoder"),
                 "sparse_structure_flow_model": ("SparseStructureFlowModel", self.flow, "flow")}
 
-    def pipeline_weights(self, folder: Path, flow: bool = True) -> Dict[str, Any]:
-        """The models' weights of a stage-1 pipeline folder (an export, or a shipped generator
-        in float16: cast to these models' float32), keyed as :meth:`load_weights` reads them;
-        ``flow=False`` leaves the flow out. Its models must have this trainer's arguments
-        (``jobs.train_generator.check_init_pipeline`` checks)."""
+    def companion_weights(self, spec: PipelineSpec) -> Dict[str, Any]:
+        """The pipeline's conditioner (float32), which stage 1's flow reads."""
         from transformers import Dinov2WithRegistersModel
 
-        spec = read_pipeline(folder)
-        state = {args: load_model(spec.root, spec.models[key]).state_dict()
-                 for key, (_, _, args) in self.pipeline_models().items()
-                 if flow or args != "flow"}
         conditioner = Dinov2WithRegistersModel.from_pretrained(
             str(spec.root / str(spec.cond_model)), local_files_only=True,
             torch_dtype=torch.float32)
-        return {**state, "conditioner": conditioner.state_dict()}
+        return {"conditioner": conditioner.state_dict()}
 
     def export_pipeline(self, folder: Path) -> Path:
         """Write the trained stage 1 as a released-layout pipeline folder (replacing one there):
