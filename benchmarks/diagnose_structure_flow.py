@@ -3,7 +3,7 @@ renders of held-out and of training shapes (equal scores: the flow underfits; tr
 above held-out: it overfits), at three CFG scales, and per category; with the flow's parameter
 average when the run keeps one (``flow.ema_decay``).
 
-    python benchmarks/diagnose_structure_flow.py <train-generator run folder> [--probe]
+    python benchmarks/diagnose_structure_flow.py <train-generator run folder> [--probe | --reading]
 
 One render per shape (its first), 12 Euler steps, the same noise for every shape; 34 training
 shapes spread over the categories against every held-out one. Per category, next to the flow's
@@ -15,6 +15,14 @@ the held-out renders, for the run's conditioner (its tokens averaged, its class 
 tokens side by side), the
 same architecture untrained, and the render's pixels at 32 px. If the trained conditioner's
 held-out accuracy is low, the flow cannot be told which category to draw.
+
+``--reading`` asks where a sample's shape is lost, on 68 training shapes (their first render):
+the IoU of their latents decoded with noise added (what an error in the latent costs), of the
+flow's one-step estimate of the latent, ``x_0 = x_t - t v``, from the true latent noised to
+``t`` (near 0 the latent says it all, at ``t = 1`` only the image does), and how much of the
+latent a ridge regression reads linearly from the image (fitted on every training shape's first
+render, scored on training and held-out shapes: R^2 and the decoded estimate's IoU), from the
+conditioner's tokens side by side and from the render's pixels at 32 px.
 """
 
 from __future__ import annotations
@@ -37,7 +45,7 @@ from relaxflow.sampler import FlowEulerSampler  # noqa: E402
 from relaxflow.stages import guided, sample_structure  # noqa: E402
 from relaxflow.training.data import ShapeSet, build_structure_data  # noqa: E402
 from relaxflow.training.structure import (StructureTrainer, condition_embeddings,  # noqa: E402
-                                          occupancy_iou)
+                                          noisy_latent, occupancy_iou)
 
 
 @torch.no_grad()
@@ -124,6 +132,75 @@ def probe(trainer: StructureTrainer) -> None:
     print(f"pixels at 32 px: held-out accuracy {accuracy:.3f}")
 
 
+READING_TIMES = (0.5, 0.8, 0.9, 0.95, 1.0)
+RIDGE = 100.0  # of the standardised features; 1 overfits (held-out R^2 < 0), 1000 underfits
+
+
+def ridge_fit(x: Tensor, y: Tensor, strength: float) -> Tensor:
+    """Weights ``[D + 1, K]`` of ``y [N, K] ~ [x, 1] W`` with an L2 penalty ``strength`` (the
+    dual form, ``N x N``, when features outnumber rows)."""
+    x = torch.cat([x, torch.ones(len(x), 1)], 1)
+    if x.shape[1] > x.shape[0]:
+        return x.T @ torch.linalg.solve(x @ x.T + strength * torch.eye(len(x)), y)
+    return torch.linalg.solve(x.T @ x + strength * torch.eye(x.shape[1]), x.T @ y)
+
+
+def r_squared(prediction: Tensor, target: Tensor) -> float:
+    """``1 - SSE / SST`` over every value of ``[N, K]``."""
+    return float(1 - (prediction - target).square().sum()
+                 / (target - target.mean(0)).square().sum())
+
+
+@torch.no_grad()
+def reading(trainer: StructureTrainer) -> None:
+    """The ``--reading`` tables (module docstring)."""
+    train, held = trainer.train_set, trainer.held_out
+    index = torch.linspace(0, len(train) - 1, 68).round().long()
+    truth = train.occupancy[index]
+    latents = trainer.prepare_flow_data().latents  # [N, C, r, r, r], every training shape
+
+    def decoded_iou(latent: Tensor, grids: Tensor) -> float:
+        return float(occupancy_iou(trainer.decoder(latent)[:, 0] > 0, grids).mean())
+
+    x0 = latents[index]
+    generator = torch.Generator().manual_seed(0)
+    for scale in (0.0, 0.25, 0.5):  # how much a wrong latent costs once decoded
+        noise = torch.randn(x0.shape, generator=generator)
+        print(f"the latent plus noise of {scale} its scale, decoded: IoU "
+              f"{decoded_iou(x0 + scale * noise, truth):.3f}")
+    tokens = trainer.conditioner.encode(condition_embeddings(trainer.conditioner,
+                                                             train.rgba[index, 0]))
+    with trainer.averaged():
+        for t in READING_TIMES:
+            noise = torch.randn(x0.shape, generator=generator)
+            times = torch.full((len(index),), t)
+            x_t, _ = noisy_latent(x0, noise, times, trainer.s.flow.sigma_min)
+            estimate = x_t - t * trainer.flow(x_t, 1000 * times, tokens)
+            print(f"one-step estimate from t = {t}: IoU {decoded_iou(estimate, truth):.3f}")
+
+    def pixels(rgba: Tensor) -> Tensor:
+        image = rgba.permute(0, 3, 1, 2).float() / 255
+        return torch.nn.functional.interpolate(image, size=32, mode="area").flatten(1)
+
+    def all_tokens(rgba: Tensor) -> Tensor:
+        return torch.cat([trainer.conditioner.encode(condition_embeddings(
+            trainer.conditioner, rgba[start:start + 256])).flatten(1)
+            for start in range(0, len(rgba), 256)])
+
+    held_latents = trainer.encoder(held.occupancy[:, None].float())
+    for name, features in (("tokens side by side", all_tokens), ("pixels at 32 px", pixels)):
+        a, b = features(train.rgba[:, 0]), features(held.rgba[:, 0])
+        mean, std = a.mean(0), a.std(0) + 1e-6
+        a, b = (a - mean) / std, (b - mean) / std
+        weights = ridge_fit(a, latents.flatten(1), RIDGE)
+        fit = torch.cat([a, torch.ones(len(a), 1)], 1) @ weights
+        guess = torch.cat([b, torch.ones(len(b), 1)], 1) @ weights
+        print(f"ridge from {name}: R^2 training {r_squared(fit, latents.flatten(1)):.3f} "
+              f"held-out {r_squared(guess, held_latents.flatten(1)):.3f}; IoU training "
+              f"{decoded_iou(fit[index].view_as(x0), truth):.3f} held-out "
+              f"{decoded_iou(guess.view_as(held_latents), held.occupancy):.3f}")
+
+
 def main() -> None:
     run_dir = Path(sys.argv[1])
     c = typed(load_config(TrainGeneratorConfig, run_dir / "config.yaml"))
@@ -134,6 +211,9 @@ def main() -> None:
     print("step", trainer.step)
     if "--probe" in sys.argv[2:]:
         probe(trainer)
+        return
+    if "--reading" in sys.argv[2:]:
+        reading(trainer)
         return
     held_out = torch.arange(len(trainer.held_out))
     train = torch.linspace(0, len(trainer.train_set) - 1, 34).round().long()
