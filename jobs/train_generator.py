@@ -64,8 +64,9 @@ from core.errors import UserError
 from core.runtime import (RunInterrupted, TrainingStopped, atomic_write, interrupts_held,
                           log_records)
 from jobs.skeleton import RunFolder, check_output, finished_run, typed
-from relaxflow.loading import (EMBEDDED_PIPELINES, PIPELINE_FILE, check_pipeline_files,
-                               model_args, read_pipeline, resolve_pipeline_folder)
+from relaxflow.loading import (EMBEDDED_PIPELINES, PIPELINE_FILE, PipelineSpec,
+                               check_pipeline_files, model_args, read_pipeline,
+                               resolve_pipeline_folder)
 from relaxflow.training.data import build_structure_data, check_data_config
 from relaxflow.training.plots import plot_losses
 from relaxflow.training.ship import record_source
@@ -232,7 +233,7 @@ def check_init_from(c: TrainGeneratorConfig) -> None:
                  f"{', or init_flow=false for a fresh flow' if flow else ''})")
 
 
-def _check_model_args(c: TrainGeneratorConfig, spec, builds: Dict[str, Any],
+def _check_model_args(c: TrainGeneratorConfig, spec: PipelineSpec, builds: Dict[str, Any],
                       keys: List[str]) -> None:
     """Each of the pipeline's models ``keys`` has the arguments this config builds
     (``builds``: key -> (setting, arguments))."""
