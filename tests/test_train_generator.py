@@ -19,6 +19,7 @@ from relaxflow.conditioning import ImageConditioner, load_object
 from relaxflow.loading import check_pipeline_files, load_model, read_pipeline
 from relaxflow.stages import guided, sample_structure
 from relaxflow.training.data import build_structure_data
+from relaxflow.training.plots import running_mean
 from relaxflow.training.structure import (CONDITIONER_FOLDER, StructureTrainer, fold_latent_scale,
                                           phase_learning_rate)
 
@@ -433,3 +434,8 @@ def test_init_from_is_checked_before_a_run_folder(straight_run, cache_dir, tmp_p
     with pytest.raises(UserError, match=message):
         train_generator.run(config(*micro(tmp_path / "out", cache_dir, **extra)))
     assert not (tmp_path / "out").exists()
+
+
+def test_the_loss_curve_draws_a_running_mean_of_the_losses():
+    assert running_mean([1.0, 2.0, 3.0, 6.0], 2) == [1.5, 2.5, 4.5]
+    assert running_mean([4.0, 2.0], 1) == [4.0, 2.0]
