@@ -96,6 +96,12 @@ def linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tenso
         return float(((test_x @ weight + bias).argmax(1) == test_y).float().mean())
 
 
+def pixels(rgba: Tensor) -> Tensor:
+    """Renders ``[M, H, W, 4]`` uint8 -> their RGBA at 32 px, side by side ``[M, 4096]``."""
+    image = rgba.permute(0, 3, 1, 2).float() / 255
+    return torch.nn.functional.interpolate(image, size=32, mode="area").flatten(1)
+
+
 @torch.no_grad()
 def condition_features(conditioner, rgba: Tensor) -> Dict[str, Tensor]:
     """Per render ``[M, H, W, 4]``: the conditioner's tokens averaged, its class token, and
@@ -123,10 +129,6 @@ def probe(trainer: StructureTrainer) -> None:
         for kind in a:
             accuracy = linear_probe(a[kind], train_y, b[kind], held_y, classes)
             print(f"{name} conditioner, {kind}: held-out accuracy {accuracy:.3f}")
-
-    def pixels(rgba: Tensor) -> Tensor:
-        image = rgba.permute(0, 3, 1, 2).float() / 255
-        return torch.nn.functional.interpolate(image, size=32, mode="area").flatten(1)
 
     accuracy = linear_probe(pixels(train_rgba), train_y, pixels(held_rgba), held_y, classes)
     print(f"pixels at 32 px: held-out accuracy {accuracy:.3f}")
@@ -178,14 +180,9 @@ def reading(trainer: StructureTrainer) -> None:
             estimate = x_t - t * trainer.flow(x_t, 1000 * times, tokens)
             print(f"one-step estimate from t = {t}: IoU {decoded_iou(estimate, truth):.3f}")
 
-    def pixels(rgba: Tensor) -> Tensor:
-        image = rgba.permute(0, 3, 1, 2).float() / 255
-        return torch.nn.functional.interpolate(image, size=32, mode="area").flatten(1)
-
-    def all_tokens(rgba: Tensor) -> Tensor:
-        return torch.cat([trainer.conditioner.encode(condition_embeddings(
-            trainer.conditioner, rgba[start:start + 256])).flatten(1)
-            for start in range(0, len(rgba), 256)])
+    def all_tokens(rgba: Tensor) -> Tensor:  # in slices: every training render at once is GBs
+        return torch.cat([condition_features(trainer.conditioner, rgba[start:start + 256])[
+            "all tokens"] for start in range(0, len(rgba), 256)])
 
     held_latents = trainer.encoder(held.occupancy[:, None].float())
     for name, features in (("tokens side by side", all_tokens), ("pixels at 32 px", pixels)):
