@@ -22,7 +22,8 @@ flow's one-step estimate of the latent, ``x_0 = x_t - t v``, from the true laten
 ``t`` (near 0 the latent says it all, at ``t = 1`` only the image does), and how much of the
 latent a ridge regression reads linearly from the image (fitted on every training shape's first
 render, scored on training and held-out shapes: R^2 and the decoded estimate's IoU), from the
-conditioner's tokens side by side and from the render's pixels at 32 px.
+conditioner's tokens side by side, from the render's pixels at 32 px and from the image the
+conditioner is given (the render cut by the run's ``image_framing``) at 32 px.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from cfd.config import load_config  # noqa: E402
 from cfd.systems.checkpoint import load_checkpoint  # noqa: E402
 from jobs.skeleton import typed  # noqa: E402
 from jobs.train_generator import TrainGeneratorConfig  # noqa: E402
+from relaxflow.conditioning import preprocess_image  # noqa: E402
 from relaxflow.sampler import FlowEulerSampler  # noqa: E402
 from relaxflow.stages import guided, sample_structure  # noqa: E402
 from relaxflow.training.data import ShapeSet, build_structure_data  # noqa: E402
@@ -52,8 +54,8 @@ from relaxflow.training.structure import (StructureTrainer, condition_embeddings
 def sampled_iou(trainer: StructureTrainer, shapes: ShapeSet, index: torch.Tensor,
                 cfg_strength: float) -> torch.Tensor:
     """IoU ``[len(index)]`` of structures sampled from each shape's first render."""
-    tokens = trainer.conditioner.encode(condition_embeddings(trainer.conditioner,
-                                                             shapes.rgba[index, 0]))
+    tokens = trainer.conditioner.encode(condition_embeddings(
+        trainer.conditioner, shapes.rgba[index, 0], trainer.s.image_framing))
     sampler = FlowEulerSampler(sigma_min=trainer.s.flow.sigma_min, steps=12,
                                cfg_strength=cfg_strength, cfg_interval=(0.5, 1.0), rescale_t=3.0)
     _, coords = sample_structure(trainer.flow, trainer.decoder,
@@ -102,11 +104,19 @@ def pixels(rgba: Tensor) -> Tensor:
     return torch.nn.functional.interpolate(image, size=32, mode="area").flatten(1)
 
 
+def cut_pixels(rgba: Tensor, framing: str) -> Tensor:
+    """Renders ``[M, H, W, 4]`` uint8 -> the image the conditioner is given (cut by
+    ``framing``, premultiplied), at 32 px side by side ``[M, 3072]``."""
+    images = torch.stack([preprocess_image(image.numpy(), size=128, framing=framing)
+                          for image in rgba])
+    return torch.nn.functional.interpolate(images, size=32, mode="area").flatten(1)
+
+
 @torch.no_grad()
-def condition_features(conditioner, rgba: Tensor) -> Dict[str, Tensor]:
-    """Per render ``[M, H, W, 4]``: the conditioner's tokens averaged, its class token, and
-    every token side by side (what the flow's cross-attention can read)."""
-    tokens = conditioner.encode(condition_embeddings(conditioner, rgba))
+def condition_features(conditioner, rgba: Tensor, framing: str) -> Dict[str, Tensor]:
+    """Per render ``[M, H, W, 4]``, cut by ``framing``: the conditioner's tokens averaged, its
+    class token, and every token side by side (what the flow's cross-attention can read)."""
+    tokens = conditioner.encode(condition_embeddings(conditioner, rgba, framing))
     return {"tokens averaged": tokens.mean(1), "class token": tokens[:, 0],
             "all tokens": tokens.flatten(1)}
 
@@ -124,8 +134,9 @@ def probe(trainer: StructureTrainer) -> None:
     torch.manual_seed(0)
     untrained.model = type(untrained.model)(untrained.model.config).eval()
     for name, conditioner in (("trained", trainer.conditioner), ("untrained", untrained)):
-        a, b = condition_features(conditioner, train_rgba), condition_features(conditioner,
-                                                                                held_rgba)
+        framing = trainer.s.image_framing
+        a = condition_features(conditioner, train_rgba, framing)
+        b = condition_features(conditioner, held_rgba, framing)
         for kind in a:
             accuracy = linear_probe(a[kind], train_y, b[kind], held_y, classes)
             print(f"{name} conditioner, {kind}: held-out accuracy {accuracy:.3f}")
@@ -170,8 +181,9 @@ def reading(trainer: StructureTrainer) -> None:
         noise = torch.randn(x0.shape, generator=generator)
         print(f"the latent plus noise of {scale} its scale, decoded: IoU "
               f"{decoded_iou(x0 + scale * noise, truth):.3f}")
+    framing = trainer.s.image_framing
     tokens = trainer.conditioner.encode(condition_embeddings(trainer.conditioner,
-                                                             train.rgba[index, 0]))
+                                                             train.rgba[index, 0], framing))
     with trainer.averaged():
         for t in READING_TIMES:
             noise = torch.randn(x0.shape, generator=generator)
@@ -181,11 +193,14 @@ def reading(trainer: StructureTrainer) -> None:
             print(f"one-step estimate from t = {t}: IoU {decoded_iou(estimate, truth):.3f}")
 
     def all_tokens(rgba: Tensor) -> Tensor:  # in slices: every training render at once is GBs
-        return torch.cat([condition_features(trainer.conditioner, rgba[start:start + 256])[
-            "all tokens"] for start in range(0, len(rgba), 256)])
+        return torch.cat([condition_features(trainer.conditioner, rgba[start:start + 256],
+                                             framing)["all tokens"]
+                          for start in range(0, len(rgba), 256)])
 
     held_latents = trainer.encoder(held.occupancy[:, None].float())
-    for name, features in (("tokens side by side", all_tokens), ("pixels at 32 px", pixels)):
+    for name, features in (("tokens side by side", all_tokens), ("pixels at 32 px", pixels),
+                           (f"the conditioner's image ({framing}) at 32 px",
+                            lambda rgba: cut_pixels(rgba, framing))):
         a, b = features(train.rgba[:, 0]), features(held.rgba[:, 0])
         mean, std = a.mean(0), a.std(0) + 1e-6
         a, b = (a - mean) / std, (b - mean) / std

@@ -112,15 +112,16 @@ def _observation(c: GenerateConfig, spec: PipelineSpec) -> Optional[Tensor]:
                                 "image=path.png (an image of your own)")
         return None
     spec.require("image", "generate")
-    return load_object(c.image, c.mask)
+    return load_object(c.image, c.mask, framing=spec.image_framing)
 
 
-def _drawn_image(c: GenerateConfig, device: torch.device) -> Tuple[np.ndarray, Tensor]:
+def _drawn_image(c: GenerateConfig, framing: str, device: torch.device
+                 ) -> Tuple[np.ndarray, Tensor]:
     """The prompt drawn by ``c.draw``'s 2D model: RGBA ``[R, R, 4]`` uint8, and preprocessed
-    ``[3, S, S]``."""
+    with the pipeline's ``framing``, ``[3, S, S]``."""
     rgba = prior_images(c.prompt, c.seed, c.draw, device)[0]
     return rgba, preprocess_image(rgba, source=f"the image drawn of {c.prompt!r}",
-                                  opaque_fix="try another seed")
+                                  opaque_fix="try another seed", framing=framing)
 
 
 def _conditions(c: GenerateConfig, image: Optional[Tensor], spec: PipelineSpec,
@@ -159,7 +160,7 @@ def run(cfg) -> Dict[str, Any]:
     drawn = None
     if image is None and pipe.spec.condition == "image":
         with clock.time("draw"):
-            drawn, image = _drawn_image(c, device)
+            drawn, image = _drawn_image(c, pipe.spec.image_framing, device)
     with clock.time("condition"):
         cond, neg_cond = _conditions(c, image, pipe.spec, device)
     folder = RunFolder.create(c.output_dir, c.name, Path(c.image).stem if c.image else c.prompt,

@@ -122,12 +122,12 @@ def check(c: RelaxFlowConfig) -> Tensor:
         check_prior_request(c.prompt, c.generate_priors)
     resolve_device(c.device)
     check_output(c.output_dir, c.name)
-    observation = load_object(c.image, c.mask)
     spec = check_pipeline_files(c.model)
     spec.require("image", "relaxflow")
     spec.require_stages("relaxflow")
+    observation = load_object(c.image, c.mask, framing=spec.image_framing)
     for prior in c.priors:
-        load_object(prior, opaque_fix=PRIOR_FIX, setting="priors")
+        load_object(prior, opaque_fix=PRIOR_FIX, setting="priors", framing=spec.image_framing)
     resolve_model_path(conditioning_model(spec, c.image_cond_model), index_file="config.json",
                        option="image_cond_model")
     return observation
@@ -145,16 +145,16 @@ def _relax_sampler(base: FlowEulerSampler, settings: BranchSettings, keys: KeyLa
                             relaxation=relaxation)
 
 
-def _prior_images(c: RelaxFlowConfig, device: torch.device
+def _prior_images(c: RelaxFlowConfig, framing: str, device: torch.device
                   ) -> Tuple[Tensor, Optional[np.ndarray]]:
-    """The priors preprocessed, ``[N, 3, S, S]``, and the RGBA views ``[N, R, R, 4]`` when they
-    are drawn here (None when given)."""
+    """The priors preprocessed with the pipeline's ``framing``, ``[N, 3, S, S]``, and the RGBA
+    views ``[N, R, R, 4]`` when they are drawn here (None when given)."""
     if c.priors:
-        return torch.stack([load_object(p, opaque_fix=PRIOR_FIX, setting="priors")
-                            for p in c.priors]), None
+        return torch.stack([load_object(p, opaque_fix=PRIOR_FIX, setting="priors",
+                                        framing=framing) for p in c.priors]), None
     drawn = prior_images(c.prompt, c.seed, c.generate_priors, device)
     return torch.stack([preprocess_image(rgba, source=f"drawn prior view {i}",
-                                         opaque_fix=DRAWN_FIX)
+                                         opaque_fix=DRAWN_FIX, framing=framing)
                         for i, rgba in enumerate(drawn)]), drawn
 
 
@@ -202,7 +202,7 @@ def run(cfg) -> Dict[str, Any]:
     pipe = TrellisPipeline.from_pretrained(c.model, device=device, precision=c.precision,
                                            offload=c.offload)
     # 2. the prior images (drawn from a 2D model when none are given) and both conditions
-    priors, drawn = _prior_images(c, device)
+    priors, drawn = _prior_images(c, pipe.spec.image_framing, device)
     obs, prior, keys = _tokens(c, pipe.spec, observation, priors, device)
     # 3. the run folder
     folder = RunFolder.create(c.output_dir, c.name, Path(c.image).stem, cfg)

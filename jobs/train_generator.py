@@ -64,6 +64,7 @@ from core.errors import UserError
 from core.runtime import (RunInterrupted, TrainingStopped, atomic_write, interrupts_held,
                           log_records)
 from jobs.skeleton import RunFolder, check_output, finished_run, typed
+from relaxflow.conditioning import FRAMINGS
 from relaxflow.loading import (EMBEDDED_PIPELINES, PIPELINE_FILE, PipelineSpec,
                                check_pipeline_files, model_args, read_pipeline,
                                resolve_pipeline_folder)
@@ -169,6 +170,9 @@ def check(c: TrainGeneratorConfig) -> None:
 def check_structure(c: TrainGeneratorConfig) -> None:
     """Stage 1's settings."""
     check_data_config(c.data)
+    _require(c.image_framing in FRAMINGS,
+             f"image_framing is {c.image_framing!r}: use one of {', '.join(FRAMINGS)} (object: "
+             "TRELLIS's crop to the object; frame: the render as framed)")
     _check_phases(c, "", vae_trained=bool(c.init_from))
     if c.init_from:
         check_init_from(c)

@@ -2,7 +2,10 @@
 
 Image path (TRELLIS's): the object's alpha (the image's own, or a user mask) gives a box
 (alpha > 0.8), a square 1.2 times its longer side around its centre is cut out (transparent
-outside the image), resized to 518 px and premultiplied onto black; ImageNet normalisation;
+outside the image), resized to 518 px and premultiplied onto black (framing ``"object"``;
+framing ``"frame"`` keeps the image's own framing, padded to a square, for generators trained on
+a fixed camera, whose objects' size and place in the picture say their size and place in the
+grid: see :data:`FRAMINGS`); ImageNet normalisation;
 all DINOv2 tokens (class, registers, 37 x 37 patches) from the last layer *before* the model's
 final norm, then a layer norm without affine. The negative condition is all zeros.
 
@@ -82,12 +85,37 @@ def load_rgba(path: Union[str, os.PathLike], mask: Optional[Union[str, os.PathLi
 
 MASK_FIX = "give an RGBA image or a mask (mask=path.png, white = object)"
 
+# How an image is cut before the conditioner sees it; a pipeline's ``pipeline.json`` says which
+# its models were trained on (``image_framing``, absent: ``"object"``).
+# "object": TRELLIS's, a square around the object's box: what a released pipeline expects, its
+#   objects normalised to the unit cube, so the crop loses nothing.
+# "frame": the whole image, padded to a square: the embedded generator's. Its shapes keep their
+#   size in the grid and its renders a fixed camera, so cropping to the object would throw away
+#   the object's size (a ridge regression reads the structure latent from 32-px renders at
+#   held-out R^2 0.52, from the crops at 0.33), and an occluded view's crop would zoom onto
+#   the visible part.
+FRAMINGS = ("object", "frame")
+
+
+def _square_box(alpha: np.ndarray, framing: str) -> Tuple[int, int, int, int]:
+    """The square ``(left, top, right, bottom)`` cut from an image with alpha ``[H, W]``."""
+    if framing == "frame":
+        h, w = alpha.shape
+        side = max(h, w)
+        left, top = (w - side) // 2, (h - side) // 2
+        return left, top, left + side, top + side
+    ys, xs = np.nonzero(alpha > 0.8 * 255)
+    cx, cy = (xs.min() + xs.max()) / 2, (ys.min() + ys.max()) / 2
+    half = int(1.2 * max(xs.max() - xs.min(), ys.max() - ys.min())) // 2  # TRELLIS's rounding
+    return tuple(int(round(v)) for v in (cx - half, cy - half, cx + half, cy + half))
+
 
 def preprocess_image(rgba: np.ndarray, size: int = IMAGE_SIZE, source: str = "the image",
-                     opaque_fix: str = MASK_FIX) -> Tensor:
-    """``[H, W, 4]`` uint8 RGBA -> ``[3, size, size]`` float in [0, 1], object centred with a
-    20% margin, premultiplied by alpha (black background). Errors name ``source`` and, for an
-    image without transparency, give ``opaque_fix``."""
+                     opaque_fix: str = MASK_FIX, framing: str = "object") -> Tensor:
+    """``[H, W, 4]`` uint8 RGBA -> ``[3, size, size]`` float in [0, 1], premultiplied by alpha
+    (black background); cut by ``framing`` (:data:`FRAMINGS`): the object centred with a 20%
+    margin, or the whole image. Errors name ``source`` and, for an image without transparency,
+    give ``opaque_fix``."""
     from PIL import Image
 
     if rgba.ndim != 3 or rgba.shape[2] != 4:
@@ -96,13 +124,10 @@ def preprocess_image(rgba: np.ndarray, size: int = IMAGE_SIZE, source: str = "th
     if alpha.min() == 255:
         raise UserError(f"{source} has no transparency to tell the object from its "
                         f"background: {opaque_fix}")
-    ys, xs = np.nonzero(alpha > 0.8 * 255)
-    if len(xs) == 0:
+    if not (alpha > 0.8 * 255).any():
         raise UserError(f"no object found in {source}: no pixel has alpha above 0.8")
-    cx, cy = (xs.min() + xs.max()) / 2, (ys.min() + ys.max()) / 2
-    half = int(1.2 * max(xs.max() - xs.min(), ys.max() - ys.min())) // 2  # TRELLIS's rounding
-    box = tuple(int(round(v)) for v in (cx - half, cy - half, cx + half, cy + half))
-    crop = Image.fromarray(rgba, "RGBA").crop(box).resize((size, size), Image.LANCZOS)
+    crop = Image.fromarray(rgba, "RGBA").crop(_square_box(alpha, framing))
+    crop = crop.resize((size, size), Image.LANCZOS)
     pixels = np.asarray(crop).astype(np.float32) / 255.0
     # premultiplied, then back to 8 bits by truncation: the images the released models saw
     premultiplied = (pixels[..., :3] * pixels[..., 3:] * 255).astype(np.uint8)
@@ -110,18 +135,21 @@ def preprocess_image(rgba: np.ndarray, size: int = IMAGE_SIZE, source: str = "th
 
 
 def load_object(path: Union[str, os.PathLike], mask: Optional[Union[str, os.PathLike]] = None,
-                opaque_fix: str = MASK_FIX, setting: str = "image") -> Tensor:
+                opaque_fix: str = MASK_FIX, setting: str = "image",
+                framing: str = "object") -> Tensor:
     """An image file's object, preprocessed: ``[3, S, S]``. The alpha is the image's own or
     ``mask``'s (white = object); errors name the file the problem is in, the setting it was
     given as (``setting``: ``image``, or ``priors`` for a prior image; ``mask``) and the fix
-    (``opaque_fix``: for an image without transparency and without a mask)."""
+    (``opaque_fix``: for an image without transparency and without a mask). ``framing``: the
+    pipeline's (:data:`FRAMINGS`)."""
     rgba = load_rgba(path, mask, setting)
     if mask is None:
-        return preprocess_image(rgba, source=f"image {path}", opaque_fix=opaque_fix)
+        return preprocess_image(rgba, source=f"image {path}", opaque_fix=opaque_fix,
+                                framing=framing)
     if rgba[..., 3].min() == 255:
         raise UserError(f"mask {mask} is white everywhere, so nothing in {path} is background: "
                         "paint the object's visible pixels white and everything else black")
-    return preprocess_image(rgba, source=f"image {path} with mask {mask}")
+    return preprocess_image(rgba, source=f"image {path} with mask {mask}", framing=framing)
 
 
 class ImageConditioner:

@@ -33,6 +33,7 @@ from torch import nn
 from core.errors import UserError
 from guidance.loading import ModelWeightsNotFound, hf_cache_dir, resolve_model_path
 
+from .conditioning import FRAMINGS
 from .models import build
 from .sampler import FlowEulerSampler
 
@@ -279,6 +280,9 @@ class PipelineSpec:
     slat_normalization: Optional[Dict[str, Any]] = None
     cond_model: Optional[str] = None
     stages: Tuple[str, ...] = tuple(STAGES)  # those whose models pipeline.json names
+    # how an image is cut for the conditioner (relaxflow.conditioning.FRAMINGS): pipeline.json's
+    # "image_framing", absent in a released pipeline ("object", TRELLIS's crop)
+    image_framing: str = "object"
 
     def absent_stage(self, stage: str) -> UserError:
         """The error for a stage this pipeline has no models for, naming it and the folder."""
@@ -365,10 +369,15 @@ def read_pipeline(path_or_repo: Union[str, os.PathLike]) -> PipelineSpec:
                 raise PipelineFileError(f"{path}: {key} is not a sampler entry "
                                         f"({{\"name\", \"args\", \"params\"}}; "
                                         f"{type(err).__name__}: {err})") from None
+    framing = args.get("image_framing", "object")
+    if framing not in FRAMINGS:
+        raise PipelineFileError(f"{path}: image_framing is {framing!r}, not one of "
+                                f"{', '.join(FRAMINGS)} (how the conditioner's images are cut; "
+                                f"absent means 'object', TRELLIS's): {RECOPY}")
     return PipelineSpec(root=root, name=name, models=dict(models), condition=condition,
                         samplers=samplers, slat_normalization=args.get("slat_normalization"),
                         cond_model=args.get(f"{condition}_cond_model"),
-                        stages=named_stages(path, models))
+                        stages=named_stages(path, models), image_framing=framing)
 
 
 def conditioning_model(spec: PipelineSpec, override: Optional[str] = None) -> str:

@@ -40,7 +40,7 @@ def micro(output_dir: Path, cache_dir: Path, **extra) -> list:
         "conditioner_size.intermediate_size": 32,
         "vae.steps": 4, "flow.steps": 5, "vae.batch_size": 2, "flow.batch_size": 3,
         "checkpoint_every": 3, "log_every": 3, "eval.flow_samples": 2, "eval.sampler.steps": 2,
-        "flow.ema_decay": 0.9, "flow.lr_final": 3e-5,
+        "flow.ema_decay": 0.9, "flow.lr_final": 3e-5, "image_framing": "frame",
     }
     items.update(extra)
     return [f"{k}={v}" for k, v in items.items()]
@@ -246,6 +246,7 @@ def test_metrics_and_curve_are_written(straight_run):
     ("flow.p_uncond=1.5", "flow.p_uncond"),
     ("vae.steps=0", "set vae.steps >= 1"),
     ("flow.lr_final=1e-2", "flow.lr_final is where a cosine decay"),
+    ("image_framing=zoom", "image_framing is 'zoom': use one of object, frame"),
 ])
 def test_bad_settings_stop_before_a_run_folder(tmp_path, cache_dir, override, message):
     with pytest.raises(UserError, match=message):
@@ -323,6 +324,14 @@ def test_runs_ship_laid_over_one_another_with_one_conditioner(straight_run, tmp_
     for name, value in trained.items():  # the later run's flow replaced the first's
         torch.testing.assert_close(shipped[name].float(), value.float() + 1.0, rtol=1e-3,
                                    atol=1e-3)
+    # the run's images were cut as its config said, and the export says so for every job
+    assert merged.image_framing == "frame"
+    spec["args"]["image_framing"] = "object"  # the same conditioner, its images cut otherwise
+    (later / "pipeline" / "pipeline.json").write_text(json.dumps(spec))
+    with pytest.raises(UserError, match="image_framing 'object', .* by 'frame'.* train stage 2"):
+        ship([first, later], tmp_path / "refused")
+    spec["args"]["image_framing"] = "frame"
+    (later / "pipeline" / "pipeline.json").write_text(json.dumps(spec))
     conditioner = later / "pipeline" / CONDITIONER_FOLDER / "model.safetensors"
     save_file({k: v * 2 for k, v in load_file(str(conditioner)).items()}, str(conditioner))
     with pytest.raises(UserError, match="the conditioner of .* differs .* train stage 2 again"):

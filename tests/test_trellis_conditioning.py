@@ -32,6 +32,24 @@ def test_preprocessing_centres_the_object_with_a_margin_on_black():
     assert image[1:].max() < 0.05  # red stays red
 
 
+def test_the_frame_framing_keeps_the_objects_size_and_place():
+    """framing="frame" cuts nothing: the object stays where it was, at its size, and an image
+    that is not square is padded (transparent, so black) to one around its centre."""
+    image = preprocess_image(square_object(), size=100, framing="frame")
+    rows = torch.nonzero(image[0].amax(1) > 0.5).squeeze(1)
+    cols = torch.nonzero(image[0].amax(0) > 0.5).squeeze(1)
+    assert (int(rows.min()), int(rows.max()), int(cols.min()), int(cols.max())) == (40, 79, 30, 49)
+    wide = np.zeros((50, 100, 4), dtype=np.uint8)
+    wide[10:20, 60:70] = (255, 0, 0, 255)
+    image = preprocess_image(wide, size=100, framing="frame")
+    rows = torch.nonzero(image[0].amax(1) > 0.5).squeeze(1)
+    assert (int(rows.min()), int(rows.max())) == (35, 44)  # 25 rows of padding above
+    assert image[:, :25].abs().max() == 0 and image[:, 75:].abs().max() == 0
+    # the object's own crop of the same image is unchanged by the new setting's default
+    assert torch.equal(preprocess_image(wide, size=100),
+                       preprocess_image(wide, size=100, framing="object"))
+
+
 def test_bad_images_get_clear_errors(tmp_path):
     from PIL import Image
 

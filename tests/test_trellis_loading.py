@@ -3,6 +3,7 @@ and run through stage 1 on CPU."""
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -389,6 +390,43 @@ def test_refine_job_keeps_what_the_observation_showed(pipeline_dir, tmp_path):
     for key in ("means", "scales", "opacities", "sh0"):
         assert torch.equal(start.params[key][seen], end.params[key][seen]), key
     assert not torch.equal(start.params["means"][hidden], end.params["means"][hidden])
+
+
+def test_jobs_cut_images_as_the_pipeline_json_says(pipeline_dir, tmp_path):
+    """``image_framing`` (absent: TRELLIS's crop to the object) reaches every job's
+    preprocessing: generate's image, relaxflow's observation; a value it does not know is a
+    clear error naming the file."""
+    from cfd.config import load_config
+    from jobs import generate
+    from jobs import relaxflow as relaxflow_job
+    from relaxflow.conditioning import load_rgba, preprocess_image
+    from relaxflow.loading import PipelineFileError
+    from tests.tiny_models import build_tiny_dinov2
+
+    assert read_pipeline(pipeline_dir).image_framing == "object"
+    framed = tmp_path / "framed"
+    shutil.copytree(pipeline_dir, framed)
+    spec = json.loads((framed / "pipeline.json").read_text())
+    spec["args"]["image_framing"] = "frame"
+    (framed / "pipeline.json").write_text(json.dumps(spec))
+    image = _rgba_file(tmp_path / "obs.png", (16, 16, 40, 48), (200, 50, 50))
+    rgba = load_rgba(image)
+    for model, framing in ((pipeline_dir, "object"), (framed, "frame")):
+        expected = preprocess_image(rgba, framing=framing)
+        c = generate.typed(load_config(generate.Config, Path("configs/trellis-image.yaml"), [
+            f"model={model}", f"image={image}", f"output_dir={tmp_path / 'out'}"]))
+        assert torch.equal(generate.check(c), expected)
+        c = relaxflow_job.typed(load_config(relaxflow_job.Config, Path(
+            "configs/relaxflow-trellis.yaml"), [
+            f"model={model}", f"image={image}", f"priors=[{image}]",
+            f"image_cond_model={build_tiny_dinov2(tmp_path / 'dinov2')}",
+            f"output_dir={tmp_path / 'out'}"]))
+        assert torch.equal(relaxflow_job.check(c), expected)
+    spec["args"]["image_framing"] = "zoom"
+    (framed / "pipeline.json").write_text(json.dumps(spec))
+    with pytest.raises(PipelineFileError, match="image_framing is 'zoom', not one of object"):
+        read_pipeline(framed)
+    assert not (tmp_path / "out").exists()
 
 
 def test_relaxflow_job_rejects_bad_inputs(pipeline_dir, tmp_path, capsys):

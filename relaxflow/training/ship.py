@@ -137,10 +137,23 @@ def _conditioner_weights(pipeline: Path) -> Dict[str, str]:
             for p in sorted(folder.rglob("*.safetensors"))}
 
 
+def _image_framing(pipeline: Path) -> str:
+    """How the pipeline's conditioner cuts its images (``relaxflow.conditioning.FRAMINGS``)."""
+    return json.loads((pipeline / "pipeline.json").read_text())["args"].get("image_framing",
+                                                                           "object")
+
+
 def _check_one_conditioner(pipelines: Sequence[Path]) -> None:
     shipped = [(p, _conditioner_weights(p)) for p in pipelines]
     shipped = [(p, w) for p, w in shipped if w]
     for pipeline, weights in shipped[1:]:
+        framings = _image_framing(shipped[0][0]), _image_framing(pipeline)
+        if framings[0] != framings[1]:
+            raise UserError(
+                f"{pipeline} cuts its conditioner's images by image_framing {framings[1]!r}, "
+                f"{shipped[0][0]} by {framings[0]!r}: every flow reads the tokens of images cut "
+                "one way, so the runs cannot ship together; train stage 2 again on the stage-1 "
+                "run's pipeline (structure_pipeline=<run>/pipeline)")
         if weights != shipped[0][1]:
             raise UserError(
                 f"the conditioner of {pipeline} differs from that of {shipped[0][0]}: the "

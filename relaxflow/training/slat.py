@@ -205,6 +205,7 @@ class SlatTrainer(TwoPhaseTrainer):
         spec = read_pipeline(self.structure_pipeline)
         self.conditioner = ImageConditioner.from_pretrained(
             str(self.structure_pipeline / spec.cond_model), device)
+        self.image_framing = spec.image_framing  # the renders cut as stage 1's were
         cond_channels = self.conditioner.model.config.hidden_size
         resolution, latent = s.data.resolution, s.vae_size.latent_channels
         self.args = {
@@ -303,7 +304,7 @@ class SlatTrainer(TwoPhaseTrainer):
     def tokens(self, rgba: Tensor, batch: int = 32) -> Tensor:
         """The frozen conditioner's tokens of renders ``[M, H, W, 4]`` uint8: ``[M, T, D]``
         float32 on the CPU."""
-        embeddings = condition_embeddings(self.conditioner, rgba)
+        embeddings = condition_embeddings(self.conditioner, rgba, self.image_framing)
         return torch.cat([self.conditioner.encode(embeddings[i:i + batch].to(self.device))
                           .float().cpu() for i in range(0, len(embeddings), batch)])
 

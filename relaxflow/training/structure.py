@@ -127,6 +127,11 @@ class StructureTraining:
     vae_size: VaeSize = field(default_factory=VaeSize)
     flow_size: FlowSize = field(default_factory=FlowSize)
     conditioner_size: ConditionerSize = field(default_factory=ConditionerSize)
+    # how a render is cut before the conditioner sees it (relaxflow.conditioning.FRAMINGS),
+    # written to the exported pipeline.json for every job that conditions on it: "object" is
+    # TRELLIS's crop to the object, "frame" keeps the render's framing and with it the
+    # object's size in the grid
+    image_framing: str = "object"
     vae: VaeTraining = field(default_factory=VaeTraining)
     flow: FlowTraining = field(default_factory=FlowTraining)
     eval: Evaluation = field(default_factory=Evaluation)
@@ -173,13 +178,15 @@ def autocast(device: torch.device) -> ContextManager:
 
 
 @torch.no_grad()
-def condition_embeddings(conditioner: ImageConditioner, rgba: Tensor, batch: int = 32) -> Tensor:
+def condition_embeddings(conditioner: ImageConditioner, rgba: Tensor, framing: str,
+                         batch: int = 32) -> Tensor:
     """Renders ``[M, H, W, 4]`` uint8 -> the conditioner's input embeddings ``[M, S, C]`` float32
     on the CPU (``ImageConditioner.embed``), through the preprocessing a user's image takes
-    (object cropped with a margin, 518 px)."""
+    (cut by ``framing``, 518 px)."""
     embeddings = []
     for start in range(0, len(rgba), batch):
-        images = torch.stack([preprocess_image(image.numpy(), source="a training render")
+        images = torch.stack([preprocess_image(image.numpy(), source="a training render",
+                                               framing=framing)
                               for image in rgba[start:start + batch]])
         embeddings.append(conditioner.embed(images).float().cpu())
     return torch.cat(embeddings)
@@ -503,7 +510,8 @@ class StructureTrainer(TwoPhaseTrainer):
         resume, from the checkpoint's weights, so the same)."""
         if self.flow_data is None:
             rgba = self.train_set.rgba
-            embeddings = condition_embeddings(self.conditioner, rgba.flatten(0, 1))
+            embeddings = condition_embeddings(self.conditioner, rgba.flatten(0, 1),
+                                              self.s.image_framing)
             self.flow_data = FlowData(self.encode_training_set(),
                                       embeddings.view(*rgba.shape[:2], *embeddings.shape[1:]))
         return self.flow_data
@@ -551,7 +559,8 @@ class StructureTrainer(TwoPhaseTrainer):
         n = min(self.s.eval.flow_samples, len(self.held_out))
         # spread over the held-out set, which runs category by category
         index = torch.linspace(0, len(self.held_out) - 1, n).round().long()
-        embeddings = condition_embeddings(self.conditioner, self.held_out.rgba[index, 0])
+        embeddings = condition_embeddings(self.conditioner, self.held_out.rgba[index, 0],
+                                          self.s.image_framing)
         tokens = self.conditioner.encode(embeddings.to(self.device))
         truth = self.held_out.occupancy[index]
         result = {}
@@ -626,7 +635,7 @@ class StructureTrainer(TwoPhaseTrainer):
         spec = {"name": "TrellisImageTo3DPipeline", "args": {
             "models": refs,
             "sparse_structure_sampler": sampler_entry(self.s.eval.sampler, self.s.flow.sigma_min),
-            "image_cond_model": CONDITIONER_FOLDER}}
+            "image_cond_model": CONDITIONER_FOLDER, "image_framing": self.s.image_framing}}
         with replacing_folder(folder) as tmp:  # over an export a killed run left, or an older one
             for key, (name, model, args) in models.items():
                 save_model(copy.deepcopy(model).cpu(), name, self.args[args], tmp, refs[key])
