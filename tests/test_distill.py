@@ -338,6 +338,7 @@ def test_nerf_run_resumes_exactly_from_its_checkpoint(tmp_path, cache_dir, extra
     ("splats", {"nerf.shading.p_textureless": 2}, r"nerf.shading.p_textureless is a probability"),
     ("splats", {"background_kind": "mlp"}, "guidance.kind=stable-diffusion"),
         ("splats", {"splats.init.lock_visible": True}, "splats.init.lock_visible needs splats.init.kind=ply"),
+        ("splats", {"splats.init.lock_threshold": 0.5}, "lock_threshold=0.5 must lie in .* needs splats.init.lock_visible=true"),
     ("splats", {"splats.init.n_splats": 0}, "splats.init.n_splats must be >= 1"),
     ("splats", {"backend": "gsplat"}, "backend=gsplat needs device=cuda.*backend=torch"),
     ("nerf", {"backend": "gsplat"}, "set backend=auto or backend=torch"),
@@ -439,21 +440,25 @@ def test_lock_visible_scales_each_splats_step_by_its_hidden_share(tmp_path, cach
     visibility = torch.tensor([1.0, 0.25, 0.0]).repeat(100)
     splats.save_ply(tmp_path / "start.ply", {"visibility": visibility})
     runs = {}
-    for lock in (False, True):
+    for lock, threshold in ((False, None), (True, None), (True, 0.2)):
         cfg = load_config(DistillConfig, CONFIG, small_overrides(
             tmp_path, cache_dir, **{"splats.init.kind": "ply",
                                     "splats.init.path": tmp_path / "start.ply",
                                     "splats.init.lock_visible": lock,
+                                    "splats.init.lock_threshold": threshold or "null",
                                     "splats.densify.enabled": False}))
         system = system_of(cfg)
         system.train_step()
-        runs[lock] = {k: v.detach() - splats.params[k].detach()
-                      for k, v in system.scene.scene.params.items()}
-    for key, free in runs[False].items():
+        runs[lock, threshold] = {k: v.detach() - splats.params[k].detach()
+                                 for k, v in system.scene.scene.params.items()}
+    held = visibility >= 0.2  # with lock_threshold=0.2 these stay, the rest move freely
+    for key, free in runs[False, None].items():
         share = (1 - visibility).view(-1, *[1] * (free.ndim - 1))
-        assert torch.allclose(runs[True][key], share * free, atol=1e-6), key
-        assert torch.equal(runs[True][key][visibility == 1], torch.zeros_like(free[:100]))
-    assert runs[False]["means"].abs().max() > 0
+        assert torch.allclose(runs[True, None][key], share * free, atol=1e-6), key
+        assert torch.equal(runs[True, None][key][visibility == 1], torch.zeros_like(free[:100]))
+        assert torch.equal(runs[True, 0.2][key][held], torch.zeros_like(free[held]))
+        assert torch.allclose(runs[True, 0.2][key][~held], free[~held], atol=1e-6), key
+    assert runs[False, None]["means"].abs().max() > 0
 
 
 def _interrupted_run(tmp_path, cache_dir, monkeypatch, at_step, **extra):

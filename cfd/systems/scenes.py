@@ -75,6 +75,10 @@ class InitConfig:
     # step, v its `visibility` property (RelaxFlow writes it: 1 seen, 0 hidden), so CFD changes
     # only what the image did not show.
     lock_visible: bool = False
+    # ply, with lock_visible: null locks in proportion, as above; a value holds every splat of
+    # visibility >= it fixed and lets the others move freely (a proportional lock lets the
+    # half-seen splats at a silhouette drift over hundreds of steps: BENCHMARKS.md, issue 20)
+    lock_threshold: Optional[float] = None
     # ply: then, if it holds more splats than this, merge those whose centres share a cube
     # into one, in the smallest cubes that leave at most this many (cfd.scene.merge_to_count;
     # their visibility merged with them): a generator's 32 splats per voxel make every step
@@ -109,6 +113,14 @@ class NeRFSceneConfig(NeRFConfig):
     video_normals: bool = True  # also orbit_normal.mp4, the field's normals as colours
 
 
+def change_weight(visibility: Tensor, threshold: Optional[float]) -> Tensor:
+    """The share ``[N]`` of each optimiser step a splat of ``visibility [N]`` takes:
+    ``1 - v`` (in proportion), or with ``threshold`` 0 for ``v >= threshold`` and 1 below."""
+    if threshold is None:
+        return 1 - visibility.clamp(0, 1)
+    return (visibility < threshold).to(visibility.dtype)
+
+
 class SplatScene:
     """Splats, one Adam per parameter, gsplat's densification and the visibility lock."""
 
@@ -119,9 +131,9 @@ class SplatScene:
         self.cfg, self.device = cfg, device
         splats, visibility = self._initial_splats(generator)
         self.scene = splats.to(device)
-        # [N] share of each optimiser step a splat takes (1 - visibility); None: all of it
-        self.change_weight = None if visibility is None else (1 - visibility.clamp(0, 1)).to(
-            device)
+        # [N] share of each optimiser step a splat takes; None: all of it
+        self.change_weight = None if visibility is None else change_weight(
+            visibility, cfg.init.lock_threshold).to(device)
         self.optimizers = self.scene.make_optimizers(asdict(cfg.lr))
         self.densifier = Densifier(cfg.densify, scene_scale=cfg.init.radius)
         self.densifier.check(self.scene, self.optimizers)
@@ -148,6 +160,12 @@ class SplatScene:
             raise UserError("splats.init.lock_visible needs splats.init.kind=ply and "
                             "splats.densify.enabled=false (densification would split and prune "
                             "the splats the visibility belongs to)")
+
+        if init.lock_threshold is not None and not (
+                init.lock_visible and 0 < init.lock_threshold <= 1):
+            raise UserError(f"splats.init.lock_threshold={init.lock_threshold} must lie in "
+                            "(0, 1] and needs splats.init.lock_visible=true (it says which "
+                            "visibility holds a splat); null locks in proportion to visibility")
 
     def _initial_splats(self, generator: torch.Generator) -> Tuple[Splats, Optional[Tensor]]:
         """The starting splats, and with ``lock_visible`` each one's visibility ``[N]``."""
