@@ -133,8 +133,8 @@ def probe(trainer: StructureTrainer) -> None:
     untrained = copy.deepcopy(trainer.conditioner)
     torch.manual_seed(0)
     untrained.model = type(untrained.model)(untrained.model.config).eval()
+    framing = trainer.s.image_framing
     for name, conditioner in (("trained", trainer.conditioner), ("untrained", untrained)):
-        framing = trainer.s.image_framing
         a = condition_features(conditioner, train_rgba, framing)
         b = condition_features(conditioner, held_rgba, framing)
         for kind in a:

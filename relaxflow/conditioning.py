@@ -4,8 +4,8 @@ Image path (TRELLIS's): the object's alpha (the image's own, or a user mask) giv
 (alpha > 0.8), a square 1.2 times its longer side around its centre is cut out (transparent
 outside the image), resized to 518 px and premultiplied onto black (framing ``"object"``;
 framing ``"frame"`` keeps the image's own framing, padded to a square, for generators trained on
-a fixed camera, whose objects' size and place in the picture say their size and place in the
-grid: see :data:`FRAMINGS`); ImageNet normalisation;
+renders from a fixed camera, where an object's size in the picture says its size in the grid:
+see :data:`FRAMINGS`); ImageNet normalisation;
 all DINOv2 tokens (class, registers, 37 x 37 patches) from the last layer *before* the model's
 final norm, then a layer norm without affine. The negative condition is all zeros.
 
@@ -89,11 +89,11 @@ MASK_FIX = "give an RGBA image or a mask (mask=path.png, white = object)"
 # its models were trained on (``image_framing``, absent: ``"object"``).
 # "object": TRELLIS's, a square around the object's box: what a released pipeline expects, its
 #   objects normalised to the unit cube, so the crop loses nothing.
-# "frame": the whole image, padded to a square: the embedded generator's. Its shapes keep their
-#   size in the grid and its renders a fixed camera, so cropping to the object would throw away
-#   the object's size (a ridge regression reads the structure latent from 32-px renders at
-#   held-out R^2 0.52, from the crops at 0.33), and an occluded view's crop would zoom onto
-#   the visible part.
+# "frame": the whole image, padded to a square, for a generator trained on renders from a fixed
+#   camera whose shapes keep their size in the grid (the shape world's): there the crop throws
+#   away the object's size (a ridge regression reads the structure latent from the uncut image
+#   at held-out R^2 0.46, from the crop at 0.33). The embedded generator keeps "object": flows
+#   trained on framed renders were no better (BENCHMARKS.md, seventeenth session).
 FRAMINGS = ("object", "frame")
 
 

@@ -76,8 +76,8 @@ class InitConfig:
     # only what the image did not show.
     lock_visible: bool = False
     # ply, with lock_visible: null locks in proportion, as above; a value holds every splat of
-    # visibility >= it fixed and lets the others move freely (a proportional lock lets the
-    # half-seen splats at a silhouette drift over hundreds of steps: BENCHMARKS.md, issue 20)
+    # visibility >= it fixed and lets the others move freely (0.5 on issue 20's two refine
+    # cases: no different from the proportional lock, BENCHMARKS.md, seventeenth session)
     lock_threshold: Optional[float] = None
     # ply: then, if it holds more splats than this, merge those whose centres share a cube
     # into one, in the smallest cubes that leave at most this many (cfd.scene.merge_to_count;
