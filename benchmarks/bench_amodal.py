@@ -1,6 +1,7 @@
 """The amodal benchmark: RelaxFlow and its ablations on occluded held-out shapes, with ground truth.
 
     python benchmarks/bench_amodal.py cases benchmarks/amodal_cases.json [--per-category-band 2]
+        [--known]
     python benchmarks/bench_amodal.py run OUT [--cases benchmarks/amodal_cases.json]
         [--methods relaxflow,flat,...] [--stride K] [--offset I] [--limit N]
         [--model embedded]
@@ -9,7 +10,10 @@
         [--limit N] [--model embedded] [--refine-overrides key=value ...]
 
 ``cases`` draws the fixed case list (``cfd.evaluation.amodal.make_cases``: every category x
-the three hidden-share bands, seeded). ``run`` writes each case's observation and visible mask
+the three hidden-share bands, seeded); ``--known`` draws them from the instances the embedded
+prior knows instead (each category's variants, ``cfd.shapes.catalogue``; one case per band,
+categories with named members left out): ``benchmarks/amodal_cases_known.json``, where refine's
+guidance points at the instance itself rather than at another member of its category. ``run`` writes each case's observation and visible mask
 and runs the ``relaxflow`` job on it once per method (:data:`METHODS`: overrides of
 ``configs/relaxflow-embedded.yaml``; the same seed, so the same noise, for every method), in
 this process, exactly as a user would; every relaxflow run also gives the two single branches
@@ -61,7 +65,8 @@ from cfd.evaluation.amodal import (AmodalCase, generator_camera, hidden_points, 
 from cfd.evaluation.generation import cameras_around, to_world, view_scores  # noqa: E402
 from cfd.renderers import render  # noqa: E402
 from cfd.scene import Splats  # noqa: E402
-from cfd.shapes import category, object_splats, occupancy_grid, train_seeds  # noqa: E402
+from cfd.shapes import (CATEGORIES, VARIANTS_PER_CATEGORY, category,  # noqa: E402
+                        object_splats, occupancy_grid, train_seeds)
 from cfd.shapes.categories import surface_points  # noqa: E402
 from jobs import distill, refine, relaxflow  # noqa: E402
 
@@ -455,6 +460,8 @@ def main() -> None:
     cases.add_argument("path", type=Path)
     cases.add_argument("--per-category-band", type=int, default=2)
     cases.add_argument("--seed", type=int, default=0)
+    cases.add_argument("--known", action="store_true",
+                       help="instances the embedded prior knows (one case per band)")
     runs = sub.add_parser("run")
     runs.add_argument("out", type=Path)
     runs.add_argument("--cases", type=Path, default=ROOT / "benchmarks" / "amodal_cases.json")
@@ -488,7 +495,12 @@ def main() -> None:
     if getattr(args, "offset", 0) < 0 or getattr(args, "stride", 1) < 1:
         parser.error("--offset must be >= 0 and --stride >= 1")
     if args.command == "cases":
-        drawn = make_cases(args.per_category_band, args.seed)
+        if args.known:
+            drawn = make_cases(1, args.seed, categories=[
+                name for name, c in CATEGORIES.items() if not c.fixed],
+                instance_seeds=train_seeds(VARIANTS_PER_CATEGORY))
+        else:
+            drawn = make_cases(args.per_category_band, args.seed)
         args.path.write_text(json.dumps([c.to_dict() for c in drawn], indent=1))
         ambiguous = sum(bool(c.ambiguous_with) for c in drawn)
         print(f"{len(drawn)} cases ({ambiguous} ambiguous) in {args.path}")

@@ -30,6 +30,13 @@ def test_cases_are_seeded_banded_and_their_observation_hides_that_share(cases):
         assert AmodalCase.from_dict(case.to_dict()) == case
 
 
+def test_cases_of_given_instances_take_one_seed_each():
+    known = make_cases(1, seed=3, resolution=96, categories=("stool",), instance_seeds=[0, 1, 2])
+    assert [(c.seed, c.band) for c in known] == list(zip([0, 1, 2], BANDS))
+    with pytest.raises(ValueError, match="need 6 instance seeds, got 3"):
+        make_cases(2, resolution=96, categories=("stool",), instance_seeds=[0, 1, 2])
+
+
 def test_occluders_cover_what_they_say():
     cut = occluder_mask("cut", (0.0, 0.0), 8)  # the lost side: right of the centre line
     assert cut[:, 4:].all() and not cut[:, :4].any()

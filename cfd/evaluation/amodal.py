@@ -1,7 +1,8 @@
 """Amodal completion cases: held-out shape-world objects seen through an occlusion, with ground
 truth for what is hidden.
 
-A case is a held-out instance (``cfd.shapes.held_out_seeds``: never trained on), a camera drawn
+A case is a held-out instance (``cfd.shapes.held_out_seeds``: never trained on; or any other
+seeds, such as the embedded prior's variants, for cases of what a model has seen), a camera drawn
 in the shape dataset's ranges, and an occluder in image space: a **cut** (everything beyond a
 line is lost, as at an image border) or a **card** (a rectangle in front of the object, painted
 in :data:`CARD_COLOUR`). The visible mask is what remains of the object's silhouette (alpha >
@@ -210,14 +211,21 @@ def _draw_occluder(kind: str, resolution: int, rng: np.random.Generator) -> Tupl
 
 
 def make_cases(per_category_band: int, seed: int = 0, resolution: int = 256,
-               categories: Sequence[str] = tuple(CATEGORIES),
-               max_tries: int = 400) -> List[AmodalCase]:
+               categories: Sequence[str] = tuple(CATEGORIES), max_tries: int = 400,
+               instance_seeds: Sequence[int] | None = None) -> List[AmodalCase]:
     """``per_category_band`` cases for every (category of ``categories``, band), drawn from
-    ``seed``: held-out instances (a fresh seed per case), dataset cameras, occluders alternating
-    cut and card, redrawn until the hidden share falls in the band."""
+    ``seed``: an instance per case (the next of ``instance_seeds``, by default held-out seeds),
+    dataset cameras, occluders alternating cut and card, redrawn until the hidden share falls in
+    the band. Other ``instance_seeds`` (e.g. the embedded prior's variants) make cases of
+    instances a model has seen."""
+    needed = per_category_band * len(BANDS)
+    if instance_seeds is None:
+        instance_seeds = held_out_seeds(needed)
+    if len(instance_seeds) < needed:
+        raise ValueError(f"{per_category_band} cases per category and band need {needed} "
+                         f"instance seeds, got {len(instance_seeds)}")
     rng = np.random.default_rng(seed)
     cases: List[AmodalCase] = []
-    instance_seeds = held_out_seeds(per_category_band * len(BANDS))
     cfg = ShapeDatasetConfig(resolution=resolution)
     for name in categories:
         for b, (band, (low, high)) in enumerate(BANDS.items()):
