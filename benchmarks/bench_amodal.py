@@ -28,7 +28,8 @@ paper's four claims checked) and ``OUT/grid.png``.
 steps and with a third of them. Scores: PSNR and mask IoU from 8 views around against the
 instance, and visible fidelity at the observation camera. Issue 20's goals: refine ends above
 both, keeps visible fidelity within 1 dB of its completion, and with a third of the steps reaches
-CFD-from-scratch's PSNR. Results in ``OUT/refine.jsonl``, summary in ``OUT/refine.md``.
+CFD-from-scratch's PSNR. Results in ``OUT/refine.jsonl``, summary in ``OUT/refine.md``, each
+case's results against its completion in ``OUT/refine.png``.
 
 Scores (``cfd.evaluation``): voxel IoU with the analytic occupancy, overall and in the hidden
 region (the ground truth's cells the observation does not show); Chamfer distance and F-score
@@ -50,6 +51,7 @@ from typing import Any, Dict, List
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -280,7 +282,33 @@ def refine_cases(args) -> None:
         lines.append(f"| {name} | {len(mine)} | "
                      + " | ".join(mean_ci([r[k] for r in mine]) for k in keys) + " |")
     (args.out / "refine.md").write_text("\n".join(lines) + "\n")
+    refine_plot(rows, args.out / "refine.png")
     print("\n".join(lines))
+
+
+def refine_plot(rows: List[Dict[str, Any]], path: Path) -> None:
+    """Per case, against RelaxFlow's completion (x): what refine and CFD from the prompt end at
+    (y), from around and at the observation camera; above the diagonal is better than the start."""
+    by_case: Dict[str, Dict[str, Dict[str, Any]]] = {}
+    for r in rows:
+        by_case.setdefault(r["case"], {})[r["result"]] = r
+    complete = [c for c in by_case.values() if "relaxflow" in c]
+    figure = Figure(figsize=(9, 4.2))
+    axes = figure.subplots(1, 2)
+    for ax, key, title in zip(axes, ("psnr_around", "psnr_visible"),
+                              ("PSNR from 8 views around", "PSNR at the observation, visible")):
+        for result, marker in (("refine_full", "o"), ("refine_third", "^"), ("cfd_scratch", "x")):
+            mine = [c for c in complete if result in c]
+            ax.scatter([c["relaxflow"][key] for c in mine], [c[result][key] for c in mine],
+                       marker=marker, label=result, alpha=0.8)
+        low, high = ax.get_xlim()[0], ax.get_xlim()[1]
+        ax.plot([low, high], [low, high], color="grey", lw=0.8)
+        ax.set_xlabel("RelaxFlow's completion (dB)")
+        ax.set_ylabel("result (dB)")
+        ax.set_title(title)
+    axes[0].legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
 
 
 def mean_ci(values: List[float], signed: bool = False) -> str:
