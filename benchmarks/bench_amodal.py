@@ -13,10 +13,10 @@
 the three hidden-share bands, seeded); ``--known`` draws them from the instances the embedded
 prior knows instead (each category's variants, ``cfd.shapes.catalogue``; one case per band,
 categories with named members left out): ``benchmarks/amodal_cases_known.json``, where refine's
-guidance points at the instance itself rather than at another member of its category. ``run`` writes each case's observation and visible mask
-and runs the ``relaxflow`` job on it once per method (:data:`METHODS`: overrides of
-``configs/relaxflow-embedded.yaml``; the same seed, so the same noise, for every method), in
-this process, exactly as a user would; every relaxflow run also gives the two single branches
+guidance points at the instance itself rather than at another member of its category. ``run``
+writes each case's observation and visible mask and runs the ``relaxflow`` job on it once per
+method (:data:`METHODS`: overrides of ``configs/relaxflow-embedded.yaml``; the same seed, so
+the same noise, for every method), in this process, exactly as a user would; every relaxflow run also gives the two single branches
 (observation only, prior only) from the same noise. Each result is scored at once and appended
 to ``OUT/results.jsonl`` (a stopped run continues where it stopped: done (case, method) pairs
 are skipped). ``report`` writes ``OUT/report.md`` (means with 95% intervals per band; the
