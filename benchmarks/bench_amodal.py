@@ -16,11 +16,11 @@ categories with named members left out): ``benchmarks/amodal_cases_known.json``,
 guidance points at the instance itself rather than at another member of its category. ``run``
 writes each case's observation and visible mask and runs the ``relaxflow`` job on it once per
 method (:data:`METHODS`: overrides of ``configs/relaxflow-embedded.yaml``; the same seed, so
-the same noise, for every method), in this process, exactly as a user would; every relaxflow run also gives the two single branches
-(observation only, prior only) from the same noise. Each result is scored at once and appended
-to ``OUT/results.jsonl`` (a stopped run continues where it stopped: done (case, method) pairs
-are skipped). ``report`` writes ``OUT/report.md`` (means with 95% intervals per band; the
-paper's four claims checked) and ``OUT/grid.png``.
+the same noise, for every method), in this process, exactly as a user would; every relaxflow
+run also gives the two single branches (observation only, prior only) from the same noise.
+Each result is scored at once and appended to ``OUT/results.jsonl`` (a stopped run continues
+where it stopped: done (case, method) pairs are skipped). ``report`` writes ``OUT/report.md``
+(means with 95% intervals per band; the paper's four claims checked) and ``OUT/grid.png``.
 
 ``refine`` measures the stack on the same cases: RelaxFlow's completion alone, CFD from scratch
 (the prompt only, ``configs/cfd-splats-embedded.yaml``, ``--steps``), ``refine``
