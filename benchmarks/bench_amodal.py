@@ -67,8 +67,8 @@ from cfd.evaluation.amodal import (AmodalCase, generator_camera, hidden_points, 
 from cfd.evaluation.generation import cameras_around, to_world, view_scores  # noqa: E402
 from cfd.renderers import render  # noqa: E402
 from cfd.scene import Splats  # noqa: E402
-from cfd.shapes import (CATEGORIES, VARIANTS_PER_CATEGORY, category,  # noqa: E402
-                        object_splats, occupancy_grid, train_seeds)
+from cfd.shapes import (category, object_splats, occupancy_grid, train_seeds,  # noqa: E402
+                        variant_categories, variant_seeds)
 from cfd.shapes.categories import surface_points  # noqa: E402
 from jobs import distill, refine, relaxflow  # noqa: E402
 
@@ -301,7 +301,7 @@ def refine_plot(rows: List[Dict[str, Any]], path: Path) -> None:
             mine = [c for c in complete if result in c]
             ax.scatter([c["relaxflow"][key] for c in mine], [c[result][key] for c in mine],
                        marker=marker, label=result, alpha=0.8)
-        low, high = ax.get_xlim()[0], ax.get_xlim()[1]
+        low, high = ax.get_xlim()
         ax.plot([low, high], [low, high], color="grey", lw=0.8)
         ax.set_xlabel("RelaxFlow's completion (dB)")
         ax.set_ylabel("result (dB)")
@@ -524,9 +524,8 @@ def main() -> None:
         parser.error("--offset must be >= 0 and --stride >= 1")
     if args.command == "cases":
         if args.known:
-            drawn = make_cases(1, args.seed, categories=[
-                name for name, c in CATEGORIES.items() if not c.fixed],
-                instance_seeds=train_seeds(VARIANTS_PER_CATEGORY))
+            drawn = make_cases(1, args.seed, categories=variant_categories(),
+                               instance_seeds=variant_seeds())
         else:
             drawn = make_cases(args.per_category_band, args.seed)
         args.path.write_text(json.dumps([c.to_dict() for c in drawn], indent=1))

@@ -25,12 +25,24 @@ from .world import SHAPE_WORLD, ShapeObject
 VARIANTS_PER_CATEGORY = 3
 
 
+def variant_categories() -> List[str]:
+    """The categories the prior knows by drawn variants (those without named members), in
+    ``CATEGORIES``' order."""
+    return [name for name, c in CATEGORIES.items() if not c.fixed]
+
+
+def variant_seeds() -> List[int]:
+    """The seeds of every such category's variants: its first ``VARIANTS_PER_CATEGORY``
+    training seeds."""
+    return train_seeds(VARIANTS_PER_CATEGORY)
+
+
 @lru_cache(maxsize=None)
 def prior_objects() -> Tuple[ShapeObject, ...]:
     """Every object of the prior's dataset: the named ones, then each new category's variants
     (drawn once per process: sampling fits each instance to the cameras' view)."""
-    variants = tuple(c.sample(seed) for c in CATEGORIES.values() if not c.fixed
-                     for seed in train_seeds(VARIANTS_PER_CATEGORY))
+    variants = tuple(CATEGORIES[name].sample(seed) for name in variant_categories()
+                     for seed in variant_seeds())
     return SHAPE_WORLD + variants
 
 
@@ -52,4 +64,5 @@ def objects_for(prompt: str) -> List[ShapeObject]:
     return named or [o for o in prior_objects() if o.prompt == prompt]
 
 
-__all__ = ["VARIANTS_PER_CATEGORY", "objects_for", "prior_objects", "prompts"]
+__all__ = ["VARIANTS_PER_CATEGORY", "objects_for", "prior_objects", "prompts", "variant_categories",
+           "variant_seeds"]
