@@ -11,6 +11,7 @@ from .world import SHAPE_WORLD, object_splats
 
 __all__ = ["SHAPE_WORLD", "object_splats", "objects_for", "prior_objects", "prompts",
            "VARIANTS_PER_CATEGORY", "variant_categories", "variant_seeds", "ShapeDatasetConfig",
-           "build_shape_dataset", "dataset_dir", "render_views", "CATEGORIES", "GENERATOR_SCALE", "SHARED_PARTS", "ambiguous_with",
+           "build_shape_dataset", "dataset_dir", "render_views", "CATEGORIES", "GENERATOR_SCALE",
+           "SHARED_PARTS", "ambiguous_with",
            "category", "held_out_seeds", "occupancy_grid", "surface_points", "to_generator_box",
            "train_seeds"]
