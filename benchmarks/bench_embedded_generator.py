@@ -1,6 +1,7 @@
 """The embedded generator on held-out shapes: structure IoU, rendered fidelity, wall time.
 
     python benchmarks/bench_embedded_generator.py OUT [--per-category 6] [--model embedded]
+                                                  [--true-structure]
 
 For every category, ``--per-category`` held-out instances (seeds no training run saw:
 ``cfd.shapes.held_out_seeds``), one random view each (a camera drawn in the shape dataset's
@@ -14,6 +15,10 @@ Writes ``OUT/results.json`` (every instance), ``OUT/summary.md`` (medians per ca
 overall, against issue 19's goals) and ``OUT/grid.png`` (per category, its first instance: input
 view, generated voxels, ground-truth voxels, and with stage 2 the generated and true renders
 from the input camera). The job's run folders are kept in ``OUT/runs/``.
+
+``--true-structure`` gives stage 2 each instance's analytic occupancy (``generate``'s
+``structure=``; stage 1 is skipped): the splats' scores then measure stage 2 alone, so a run
+with and a run without it split a miss between the two stages.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -40,7 +45,8 @@ from cfd.scene import Splats  # noqa: E402
 from cfd.shapes import (CATEGORIES, category, held_out_seeds, object_splats,  # noqa: E402
                         occupancy_grid, render_views)
 from jobs import generate  # noqa: E402
-from relaxflow.runner import voxel_projections  # noqa: E402
+from relaxflow.loading import model_args, read_pipeline  # noqa: E402
+from relaxflow.runner import save_voxels, voxel_projections  # noqa: E402
 
 RESOLUTION = 96  # of the input views: the training renders' size
 GOALS = {"structure_iou": 0.7, "psnr_around": 24.0, "mask_iou_around": 0.85, "psnr_input": 26.0}
@@ -55,11 +61,14 @@ def input_view(name: str, seed: int, index: int):
     return (rgba[0].numpy() * 255 + 0.5).astype(np.uint8), cameras
 
 
-def lift(model: str, image: Path, truth: str, out: Path) -> Dict[str, Any]:
-    """The generate job on ``image``; its metrics (with ``run_dir``) and its wall time."""
+def lift(model: str, image: Path, truth: str, out: Path,
+         structure: Optional[Path] = None) -> Dict[str, Any]:
+    """The generate job on ``image`` (stage 2 on ``structure``'s voxels when given); its
+    metrics (with ``run_dir``) and its wall time."""
+    given = [] if structure is None else [f"structure={structure}"]
     cfg = load_config(generate.Config, ROOT / "configs" / "generate-embedded.yaml",
                       [f"model={model}", f"image={image}", f"truth={truth}",
-                       f"output_dir={out}", "video_frames=24", "video_size=128"])
+                       f"output_dir={out}", "video_frames=24", "video_size=128", *given])
     start = time.perf_counter()
     metrics = generate.run(cfg)
     return {**metrics, "wall_s": time.perf_counter() - start}
@@ -173,15 +182,25 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--per-category", type=int, default=6)
     parser.add_argument("--model", default="embedded")
+    parser.add_argument("--true-structure", action="store_true",
+                        help="stage 2 on each instance's analytic occupancy (stage 1 skipped)")
     args = parser.parse_args()
     (args.out / "inputs").mkdir(parents=True, exist_ok=True)
+    grid = model_args(read_pipeline(args.model), "slat_flow_model")["resolution"]
     results, index = [], 0
     for name in CATEGORIES:
         for seed in held_out_seeds(args.per_category):
             rgba, cameras = input_view(name, seed, index)
             image = args.out / "inputs" / f"{name}_{seed}.png"
             Image.fromarray(rgba, "RGBA").save(image)
-            metrics = lift(args.model, image, f"{name}/{seed}", args.out / "runs")
+            structure = None
+            if args.true_structure:
+                folder = args.out / "truth" / f"{name}_{seed}"
+                folder.mkdir(parents=True, exist_ok=True)
+                cells = occupancy_grid(category(name).sample(seed), grid).nonzero().int()
+                save_voxels(folder, torch.nn.functional.pad(cells, (1, 0)), grid)
+                structure = folder / "occupancy.npz"
+            metrics = lift(args.model, image, f"{name}/{seed}", args.out / "runs", structure)
             result = {"category": name, "seed": seed, "index": index, **metrics,
                       "resolution": int(np.load(Path(metrics["run_dir"]) / "occupancy.npz")
                                         ["resolution"])}

@@ -20,6 +20,10 @@ distill job measures them, with ``vs_truth.png``). Stage
 models are loaded when their stage starts and released after it (``offload=reload``), so only
 one stage's weights are in memory at a time.
 
+``structure=<occupancy.npz>`` (a generate run's own, or any voxels at the pipeline's grid
+resolution) skips stage 1: stage 2 fills the given voxels, as TRELLIS's variant pipelines give
+a known shape a new appearance (``psnr_*`` with ``truth=`` then measure stage 2 alone).
+
 A pipeline with stage 1 only (a generator whose stage 2 is not trained yet) gives what it can:
 the run writes the occupancy and ``metrics.json``, and ends normally with a message that no
 splats were made and which stage is absent.
@@ -46,10 +50,11 @@ from core.errors import UserError
 from jobs.skeleton import RunFolder, check_output, typed
 from relaxflow.conditioning import ImageConditioner, TextConditioner, load_object, preprocess_image
 from relaxflow.loading import (EMBEDDED_PIPELINES, STAGE_NAMES, PipelineSpec, conditioning_model,
-                               read_pipeline)
+                               model_args, read_pipeline)
 from relaxflow.pipeline import Offload, Stopwatch, TrellisPipeline
 from relaxflow.priors import PriorImagesConfig, check_prior_request, prior_images
-from relaxflow.runner import decode, sample_latents, sample_structures, save_voxels
+from relaxflow.runner import (decode, load_voxels, sample_latents, sample_structures,
+                              save_voxels)
 from relaxflow.sampler import StageOverrides, with_overrides
 from relaxflow.stages import guided
 
@@ -69,6 +74,9 @@ class GenerateConfig:
     draw: PriorImagesConfig = field(default_factory=lambda: PriorImagesConfig(n_images=1))
     # The shape-world instance the image shows (<category>/<seed>): metrics against it.
     truth: Optional[str] = None
+    # An occupancy.npz (coords [N, 3] at the pipeline's resolution) whose voxels stage 2 fills
+    # in place of stage 1's sample.
+    structure: Optional[str] = None
     # null: the pipeline's own (a conditioner folder inside it; else DINOv2-L with registers,
     # and for text its pipeline.json's, openai/clip-vit-large-patch14)
     image_cond_model: Optional[str] = None
@@ -137,13 +145,25 @@ def _conditions(c: GenerateConfig, image: Optional[Tensor], spec: PipelineSpec,
     return cond, text.negative(cond)
 
 
-def check(c: GenerateConfig) -> Optional[Tensor]:
+def _given_structure(c: GenerateConfig, spec: PipelineSpec) -> Optional[Tensor]:
+    """The voxels ``[N, 4]`` of ``structure=``, checked against the pipeline's stage 2; None
+    without one."""
+    if c.structure is None:
+        return None
+    for stage in ("latent", "decode"):
+        if stage not in spec.stages:
+            raise UserError(f"structure= gives stage 2 its voxels: {spec.absent_stage(stage)}")
+    return load_voxels(Path(c.structure), model_args(spec, "slat_flow_model")["resolution"])
+
+
+def check(c: GenerateConfig) -> Tuple[Optional[Tensor], Optional[Tensor]]:
     """Every input, the pipeline folder's files and the output folder, before a model loads or
-    a file is written; the preprocessed image ``[3, S, S]`` of an image run, None for a
-    prompt."""
-    image = _observation(c, read_pipeline(c.model))
+    a file is written: the preprocessed image ``[3, S, S]`` of an image run (None for a
+    prompt) and the voxels ``[N, 4]`` of ``structure=`` (None without one)."""
+    spec = read_pipeline(c.model)
+    image, structure = _observation(c, spec), _given_structure(c, spec)
     check_output(c.output_dir, c.name)
-    return image
+    return image, structure
 
 
 def run(cfg) -> Dict[str, Any]:
@@ -151,7 +171,7 @@ def run(cfg) -> Dict[str, Any]:
     start = time.perf_counter()
     # 1. every input, the output folder and the pipeline folder, before a model loads
     device = resolve_device(c.device)
-    image = check(c)
+    image, structure = check(c)
     pipe = TrellisPipeline.from_pretrained(c.model, device=device, precision=c.precision,
                                            offload=c.offload)
     # 2. a prompt for an image pipeline drawn as an image, the condition (its model loads
@@ -167,14 +187,18 @@ def run(cfg) -> Dict[str, Any]:
                               cfg)
     if drawn is not None:
         save_image(torch.from_numpy(drawn).float() / 255, folder.path / "input.png")
-    # 4. stage 1, its voxels written; stage 2 and the decoding when the pipeline has them, one
-    # stage's models at a time
+    # 4. stage 1 (or the given voxels), its voxels written; stage 2 and the decoding when the
+    # pipeline has them, one stage's models at a time
     generators = {"plain": torch.Generator().manual_seed(c.seed)}
-    coords, resolution = sample_structures(
-        pipe, lambda flow: {"plain": guided(with_overrides(pipe.sampler("structure"),
-                                                           c.sparse_structure_sampler),
-                                            cond, neg_cond, True)},
-        generators, device, clock)
+    if structure is None:
+        coords, resolution = sample_structures(
+            pipe, lambda flow: {"plain": guided(with_overrides(pipe.sampler("structure"),
+                                                               c.sparse_structure_sampler),
+                                                cond, neg_cond, True)},
+            generators, device, clock)
+    else:
+        coords = {"plain": structure.to(device)}
+        resolution = model_args(pipe.spec, "slat_flow_model")["resolution"]
     save_voxels(folder.path, coords["plain"], resolution)
     voxels = len(coords["plain"])
     truth = None if c.truth is None else instance(c.truth)

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from cfd.scene import Splats
 from cfd.utils.media import save_image
+from core.errors import UserError
 
 from .models.sparse import SparseTensor
 from .pipeline import Stopwatch, TrellisPipeline
@@ -82,6 +83,31 @@ def save_voxels(run_dir: Path, coords: Tensor, resolution: int,
     np.savez_compressed(run_dir / "occupancy.npz", **arrays)
     save_image(voxel_projections(cells, resolution, values),
                run_dir / ("occupancy.png" if values is None else "visibility.png"))
+
+
+def load_voxels(path: Path, resolution: int) -> Tensor:
+    """The voxels ``[N, 4]`` int32 (item 0, x, y, z; sorted, no repeats, as stage 1 gives them)
+    of an ``occupancy.npz`` as :func:`save_voxels` writes it, checked against the
+    ``resolution`` of the pipeline that will fill them."""
+    if not path.is_file():
+        raise UserError(f"structure: {path} does not exist; give the occupancy.npz of a "
+                        "generate run (or any file with coords [N, 3] and resolution)")
+    try:
+        with np.load(path) as data:
+            cells, saved = np.asarray(data["coords"]), int(data["resolution"])
+    except (OSError, ValueError, KeyError) as err:
+        raise UserError(f"structure: {path} is not an occupancy.npz with coords [N, 3] and "
+                        f"resolution ({err}); give the occupancy.npz of a generate run") from None
+    if saved != resolution:
+        raise UserError(f"structure: {path} is at resolution {saved}, the pipeline's grid is "
+                        f"{resolution}; give voxels at {resolution}")
+    if cells.ndim != 2 or cells.shape[1] != 3 or len(cells) == 0:
+        raise UserError(f"structure: {path} holds coords of shape {list(cells.shape)}, not a "
+                        "non-empty [N, 3]")
+    if cells.min() < 0 or cells.max() >= resolution:
+        raise UserError(f"structure: {path} has cells outside [0, {resolution})")
+    cells = torch.from_numpy(np.unique(cells.astype(np.int64), axis=0))
+    return torch.cat([torch.zeros(len(cells), 1, dtype=torch.long), cells], dim=1).int()
 
 
 def voxel_projections(cells, resolution: int, values=None) -> Tensor:

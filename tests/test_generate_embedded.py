@@ -5,6 +5,7 @@ embedded prior draws the image), with metrics against a shape-world instance; th
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,7 +13,8 @@ import run
 from cfd.evaluation.generation import (cameras_around, instance, parse_instance,
                                        structure_f_score, structure_iou, to_world, view_scores)
 from cfd.shapes import GENERATOR_SCALE, category, object_splats, occupancy_grid
-from relaxflow.loading import conditioning_model, read_pipeline
+from relaxflow.loading import conditioning_model, model_args, read_pipeline
+from relaxflow.runner import save_voxels
 from tests.test_trellis_loading import pipeline_dir  # noqa: F401 (a fixture)
 from tests.tiny_models import build_tiny_dinov2
 
@@ -62,6 +64,34 @@ def test_truth_is_checked_before_anything_runs(own_conditioner_pipeline, tmp_pat
     assert "truth: 'spaceship/3' is not a shape-world instance: write <category>/<seed>" in \
         capsys.readouterr().err
     assert not out.exists()
+
+
+def test_given_voxels_replace_stage_1(own_conditioner_pipeline, tmp_path, capsys):
+    """structure= is filled by stage 2 as given: the instance's own occupancy scores 1; a file at
+    another resolution is refused before a run folder exists."""
+    resolution = model_args(read_pipeline(own_conditioner_pipeline),
+                            "slat_flow_model")["resolution"]
+    cells = occupancy_grid(instance("mug/1000000"), resolution).nonzero().int()
+    given = tmp_path / "given"
+    given.mkdir()
+    save_voxels(given, torch.nn.functional.pad(cells, (1, 0)), resolution)
+    out = tmp_path / "out"
+    args = ["generate", "--config", "configs/trellis-image.yaml", "image_cond_model=null",
+            f"model={own_conditioner_pipeline}", "prompt=a mug", "truth=mug/1000000",
+            f"output_dir={out}", "video_frames=2", "video_size=32"]
+    assert run.main(args + [f"structure={given / 'occupancy.npz'}"]) == 0
+    (folder,) = (out / "trellis-image").iterdir()
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["structure_iou"] == metrics["structure_f_score"] == 1.0
+    assert "structure_plain_s" not in metrics and metrics["splats"] > 0
+    assert (torch.from_numpy(np.load(folder / "occupancy.npz")["coords"]).int() == cells).all()
+
+    np.savez(given / "coarse.npz", coords=cells.numpy() // 2, resolution=resolution // 2)
+    assert run.main(args + [f"structure={given / 'coarse.npz'}",
+                            f"output_dir={tmp_path / 'out2'}"]) == 2
+    assert (f"is at resolution {resolution // 2}, the pipeline's grid is {resolution}"
+            in capsys.readouterr().err)
+    assert not (tmp_path / "out2").exists()
 
 
 def test_an_instance_scores_perfectly_against_itself():
