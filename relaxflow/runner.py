@@ -93,11 +93,18 @@ def load_voxels(path: Path, resolution: int) -> Tensor:
         raise UserError(f"structure: {path} does not exist; give the occupancy.npz of a "
                         "generate run (or any file with coords [N, 3] and resolution)")
     try:
-        with np.load(path) as data:
-            cells, saved = np.asarray(data["coords"]), int(data["resolution"])
-    except (OSError, ValueError, KeyError) as err:
-        raise UserError(f"structure: {path} is not an occupancy.npz with coords [N, 3] and "
-                        f"resolution ({err}); give the occupancy.npz of a generate run") from None
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError):
+        data = None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise UserError(f"structure: {path} is not a NumPy .npz archive; give the occupancy.npz "
+                        "of a generate run")
+    with data:
+        missing = [key for key in ("coords", "resolution") if key not in data.files]
+        if missing:
+            raise UserError(f"structure: {path} has no {' and no '.join(missing)}; an "
+                            "occupancy.npz holds coords [N, 3] and resolution")
+        cells, saved = np.asarray(data["coords"]), int(data["resolution"])
     if saved != resolution:
         raise UserError(f"structure: {path} is at resolution {saved}, the pipeline's grid is "
                         f"{resolution}; give voxels at {resolution}")

@@ -10,11 +10,12 @@ import pytest
 import torch
 
 import run
+from core.errors import UserError
 from cfd.evaluation.generation import (cameras_around, instance, parse_instance,
                                        structure_f_score, structure_iou, to_world, view_scores)
 from cfd.shapes import GENERATOR_SCALE, category, object_splats, occupancy_grid
 from relaxflow.loading import conditioning_model, model_args, read_pipeline
-from relaxflow.runner import save_voxels
+from relaxflow.runner import load_voxels, save_voxels
 from tests.test_trellis_loading import pipeline_dir  # noqa: F401 (a fixture)
 from tests.tiny_models import build_tiny_dinov2
 
@@ -92,6 +93,25 @@ def test_given_voxels_replace_stage_1(own_conditioner_pipeline, tmp_path, capsys
     assert (f"is at resolution {resolution // 2}, the pipeline's grid is {resolution}"
             in capsys.readouterr().err)
     assert not (tmp_path / "out2").exists()
+
+
+def test_voxel_files_are_checked_with_the_fix_named(tmp_path):
+    np.save(tmp_path / "cells.npy", np.zeros((3, 3)))
+    (tmp_path / "image.png").write_bytes(b"\x89PNG not voxels")
+    np.savez(tmp_path / "no_resolution.npz", coords=np.zeros((2, 3)))
+    np.savez(tmp_path / "outside.npz", coords=np.array([[0, 0, 8]]), resolution=8)
+    np.savez(tmp_path / "flat.npz", coords=np.arange(3), resolution=8)
+    for name, message in (("missing.npz", "does not exist"),
+                          ("cells.npy", "is not a NumPy .npz archive"),
+                          ("image.png", "is not a NumPy .npz archive"),
+                          ("no_resolution.npz", "has no resolution"),
+                          ("outside.npz", r"cells outside \[0, 8\)"),
+                          ("flat.npz", r"coords of shape \[3\]")):
+        with pytest.raises(UserError, match=message):
+            load_voxels(tmp_path / name, 8)
+    np.savez(tmp_path / "repeats.npz", coords=np.array([[1, 2, 3], [0, 0, 1], [1, 2, 3]]),
+             resolution=8)
+    assert load_voxels(tmp_path / "repeats.npz", 8).tolist() == [[0, 0, 0, 1], [0, 1, 2, 3]]
 
 
 def test_an_instance_scores_perfectly_against_itself():
