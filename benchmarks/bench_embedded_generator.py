@@ -45,7 +45,7 @@ from cfd.scene import Splats  # noqa: E402
 from cfd.shapes import (CATEGORIES, category, held_out_seeds, object_splats,  # noqa: E402
                         occupancy_grid, render_views)
 from jobs import generate  # noqa: E402
-from relaxflow.loading import model_args, read_pipeline  # noqa: E402
+from relaxflow.loading import grid_resolution, read_pipeline  # noqa: E402
 from relaxflow.runner import save_voxels, voxel_projections  # noqa: E402
 
 RESOLUTION = 96  # of the input views: the training renders' size
@@ -186,7 +186,7 @@ def main() -> None:
                         help="stage 2 on each instance's analytic occupancy (stage 1 skipped)")
     args = parser.parse_args()
     (args.out / "inputs").mkdir(parents=True, exist_ok=True)
-    grid = model_args(read_pipeline(args.model), "slat_flow_model")["resolution"]
+    grid = grid_resolution(read_pipeline(args.model))
     results, index = [], 0
     for name in CATEGORIES:
         for seed in held_out_seeds(args.per_category):

@@ -50,7 +50,7 @@ from core.errors import UserError
 from jobs.skeleton import RunFolder, check_output, typed
 from relaxflow.conditioning import ImageConditioner, TextConditioner, load_object, preprocess_image
 from relaxflow.loading import (EMBEDDED_PIPELINES, STAGE_NAMES, PipelineSpec, conditioning_model,
-                               model_args, read_pipeline)
+                               grid_resolution, read_pipeline)
 from relaxflow.pipeline import Offload, Stopwatch, TrellisPipeline
 from relaxflow.priors import PriorImagesConfig, check_prior_request, prior_images
 from relaxflow.runner import (decode, load_voxels, sample_latents, sample_structures,
@@ -153,7 +153,7 @@ def _given_structure(c: GenerateConfig, spec: PipelineSpec) -> Optional[Tensor]:
     for stage in ("latent", "decode"):
         if stage not in spec.stages:
             raise UserError(f"structure= gives stage 2 its voxels: {spec.absent_stage(stage)}")
-    return load_voxels(Path(c.structure), model_args(spec, "slat_flow_model")["resolution"])
+    return load_voxels(Path(c.structure), grid_resolution(spec))
 
 
 def check(c: GenerateConfig) -> Tuple[Optional[Tensor], Optional[Tensor]]:
@@ -198,7 +198,7 @@ def run(cfg) -> Dict[str, Any]:
             generators, device, clock)
     else:
         coords = {"plain": structure.to(device)}
-        resolution = model_args(pipe.spec, "slat_flow_model")["resolution"]
+        resolution = grid_resolution(pipe.spec)
     save_voxels(folder.path, coords["plain"], resolution)
     voxels = len(coords["plain"])
     truth = None if c.truth is None else instance(c.truth)

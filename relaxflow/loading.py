@@ -198,6 +198,11 @@ def model_args(spec: "PipelineSpec", key: str) -> Dict[str, Any]:
     return _model_files(spec.root, spec.models[key])[1]["args"]
 
 
+def grid_resolution(spec: "PipelineSpec") -> int:
+    """The side of the voxel grid stage 2 fills (its flow model's ``resolution``; no weights)."""
+    return model_args(spec, "slat_flow_model")["resolution"]
+
+
 def load_model(root: Union[str, Path], ref: str, device: Union[str, torch.device] = "cpu",
                half_dtype: Optional[torch.dtype] = None) -> nn.Module:
     """Build ``root/ref.json``'s model and load ``root/ref.safetensors`` into it, strictly."""

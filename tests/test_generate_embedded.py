@@ -14,7 +14,7 @@ from core.errors import UserError
 from cfd.evaluation.generation import (cameras_around, instance, parse_instance,
                                        structure_f_score, structure_iou, to_world, view_scores)
 from cfd.shapes import GENERATOR_SCALE, category, object_splats, occupancy_grid
-from relaxflow.loading import conditioning_model, model_args, read_pipeline
+from relaxflow.loading import conditioning_model, grid_resolution, read_pipeline
 from relaxflow.runner import load_voxels, save_voxels
 from tests.test_trellis_loading import pipeline_dir  # noqa: F401 (a fixture)
 from tests.tiny_models import build_tiny_dinov2
@@ -70,8 +70,7 @@ def test_truth_is_checked_before_anything_runs(own_conditioner_pipeline, tmp_pat
 def test_given_voxels_replace_stage_1(own_conditioner_pipeline, tmp_path, capsys):
     """structure= is filled by stage 2 as given: the instance's own occupancy scores 1; a file at
     another resolution is refused before a run folder exists."""
-    resolution = model_args(read_pipeline(own_conditioner_pipeline),
-                            "slat_flow_model")["resolution"]
+    resolution = grid_resolution(read_pipeline(own_conditioner_pipeline))
     cells = occupancy_grid(instance("mug/1000000"), resolution).nonzero().int()
     given = tmp_path / "given"
     given.mkdir()
