@@ -15,21 +15,26 @@ colour each render was composited on; every image is then re-composited on that 
 ``b`` so no re-composited copy of the data is ever formed.
 
 Numerics: logits are formed in float64 (their spread grows like 1/s^2, so float32 distances are
-not enough near t = 0) and reduced with a streaming log-sum-exp over chunks of images, so the
-temporaries stay bounded by ``chunk_size`` images whatever N is. Each condition streams only the
-images it ranges over (gathered a chunk at a time): a prompt's query costs in proportion to its
-own images, the unconditional one (classifier-free guidance's other half) in proportion to all
-N. The data itself is held once, in float64: 24 bytes a pixel of colour and 8 of transparency,
-so the default dataset's 6120 images of 64x64 take 0.80 GB (0.60 colour, 0.20 transparency).
-Building the prior peaks at about twice that (the conversion's temporaries), on top of its
-float32 inputs.
+not enough near t = 0). A call makes two passes over a condition's images, a chunk of
+``chunk_size`` at a time (gathered when the condition ranges over part of the data, so a prompt's
+query costs in proportion to its own images and the unconditional one, classifier-free
+guidance's other half, in proportion to all N): the first scores every image (the softmax
+needs them all), the second sums the images weighted, leaving out those whose weight is
+negligible in every row (all of them together under ``NEGLIGIBLE_WEIGHT`` of the largest, below
+float64's rounding of the result). Over thousands of 12,288-dimensional images the softmax is
+peaked for any t below about 0.9, so the second pass reads a few per cent of the data there and
+a call costs about half of what summing every image does (BENCHMARKS.md, twentieth session).
+Temporaries are a chunk of images and a ``[B, N]`` float64 score per condition. The data itself
+is held once, in float64: 24 bytes a pixel of colour and 8 of transparency, so the default
+dataset's 6120 images of 64x64 take 0.80 GB (0.60 colour, 0.20 transparency). Building the prior
+peaks at about twice that (the conversion's temporaries), on top of its float32 inputs.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +47,9 @@ from .prompts import PromptConfig, view_directions
 from .schedules import CosineSchedule
 
 UNCONDITIONAL = -1
+# Summed, the weights a posterior mean leaves out stay under this fraction of the largest one,
+# so the result moves by less than float64's rounding (2^-52).
+NEGLIGIBLE_WEIGHT = 2.0 ** -60
 
 
 class ClosedFormPrior(Guidance):
@@ -197,35 +205,47 @@ class ClosedFormPrior(Guidance):
             shifted_x = (flat.view(B, 3, -1) * shift[:, :, None]).sum(1)  # [B, H*W]
             shift_sq = (shift ** 2).sum(-1, keepdim=True)
         n = self.data.shape[0] if images is None else images.shape[0]
-        # Streaming softmax over chunks of images, from a running maximum below any score (the
-        # first chunk's rescale is then 0).
-        running_max = torch.full((B, 1), -1e300, dtype=flat.dtype, device=flat.device)
-        total = torch.zeros_like(running_max)
+
+        # 1. Every image's score: -|x - aX|^2 / 2s^2 up to a per-row constant is score / s^2,
+        #    with score = a x.X - a^2 |X|^2 / 2.
+        score = torch.empty(B, n, dtype=flat.dtype, device=flat.device)
+        for start in range(0, n, self.chunk_size):
+            rows = self._rows(images, slice(start, start + self.chunk_size))
+            dot, sq = flat @ self.data[rows].T, self.sq_norms[rows]
+            if shift is not None:
+                dot = dot + shifted_x @ self.transparency[rows].T
+                sq = (sq + 2 * shift @ self.data_dot_transparency[rows].T
+                      + shift_sq * self.transparency_sq[rows])
+            score[:, start:start + self.chunk_size] = a * dot - 0.5 * a * a * sq
+
+        # 2. Softmax weights, relative to each row's largest (which is 1).
+        weights = torch.exp((score - score.max(-1, keepdim=True).values) / s2)
+        total = weights.sum(-1, keepdim=True)
+
+        # 3. The weighted sum, without the images under NEGLIGIBLE_WEIGHT / n in every row
+        #    (they stay in the total): together they move the result by less than
+        #    NEGLIGIBLE_WEIGHT of its scale, and they are most of the data below t ~ 0.9.
+        kept = (weights > NEGLIGIBLE_WEIGHT / n).any(0)  # [n]
         acc = torch.zeros_like(flat)
         for start in range(0, n, self.chunk_size):
             chunk = slice(start, start + self.chunk_size)
-            if images is not None:
-                chunk = images[chunk]  # a gathered copy of the chunk's rows below
-            X = self.data[chunk]
-            # -|x - aX|^2 / 2s^2 up to a per-row constant is score / s^2, with
-            # score = a x.X - a^2 |X|^2 / 2; the division waits for the gaps to the maximum.
-            dot, sq = flat @ X.T, self.sq_norms[chunk]
+            kept_here = kept[chunk]
+            if not kept_here.any():
+                continue
+            if not kept_here.all():  # gather the kept ones
+                chunk = kept_here.nonzero()[:, 0] + start
+            rows = self._rows(images, chunk)
+            w = weights[:, chunk]
+            acc += w @ self.data[rows]
             if shift is not None:
-                T = self.transparency[chunk]
-                dot = dot + shifted_x @ T.T
-                sq = (sq + 2 * shift @ self.data_dot_transparency[chunk].T
-                      + shift_sq * self.transparency_sq[chunk])
-            score = a * dot - 0.5 * a * a * sq
-            new_max = torch.maximum(running_max, score.max(-1, keepdim=True).values)
-            rescale = torch.exp((running_max - new_max) / s2)
-            weights = torch.exp((score - new_max) / s2)
-            total = total * rescale + weights.sum(-1, keepdim=True)
-            update = weights @ X
-            if shift is not None:
-                update += ((weights @ T)[:, None, :] * shift[:, :, None]).reshape(B, -1)
-            acc = acc * rescale + update
-            running_max = new_max
+                shifted = (w @ self.transparency[rows])[:, None, :] * shift[:, :, None]
+                acc += shifted.reshape(B, -1)
         return acc / total
+
+    @staticmethod
+    def _rows(images: Optional[Tensor], chunk: Union[slice, Tensor]) -> Union[slice, Tensor]:
+        """Dataset rows of positions ``chunk`` (a slice or indices) in the streamed images."""
+        return chunk if images is None else images[chunk]
 
     @torch.no_grad()
     def nearest_opacity(self, x: Tensor) -> Tensor:

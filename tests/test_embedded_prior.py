@@ -276,6 +276,51 @@ def test_a_condition_streams_only_its_own_images():
         assert torch.allclose(got[i:i + 1], want, atol=1e-6), texts[i]
 
 
+def test_negligible_images_are_left_out_of_the_sum_without_changing_it(monkeypatch):
+    """The posterior mean equals the plain softmax over every image of the condition (float64,
+    on the item's background) at every t, while the weighted sum reads only the images whose
+    weight is not negligible: few at small t, all at t = 1."""
+    g = torch.Generator().manual_seed(7)
+    n, r = 300, 6
+    colour, opacity = torch.rand(n, r, r, 3, generator=g), torch.rand(n, r, r, 1, generator=g)
+    on = lambda bg: colour * opacity + bg * (1 - opacity)  # noqa: E731
+    prior = ClosedFormPrior(on(torch.tensor(0.5)), torch.arange(n) % 2, torch.zeros(n),
+                            torch.linspace(-180, 179, n), ["a", "b"], opacity=opacity,
+                            chunk_size=64)
+    read = []
+    rows = ClosedFormPrior._rows
+
+    def counted(images, chunk):
+        picked = rows(images, chunk)
+        read.append(len(range(n)[picked]) if isinstance(picked, slice) else picked.numel())
+        return picked
+    monkeypatch.setattr(ClosedFormPrior, "_rows", staticmethod(counted))
+
+    background = torch.tensor([[0.5, 0.5, 0.5], [0.9, 0.2, 0.4]], dtype=torch.float64)
+    cond = {**prior.encode_text(["", "b"]), "background": background}
+    chw = lambda im: im.permute(0, 3, 1, 2).reshape(n, -1).double()  # noqa: E731
+    base = chw(on(torch.tensor(0.5))) * 2 - 1
+    transparency = chw((1 - opacity).expand(-1, -1, -1, 3))
+    images = [base + 2 * transparency * (bg.repeat_interleave(r * r) - 0.5) for bg in background]
+    for t in (0.02, 0.1, 0.3, 0.6, 0.9, 1.0):
+        a, s = prior.schedule.alpha(torch.tensor(t)), prior.schedule.sigma(torch.tensor(t))
+        x0 = torch.stack([images[0][5], images[1][8]]) + 0.05 * torch.randn(
+            2, 3 * r * r, generator=g, dtype=torch.float64)
+        x_t = a * x0 + s * torch.randn(x0.shape, generator=g, dtype=torch.float64)
+        read.clear()
+        got = prior.model_output(x_t.reshape(2, 3, r, r), torch.full((2,), t), cond)
+        for i, members in enumerate((torch.ones(n, dtype=torch.bool), torch.arange(n) % 2 == 1)):
+            X = images[i][members]
+            weights = torch.softmax(-((x_t[i] - a * X) ** 2).sum(-1) / (2 * s * s), 0)
+            assert torch.allclose(got[i].flatten(), weights @ X, rtol=0, atol=1e-12), (t, i)
+        streamed = n + n // 2  # pass 1 over both conditions' images
+        summed = sum(read) - streamed
+        if t <= 0.1:
+            assert summed < streamed / 10, (t, summed)
+        if t == 1.0:
+            assert summed == streamed
+
+
 class _Views:
     def __init__(self, elevation, azimuth):
         self.elevation, self.azimuth = elevation, azimuth
