@@ -22,8 +22,9 @@ guidance's other half, in proportion to all N): the first scores every image (th
 needs them all), the second sums the images weighted, leaving out those whose weight is
 negligible in every row (all of them together under ``NEGLIGIBLE_WEIGHT`` of the largest, below
 float64's rounding of the result). Over thousands of 12,288-dimensional images the softmax is
-peaked for any t below about 0.9, so the second pass reads a few per cent of the data there and
-a call costs about half of what summing every image does (BENCHMARKS.md, twentieth session).
+peaked for any t below about 0.8, so the second pass reads a few per cent of the data there and
+a call costs 0.38-0.46 of what summing every image does (0.64-0.70 averaged over t;
+``benchmarks/bench_prior_call.py``, BENCHMARKS.md, twentieth session).
 Temporaries are a chunk of images and a ``[B, N]`` float64 score per condition. The data itself
 is held once, in float64: 24 bytes a pixel of colour and 8 of transparency, so the default
 dataset's 6120 images of 64x64 take 0.80 GB (0.60 colour, 0.20 transparency). It is converted a
@@ -238,7 +239,7 @@ class ClosedFormPrior(Guidance):
 
         # 3. The weighted sum, without the images under NEGLIGIBLE_WEIGHT / n in every row
         #    (they stay in the total): together they move the result by less than
-        #    NEGLIGIBLE_WEIGHT of its scale, and they are most of the data below t ~ 0.9.
+        #    NEGLIGIBLE_WEIGHT of its scale, and they are most of the data below t ~ 0.8.
         kept = (weights > NEGLIGIBLE_WEIGHT / n).any(0)  # [n]
         acc = torch.zeros_like(flat)
         for start in range(0, n, self.chunk_size):
@@ -246,7 +247,9 @@ class ClosedFormPrior(Guidance):
             kept_here = kept[chunk]
             if not kept_here.any():
                 continue
-            if not kept_here.all():  # gather the kept ones
+            # Gathered only where that reads less: a gather copies its rows, and summing a
+            # negligible image is harmless.
+            if 2 * kept_here.sum() < kept_here.shape[0]:
                 chunk = kept_here.nonzero()[:, 0] + start
             rows = self._rows(images, chunk)
             w = weights[:, chunk]
