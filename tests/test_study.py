@@ -175,8 +175,7 @@ def test_summary_interval_is_students_t():
     assert summarize([5.0]).text() == "5 (n=1)" and summarize([]).text() == "–"
 
 
-@pytest.mark.parametrize("name", ["study-embedded", "study-embedded-quick",
-                                  "study-cfd-vs-sds", "study-dense-prior"])
+@pytest.mark.parametrize("name", ["study-embedded", "study-embedded-quick", "study-cfd-vs-sds"])
 def test_the_shipped_studies_plan_every_method_with_its_own_keys(name):
     cfg = OmegaConf.to_object(load_study(REPO / "configs" / f"{name}.yaml"))
     specs = plan_runs(cfg)
