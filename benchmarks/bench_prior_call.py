@@ -5,10 +5,11 @@ The call is the main job's: its four views' conditions (the prompt with a view s
 the four unconditional ones in one batch, half of the views on a random background, at a range of
 t. Each input is a dataset image of the prompt, jittered, noised to t as the run does. The two
 arms run alternately on the same inputs, so both see the same machine load, and the ratio of the
-medians is printed per t. Repeat it for the denser dataset with ``--views-per-object 1200``.
+medians is printed per t. The dataset is the config's (1200 views an object for the
+distillation configs); ``--views-per-object 300`` gives the other jobs' one.
 
     python benchmarks/bench_prior_call.py
-    python benchmarks/bench_prior_call.py --views-per-object 1200 --rounds 5
+    python benchmarks/bench_prior_call.py --views-per-object 300 --rounds 5
 """
 
 from __future__ import annotations
