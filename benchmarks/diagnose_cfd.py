@@ -1,6 +1,6 @@
 """Issue 22, the diagnosis half: why CFD is level with SDS on the embedded testbed.
 
-Three measurements, each writing JSON (and the arrays its figures need) to ``--out``:
+Four measurements, each writing JSON (and the arrays its figures need) to ``--out``:
 
 ``ceiling``  The 2D ceiling. Ground-truth renders of the prompt's variants from cameras drawn
              like the training cameras; the nearest dataset camera of each (angle, distance
@@ -8,6 +8,10 @@ Three measurements, each writing JSON (and the arrays its figures need) to ``--o
              noised ground truth against it, per t); and the prior's own 2D ODE with the run's
              schedule, CFG and step count, from the render noised to the first t and from the
              render's deterministic DDIM inversion.
+``ceilings`` The per-view ceiling of every prompt's variants at several dataset densities (the
+             ground truth from the nearest camera drawn as the dataset draws them, against it
+             from the training camera), and with ``--pull-cameras`` the configured prior's pull
+             on a perfect reconstruction; with overrides, e.g. of the cameras' distances.
 ``run``      A real CFD run (the README config plus overrides) stepped here with
              ``Distillation.train_step``, measured between steps without touching its RNG
              streams or state (``selfcheck`` proves it bit for bit): held-out PSNR per variant
@@ -15,10 +19,12 @@ Three measurements, each writing JSON (and the arrays its figures need) to ``--o
              ``evaluate_against_shape_world``, with the ground-truth renders cached), the
              prior's vote per variant, and the noise consistency between views 10-90 degrees
              apart on the run's own surfaces.
-``plot``     The figures under ``benchmarks/figures/`` from those JSON files.
+``plot``     The figures under ``benchmarks/figures/`` from those JSON files (``--ceilings
+             LABEL=ceilings.json ...``: the ceiling against the dataset's views).
 
     OMP_NUM_THREADS=1 python benchmarks/diagnose_cfd.py run --seed 0 --out /tmp/cfd22/run_s0
     OMP_NUM_THREADS=1 python benchmarks/diagnose_cfd.py ceiling --out /tmp/cfd22/ceiling
+    OMP_NUM_THREADS=1 python benchmarks/diagnose_cfd.py ceilings --out /tmp/cfd22/ceilings
     OMP_NUM_THREADS=1 python benchmarks/diagnose_cfd.py plot --runs /tmp/cfd22/run_s0 ...
 """
 
@@ -400,6 +406,60 @@ def cmd_ceiling(args) -> None:
     (out_dir / "ceiling.json").write_text(json.dumps(result, indent=1))
 
 
+def cmd_ceilings(args) -> None:
+    """The per-view ceiling of every prompt's variants at several dataset densities: for
+    training cameras, the ground truth rendered from the nearest of ``n`` cameras drawn as the
+    dataset draws them (direction only, as the prior's view suffix does), against the ground
+    truth from the camera itself; and, with ``--pull-cameras``, the configured prior's pull on a
+    perfect reconstruction (``x0_hat`` of the noised ground truth, CFG as configured)."""
+    from cfd.shapes.dataset import dataset_cameras
+    from cfd.systems.prior import build_guidance
+    from guidance.prompts import PromptProcessor
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    c = load_settings(args.overrides)
+    prior = (build_guidance(c.guidance, torch.device("cpu"), c.prompt_processor)
+             if args.pull_cameras else None)
+    result = {"config": {"cameras": args.cameras, "views": args.views, "seed": args.seed,
+                         "pull_t": args.pull_t, "guidance_scale": c.guidance.guidance_scale,
+                         "prior_views_per_object": c.guidance.dataset.views_per_object,
+                         "camera_distance_range": c.camera.distance_range,
+                         "dataset_distance_range": c.guidance.dataset.distance_range},
+              "variants": {}}
+    for text in args.prompts:
+        c.prompt_processor.prompt = text
+        prompt = PromptProcessor(c.prompt_processor, prior) if prior is not None else None
+        for obj in objects_for(text):
+            gen = torch.Generator().manual_seed(args.seed)
+            cams = c.camera.sample(args.cameras, c.resolution, gen, "cpu")
+            target = object_splats(obj)
+            gt = render(target, cams, background=c.background).rgb
+            entry = {"prompt": text, "nearest_camera": {}}
+            for n in args.views:
+                ds = dataset_cameras(c.guidance.dataset, n, torch.Generator().manual_seed(n))
+                cos = (_unit(cams.elevation, cams.azimuth) @ _unit(ds.elevation, ds.azimuth).T)
+                nearest = cos.argmax(-1)
+                views = render(target, ds[nearest], background=c.background).rgb
+                angle = torch.rad2deg(torch.acos(cos.max(-1).values.clamp(-1, 1)))
+                entry["nearest_camera"][str(n)] = {
+                    "median_deg": float(angle.median()),
+                    "median_psnr": float(np.median(_image_psnr(views, gt)))}
+            if prior is not None:
+                m = args.pull_cameras
+                x = prior.encode(gt[:m])
+                cond, uncond = prompt(cams.elevation[:m], cams.azimuth[:m])
+                eps = torch.randn(x.shape, generator=gen)
+                entry["pull"] = {}
+                for t in args.pull_t:
+                    x_t = prior.schedule.add_noise(x, eps, torch.tensor(t, dtype=torch.float64))
+                    x0 = _x0(prior, x_t, t, cond, uncond, c.guidance.guidance_scale)
+                    entry["pull"][str(t)] = float(np.mean(_image_psnr(prior.decode(x0), gt[:m])))
+            result["variants"][obj.name] = entry
+            print(obj.name, json.dumps(entry), flush=True)
+    (out_dir / "ceilings.json").write_text(json.dumps(result, indent=1))
+
+
 def select_cond(cond: dict, n: int) -> dict:
     return {k: v[:n] for k, v in cond.items()}
 
@@ -571,6 +631,34 @@ def reference_consistency(prompt: str = "a mug") -> dict:
     return out
 
 
+def plot_ceilings(plt, labelled: Sequence[Sequence[str]], path: Path) -> None:
+    """The per-view ceiling against the dataset's views an object, one colour per
+    ``(label, ceilings.json)``: a thin line per variant, the median over variants bold."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (label, json_path) in enumerate(labelled):
+        variants = json.loads(Path(json_path).read_text())["variants"]
+        views = sorted({int(v) for e in variants.values() for v in e["nearest_camera"]})
+        table = np.array([[e["nearest_camera"][str(v)]["median_psnr"] for v in views]
+                          for e in variants.values()])
+        for row in table:
+            ax.plot(views, row, color=f"C{i}", lw=0.6, alpha=0.4)
+        ax.plot(views, np.median(table, 0), "o-", color=f"C{i}", lw=2.5,
+                label=f"{label} (median of {len(variants)} variants)")
+    ax.set_xscale("log")
+    ax.minorticks_off()
+    ax.set_xticks(views, [str(v) for v in views])
+    ax.set_xlabel("dataset views an object")
+    ax.set_ylabel("PSNR, nearest dataset camera's view to the view (dB)")
+    ax.set_title("Per-view ceiling: the ground truth from the nearest dataset camera\n"
+                 "(by direction) against it from the training camera, median of 128 cameras",
+                 fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
 def cmd_plot(args) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -578,6 +666,9 @@ def cmd_plot(args) -> None:
 
     fig_dir = Path(args.figures)
     fig_dir.mkdir(parents=True, exist_ok=True)
+    if args.ceilings:
+        plot_ceilings(plt, [entry.split("=", 1) for entry in args.ceilings],
+                      fig_dir / "issue22_distance_ceiling.png")
     runs = {json.loads((Path(r) / "run.json").read_text())["seed"]: Path(r) for r in args.runs}
     data = {seed: json.loads((path / "run.json").read_text()) for seed, path in runs.items()}
     deltas = ["10", "30", "60", "90"]
@@ -753,13 +844,28 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--out", required=True)
     p.add_argument("overrides", nargs="*")
+    p = sub.add_parser("ceilings")
+    p.add_argument("--prompts", nargs="+", default=["a mug", "a chair", "a house with a door",
+                                                    "a mushroom", "a rocket", "a snowman",
+                                                    "a lamp"])
+    p.add_argument("--cameras", type=int, default=128)
+    p.add_argument("--views", type=int, nargs="+", default=[300, 1200, 4800, 19200])
+    p.add_argument("--pull-cameras", type=int, default=0,
+                   help="training cameras for the prior's pull (0: no prior is built)")
+    p.add_argument("--pull-t", type=float, nargs="+", default=[0.6, 0.2, 0.02])
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--out", required=True)
+    p.add_argument("overrides", nargs="*")
     p = sub.add_parser("plot")
     p.add_argument("--runs", nargs="+", default=[])
     p.add_argument("--ceiling", default=None)
     p.add_argument("--figures", default=str(FIGURES))
+    p.add_argument("--ceilings", nargs="*", default=[],
+                   help="LABEL=path/ceilings.json entries of the `ceilings` command")
     args = parser.parse_args()
     tune_malloc()
     {"run": cmd_run, "selfcheck": cmd_selfcheck, "ceiling": lambda a: cmd_ceiling(a),
+     "ceilings": cmd_ceilings,
      "plot": lambda a: cmd_plot(a)}[args.cmd](args)
 
 

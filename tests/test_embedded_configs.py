@@ -1,5 +1,8 @@
-"""The configs of the jobs on the embedded generator parse into their jobs' typed configs, and
-the settings they add are checked."""
+"""The embedded configs: those of the jobs on the embedded generator parse into their jobs'
+typed configs and the settings they add are checked; the two distillation configs compare like
+for like."""
+
+import dataclasses
 
 import pytest
 
@@ -16,6 +19,18 @@ def test_embedded_configs_parse(job, path):
     c = job.typed(load_config(job.Config, path, []))
     model = c.relaxflow.model if job is refine else c.model
     assert model == "embedded"
+
+
+def test_cfd_and_sds_differ_in_the_method_alone_and_view_as_the_prior_does():
+    """Issue 22's comparison shares the prior, cameras, scene and budget: the two configs differ
+    in their noise and timesteps only; and the training cameras are drawn as the prior's images
+    were (one distance and field of view), else every view is pulled towards another scale."""
+    cfd, sds = (distill.typed(load_config(distill.Config, f"configs/{m}-splats-embedded.yaml", []))
+                for m in ("cfd", "sds"))
+    differ = {f.name for f in dataclasses.fields(cfd) if getattr(cfd, f.name) != getattr(sds, f.name)}
+    assert differ == {"name", "noise", "timesteps"}
+    assert cfd.camera.distance_range == cfd.guidance.dataset.distance_range == [2.5, 2.5]
+    assert cfd.camera.fov_range == cfd.guidance.dataset.fov_range
 
 
 def test_refine_embedded_keeps_the_generators_frame_and_scales_it_to_the_world():
