@@ -275,6 +275,15 @@ def _x0(prior, x: torch.Tensor, t: float, cond, uncond, scale: float) -> torch.T
     return (x - float(prior.schedule.sigma(tt)) * eps) / float(prior.schedule.alpha(tt))
 
 
+def prior_pull(prior, x: torch.Tensor, gt: torch.Tensor, eps: torch.Tensor, t: float, cond,
+               uncond, scale: float) -> float:
+    """The prior's pull on a perfect reconstruction: mean PSNR of ``x0_hat(a x + s eps)`` (CFG
+    ``scale``) against ``gt [B,H,W,3]``, for ``x [B,3,R,R]`` its encoding."""
+    x_t = prior.schedule.add_noise(x, eps, torch.tensor(t, dtype=torch.float64))
+    x0 = _x0(prior, x_t, t, cond, uncond, scale)
+    return float(np.mean(_image_psnr(prior.decode(x0), gt)))
+
+
 @torch.no_grad()
 def cmd_ceiling(args) -> None:
     from cfd.systems.prior import build_guidance
@@ -337,14 +346,11 @@ def cmd_ceiling(args) -> None:
         eps = torch.randn(x_train[:n].shape, generator=gen)
         pull = {}
         for t in args.pull_t:
-            tt = torch.tensor(t, dtype=torch.float64)
-            x_t = prior.schedule.add_noise(x_train[:n], eps, tt)
-            row = {}
-            for g in sorted({1.0, scale}):
-                x0 = _x0(prior, x_t, t, select_cond(cond_train, n), select_cond(uncond_train, n), g)
-                row[f"cfg{g:g}"] = float(np.mean(_image_psnr(prior.decode(x0), gt_train[:n])))
-            pull[str(t)] = row
-            print(obj.name, "pull", t, row, flush=True)
+            pull[str(t)] = {f"cfg{g:g}": prior_pull(prior, x_train[:n], gt_train[:n], eps, t,
+                                                   select_cond(cond_train, n),
+                                                   select_cond(uncond_train, n), g)
+                            for g in sorted({1.0, scale})}
+            print(obj.name, "pull", t, pull[str(t)], flush=True)
         entry["pull"] = pull
         result["variants"][obj.name] = entry
         summary = {lab: {"median_angle": float(np.median(entry[lab]["nearest_camera_deg"])),
@@ -450,11 +456,9 @@ def cmd_ceilings(args) -> None:
                 x = prior.encode(gt[:m])
                 cond, uncond = prompt(cams.elevation[:m], cams.azimuth[:m])
                 eps = torch.randn(x.shape, generator=gen)
-                entry["pull"] = {}
-                for t in args.pull_t:
-                    x_t = prior.schedule.add_noise(x, eps, torch.tensor(t, dtype=torch.float64))
-                    x0 = _x0(prior, x_t, t, cond, uncond, c.guidance.guidance_scale)
-                    entry["pull"][str(t)] = float(np.mean(_image_psnr(prior.decode(x0), gt[:m])))
+                entry["pull"] = {str(t): prior_pull(prior, x, gt[:m], eps, t, cond, uncond,
+                                                    c.guidance.guidance_scale)
+                                 for t in args.pull_t}
             result["variants"][obj.name] = entry
             print(obj.name, json.dumps(entry), flush=True)
     (out_dir / "ceilings.json").write_text(json.dumps(result, indent=1))
