@@ -48,7 +48,7 @@ from cfd.cameras import Cameras, fixed_orbit_cameras, orbit_cameras  # noqa: E40
 from cfd.config import load_config  # noqa: E402
 from cfd.noise.consistent import ConsistentNoise, NoiseConfig  # noqa: E402
 from cfd.renderers import render  # noqa: E402
-from cfd.shapes import object_splats, objects_for  # noqa: E402
+from cfd.shapes import SHAPE_WORLD, object_splats, objects_for  # noqa: E402
 from cfd.systems.distill import Distillation  # noqa: E402
 from cfd.systems.ground_truth import evaluate_against_shape_world, mask_iou, psnr  # noqa: E402
 from core.runtime import tune_malloc  # noqa: E402
@@ -236,6 +236,15 @@ def _unit(elevation: torch.Tensor, azimuth: torch.Tensor) -> torch.Tensor:
     return torch.stack([el.cos() * az.cos(), el.cos() * az.sin(), el.sin()], -1)
 
 
+def nearest_by_direction(cams: Cameras, directions: torch.Tensor):
+    """For each of ``cams``, the index ``[B]`` of the nearest of ``directions [N,3]`` (unit
+    vectors, ``_unit``) and the angle ``[B]`` to it in degrees (the distance is ignored, as the
+    prior's view suffix ignores it)."""
+    cos = (_unit(cams.elevation, cams.azimuth) @ directions.T).clamp(-1, 1)
+    best = cos.max(-1)
+    return best.indices, torch.rad2deg(torch.acos(best.values))
+
+
 def _image_psnr(a: torch.Tensor, b: torch.Tensor) -> List[float]:
     """PSNR of each image pair ``[B,H,W,3]`` in [0,1]."""
     return [psnr(x, y) for x, y in zip(a, b)]
@@ -316,10 +325,8 @@ def cmd_ceiling(args) -> None:
         entry = {}
         for label, cm in (("train", cams), ("eval", eval_cams)):
             gt = render(target, cm, background=c.background).rgb
-            cos = (_unit(cm.elevation, cm.azimuth) @ ds_dir[mask_obj].T).clamp(-1, 1)
-            nearest = cos.argmax(-1)
+            nearest, angle = nearest_by_direction(cm, ds_dir[mask_obj])
             ids = torch.nonzero(mask_obj)[:, 0][nearest]
-            angle = torch.rad2deg(torch.acos(cos.max(-1).values))
             ratio = cm.distance.double() / meta["distance"][ids].double()
             img = meta["rgb"][ids].float() / 255.0
             p_cam = _image_psnr(img, gt)
@@ -399,8 +406,7 @@ def cmd_ceiling(args) -> None:
                               imgs, meta["rgb"][near].float() / 255.0)}
         entry["ode_from_inversion"]["inverted_noise_std"] = float(
             noise_inv[v * inv_n:(v + 1) * inv_n].std())
-        ids_cam = torch.nonzero(mask_obj)[:, 0][
-            (_unit(cams.elevation[:m], cams.azimuth[:m]) @ ds_dir[mask_obj].T).argmax(-1)]
+        ids_cam = torch.nonzero(mask_obj)[:, 0][nearest_by_direction(cams[:m], ds_dir[mask_obj])[0]]
         pictures[obj.name] = torch.stack([gt_train[:m], ode,
                                           meta["rgb"][ids_cam].float() / 255.0]).numpy()
         pictures[obj.name + "_inversion"] = torch.stack([gt_train[:inv_n], inv]).numpy()
@@ -444,10 +450,8 @@ def cmd_ceilings(args) -> None:
             entry = {"prompt": text, "nearest_camera": {}}
             for n in args.views:
                 ds = dataset_cameras(c.guidance.dataset, n, torch.Generator().manual_seed(n))
-                cos = (_unit(cams.elevation, cams.azimuth) @ _unit(ds.elevation, ds.azimuth).T)
-                nearest = cos.argmax(-1)
+                nearest, angle = nearest_by_direction(cams, _unit(ds.elevation, ds.azimuth))
                 views = render(target, ds[nearest], background=c.background).rgb
-                angle = torch.rad2deg(torch.acos(cos.max(-1).values.clamp(-1, 1)))
                 entry["nearest_camera"][str(n)] = {
                     "median_deg": float(angle.median()),
                     "median_psnr": float(np.median(_image_psnr(views, gt)))}
@@ -639,8 +643,11 @@ def plot_ceilings(plt, labelled: Sequence[Sequence[str]], path: Path) -> None:
     """The per-view ceiling against the dataset's views an object, one colour per
     ``(label, ceilings.json)``: a thin line per variant, the median over variants bold."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    cameras = set()
     for i, (label, json_path) in enumerate(labelled):
-        variants = json.loads(Path(json_path).read_text())["variants"]
+        result = json.loads(Path(json_path).read_text())
+        variants = result["variants"]
+        cameras.add(result["config"]["cameras"])
         views = sorted({int(v) for e in variants.values() for v in e["nearest_camera"]})
         table = np.array([[e["nearest_camera"][str(v)]["median_psnr"] for v in views]
                           for e in variants.values()])
@@ -654,8 +661,8 @@ def plot_ceilings(plt, labelled: Sequence[Sequence[str]], path: Path) -> None:
     ax.set_xlabel("dataset views an object")
     ax.set_ylabel("PSNR, nearest dataset camera's view to the view (dB)")
     ax.set_title("Per-view ceiling: the ground truth from the nearest dataset camera\n"
-                 "(by direction) against it from the training camera, median of 128 cameras",
-                 fontsize=9)
+                 "(by direction) against it from the training camera, median of "
+                 f"{'/'.join(map(str, sorted(cameras)))} cameras", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -849,11 +856,11 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("overrides", nargs="*")
     p = sub.add_parser("ceilings")
-    p.add_argument("--prompts", nargs="+", default=["a mug", "a chair", "a house with a door",
-                                                    "a mushroom", "a rocket", "a snowman",
-                                                    "a lamp"])
+    p.add_argument("--prompts", nargs="+",
+                   default=list(dict.fromkeys(o.prompt for o in SHAPE_WORLD)),
+                   help="default: every named object's prompt")
     p.add_argument("--cameras", type=int, default=128)
-    p.add_argument("--views", type=int, nargs="+", default=[300, 1200, 4800, 19200])
+    p.add_argument("--views", type=int, nargs="+", default=[300, 1200, 4800])
     p.add_argument("--pull-cameras", type=int, default=0,
                    help="training cameras for the prior's pull (0: no prior is built)")
     p.add_argument("--pull-t", type=float, nargs="+", default=[0.6, 0.2, 0.02])
