@@ -50,7 +50,8 @@ from cfd.noise.consistent import ConsistentNoise, NoiseConfig  # noqa: E402
 from cfd.renderers import render  # noqa: E402
 from cfd.shapes import SHAPE_WORLD, object_splats, objects_for  # noqa: E402
 from cfd.systems.distill import Distillation  # noqa: E402
-from cfd.systems.ground_truth import evaluate_against_shape_world, mask_iou, psnr  # noqa: E402
+from cfd.systems.ground_truth import (evaluate_against_shape_world, mask_iou, psnr,  # noqa: E402
+                                      truth_renders)
 from core.runtime import tune_malloc  # noqa: E402
 from jobs.distill import DistillConfig  # noqa: E402
 from jobs.skeleton import typed  # noqa: E402
@@ -65,9 +66,9 @@ def load_settings(overrides: Sequence[str]) -> DistillConfig:
 
 # -- held-out evaluation with cached ground truth -------------------------------------------------
 class TruthCache:
-    """``evaluate_against_shape_world`` with its ground-truth renders made once: the same
-    cameras, rotations, order and PSNR, so the best entry is the same; it also keeps every
-    variant's best and the PSNR at rotation 0 and 180."""
+    """``evaluate_against_shape_world`` with its ground-truth renders made once
+    (:func:`truth_renders`): the same cameras, rotations, order and PSNR, so the best entry is
+    the same; it also keeps every variant's best and the PSNR at rotation 0 and 180."""
 
     def __init__(self, prompt: str, resolution: int, background: float, n_views: int = 8,
                  elevation: float = 20.0, distance: float = 2.5, fov: float = 40.0,
@@ -75,34 +76,23 @@ class TruthCache:
         self.background = background
         self.cams = fixed_orbit_cameras(n_views, resolution, resolution, elevation, distance, fov)
         self.rotations = [float(d) for d in torch.arange(0.0, 360.0, rotation_step)]
-        self.truth: Dict[str, List] = {}
-        with torch.no_grad():
-            for obj in objects_for(prompt):
-                target = object_splats(obj)
-                renders = []
-                for delta in torch.arange(0.0, 360.0, rotation_step):
-                    cams = self.cams
-                    rotated = orbit_cameras(cams.elevation, cams.azimuth + delta, cams.distance,
-                                            torch.full_like(cams.distance, fov), resolution,
-                                            resolution)
-                    renders.append(render(target, rotated, background=background))
-                self.truth[obj.name] = renders
+        self.truth = truth_renders(prompt, self.cams, fov, rotation_step, background)
 
     @torch.no_grad()
     def evaluate(self, scene, render_options: Optional[dict] = None) -> dict:
         ours = render(scene, self.cams, background=self.background, **(render_options or {}))
         best = {"psnr": -math.inf}
         variants = {}
-        for name, renders in self.truth.items():
-            values = [psnr(ours.rgb, gt.rgb) for gt in renders]
+        for name, (rgb, alpha) in self.truth.items():
+            values = [psnr(ours.rgb, gt) for gt in rgb]
             k = int(np.argmax(values))
             variants[name] = {"best_psnr": values[k], "best_rotation": self.rotations[k],
                               "psnr_rot0": values[0],
                               "psnr_rot180": values[self.rotations.index(180.0)],
-                              "mask_iou_best": mask_iou(ours.alpha, renders[k].alpha)}
-            for value, gt, rot in zip(values, renders, self.rotations):
+                              "mask_iou_best": mask_iou(ours.alpha, alpha[k])}
+            for value, gt_alpha, rot in zip(values, alpha, self.rotations):
                 if value > best["psnr"]:
-                    best = {"psnr": value, "mask_iou": mask_iou(ours.alpha, gt.alpha),
+                    best = {"psnr": value, "mask_iou": mask_iou(ours.alpha, gt_alpha),
                             "variant": name, "rotation_deg": rot}
         return {**best, "variants": variants, "rgb": ours.rgb, "alpha": ours.alpha}
 

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from ..cameras import fixed_orbit_cameras, orbit_cameras
+from ..cameras import Cameras, fixed_orbit_cameras, orbit_cameras
 from ..evaluation import chamfer_distance, f_score, splat_surface_points
 from ..renderers import render
 from ..shapes import object_splats, objects_for
@@ -50,6 +50,41 @@ def has_ground_truth(prompt: str) -> bool:
 
 
 @torch.no_grad()
+def truth_renders(prompt: str, cams: Cameras, fov: float, rotation_step: float = 10.0,
+                  background: float = 1.0, device: torch.device | str = "cpu"
+                  ) -> Dict[str, Tuple[Tensor, Tensor]]:
+    """Every variant of the prompt seen from ``cams`` (V orbit cameras whose vertical field of
+    view is ``fov`` degrees) turned about the up axis by
+    each multiple of ``rotation_step`` degrees (R turns): ``{variant name: (rgb [R,V,H,W,3],
+    alpha [R,V,H,W,1])}``, in :func:`cfd.shapes.objects_for` order.
+
+    A camera that two turns share is rendered once (an orbit's views 45 degrees apart turned in
+    steps of 10 degrees: 126 distinct cameras, not 288); each is rendered exactly as on its own.
+    """
+    turns = torch.arange(0.0, 360.0, rotation_step)
+    # Every turned camera as (elevation, azimuth, distance), then the distinct ones.
+    V = cams.azimuth.shape[0]
+    turned = torch.stack([cams.elevation.cpu().expand(len(turns), V),
+                          cams.azimuth.cpu()[None] + turns[:, None],
+                          cams.distance.cpu().expand(len(turns), V)], -1).reshape(-1, 3)
+    distinct, which = torch.unique(turned, dim=0, return_inverse=True)
+    truth = {}
+    for obj in objects_for(prompt):
+        target = object_splats(obj).to(device)
+        rgb, alpha = [], []
+        for start in range(0, len(distinct), V):  # V cameras a call, as the orbit itself
+            el, az, dist = distinct[start:start + V].unbind(-1)
+            views = render(target, orbit_cameras(el, az, dist, torch.full_like(dist, fov),
+                                                 cams.width, cams.height).to(device),
+                           background=background)
+            rgb.append(views.rgb)
+            alpha.append(views.alpha)
+        truth[obj.name] = (torch.cat(rgb)[which].reshape(len(turns), V, *rgb[0].shape[1:]),
+                           torch.cat(alpha)[which].reshape(len(turns), V, *alpha[0].shape[1:]))
+    return truth
+
+
+@torch.no_grad()
 def evaluate_against_shape_world(scene, prompt: str, n_views: int = 8, resolution: int = 64,
                                  elevation: float = 20.0, distance: float = 2.5, fov: float = 40.0,
                                  background: float = 1.0, rotation_step: float = 10.0,
@@ -65,20 +100,18 @@ def evaluate_against_shape_world(scene, prompt: str, n_views: int = 8, resolutio
     cams = fixed_orbit_cameras(n_views, resolution, resolution, elevation, distance, fov,
                                device=scene.device)
     ours = render(scene, cams, background=background, **(render_options or {}))
+    turns = torch.arange(0.0, 360.0, rotation_step)
     best = {"psnr": -math.inf}
-    for obj in objects_for(prompt):
-        target = object_splats(obj).to(scene.device)
-        for delta in torch.arange(0.0, 360.0, rotation_step):
-            rotated = orbit_cameras(cams.elevation, cams.azimuth + delta, cams.distance,
-                                    torch.full_like(cams.distance, fov), resolution, resolution)
-            gt = render(target, rotated.to(scene.device), background=background)
-            value = psnr(ours.rgb, gt.rgb)
+    for name, (rgb, alpha) in truth_renders(prompt, cams, fov, rotation_step, background,
+                                            scene.device).items():
+        for k, delta in enumerate(turns):
+            value = psnr(ours.rgb, rgb[k])
             if value > best["psnr"]:
-                best = {"psnr": value, "mask_iou": mask_iou(ours.alpha, gt.alpha),
-                        "variant": obj.name, "rotation_deg": float(delta)}
-                best_truth = gt
+                best = {"psnr": value, "mask_iou": mask_iou(ours.alpha, alpha[k]),
+                        "variant": name, "rotation_deg": float(delta)}
+                best_truth = (rgb[k], alpha[k])
     if comparison_path is not None:
-        save_grid([ours.rgb, best_truth.rgb, ours.alpha, best_truth.alpha], comparison_path)
+        save_grid([ours.rgb, best_truth[0], ours.alpha, best_truth[1]], comparison_path)
     return best
 
 
