@@ -54,12 +54,14 @@ def truth_renders(prompt: str, cams: Cameras, fov: float, rotation_step: float =
                   background: float = 1.0, device: torch.device | str = "cpu"
                   ) -> Dict[str, Tuple[Tensor, Tensor]]:
     """Every variant of the prompt seen from ``cams`` (V orbit cameras whose vertical field of
-    view is ``fov`` degrees) turned about the up axis by
-    each multiple of ``rotation_step`` degrees (R turns): ``{variant name: (rgb [R,V,H,W,3],
-    alpha [R,V,H,W,1])}``, in :func:`cfd.shapes.objects_for` order.
+    view is ``fov`` degrees) turned about the up axis by each multiple of ``rotation_step``
+    degrees (R turns): ``{variant name: (rgb [R,V,H,W,3], alpha [R,V,H,W,1])}``, in
+    :func:`cfd.shapes.objects_for` order.
 
     A camera that two turns share is rendered once (an orbit's views 45 degrees apart turned in
-    steps of 10 degrees: 126 distinct cameras, not 288); each is rendered exactly as on its own.
+    steps of 10 degrees: 126 distinct cameras, not 288), V a call as the turns were; a few pixels
+    then round slightly differently than in their own turn's batch (the rasteriser's chunking
+    depends on the batch).
     """
     turns = torch.arange(0.0, 360.0, rotation_step)
     # Every turned camera as (elevation, azimuth, distance), then the distinct ones.
